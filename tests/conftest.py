@@ -1,0 +1,30 @@
+"""Test configuration.
+
+Without a CUDA device, Triton kernels run through Triton's CPU interpreter: the variable must be
+set before triton is first imported, which is why it is set here at import time. On a GPU machine
+the same tests run the compiled kernels on the GPU (see ``kernel_device``).
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run by benchmarks/gpu_check.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def kernel_device():
+    """Where Triton kernels run in tests: the GPU if present, else the CPU interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
