@@ -22,8 +22,8 @@ _LAZY = {
     "reference": ("xlx_fast.reference", None),
     "ops": ("xlx_fast.ops", None),
     "text": ("xlx_fast.text", None),
-    "optimize": ("xlx_fast.optimize", "optimize"),
-    "generate": ("xlx_fast.generate", "generate"),
+    "optimize": ("xlx_fast.patching", "optimize"),
+    "generate": ("xlx_fast.generation", "generate"),
     "info": ("xlx_fast.native", "info"),
     "vocab": ("xlx_fast.vocab", None),
 }
