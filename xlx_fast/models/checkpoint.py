@@ -1,0 +1,141 @@
+"""Loading the authors' checkpoint files (SPEC §1).
+
+- ``Epoch20_LXRT.pth``: a state dict saved from ``nn.DataParallel`` (keys prefixed
+  ``module.``), HF ``LxmertModel`` names under ``bert.``, plus ``obj_predict_head.*``,
+  ``mask_feat`` and heads unused for generation (reported, then ignored).
+- centroids: ``.npy`` float32 [10000, 2048]; they become ``vis_emb.weight`` and therefore the
+  head's ``out_cluster.weight`` (tied), whatever the state dict says for those two keys.
+- ``G_60.pth``: the generator's state dict (spectral-norm keys ``weight_orig/_u/_v``).
+
+Loading never guesses: a key whose shape differs from the model's is an error naming the key
+and both shapes; missing keys are an error (or a warning with ``strict=False``); unused keys
+are reported by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+
+import numpy as np
+import torch
+from transformers import LxmertConfig
+
+from .xlxmert import SIZES
+
+# Filled from the centroids file, not the state dict.
+_FROM_CENTROIDS = {"vis_emb.weight", "obj_predict_head.out_cluster.weight"}
+# HF buffers that older transformers saved and newer ones recompute.
+_IGNORED_BUFFERS = ("bert.embeddings.position_ids",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model (missing keys, shape mismatches, bad files)."""
+
+
+def _require_file(path, what: str) -> str:
+    if path is None:
+        raise ValueError(f"{what} path is required")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    return path
+
+
+def read_state_dict(path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A state dict from ``path`` with any ``module.`` (DataParallel) prefix stripped."""
+    path = _require_file(path, what)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for corrupt files
+        raise CheckpointError(f"could not read {what} {path}: {e}") from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{what} {path} does not hold a state dict of tensors")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def read_centroids(path) -> torch.Tensor:
+    path = _require_file(path, "centroids")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise CheckpointError(f"could not read centroids {path}: {e}") from e
+    if arr.ndim != 2:
+        raise CheckpointError(f"centroids {path} must be a 2-D array [clusters, dim], got shape {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, *,
+              strict: bool, skip: set[str] = frozenset()) -> list[str]:
+    """Copy ``state`` into ``module``; returns the unused keys. Raises on shape mismatches,
+    and on missing keys when ``strict``."""
+    own = module.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and k not in skip and v.shape != own[k].shape]
+    if mismatched:
+        raise CheckpointError(f"{what}: shape mismatch for {len(mismatched)} key(s):\n  "
+                              + "\n  ".join(mismatched))
+    missing = sorted(k for k in own if k not in state and k not in skip)
+    if missing:
+        msg = f"{what}: {len(missing)} key(s) missing from the checkpoint: {', '.join(missing)}"
+        if strict:
+            raise CheckpointError(msg)
+        warnings.warn(msg + " (left at their initial values)", stacklevel=3)
+    load = {k: v for k, v in state.items() if k in own and k not in skip}
+    module.load_state_dict(load, strict=False)
+    return sorted(k for k in state if k not in own and k not in skip)
+
+
+def load_xlxmert(cls, lxmert_path, centroids_path, generator_path=None, *, strict: bool = True,
+                 size: str = "base"):
+    """Build an ``XLxmertForImageGeneration`` from the authors' files (see module docstring).
+
+    The architecture is ``SIZES[size]`` (``"base"``: HF ``LxmertConfig`` defaults, the authors'
+    model); the cluster count and feature size come from the centroids file.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    state = read_state_dict(lxmert_path, "X-LXMERT checkpoint")
+    centroids = read_centroids(centroids_path)
+    gen_state = read_state_dict(generator_path, "generator checkpoint") if generator_path else None
+
+    n_clusters, feat_dim = centroids.shape
+    config = LxmertConfig(**{**SIZES[size].lxmert, "visual_feat_dim": feat_dim})
+    gen_config = (dataclasses.replace(SIZES[size].generator, emb_dim=feat_dim)
+                  if gen_state is not None else None)
+    model = cls(config, n_clusters, gen_config)
+
+    for k in _IGNORED_BUFFERS:
+        state.pop(k, None)
+    bias = state.get("obj_predict_head.out_cluster.bias")
+    if bias is not None and bias.shape != (n_clusters,):
+        raise CheckpointError(
+            f"obj_predict_head.out_cluster.bias has {bias.shape[0]} entries but the centroids "
+            f"file has {n_clusters} clusters")
+    core = {k: v for k, v in state.items() if k not in _FROM_CENTROIDS}
+    unused = load_into(model, core, "X-LXMERT checkpoint", strict=strict,
+                       skip=_FROM_CENTROIDS | {k for k in model.state_dict() if k.startswith("generator.")})
+    model.set_centroids(centroids)
+    if unused:
+        warnings.warn(f"X-LXMERT checkpoint: {len(unused)} unused key(s) (heads not used for "
+                      f"generation): {', '.join(unused)}", stacklevel=2)
+    if gen_state is not None:
+        unused_g = load_into(model.generator, gen_state, "generator checkpoint", strict=strict)
+        if unused_g:
+            warnings.warn(f"generator checkpoint: unused key(s): {', '.join(unused_g)}", stacklevel=2)
+    model.load_report = {"unused": unused}
+    return model.eval()
+
+
+def save_authors_format(model, lxmert_path, centroids_path, generator_path=None) -> None:
+    """Write ``model`` in the authors' three-file format (``module.``-prefixed state dict,
+    ``.npy`` centroids, generator state dict). Used by tests and for exporting."""
+    state = {f"module.{k}": v for k, v in model.state_dict().items() if not k.startswith("generator.")}
+    torch.save(state, lxmert_path)
+    np.save(centroids_path, model.centroids.detach().cpu().float().numpy())
+    if generator_path is not None:
+        if model.generator is None:
+            raise ValueError("model has no generator to save")
+        torch.save(model.generator.state_dict(), generator_path)

@@ -1,0 +1,156 @@
+"""X-LXMERT for image generation: HF ``LxmertModel`` + the visual-codebook head (SPEC §1).
+
+Attribute names (``bert``, ``obj_predict_head.{transform,linear_feat,out_cluster}``,
+``mask_feat``, ``vis_emb``) are the authors' so their state dicts load unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers import LxmertConfig, LxmertModel
+from transformers.models.lxmert.modeling_lxmert import LxmertPredictionHeadTransform
+
+from .generator import Generator, GeneratorConfig
+
+GRID = 8
+N_CELLS = GRID * GRID
+MAX_TEXT_LENGTH = 20
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that fixes the architecture's shapes."""
+
+    lxmert: dict
+    n_clusters: int
+    generator: GeneratorConfig
+
+
+SIZES = {
+    # HF LxmertConfig defaults: hidden 768, 12 heads, 9/5/5 layers, visual_feat_dim 2048.
+    "base": Sizes(lxmert={}, n_clusters=10_000, generator=GeneratorConfig()),
+    # Same code paths at a size the Triton interpreter and CPU tests can afford. Head dim 32
+    # (the smallest the fused attention supports), odd cluster count.
+    "tiny": Sizes(
+        lxmert=dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, l_layers=2,
+                    r_layers=1, x_layers=2, visual_feat_dim=48, vocab_size=30522,
+                    max_position_embeddings=64),
+        n_clusters=97,
+        generator=GeneratorConfig(emb_dim=48, codebook_dim=16, base_dim=8, target_size=32,
+                                  spade_hidden=16),
+    ),
+}
+
+
+class ObjPredictHead(nn.Module):
+    """``transform`` (Linear, GELU, LayerNorm) → ``linear_feat`` (H→F) → ``out_cluster`` (F→K).
+
+    ``out_cluster.weight`` is the centroid table itself (tied to ``vis_emb.weight``); its bias
+    is its own.
+    """
+
+    def __init__(self, config: LxmertConfig, n_clusters: int):
+        super().__init__()
+        self.transform = LxmertPredictionHeadTransform(config)
+        self.linear_feat = nn.Linear(config.hidden_size, config.visual_feat_dim)
+        self.out_cluster = nn.Linear(config.visual_feat_dim, n_clusters)
+
+    def forward(self, visual_output: torch.Tensor) -> torch.Tensor:
+        return self.out_cluster(self.linear_feat(self.transform(visual_output)))
+
+
+class XLxmertForImageGeneration(nn.Module):
+    """The X-LXMERT image-generation model (SPEC §1).
+
+    - ``bert``: ``transformers.LxmertModel``
+    - ``vis_emb``: frozen ``nn.Embedding`` whose table is the centroid matrix C [K, F]
+    - ``mask_feat``: learned F-vector standing in for a masked grid cell
+    - ``obj_predict_head``: :class:`ObjPredictHead`, ``out_cluster.weight`` tied to C
+    - ``generator``: optional :class:`~xlx_fast.models.generator.Generator`
+    """
+
+    def __init__(self, config: LxmertConfig, n_clusters: int,
+                 generator_config: GeneratorConfig | None = None):
+        super().__init__()
+        if n_clusters < 1:
+            raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+        self.config = config
+        self.n_clusters = n_clusters
+        self.bert = LxmertModel(config)
+        self.obj_predict_head = ObjPredictHead(config, n_clusters)
+        self.mask_feat = nn.Parameter(torch.zeros(config.visual_feat_dim))
+        self.vis_emb = nn.Embedding(n_clusters, config.visual_feat_dim)
+        self.vis_emb.weight.requires_grad_(False)
+        self.obj_predict_head.out_cluster.weight = self.vis_emb.weight
+        self.generator = Generator(generator_config) if generator_config is not None else None
+        self.eval()
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_default(cls, seed: int = 0, size: str = "base", with_generator: bool = True
+                     ) -> "XLxmertForImageGeneration":
+        """The embedded default: the real architecture with seeded random weights and centroids.
+
+        Its pictures are garbage, but every shape and cost is the real one. ``size="tiny"`` is
+        the same code at test size.
+        """
+        if size not in SIZES:
+            raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+        s = SIZES[size]
+        gen = torch.Generator().manual_seed(seed)
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)  # HF's own init draws from the global generator
+        try:
+            model = cls(LxmertConfig(**s.lxmert), s.n_clusters,
+                        s.generator if with_generator else None)
+        finally:
+            torch.random.set_rng_state(torch_state)
+        with torch.no_grad():
+            model.set_centroids(torch.randn(s.n_clusters, model.config.visual_feat_dim,
+                                            generator=gen))
+            model.mask_feat.normal_(generator=gen)
+            model.obj_predict_head.out_cluster.bias.normal_(0, 0.02, generator=gen)
+        if model.generator is not None:
+            model.generator.reset_parameters(gen)
+        return model.eval()
+
+    @classmethod
+    def from_checkpoint(cls, lxmert_path, centroids_path, generator_path=None, *,
+                        strict: bool = True, size: str = "base") -> "XLxmertForImageGeneration":
+        """Load the authors' files; see :func:`xlx_fast.models.checkpoint.load_xlxmert`."""
+        from .checkpoint import load_xlxmert
+
+        return load_xlxmert(cls, lxmert_path, centroids_path, generator_path, strict=strict,
+                            size=size)
+
+    def set_centroids(self, centroids) -> None:
+        """Install the centroid table C (also the head's output weight, which is tied to it)."""
+        import numpy as np
+
+        if isinstance(centroids, np.ndarray):
+            centroids = torch.from_numpy(centroids)
+        if not isinstance(centroids, torch.Tensor):
+            raise TypeError(f"centroids must be a tensor or numpy array, got {type(centroids).__name__}")
+        want = tuple(self.vis_emb.weight.shape)
+        if tuple(centroids.shape) != want:
+            raise ValueError(f"centroids must have shape {want}, got {tuple(centroids.shape)}")
+        if not torch.isfinite(centroids).all():
+            raise ValueError("centroids contain NaN or Inf")
+        with torch.no_grad():
+            self.vis_emb.weight.copy_(centroids)
+
+    # -- the pieces the samplers share ----------------------------------------------------------
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        return self.vis_emb.weight
+
+    @property
+    def feat_dim(self) -> int:
+        return self.config.visual_feat_dim
+
+    def extra_repr(self) -> str:
+        return f"n_clusters={self.n_clusters}, grid={GRID}x{GRID}"
