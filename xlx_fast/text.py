@@ -1,0 +1,155 @@
+"""Captions → ``input_ids`` [B, 20] and ``attention_mask``, as the authors feed the model.
+
+The model was trained on BERT-base-uncased WordPiece ids: ``[CLS] tokens [SEP]``, truncated to
+20 tokens, padded with 0, ``attention_mask = input_ids > 0``. Nothing is downloaded: give the
+vocabulary file (``vocab.txt``) or a directory holding it, or an HF tokenizer you already have.
+
+With the random-weight embedded default and no vocabulary, :meth:`CaptionTokenizer.fallback`
+hashes words to ids. It is labelled as such (``is_fallback``) and only for exercising the
+pipeline: a real checkpoint needs the real vocabulary.
+"""
+from __future__ import annotations
+
+import os
+import unicodedata
+import zlib
+
+import torch
+
+MAX_LENGTH = 20
+PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
+_BERT_VOCAB_SIZE = 30522
+
+VOCAB_HELP = ("give the BERT-base-uncased vocabulary with --vocab (a vocab.txt file, or a "
+              "directory holding one, e.g. a local copy of 'bert-base-uncased')")
+
+
+def _is_punctuation(ch: str) -> bool:
+    cp = ord(ch)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+def basic_tokenize(text: str) -> list[str]:
+    """BERT's uncased pre-tokenisation: lower-case, strip accents, split on spaces and punctuation."""
+    text = unicodedata.normalize("NFD", text.lower())
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Mn")
+    words, current = [], []
+    for ch in text:
+        if ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf"):
+            if current:
+                words.append("".join(current))
+                current = []
+        elif _is_punctuation(ch):
+            if current:
+                words.append("".join(current))
+                current = []
+            words.append(ch)
+        else:
+            current.append(ch)
+    if current:
+        words.append("".join(current))
+    return words
+
+
+class CaptionTokenizer:
+    """Turns captions into the model's ``(input_ids, attention_mask)``."""
+
+    def __init__(self, encode_words, name: str, is_fallback: bool = False):
+        self._encode_words = encode_words  # caption -> list of token ids, no special tokens
+        self.name = name
+        self.is_fallback = is_fallback
+        self.pad_id, self.cls_id, self.sep_id = 0, 101, 102
+
+    # -- constructors ------------------------------------------------------------------------
+
+    @classmethod
+    def from_vocab(cls, path) -> "CaptionTokenizer":
+        """WordPiece over a BERT ``vocab.txt`` (a file, or a directory holding ``vocab.txt``)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "vocab.txt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"vocabulary file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        missing = [t for t in (PAD, UNK, CLS, SEP) if t not in vocab]
+        if missing:
+            raise ValueError(f"{path} is not a BERT vocabulary: missing {', '.join(missing)}")
+        tok = cls(lambda text: _wordpiece(text, vocab), name=f"wordpiece:{path}")
+        tok.pad_id, tok.cls_id, tok.sep_id = vocab[PAD], vocab[CLS], vocab[SEP]
+        return tok
+
+    @classmethod
+    def from_hf(cls, tokenizer) -> "CaptionTokenizer":
+        """Wrap an HF tokenizer the caller already has (no download happens here)."""
+        def encode(text):
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        tok = cls(encode, name=f"hf:{type(tokenizer).__name__}")
+        tok.pad_id = tokenizer.pad_token_id or 0
+        tok.cls_id, tok.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+        return tok
+
+    @classmethod
+    def fallback(cls) -> "CaptionTokenizer":
+        """NOT the model's vocabulary: words hashed (crc32) into BERT's id range. For the
+        random-weight default only, where any consistent ids exercise the same code."""
+        def encode(text):
+            return [1000 + zlib.crc32(w.encode()) % (_BERT_VOCAB_SIZE - 1000) for w in basic_tokenize(text)]
+
+        return cls(encode, name="fallback (hashed words, not BERT WordPiece)", is_fallback=True)
+
+    # -- use ---------------------------------------------------------------------------------
+
+    def __call__(self, captions, max_length: int = MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[CLS] tokens [SEP]`` truncated to ``max_length``, padded with the pad id (0)."""
+        if isinstance(captions, str):
+            captions = [captions]
+        captions = list(captions)
+        if not captions:
+            raise ValueError("captions must contain at least one caption")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        ids = torch.full((len(captions), max_length), self.pad_id, dtype=torch.int64)
+        for row, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                raise TypeError(f"captions must be strings, got {type(caption).__name__}")
+            tokens = [self.cls_id, *self._encode_words(caption)[: max_length - 2], self.sep_id]
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        return ids, ids > 0
+
+
+def _wordpiece(text: str, vocab: dict[str, int], max_chars: int = 100) -> list[int]:
+    """Greedy longest-match-first WordPiece, as BERT does it."""
+    out = []
+    for word in basic_tokenize(text):
+        if len(word) > max_chars:
+            out.append(vocab[UNK])
+            continue
+        pieces, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start:
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in vocab:
+                    break
+                end -= 1
+            if end == start:  # no piece matches: the whole word is unknown
+                pieces = [vocab[UNK]]
+                break
+            pieces.append(vocab[piece])
+            start = end
+        out.extend(pieces)
+    return out
+
+
+def load_tokenizer(vocab=None, *, real_weights: bool) -> CaptionTokenizer:
+    """The tokenizer to use: ``vocab`` if given; else the fallback, allowed only for the
+    random-weight default (``real_weights=False``)."""
+    if vocab is not None:
+        return CaptionTokenizer.from_vocab(vocab)
+    if real_weights:
+        raise ValueError(f"a real checkpoint needs the vocabulary it was trained with: {VOCAB_HELP}")
+    return CaptionTokenizer.fallback()
