@@ -1,0 +1,60 @@
+// The C++ twin of the sampler-step kernel: the same decide_cell() per cell, a memcpy per row.
+#include <cstring>
+#include <vector>
+
+#include "sampler_rules.h"
+#include "sampler_step.h"
+
+namespace xlx {
+
+namespace {
+
+// Decides the 64 cells of row b from the state before the step; returns the row's status.
+int decide_row(const SamplerStepArgs& a, int64_t b, CellDecision* d) {
+  const int64_t cell0 = b * kCells;
+  const float* prob = a.pred_prob + cell0;
+  const int count = a.count ? a.count[b] : 0;
+  const int cell = a.cell ? a.cell[b] : -1;
+  const int next_cell = a.next_cell ? a.next_cell[b] : -1;
+  const int rs = row_status(a.strategy, count, cell, next_cell, prob);
+  if (rs != kOk) return rs;
+  const auto* pred_id = reinterpret_cast<const long long*>(a.pred_id + cell0);
+  for (int c = 0; c < kCells; ++c) {
+    d[c] = decide_cell(a.strategy, c, prob, pred_id, a.mask + cell0, a.visited + cell0,
+                       static_cast<long long>(a.ids[cell0 + c]), count, cell, next_cell,
+                       a.n_table);
+  }
+  for (int c = 0; c < kCells; ++c)
+    if (d[c].bad_id) return kBadIdBase + c;
+  return kOk;
+}
+
+}  // namespace
+
+int64_t sampler_step_cpu(const SamplerStepArgs& a) {
+  std::vector<CellDecision> decisions(static_cast<size_t>(a.batch) * kCells);
+  int64_t first_bad = -1;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int rs = decide_row(a, b, &decisions[b * kCells]);
+    if (rs != kOk) {
+      if (a.status[b] == kOk) a.status[b] = rs;
+      if (first_bad < 0) first_bad = b;
+    }
+  }
+  if (first_bad >= 0) return first_bad;
+
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const CellDecision* d = &decisions[b * kCells];
+    const int64_t cell0 = b * kCells;
+    for (int c = 0; c < kCells; ++c) {
+      a.ids[cell0 + c] = d[c].id;
+      a.mask[cell0 + c] = d[c].masked ? 1 : 0;
+      a.visited[cell0 + c] = d[c].visited ? 1 : 0;
+      const uint8_t* src = d[c].masked ? a.mask_row : a.table + d[c].id * a.row_bytes;
+      std::memcpy(a.out + (cell0 + c) * a.row_bytes, src, static_cast<size_t>(a.row_bytes));
+    }
+  }
+  return -1;
+}
+
+}  // namespace xlx
