@@ -1,0 +1,375 @@
+"""Fused multi-head attention with a key padding mask (the attention inside HF ``LxmertAttention``).
+
+Math. For every batch row ``b``, head ``h`` and query ``i``::
+
+    s_ij = (q_i · k_j) / sqrt(d) + bias_bj
+    o_i  = sum_j softmax_j(s_ij) · v_j
+
+with ``q_i``, ``k_j``, ``v_j`` the ``d`` columns ``h·d .. h·d+d-1`` of the projections, laid out
+``(B, L, H·d)`` exactly as ``nn.Linear`` writes them, and the output written back in the same
+``(B, Lq, H·d)`` layout that the output dense reads: no transposes, no contiguous copies.
+
+Mask semantics (``key_padding_mask``):
+
+- ``None``: every key is attended.
+- bool or integer ``[B, Lk]``: nonzero = attend, zero = padded key (HF's ``attention_mask``).
+  A padded key gets ``bias = finfo(float32).min``.
+- floating ``[B, 1, 1, Lk]``: HF's additive extended mask (``(1 - mask) · finfo(dtype).min``),
+  added to the scores as is. Values below ``finfo(float32).min`` (``-inf`` included) are clamped
+  to it.
+
+Either way a masked key gets a huge finite negative bias, never ``-inf``: a row whose keys are all
+masked therefore gets the plain mean of ``V`` over all ``Lk`` keys, which is what HF's eager
+softmax gives, and never NaN. The Triton kernel reads the mask in place, in any of these dtypes
+and with any strides, so HF's extended mask is never converted, neither per layer nor per forward.
+
+Backends (``attention`` dispatches on the device, explicitly):
+
+- CUDA tensors: ``attention_triton``, a FlashAttention-style forward kernel (online softmax in
+  base 2, fp32 accumulation). Without Triton installed this raises instead of falling back.
+- CPU tensors: ``attention_sdpa``, i.e. ``torch.nn.functional.scaled_dot_product_attention``
+  with the mask turned into an fp32 additive ``[B, 1, 1, Lk]`` bias (B·Lk elements per call).
+  The Triton kernel runs on the CPU only under ``TRITON_INTERPRET=1``, i.e. in tests.
+
+Precision. fp16/bf16 inputs: both products run on the tensor cores in the input dtype with fp32
+accumulation, the probabilities are rounded to the input dtype before ``P·V`` (as in
+FlashAttention). fp32 inputs: IEEE fp32 products, or tf32 when
+``torch.get_float32_matmul_precision()`` is not ``"highest"`` (the same switch as torch matmul).
+
+Memory traffic: each program reads its ``BLOCK_M×d`` query tile once and streams K, V of its
+(b, h) once per query tile; the ``Lq×Lk`` scores never leave registers. Per call that is
+``2·B·H·Lk·d·ceil(Lq/BLOCK_M) + B·H·Lq·d`` elements read, ``B·Lq·H·d`` written, plus ``B·Lk``
+mask elements per query tile. At LXMERT lengths (20, 64) one tile covers the whole sequence, so
+every byte is touched once. Short sequences give few, small tiles, so one program handles
+``ROWS`` consecutive (b, h) pairs and the autotuner picks tiles and ``ROWS`` per (Lq, Lk, d,
+number of (b, h) pairs rounded up to a power of two).
+
+Limits: head dim 32, 64 or 128; fp32, fp16, bf16 inputs (q, k, v of one dtype); any Lq, Lk >= 1;
+forward only (no autograd: ``xlx_fast.optimize`` keeps the eager path wherever a gradient is
+needed); the last dimension of q, k, v and out may have any stride, though stride 1 is the fast
+case; query tiles form grid axis 1, so ``Lq <= 65535·BLOCK_M``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: attention() still works through SDPA
+    triton = None
+
+__all__ = ["attention", "attention_triton", "attention_sdpa", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FP32_MIN = torch.finfo(torch.float32).min
+_LOG2E = 1.4426950408889634
+
+# Mask kinds (a constexpr of the kernel).
+_NO_MASK, _KEEP_MASK, _ADDITIVE_MASK = 0, 1, 2
+
+
+def _interpreting() -> bool:
+    return triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mma(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        # Triton 3.6's interpreter multiplies bf16 operands as their raw uint16 bits. A product of
+        # two bf16 values is exact in fp32, so upcasting first gives what the tensor cores give.
+        if UPCAST:
+            r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            r = tl.dot(a, b, input_precision=INPUT_PRECISION)
+        return r
+
+    @triton.jit
+    def _attn_fwd(
+        Q, K, V, Mask, Out,
+        stride_qb, stride_qm, stride_qd,
+        stride_kb, stride_kn, stride_kd,
+        stride_vb, stride_vn, stride_vd,
+        stride_mb, stride_mn,
+        stride_ob, stride_om, stride_od,
+        BH, H, Lq, Lk, qk_scale,
+        BH_BUCKET,  # autotuning key only: number of (b, h) pairs rounded up to a power of two
+        MASK_KIND: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        ROWS: tl.constexpr,
+    ):
+        FP32_MIN: tl.constexpr = -3.4028234663852886e38
+        LOG2E: tl.constexpr = 1.4426950408889634
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_in = offs_m < Lq
+        # Several (b, h) pairs per program: at L = 20 one pair is a single small tile, too little
+        # work to amortise a program's start-up.
+        for r in tl.static_range(ROWS):
+            bh = tl.program_id(0) * ROWS + r
+            if bh < BH:
+                b = (bh // H).to(tl.int64)
+                col = (bh % H) * HEAD_DIM + offs_d  # this head's columns in the (B, L, H·d) rows
+                q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qm + col[None, :] * stride_qd,
+                            mask=q_in[:, None], other=0.0)
+                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 units)
+                l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
+                acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)      # running sum of exp2(s - m_i)·v
+                for start_n in range(0, Lk, BLOCK_N):
+                    offs_n = start_n + tl.arange(0, BLOCK_N)
+                    k_in = offs_n < Lk
+                    kt = tl.load(K + b * stride_kb + offs_n[None, :] * stride_kn + col[:, None] * stride_kd,
+                                 mask=k_in[None, :], other=0.0)
+                    # scores in base 2: s = q·k/sqrt(d)·log2(e) (+ bias·log2(e)), so exp2 below is exp
+                    s = _mma(q, kt, INPUT_PRECISION, UPCAST_DOT) * qk_scale
+                    if MASK_KIND == 1:
+                        keep = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=k_in, other=1)
+                        s = tl.where((keep != 0)[None, :], s, FP32_MIN)
+                    if MASK_KIND == 2:
+                        bias = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=k_in, other=0.0)
+                        # clamp: masked keys stay finite, so an all-masked row averages V, not NaN
+                        s = s + tl.maximum(bias.to(tl.float32) * LOG2E, FP32_MIN)[None, :]
+                    # keys past Lk (tile padding) are not keys at all: exactly zero weight
+                    s = tl.where(k_in[None, :], s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    alpha = tl.math.exp2(m_i - m_new)  # rescales what was summed under the old max
+                    p = tl.math.exp2(s - m_new[:, None])
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vn + col[None, :] * stride_vd,
+                                mask=k_in[:, None], other=0.0)
+                    acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, INPUT_PRECISION, UPCAST_DOT)
+                    m_i = m_new
+                acc = acc / l_i[:, None]  # l_i >= 1: the row max contributes exp2(0)
+                tl.store(Out + b * stride_ob + offs_m[:, None] * stride_om + col[None, :] * stride_od,
+                         acc.to(Out.dtype.element_ty), mask=q_in[:, None])
+
+    def _config(block_m, block_n, rows, num_warps, num_stages):
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "ROWS": rows},
+                             num_warps=num_warps, num_stages=num_stages)
+
+    # sm_80 / sm_90 candidates. L in {20, 64}: one 32- or 64-row tile per (b, h), several pairs per
+    # program when the batch is large; longer sequences: the usual 64/128 x 64 tiles, 2-3 stages.
+    _CONFIGS = [
+        _config(32, 32, 1, 2, 1),
+        _config(32, 32, 2, 2, 1),
+        _config(32, 32, 4, 4, 1),
+        _config(32, 64, 1, 4, 1),
+        _config(32, 64, 2, 4, 1),
+        _config(64, 64, 1, 4, 1),
+        _config(64, 64, 2, 4, 2),
+        _config(64, 32, 1, 4, 2),
+        _config(64, 128, 1, 4, 2),
+        _config(128, 64, 1, 8, 2),
+        _config(128, 64, 1, 4, 3),
+    ]
+
+    def _prune(configs, named_args, **kwargs):
+        # Tiles much larger than the sequence only add padding; several (b, h) pairs per program
+        # only pay off when there are many pairs.
+        lq, lk, bh = named_args["Lq"], named_args["Lk"], named_args["BH"]
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        kept = [
+            c for c in configs
+            if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(lq))
+            and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(lk))
+            and (c.kwargs["ROWS"] == 1 or bh >= 1024)
+            and not (head_dim == 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)
+        ]
+        return kept or configs[:1]
+
+    _attn_fwd_tuned = triton.autotune(
+        configs=_CONFIGS,
+        key=["Lq", "Lk", "BH_BUCKET", "HEAD_DIM", "MASK_KIND", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(_attn_fwd)
+
+    # Under the interpreter (tests) there is nothing to tune: small tiles so that short test
+    # lengths still span several query and key tiles, and two (b, h) pairs per program.
+    _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "ROWS": 2}
+
+
+def _check_inputs(q, k, v, key_padding_mask, num_heads, out):
+    """Validates arguments; returns (B, Lq, Lk, H, head_dim)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (B, L, num_heads*head_dim), got {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    B, Lq, width = q.shape
+    if width % num_heads:
+        raise ValueError(f"q width {width} is not a multiple of num_heads={num_heads}")
+    head_dim = width // num_heads
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {head_dim} (q width {width} / num_heads {num_heads}) is not "
+                         f"supported; supported head dims: {SUPPORTED_HEAD_DIMS}")
+    if k.shape[2] != width or v.shape[2] != width:
+        raise ValueError(f"k and v must have q's width {width} (num_heads*head_dim), "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    Lk = k.shape[1]
+    if k.shape[0] != B or v.shape[0] != B or v.shape[1] != Lk:
+        raise ValueError(f"k and v must have shape ({B}, Lk, {width}) with one Lk, "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if B == 0 or Lq == 0 or Lk == 0:
+        raise ValueError(f"empty input: batch {B}, Lq {Lq}, Lk {Lk} (all must be >= 1)")
+    m = key_padding_mask
+    if m is not None:
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(m).__name__}")
+        if m.device != q.device:
+            raise ValueError(f"key_padding_mask is on {m.device}, q on {q.device}")
+        if m.dtype == torch.bool or not (m.dtype.is_floating_point or m.dtype.is_complex):
+            if tuple(m.shape) != (B, Lk):
+                raise ValueError(f"bool/int key_padding_mask must have shape (B, Lk) = ({B}, {Lk}), "
+                                 f"got {tuple(m.shape)}")
+        elif m.dtype.is_floating_point:
+            if tuple(m.shape) != (B, 1, 1, Lk):
+                raise ValueError(f"floating (additive) key_padding_mask must have shape (B, 1, 1, Lk) = "
+                                 f"({B}, 1, 1, {Lk}), got {tuple(m.shape)}")
+        else:
+            raise TypeError(f"key_padding_mask must be bool, integer or floating, got {m.dtype}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if tuple(out.shape) != (B, Lq, width) or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be a {q.dtype} tensor of shape ({B}, {Lq}, {width}) on {q.device}, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return B, Lq, Lk, num_heads, head_dim
+
+
+def attention_triton(q, k, v, key_padding_mask=None, *, num_heads, out=None):
+    """The Triton kernel: ``softmax(q·kᵀ/√d + mask)·v`` per head, see the module docstring.
+
+    Args:
+        q: ``(B, Lq, H·d)``; k, v: ``(B, Lk, H·d)``; any strides (e.g. column slices of one fused
+            QKV projection output). fp32, fp16 or bf16, one dtype, one device.
+        key_padding_mask: ``None``, bool/int ``(B, Lk)`` (nonzero = attend) or HF's additive
+            floating ``(B, 1, 1, Lk)``; read in place.
+        num_heads: H; ``d = q.shape[-1] // H`` must be 32, 64 or 128.
+        out: optional ``(B, Lq, H·d)`` destination (any strides), e.g. to avoid an allocation.
+
+    Returns ``out`` (allocated contiguous if not given), in q's dtype. CUDA tensors, or CPU tensors
+    under ``TRITON_INTERPRET=1`` (tests); anything else raises.
+    """
+    B, Lq, Lk, H, head_dim = _check_inputs(q, k, v, key_padding_mask, num_heads, out)
+    if triton is None:
+        raise RuntimeError("attention_triton needs the 'triton' package (pip install xlx_fast[triton])")
+    interpret = _interpreting()
+    if q.device.type != "cuda" and not interpret:
+        raise ValueError(f"attention_triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+                         f"got q on {q.device}; use attention() to dispatch")
+    if out is None:
+        out = torch.empty(B, Lq, H * head_dim, device=q.device, dtype=q.dtype)
+
+    mask = key_padding_mask
+    if mask is None:
+        mask_kind, mask, stride_mb, stride_mn = _NO_MASK, q, 0, 0  # q: a dummy pointer, never read
+    elif mask.dtype.is_floating_point:
+        mask_kind, stride_mb, stride_mn = _ADDITIVE_MASK, mask.stride(0), mask.stride(3)
+    else:
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)  # same bytes; Triton loads bytes more reliably than i1
+        mask_kind, stride_mb, stride_mn = _KEEP_MASK, mask.stride(0), mask.stride(1)
+
+    if q.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        precision = "tf32"
+    else:
+        precision = "ieee"  # fp16/bf16 operands are exact on the tensor cores whatever this says
+
+    BH = B * H
+    args = (
+        q, k, v, mask, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        stride_mb, stride_mn,
+        out.stride(0), out.stride(1), out.stride(2),
+        BH, H, Lq, Lk, _LOG2E / math.sqrt(head_dim),
+        triton.next_power_of_2(BH),
+    )
+    if interpret:
+        cfg = _INTERPRET_CONFIG
+        grid = (triton.cdiv(BH, cfg["ROWS"]), triton.cdiv(Lq, cfg["BLOCK_M"]))
+        _attn_fwd[grid](*args, MASK_KIND=mask_kind, HEAD_DIM=head_dim, INPUT_PRECISION=precision,
+                        UPCAST_DOT=q.dtype == torch.bfloat16, **cfg)
+    else:
+        def grid(meta):
+            return (triton.cdiv(BH, meta["ROWS"]), triton.cdiv(Lq, meta["BLOCK_M"]))
+
+        with torch.cuda.device(q.device):
+            _attn_fwd_tuned[grid](*args, MASK_KIND=mask_kind, HEAD_DIM=head_dim, INPUT_PRECISION=precision,
+                                  UPCAST_DOT=False)
+    return out
+
+
+def attention_sdpa(q, k, v, key_padding_mask=None, *, num_heads, out=None):
+    """The same op through ``torch.nn.functional.scaled_dot_product_attention`` (the CPU path).
+
+    Same arguments, checks and mask semantics as ``attention_triton``. The mask becomes an fp32
+    additive ``(B, 1, 1, Lk)`` bias (a masked key gets ``finfo(float32).min``); fp16 inputs are
+    computed in fp32 so that this bias stays representable.
+    """
+    B, Lq, Lk, H, head_dim = _check_inputs(q, k, v, key_padding_mask, num_heads, out)
+    compute = torch.float32 if q.dtype == torch.float16 else q.dtype
+    # CPU SDPA takes an fp32 bias with any query dtype; elsewhere it must match the query.
+    bias_dtype = torch.float32 if q.device.type == "cpu" else compute
+    bias_min = torch.finfo(bias_dtype).min
+    bias = None
+    m = key_padding_mask
+    if m is not None:
+        if m.dtype.is_floating_point:
+            bias = m.to(bias_dtype).clamp_min(bias_min)  # -inf (or fp32 min cast to bf16) -> finite
+        else:
+            bias = torch.zeros(m.shape, dtype=bias_dtype, device=m.device).masked_fill_(m == 0, bias_min)
+            bias = bias.view(B, 1, 1, Lk)
+
+    def heads(t):  # (B, L, H·d) -> (B, H, L, d) view, no copy
+        return t.unflatten(-1, (H, head_dim)).transpose(1, 2).to(compute)
+
+    o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias)
+    o = o.transpose(1, 2).flatten(2)
+    if out is None:
+        return o.to(q.dtype)
+    return out.copy_(o)
+
+
+def _backend_for(device: torch.device) -> str:
+    """'triton' for CUDA, 'sdpa' for CPU; raises for a CUDA device without Triton and for others."""
+    if device.type == "cuda":
+        if triton is None:
+            raise RuntimeError("CUDA tensors need the 'triton' package for xlx_fast attention "
+                               "(pip install xlx_fast[triton]); refusing to fall back silently")
+        return "triton"
+    if device.type == "cpu":
+        return "sdpa"
+    raise ValueError(f"attention supports CUDA and CPU tensors, got q on {device}")
+
+
+def attention(q, k, v, key_padding_mask=None, *, num_heads, out=None):
+    """Multi-head attention ``softmax(q·kᵀ/√d + mask)·v`` on ``(B, L, H·d)`` projections.
+
+    CUDA tensors run ``attention_triton``, CPU tensors ``attention_sdpa`` (never the interpreter).
+    Arguments, mask semantics and limits: see the module docstring and ``attention_triton``.
+    Returns ``(B, Lq, H·d)`` in q's dtype (written into ``out`` when given).
+    """
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if _backend_for(q.device) == "triton":
+        return attention_triton(q, k, v, key_padding_mask, num_heads=num_heads, out=out)
+    return attention_sdpa(q, k, v, key_padding_mask, num_heads=num_heads, out=out)

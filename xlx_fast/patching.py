@@ -1,0 +1,194 @@
+"""``optimize(model)``: route every HF ``LxmertAttention`` of a model through ``xlx_fast.ops.attention``.
+
+What is swapped. Each module whose type is exactly
+``transformers.models.lxmert.modeling_lxmert.LxmertAttention`` gets its class switched to
+``FusedLxmertAttention``, a subclass that only overrides ``forward``. Nothing else changes: no
+module is replaced, no parameter is added, renamed or rewritten, so ``state_dict()`` keys and
+values are those of the plain model and load into it strictly. For the default ``LxmertConfig``
+that is 9 language + 5 relational + 3·5 cross-layer modules = 29 (each cross layer's
+``visual_attention`` serves both directions, so 34 attention calls per forward).
+
+The fused forward:
+
+- self-attention (``context is hidden_states``, as ``LxmertSelfAttentionLayer`` calls it): one
+  GEMM against ``[W_q; W_k; W_v]`` and the attention kernel reads Q, K, V as column slices of
+  its output;
+- cross-attention: the query projection, then one GEMM against ``[W_k; W_v]`` (a row slice of
+  the same fused matrix, no second copy);
+- the mask is HF's extended ``[B, 1, 1, Lk]`` additive mask, built once per model forward by
+  ``LxmertModel``; the CUDA kernel reads it in place, so it is never converted (the CPU path
+  turns it into an fp32 bias per call: B·Lk elements).
+
+The fused matrix is a copy built from the module's own parameters (about +23 % of parameter
+memory at the default config; ``unoptimize`` frees it). It is rebuilt before a call whenever a
+projection parameter changed since it was built (``load_state_dict``, optimizer steps, ``.to()``,
+``.half()``), detected by the parameters' version counters and data pointers.
+
+Eager path, per call: the HF forward runs unchanged when ``output_attentions=True`` (the fused
+kernel never forms the probabilities), in training mode (dropout; no backward kernel), when
+autograd would need a gradient (grad mode on and an input or parameter requires grad, the same
+rule as torch's ``nn.MultiheadAttention`` fast path: wrap inference in ``torch.no_grad()`` or
+``torch.inference_mode()``), and for inputs the fused op does not take (float64, a mask that is
+not a ``[B, 1, 1, Lk]`` key padding mask). Modules with a head dim other than 32/64/128 are not
+patched (a warning names them).
+
+Backend: CUDA tensors run the Triton kernel, CPU tensors SDPA (see ``xlx_fast.ops.attention``).
+``force_backend("triton")`` runs the Triton kernel on CPU tensors too, for tests under
+``TRITON_INTERPRET=1``.
+
+Reversible: ``unoptimize(model)`` switches the classes back and drops the fused matrices.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.lxmert.modeling_lxmert import LxmertAttention
+
+from xlx_fast.ops import attention as _attn
+
+__all__ = ["optimize", "unoptimize", "FusedLxmertAttention", "force_backend"]
+
+_BACKENDS = {"triton": _attn.attention_triton, "sdpa": _attn.attention_sdpa}
+_forced_backend: contextvars.ContextVar = contextvars.ContextVar("xlx_fast_attention_backend", default=None)
+
+
+@contextlib.contextmanager
+def force_backend(name: str):
+    """Run patched attentions on ``"triton"`` or ``"sdpa"`` whatever the device (tests, benchmarks).
+
+    ``with force_backend("triton"): model(...)`` runs the Triton kernel on CPU tensors under
+    ``TRITON_INTERPRET=1``. Outside the block the device decides (CUDA: Triton, CPU: SDPA).
+    """
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {name!r}")
+    token = _forced_backend.set(name)
+    try:
+        yield
+    finally:
+        _forced_backend.reset(token)
+
+
+def _fused_attention(q, k, v, mask, num_heads):
+    forced = _forced_backend.get()
+    fn = _attn.attention if forced is None else _BACKENDS[forced]
+    return fn(q, k, v, mask, num_heads=num_heads)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return -1
+
+
+class FusedLxmertAttention(LxmertAttention):
+    """``LxmertAttention`` with a fused forward; made by ``optimize()`` by switching the class of an
+    existing instance (never constructed directly). Parameters are those of the HF module."""
+
+    def _projections(self):
+        qkv = self.query.in_features == self.key.in_features  # else Q cannot share K/V's GEMM
+        return (self.query, self.key, self.value) if qkv else (self.key, self.value)
+
+    def _state_key(self):
+        key = []
+        for lin in self._projections():
+            for p in (lin.weight, lin.bias):
+                key.append(None if p is None else (p.data_ptr(), _version(p), p.dtype))
+        return tuple(key)
+
+    def _fused_weights(self):
+        """``[W_q; W_k; W_v]`` (or ``[W_k; W_v]``) and bias, rebuilt when a parameter changed."""
+        key = self._state_key()
+        if getattr(self, "_xlx_key", None) != key:
+            lins = self._projections()
+            with torch.no_grad():
+                w = torch.cat([lin.weight for lin in lins])
+                b = None
+                if any(lin.bias is not None for lin in lins):
+                    b = torch.cat([lin.bias if lin.bias is not None
+                                   else lin.weight.new_zeros(lin.out_features) for lin in lins])
+            self._xlx_weight, self._xlx_bias, self._xlx_key = w, b, key
+        return self._xlx_weight, self._xlx_bias
+
+    def _drop_fused(self):
+        for name in ("_xlx_weight", "_xlx_bias", "_xlx_key"):
+            self.__dict__.pop(name, None)
+
+    def _apply(self, *args, **kwargs):
+        self._drop_fused()  # .to()/.half()/...: the old copy would be rebuilt anyway; free it now
+        return super()._apply(*args, **kwargs)
+
+    def _takes_fused_path(self, hidden_states, context, attention_mask, output_attentions):
+        if output_attentions or self.training:
+            return False
+        if hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return False
+        if hidden_states.dim() != 3 or context.dim() != 3:
+            return False
+        if attention_mask is not None and tuple(attention_mask.shape) != (context.shape[0], 1, 1, context.shape[1]):
+            return False
+        if torch.is_grad_enabled() and (
+            hidden_states.requires_grad or context.requires_grad
+            or any(p.requires_grad for p in self.parameters())
+        ):
+            return False
+        return True
+
+    def forward(self, hidden_states, context, attention_mask=None, output_attentions=False):
+        if not self._takes_fused_path(hidden_states, context, attention_mask, output_attentions):
+            return super().forward(hidden_states, context, attention_mask, output_attentions)
+        w, b = self._fused_weights()
+        width = self.head_size
+        if context is hidden_states and w.shape[0] == 3 * width:
+            q, k, v = F.linear(hidden_states, w, b).split(width, dim=-1)
+        else:
+            q = self.query(hidden_states)
+            k, v = F.linear(context, w[-2 * width:], None if b is None else b[-2 * width:]).split(width, dim=-1)
+        return (_fused_attention(q, k, v, attention_mask, self.num_attention_heads),)
+
+
+def _check_backend_available(model: nn.Module):
+    if _attn.triton is None and any(p.is_cuda for p in model.parameters()):
+        raise RuntimeError("the model is on CUDA but 'triton' is not installed: the fused attention "
+                           "kernel needs it (pip install xlx_fast[triton])")
+
+
+def optimize(model: nn.Module) -> nn.Module:
+    """Patch every HF ``LxmertAttention`` in ``model`` in place (see the module docstring); returns ``model``.
+
+    Works on any module containing them: ``LxmertModel``, ``LxmertForPreTraining``,
+    ``LxmertForQuestionAnswering``, ``XLxmertForImageGeneration``. Idempotent: modules already
+    patched are left as they are. Weights and state-dict keys are untouched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_backend_available(model)
+    for name, module in model.named_modules():
+        if type(module) is FusedLxmertAttention or not isinstance(module, LxmertAttention):
+            continue
+        if type(module) is not LxmertAttention:
+            warnings.warn(f"{name}: {type(module).__name__} subclasses LxmertAttention and may override "
+                          f"its forward; left unpatched", stacklevel=2)
+            continue
+        if module.attention_head_size not in _attn.SUPPORTED_HEAD_DIMS:
+            warnings.warn(f"{name}: head dim {module.attention_head_size} is not supported by the fused "
+                          f"attention (supported: {_attn.SUPPORTED_HEAD_DIMS}); left on the eager path",
+                          stacklevel=2)
+            continue
+        module.__class__ = FusedLxmertAttention
+        module._fused_weights()  # built now, not inside a first (possibly graph-captured) call
+    return model
+
+
+def unoptimize(model: nn.Module) -> nn.Module:
+    """Undo ``optimize``: patched modules become plain ``LxmertAttention`` again; returns ``model``."""
+    for module in model.modules():
+        if type(module) is FusedLxmertAttention:
+            module._drop_fused()
+            module.__class__ = LxmertAttention
+    return model
