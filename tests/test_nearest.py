@@ -1,0 +1,243 @@
+"""nearest(): Triton kernel (interpreter on the CPU) and blocked CPU path vs a float64 brute force."""
+import numpy as np
+import pytest
+import torch
+
+from xlx_fast.ops.nearest import codebook_norms, error_bound, nearest, nearest_torch, nearest_triton
+
+U32 = 2.0 ** -24
+
+# the Triton interpreter's own numpy warnings (scalar conversion, all-NaN reductions on purpose)
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:All-NaN:RuntimeWarning")]
+
+
+def make_data(n, k, d, dtype, seed=0, noise=0.05):
+    """x = a random centroid + small noise, so the best/second-best gap is large on most rows."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(k, d, generator=g)
+    x = c[torch.randint(0, k, (n,), generator=g)] + noise * torch.randn(n, d, generator=g)
+    return x.to(dtype), c.to(dtype)
+
+
+def exact_scores(x, c):
+    """float64 ||c||^2 - 2 x·c of the given (already rounded) inputs."""
+    x, c = x.double(), c.double()
+    return (c * c).sum(1)[None, :] - 2 * x @ c.T
+
+
+def bound(x, c, tf32=False):
+    """Per-row worst-case score error of the fp32-accumulated expansion (see nearest.py)."""
+    x, c = x.double(), c.double()
+    d = x.shape[1]
+    u_in = 2.0 ** -11 if tf32 else 0.0
+    cn = c.norm(dim=1)
+    e = 2 * (2 * u_in + d * U32) * x.norm(dim=1)[:, None] * cn[None, :] + d * U32 * cn[None, :] ** 2
+    return e.max(1).values
+
+
+def check_ids(ids, scores, x, c, tf32=False, min_share=0.5):
+    """ids must equal the exact argmin on every row whose top-2 gap exceeds twice the bound."""
+    s = exact_scores(x, c)
+    ref = s.argmin(1)
+    if c.shape[0] > 1:
+        top2 = s.topk(2, dim=1, largest=False).values
+        gap = top2[:, 1] - top2[:, 0]
+    else:
+        gap = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
+    ok = gap > 2 * bound(x, c, tf32)
+    assert ok.double().mean() >= min_share, f"only {ok.double().mean():.2f} of rows have a clear gap"
+    assert torch.equal(ids[ok].cpu(), ref[ok]), "ids differ from the float64 argmin on clear rows"
+    if scores is not None:
+        best = s.min(1).values
+        # the score of the returned id must be within the bound of the true minimum on every row
+        got = s.gather(1, ids.cpu().clamp_min(0)[:, None])[:, 0]
+        assert torch.all(got - best <= 2 * bound(x, c, tf32) + 1e-12)
+        err = (scores.cpu().double() - best).abs()
+        assert torch.all(err <= bound(x, c, tf32) + 1e-6)
+
+
+# --- Triton kernel under the interpreter ------------------------------------------------------
+
+INTERP_SHAPES = [(1, 1, 1), (3, 3, 3), (37, 127, 19), (127, 1000, 3), (33, 61, 127)]
+
+
+@pytest.mark.parametrize("n,k,d", INTERP_SHAPES)
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "tf32"),
+                                             (torch.float16, "ieee"), (torch.bfloat16, "ieee")])
+def test_triton_matches_fp64(n, k, d, dtype, precision, kernel_device):
+    x, c = make_data(n, k, d, dtype, seed=n + k + d)
+    x, c = x.to(kernel_device), c.to(kernel_device)
+    # poison: every row must be written (N is not a multiple of the 16-row block)
+    ids = torch.full((n,), -7, dtype=torch.int64, device=kernel_device)
+    scores = torch.full((n,), float("nan"), device=kernel_device)
+    nearest_triton(x, c, precision=precision, block_n=16, block_k=64, block_d=16, out=(ids, scores))
+    assert (ids >= 0).all() and (ids < k).all()
+    assert not torch.isnan(scores).any()
+    # tf32 on the interpreter is IEEE, but the bound must hold for real tf32 too
+    check_ids(ids, scores, x.cpu(), c.cpu(), tf32=precision == "tf32")
+
+
+def test_triton_ties_go_to_lowest_index(kernel_device):
+    g = torch.Generator().manual_seed(1)
+    c = torch.randn(50, 7, generator=g)
+    c[20] = c[3]    # duplicate in another 16-wide tile
+    c[5] = c[3]     # duplicate in the same tile
+    c[49] = c[11]   # duplicate in the last, partial tile
+    x = torch.stack([c[3], c[20], c[5], c[11], c[49]])
+    ids, _ = nearest_triton(x.to(kernel_device), c.to(kernel_device), block_n=16, block_k=16, block_d=16)
+    assert ids.cpu().tolist() == [3, 3, 3, 11, 11]
+
+
+def test_triton_flags_nan_rows(kernel_device):
+    x, c = make_data(20, 30, 5, torch.float32)
+    x[7, 2] = float("nan")
+    ids, _ = nearest_triton(x.to(kernel_device), c.to(kernel_device), block_n=16, block_k=16, block_d=16)
+    assert ids[7].item() == -1 and (ids.cpu()[torch.arange(20) != 7] >= 0).all()
+
+
+# --- CPU path ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (3, 3, 3), (999, 10000, 127), (257, 10000, 2048), (1000, 1000, 1)])
+def test_cpu_matches_fp64(n, k, d):
+    x, c = make_data(n, k, d, torch.float32, seed=k + d)
+    ids, dist = nearest(x, c, return_distance=True, chunk=100)
+    assert ids.dtype == torch.int64 and ids.shape == (n,)
+    check_ids(ids, None, x, c, min_share=0.5 if d > 1 else 0.3)
+    ref = ((x.double() - c.double()[ids]) ** 2).sum(1)
+    scale = (x.double().norm(dim=1) + c.double()[ids].norm(dim=1)) ** 2
+    assert torch.all((dist.double() - ref).abs() <= 4 * d * U32 * scale + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_inputs(dtype):
+    x, c = make_data(301, 1000, 64, dtype)
+    check_ids(nearest(x, c), None, x, c)
+
+
+def test_cpu_ties_go_to_lowest_index():
+    c = torch.randn(5000, 16)
+    c[4321] = c[17]
+    c[4999] = c[17]
+    ids = nearest(torch.stack([c[17], c[4321], c[4999]]), c)
+    assert ids.tolist() == [17, 17, 17]
+
+
+def test_numpy_memmap_streaming_matches_torch(tmp_path):
+    x, c = make_data(1001, 300, 24, torch.float32)
+    path = tmp_path / "x.npy"
+    np.save(path, x.numpy())
+    xm = np.load(path, mmap_mode="r")
+    ids, dist = nearest(xm, c.numpy(), return_distance=True, chunk=128, progress=True)
+    assert isinstance(ids, np.ndarray) and ids.dtype == np.int64
+    ids_t, dist_t = nearest(x, c, return_distance=True)
+    assert np.array_equal(ids, ids_t.numpy())
+    np.testing.assert_allclose(dist, dist_t.numpy(), rtol=1e-6, atol=1e-5)
+
+
+def test_leading_dims_flattened():
+    x, c = make_data(2 * 64, 100, 8, torch.float32)
+    ids = nearest(x.view(2, 64, 8), c)
+    assert ids.shape == (2, 64) and torch.equal(ids.reshape(-1), nearest(x, c))
+
+
+def test_agrees_with_faiss_flat_l2():
+    faiss = pytest.importorskip("faiss")
+    x, c = make_data(2000, 1000, 32, torch.float32)
+    index = faiss.IndexFlatL2(32)
+    index.add(c.numpy())
+    _, fid = index.search(x.numpy(), 1)
+    check_ids(torch.from_numpy(fid[:, 0]), None, x, c)  # faiss itself is exact on clear rows
+    assert np.array_equal(nearest(x, c).numpy(), fid[:, 0])
+
+
+def test_norm_cache_follows_in_place_updates():
+    x, c = make_data(50, 40, 6, torch.float32)
+    n0 = codebook_norms(c)
+    assert codebook_norms(c) is n0  # cached
+    assert torch.equal(nearest(x, c), exact_scores(x, c).argmin(1))
+    c.mul_(3.0).add_(1.0)  # in-place edit bumps the version counter
+    assert torch.equal(nearest(x, c), exact_scores(x, c).argmin(1))
+    assert torch.allclose(codebook_norms(c), (c * c).sum(1))
+
+
+def test_error_bound_helper_matches_docstring_formula():
+    x, c = make_data(10, 20, 9, torch.float32)
+    assert torch.allclose(error_bound(x, c), bound(x, c))
+    assert torch.allclose(error_bound(x, c, precision="tf32"), bound(x, c, tf32=True))
+
+
+def test_cpu_path_function_directly():
+    x, c = make_data(70, 33, 5, torch.float32)
+    ids, scores = nearest_torch(x, c, chunk=16)
+    check_ids(ids, scores, x, c)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("x,c,err,match", [
+    (torch.randn(4, 3), torch.randn(5, 4), ValueError, "feature dim"),
+    (torch.randn(4, 3), torch.randn(0, 3), ValueError, "empty"),
+    (torch.randn(4, 3), torch.randn(5), ValueError, "codebook must be 2-D"),
+    (torch.randn(4, 3), torch.randn(2, 5, 3), ValueError, "codebook must be 2-D"),
+    (torch.randn(4, 3).double(), torch.randn(5, 3).double(), TypeError, "x must be"),
+    (torch.randn(4, 3), torch.randn(5, 3).half(), TypeError, "codebook dtype"),
+    (torch.randint(0, 9, (4, 3)), torch.randn(5, 3), TypeError, "x must be"),
+    (np.zeros((4, 3)), np.zeros((5, 3), np.float32), TypeError, "x must be"),
+    ([[1.0, 2.0]], torch.randn(5, 2), TypeError, "x must be"),
+    (torch.randn(4, 3, device="meta"), torch.randn(5, 3), ValueError, "x is on meta"),
+])
+def test_bad_input(x, c, err, match):
+    with pytest.raises(err, match=match):
+        nearest(x, c)
+
+
+def test_nan_inputs_raise():
+    x, c = make_data(30, 20, 4, torch.float32)
+    xn = x.clone()
+    xn[11, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"x contains NaN \(rows \[11\]\)"):
+        nearest(xn, c)
+    cn = c.clone()
+    cn[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="codebook contains NaN"):
+        nearest(x, cn)
+
+
+def test_bad_precision_and_norms():
+    x, c = make_data(4, 5, 3, torch.float32)
+    with pytest.raises(ValueError, match="precision"):
+        nearest(x, c, precision="fast")
+    with pytest.raises(ValueError, match="norms"):
+        nearest(x, c, norms=torch.zeros(4))
+
+
+# --- GPU (run by benchmarks/gpu_check.sh) -----------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "tf32"),
+                                             (torch.float16, "ieee"), (torch.bfloat16, "ieee")])
+def test_gpu_realistic(dtype, precision):
+    n, k, d = 8192 + 3, 10000, 2048
+    x, c = make_data(n, k, d, dtype, noise=0.2)
+    x, c = x.cuda(), c.cuda()
+    ids, dist = nearest(x, c, return_distance=True, precision=precision)
+    xs, cs = x.double(), c.double()
+    s = (cs * cs).sum(1)[None, :] - 2 * xs @ cs.T
+    top2 = s.topk(2, dim=1, largest=False)
+    gap = top2.values[:, 1] - top2.values[:, 0]
+    ok = gap > 2 * bound(x.cpu(), c.cpu(), precision == "tf32").cuda()
+    assert ok.double().mean() > 0.9
+    assert torch.equal(ids[ok], top2.indices[ok, 0])
+    ref = ((xs - cs[ids]) ** 2).sum(1)
+    assert ((dist.double() - ref).norm() / ref.norm()).item() < (5e-4 if precision == "tf32" else 1e-5)
+    # and the same ids as torch's own mm + argmin where the gap is clear
+    t = torch.addmm((c.float() ** 2).sum(1), x.float(), c.float().T, alpha=-2).argmin(1)
+    assert torch.equal(ids[ok], t[ok])
+
+
+@pytest.mark.gpu
+def test_gpu_numpy_streaming_matches_resident():
+    x, c = make_data(70000, 1000, 256, torch.float32)
+    ids_host = nearest(x.numpy(), c.cuda(), chunk=16384)
+    assert np.array_equal(ids_host, nearest(x.cuda(), c.cuda()).cpu().numpy())

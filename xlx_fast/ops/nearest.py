@@ -1,0 +1,361 @@
+"""Nearest codebook entry (squared L2 argmin) without materialising the N×K distance matrix.
+
+Math. For a row x and centroids c_k (k < K)::
+
+    id(x)   = argmin_k ||x - c_k||^2 = argmin_k ( ||c_k||^2 - 2 x·c_k )      (||x||^2 is constant in k)
+    dist(x) = ||x||^2 + min_k ( ||c_k||^2 - 2 x·c_k )                          clamped at 0
+
+The GPU path is one Triton kernel: each program owns BLOCK_N rows of x, walks the codebook in
+BLOCK_K tiles, computes the tile of dot products with ``tl.dot`` (fp32 accumulation), adds the
+precomputed centroid norms and folds the tile into a running (min, argmin) per row. It reads x
+once per codebook tile (from L2), the codebook once per row block, and writes 8 bytes per row
+(plus 4 with distances): never an N×K matrix. The CPU path does the same blocked: a GEMM
+(``torch.addmm``, threaded by torch) per chunk of rows, then ``min`` over the K scores, so memory
+stays O(chunk × K).
+
+Tie-breaking (as FAISS ``IndexFlatL2`` with k=1): among equal scores the lowest index wins. In the
+kernel the argmin within a tile takes the lowest column whose score equals the tile minimum, and a
+later tile replaces the running best only when strictly smaller. Duplicate centroids therefore
+resolve to the first copy.
+
+Error bound. With unit roundoff u = 2^-24 (fp32 accumulation), inputs rounded to u_in before the
+products (u_in = 0 for IEEE fp32, fp16 and bf16 inputs, whose products are exact in fp32;
+u_in = 2^-11 for tf32), and D the feature dimension, the computed score s_k of each centroid obeys::
+
+    |s_k - s_k(exact)| <= 2 (2 u_in + D u) ||x|| ||c_k|| + D u ||c_k||^2  =: e_k
+
+(a worst-case, not probabilistic, bound; typical errors are ~sqrt(D) smaller). The returned id is
+therefore the exact float64 argmin of the given inputs whenever the gap between the best and the
+second-best exact score exceeds e_best + e_second. :func:`error_bound` computes max_k e_k per row.
+
+NaN. A NaN centroid is refused when its norms are computed (once per codebook, K values checked).
+A NaN in x is detected inside the kernel (a per-row flag, no extra pass over x) and raised as a
+ValueError by the wrapper after the launch.
+"""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the CPU path works without triton
+    triton = None
+
+__all__ = ["nearest", "nearest_triton", "nearest_torch", "codebook_norms", "error_bound"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PRECISIONS = ("ieee", "tf32")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _nearest_kernel(
+        X, C, CNORM, OUT_ID, OUT_SCORE,
+        N, K, D,
+        stride_xn, stride_xd, stride_ck, stride_cd,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        best = tl.full([BLOCK_N], float("inf"), tl.float32)
+        best_id = tl.zeros([BLOCK_N], tl.int32)
+        has_nan = tl.zeros([BLOCK_N], tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            # acc[n, k] = x_n · c_k, fp32 accumulation over D
+            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                d_ok = ds < D
+                x = tl.load(X + rows[:, None] * stride_xn + ds[None, :] * stride_xd,
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                c = tl.load(C + cols[None, :].to(tl.int64) * stride_ck + ds[:, None] * stride_cd,
+                            mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+                if WIDEN:
+                    x = x.to(tl.float32)
+                    c = c.to(tl.float32)
+                acc = tl.dot(x, c, acc, input_precision=INPUT_PRECISION)
+            # padded columns get +inf so they never win
+            cnorm = tl.load(CNORM + cols, mask=col_ok, other=float("inf"))
+            score = cnorm[None, :] - 2.0 * acc
+            has_nan = tl.maximum(has_nan, tl.max((score != score).to(tl.int32), axis=1))
+            tile_min = tl.min(score, axis=1)
+            # lowest column attaining the tile minimum (explicit, not left to the reduction)
+            tile_id = tl.min(tl.where(score == tile_min[:, None], cols[None, :], K), axis=1)
+            # strict '<': an equal score in a later tile keeps the earlier (lower) index
+            better = tile_min < best
+            best = tl.where(better, tile_min, best)
+            best_id = tl.where(better, tile_id, best_id)
+        best_id = tl.where(has_nan > 0, -1, best_id)
+        tl.store(OUT_ID + rows, best_id.to(tl.int64), mask=row_ok)
+        tl.store(OUT_SCORE + rows, best, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# centroid norms, cached per codebook tensor
+# --------------------------------------------------------------------------------------------
+
+# id(codebook) -> (weakref, data_ptr, version, shape, stride, dtype, norms). The weakref guards
+# against a freed tensor whose address is reused; _version against in-place edits.
+_NORM_CACHE: dict[int, tuple] = {}
+
+
+def _forget(key: int):
+    def callback(_ref):
+        _NORM_CACHE.pop(key, None)
+    return callback
+
+
+def codebook_norms(codebook: torch.Tensor) -> torch.Tensor:
+    """||c_k||^2 in float32 (computed in fp32 from the codebook's values), cached per tensor.
+
+    The cache entry is keyed on the tensor object (weak reference) and checked against its
+    data pointer, shape, strides, dtype and version counter, so an in-place update of the
+    codebook or a new tensor at a recycled address recomputes the norms. Raises ValueError if
+    a centroid contains NaN or inf.
+    """
+    key = id(codebook)
+    sig = (codebook.data_ptr(), codebook._version, tuple(codebook.shape), codebook.stride(),
+           codebook.dtype, codebook.device)
+    hit = _NORM_CACHE.get(key)
+    if hit is not None and hit[0]() is codebook and hit[1] == sig:
+        return hit[2]
+    norms = codebook.float().square().sum(1)
+    if not bool(torch.isfinite(norms).all()):
+        bad = torch.nonzero(~torch.isfinite(norms)).flatten()[:8].tolist()
+        raise ValueError(f"codebook contains NaN or inf (centroids {bad}...)")
+    try:
+        ref = weakref.ref(codebook, _forget(key))
+    except TypeError:  # pragma: no cover
+        return norms
+    _NORM_CACHE[key] = (ref, sig, norms)
+    return norms
+
+
+def error_bound(x, codebook, *, precision: str = "ieee") -> torch.Tensor:
+    """Per-row bound max_k e_k on the score error (module docstring), float64, shape [N]."""
+    x = torch.as_tensor(x).double()
+    c = torch.as_tensor(codebook).double()
+    d = x.shape[1]
+    u = 2.0 ** -24
+    u_in = 2.0 ** -11 if precision == "tf32" else 0.0
+    cn = c.norm(dim=1)
+    e = 2 * (2 * u_in + d * u) * x.norm(dim=1)[:, None] * cn[None, :] + d * u * cn[None, :] ** 2
+    return e.max(1).values
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+def _interpreter_widen(x: torch.Tensor) -> bool:
+    """Triton 3.6's CPU interpreter computes tl.dot on bf16 operands from their raw bits. There
+    (and only there) bf16 tiles are widened to fp32 before the dot: the same value, since a
+    bf16×bf16 product is exact in fp32 and the accumulation is fp32 either way."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+def nearest_triton(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor | None = None, *,
+                   precision: str = "ieee", block_n: int | None = None, block_k: int | None = None,
+                   block_d: int | None = None,
+                   out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the Triton kernel on already-validated 2-D x [N, D] and codebook [K, D].
+
+    Returns (ids int64 [N], scores float32 [N]) with score = min_k ||c_k||^2 - 2 x·c_k; an id
+    of -1 marks a row whose scores were NaN. ``out`` = preallocated (ids, scores) to write
+    into (no allocation: handy for benchmarks and graph capture). Runs on CUDA, or on the CPU
+    under ``TRITON_INTERPRET=1`` (tests pass small block sizes there).
+    """
+    if triton is None:  # pragma: no cover
+        raise RuntimeError("triton is not installed")
+    n, d = x.shape
+    k = codebook.shape[0]
+    if norms is None:
+        norms = codebook_norms(codebook)
+    if block_n is None:
+        block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
+    if block_k is None:
+        block_k = 128
+    if block_d is None:
+        block_d = 64 if x.dtype != torch.float32 else 32
+    if out is None:
+        ids = torch.empty(n, dtype=torch.int64, device=x.device)
+        scores = torch.empty(n, dtype=torch.float32, device=x.device)
+    else:
+        ids, scores = out
+    if n == 0:
+        return ids, scores
+    grid = (triton.cdiv(n, block_n),)
+    kwargs = {} if x.device.type == "cpu" else {"num_warps": 8, "num_stages": 3}
+    _nearest_kernel[grid](
+        x, codebook, norms, ids, scores, n, k, d,
+        x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+        # the precision only means something for fp32 operands; half operands take the
+        # compiler's default (their products are exact in the fp32 accumulator anyway)
+        INPUT_PRECISION=precision if x.dtype == torch.float32 else "tf32",
+        WIDEN=_interpreter_widen(x),
+        **kwargs,
+    )
+    return ids, scores
+
+
+def nearest_torch(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor | None = None, *,
+                  chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU path: per chunk of rows one GEMM (addmm: ||c||^2 - 2 x Cᵀ) and a min over K.
+
+    Half inputs are upcast chunk by chunk so that products are exact and accumulation is fp32
+    (the same arithmetic as the kernel). torch.min returns the first minimal index: ties go to
+    the lowest index. Same return contract as :func:`nearest_triton`.
+    """
+    if norms is None:
+        norms = codebook_norms(codebook)
+    c = codebook if codebook.dtype == torch.float32 else codebook.float()
+    n = x.shape[0]
+    ids = torch.empty(n, dtype=torch.int64, device=x.device)
+    scores = torch.empty(n, dtype=torch.float32, device=x.device)
+    for r0 in range(0, n, chunk):
+        xs = x[r0:r0 + chunk].float()
+        s = torch.addmm(norms, xs, c.T, beta=1.0, alpha=-2.0)
+        v, i = s.min(1)
+        # torch.min propagates NaN into the value: mark those rows like the kernel does
+        i[torch.isnan(v)] = -1
+        scores[r0:r0 + chunk] = v
+        ids[r0:r0 + chunk] = i
+    return ids, scores
+
+
+# --------------------------------------------------------------------------------------------
+# public entry point
+# --------------------------------------------------------------------------------------------
+
+def _check_numpy(name: str, a: np.ndarray) -> None:
+    if a.dtype not in (np.float32, np.float16):
+        raise TypeError(f"{name} must be float32 or float16, got numpy {a.dtype}")
+
+
+def nearest(x, codebook, *, return_distance: bool = False, precision: str = "ieee",
+            norms: torch.Tensor | None = None, chunk: int | None = None, progress: bool = False):
+    """Index of the nearest codebook entry (squared L2) for every row of x.
+
+    Args:
+        x: [N, D] (or [..., D], flattened) float32/float16/bfloat16 torch tensor, or a float32/
+            float16 numpy array (np.memmap works: rows are read chunk by chunk).
+        codebook: [K, D], same dtype as x. A torch codebook decides the device (x must be there
+            or be numpy); a numpy codebook goes to the device of x (CPU for numpy x).
+        return_distance: also return squared L2 distances (float32: ||x||^2 in fp32 plus the
+            score, clamped at 0).
+        precision: "ieee" or "tf32", used for float32 inputs on CUDA (the CPU path is always
+            IEEE). Explicit: no global torch flag is read.
+        norms: precomputed ||c_k||^2 (float32 [K]); by default computed once per codebook
+            tensor and cached (see :func:`codebook_norms`).
+        chunk: rows per step. Numpy rows are converted (and copied to CUDA) chunk by chunk; the
+            CPU path bounds its scratch to chunk × K floats. Default 2048 on the CPU, 262144 for
+            host rows to CUDA, all rows at once for CUDA-resident x.
+        progress: show a tqdm bar over chunks.
+
+    Returns:
+        ids int64 of shape x.shape[:-1] (numpy if x is numpy, else a tensor on the compute
+        device); with ``return_distance`` the pair (ids, distances). Ties go to the lowest index.
+
+    Dispatch is explicit by device: CUDA → :func:`nearest_triton`, CPU → :func:`nearest_torch`.
+    """
+    was_numpy = isinstance(x, np.ndarray)
+    if was_numpy:
+        _check_numpy("x", x)
+    elif not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if isinstance(codebook, np.ndarray):
+        _check_numpy("codebook", codebook)
+        ct = torch.from_numpy(np.ascontiguousarray(codebook))
+        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        ct = ct.to(device)
+    elif isinstance(codebook, torch.Tensor):
+        ct = codebook
+        device = ct.device
+        if isinstance(x, torch.Tensor) and x.device != device:
+            raise ValueError(f"x is on {x.device} but codebook is on {device}")
+    else:
+        raise TypeError(f"codebook must be a torch.Tensor or numpy.ndarray, got {type(codebook).__name__}")
+    x_dtype = torch.from_numpy(np.empty(0, x.dtype)).dtype if was_numpy else x.dtype
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    if ct.dim() != 2:
+        raise ValueError(f"codebook must be 2-D [K, D], got shape {tuple(ct.shape)}")
+    if ct.shape[0] < 1:
+        raise ValueError("codebook is empty (K = 0)")
+    if ct.shape[1] < 1:
+        raise ValueError("codebook has feature dimension D = 0")
+    if x.ndim < 1:
+        raise ValueError("x must have at least one dimension [..., D]")
+    if x.shape[-1] != ct.shape[1]:
+        raise ValueError(f"x has feature dim {x.shape[-1]} but codebook has D = {ct.shape[1]}")
+    if x_dtype not in _DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x_dtype}")
+    if ct.dtype != x_dtype:
+        raise TypeError(f"codebook dtype {ct.dtype} differs from x dtype {x_dtype}")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device} for codebook")
+    if ct.stride(-1) != 1:
+        ct = ct.contiguous()
+    if norms is None:
+        norms = codebook_norms(ct)
+    else:
+        norms = torch.as_tensor(norms).to(device, torch.float32)
+        if norms.shape != (ct.shape[0],):
+            raise ValueError(f"norms must have shape [{ct.shape[0]}], got {tuple(norms.shape)}")
+
+    lead = tuple(x.shape[:-1])
+    xf = x.reshape(-1, x.shape[-1])
+    n = xf.shape[0]
+    if device.type == "cuda":
+        step = n if (chunk is None and not was_numpy) else (chunk or 262144)
+    else:
+        step = chunk or 2048
+    step = max(1, step)
+    ids = torch.empty(n, dtype=torch.int64, device=device)
+    scores = torch.empty(n, dtype=torch.float32, device=device)
+    xnorm = torch.empty(n, dtype=torch.float32, device=device) if return_distance else None
+
+    starts = range(0, n, step)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, total=(n + step - 1) // step, unit="chunk", desc="nearest")
+    for r0 in starts:
+        xs = xf[r0:r0 + step]
+        if was_numpy:
+            # a read-only memory map cannot back a tensor: copy the chunk (it is read anyway)
+            xs = torch.from_numpy(np.ascontiguousarray(xs) if xs.flags.writeable else np.array(xs))
+        xs = xs.to(device, non_blocking=True)
+        if xs.stride(-1) != 1:
+            xs = xs.contiguous()
+        if device.type == "cuda":
+            i, s = nearest_triton(xs, ct, norms, precision=precision)
+        else:
+            i, s = nearest_torch(xs, ct, norms, chunk=step)
+        ids[r0:r0 + step] = i
+        scores[r0:r0 + step] = s
+        if return_distance:
+            xnorm[r0:r0 + step] = xs.float().square().sum(1)
+    # one host sync per call: the kernel marks NaN rows with id -1 instead of a second pass
+    if n and bool((ids < 0).any()):
+        bad = torch.nonzero(ids < 0).flatten()[:8].tolist()
+        raise ValueError(f"x contains NaN (rows {bad})")
+
+    ids = ids.reshape(lead)
+    if was_numpy:
+        ids = ids.cpu().numpy()
+    if not return_distance:
+        return ids
+    dist = (xnorm + scores).clamp_min_(0.0).reshape(lead)
+    if was_numpy:
+        dist = dist.cpu().numpy()
+    return ids, dist
