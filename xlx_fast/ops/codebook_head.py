@@ -1,0 +1,433 @@
+"""Codebook head: (max probability, argmax) of softmax(h·Wᵀ + b) without materialising the logits.
+
+Math. For a row h and classes k < K, with z_k = (h·w_k + b_k) / τ (τ = 1 when greedy)::
+
+    m  = max_k z_k,   s = Σ_k exp(z_k - m)
+    id = argmax_k z_k                        (greedy, temperature 0; ties → lowest k)
+    id = argmax_k z_k + g_k,  g_k ~ Gumbel   (temperature τ > 0: an exact sample of softmax(z))
+    prob = exp(z_id - m) / s                 (= 1/s when greedy)
+
+So at temperature 0 ``prob`` is the softmax maximum of the reference (``softmax(logits).max(-1)``),
+and at τ > 0 it is the probability that softmax(logits/τ) gives to the sampled id.
+
+Kernel. One Triton program owns BLOCK_M rows and one slice of the classes (split-K over classes,
+so that batch 1 = 64 rows still fills the GPU). It walks its slice in BLOCK_K tiles: tl.dot over H
+(fp32 accumulation), bias, then the online-softmax update (running max m, running sum s rescaled
+by exp(m_old - m_new)) and the running argmax of the key (z, or z + g). Each program writes five
+numbers per row; a second small kernel merges the slices (max of m, rescaled sum of s, first
+slice holding the largest key). Traffic: W is read once per row block, h once per class tile
+(from L2); logits never leave registers.
+
+Gumbel noise is counter-based: u = Philox4x32-10(key = per-row 64-bit seed, counter = (class,
+step, 0, 0)), first word, u = ((r >> 8) + 0.5)·2^-24 ∈ (0, 1), g = -log(-log u). A row's noise
+depends only on its own seed, the step and the class: never on its batch neighbours, the block
+sizes or the class split. The CPU path draws the same bits (a torch twin of Philox). What can still
+move a sample is the last bit of a logit (GEMM blocking differs with batch size and device), so
+samples agree across re-batching and devices except where two keys tie to within that rounding.
+
+Tie-breaking: the lowest class index among equal keys (within a tile explicitly, across tiles by a
+strict '>' in class order, across slices by the first slice).
+
+NaN: each program flags rows whose logits contain NaN (one compare per logit, no extra pass) and
+writes prob = NaN for them; the wrapper checks the [M] output (one small host sync, skipped
+during CUDA graph capture) and raises a ValueError naming h, weight or bias.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+__all__ = ["codebook_head", "codebook_head_triton", "codebook_head_torch", "fold_head", "gumbel_noise"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PRECISIONS = ("ieee", "tf32")
+
+if triton is not None:
+
+    @triton.jit
+    def _gumbel(seed, cols, step, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """g[m, k] = -log(-log(u)), u from Philox keyed by seed[m], counter (cols[k], step, 0, 0)."""
+        zero = tl.zeros([BLOCK_M, BLOCK_K], tl.int32)
+        c0 = (zero + cols[None, :]).to(tl.uint32, bitcast=True)
+        c1 = (zero + step).to(tl.uint32, bitcast=True)
+        c2 = zero.to(tl.uint32, bitcast=True)
+        r, _, _, _ = tl.philox(seed[:, None], c0, c1, c2, c2)
+        u = ((r >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2^-24
+        return -tl.log(-tl.log(u))
+
+    @triton.jit
+    def _head_partial_kernel(
+        H, W, B, SEEDS, P_M, P_S, P_KEY, P_Z, P_ID,
+        M, K, HD, K_PER_SPLIT, NSPLIT,
+        stride_hm, stride_hd, stride_wk, stride_wd,
+        inv_temp, step,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+        SAMPLE: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        split = tl.program_id(1)
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        k_begin = split * K_PER_SPLIT
+        k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+        if SAMPLE:
+            seed = tl.load(SEEDS + rows, mask=row_ok, other=0)
+        m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s_run = tl.zeros([BLOCK_M], tl.float32)
+        best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        best_z = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        best_id = tl.zeros([BLOCK_M], tl.int32)
+        has_nan = tl.zeros([BLOCK_M], tl.int32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < k_end
+            acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+            for d0 in range(0, HD, BLOCK_H):
+                ds = d0 + tl.arange(0, BLOCK_H)
+                d_ok = ds < HD
+                h = tl.load(H + rows[:, None] * stride_hm + ds[None, :] * stride_hd,
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                w = tl.load(W + cols[None, :].to(tl.int64) * stride_wk + ds[:, None] * stride_wd,
+                            mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+                if WIDEN:
+                    h = h.to(tl.float32)
+                    w = w.to(tl.float32)
+                acc = tl.dot(h, w, acc, input_precision=INPUT_PRECISION)
+            bias = tl.load(B + cols, mask=col_ok, other=0.0)
+            z = (acc + bias[None, :]) * inv_temp
+            has_nan = tl.maximum(has_nan, tl.max((z != z).to(tl.int32), axis=1))
+            z = tl.where(col_ok[None, :], z, float("-inf"))
+            # online softmax: rescale the running sum to the new running max
+            m_new = tl.maximum(m_run, tl.max(z, axis=1))
+            s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            m_run = m_new
+            # running argmax of the key: z (greedy) or z + Gumbel noise (sampling)
+            if SAMPLE:
+                key = z + _gumbel(seed, cols, step, BLOCK_M, BLOCK_K)
+            else:
+                key = z
+            tile_best = tl.max(key, axis=1)
+            tile_id = tl.min(tl.where(key == tile_best[:, None], cols[None, :], K), axis=1)
+            if SAMPLE:
+                tile_z = tl.sum(tl.where(cols[None, :] == tile_id[:, None], z, 0.0), axis=1)
+            else:
+                tile_z = tile_best
+            better = tile_best > best  # strict: equal keys keep the lower class index
+            best = tl.where(better, tile_best, best)
+            best_z = tl.where(better, tile_z, best_z)
+            best_id = tl.where(better, tile_id, best_id)
+        s_run = tl.where(has_nan > 0, float("nan"), s_run)
+        out = rows * NSPLIT + split
+        tl.store(P_M + out, m_run, mask=row_ok)
+        tl.store(P_S + out, s_run, mask=row_ok)
+        tl.store(P_KEY + out, best, mask=row_ok)
+        tl.store(P_Z + out, best_z, mask=row_ok)
+        tl.store(P_ID + out, best_id, mask=row_ok)
+
+    @triton.jit
+    def _head_merge_kernel(P_M, P_S, P_KEY, P_Z, P_ID, OUT_P, OUT_ID, M, NSPLIT,
+                           BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        sp = tl.arange(0, BLOCK_S)
+        ok = (rows < M)[:, None] & (sp < NSPLIT)[None, :]
+        idx = rows[:, None] * NSPLIT + sp[None, :]
+        m = tl.load(P_M + idx, mask=ok, other=float("-inf"))
+        s = tl.load(P_S + idx, mask=ok, other=0.0)
+        key = tl.load(P_KEY + idx, mask=ok, other=float("-inf"))
+        z = tl.load(P_Z + idx, mask=ok, other=0.0)
+        ids = tl.load(P_ID + idx, mask=ok, other=0)
+        m_all = tl.max(m, axis=1)
+        s_all = tl.sum(tl.where(ok, s * tl.exp(m - m_all[:, None]), 0.0), axis=1)
+        key_best = tl.max(key, axis=1)
+        # slices are in class order: the first slice holding the best key has the lowest id
+        first = tl.min(tl.where(key == key_best[:, None], sp[None, :], BLOCK_S), axis=1)
+        pick = sp[None, :] == first[:, None]
+        z_best = tl.sum(tl.where(pick, z, 0.0), axis=1)
+        id_best = tl.sum(tl.where(pick, ids, 0), axis=1)
+        row_ok = rows < M
+        tl.store(OUT_P + rows, tl.exp(z_best - m_all) / s_all, mask=row_ok)
+        tl.store(OUT_ID + rows, id_best.to(tl.int64), mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+def _interpreter_widen(x: torch.Tensor) -> bool:
+    """Triton 3.6's CPU interpreter computes tl.dot on bf16 operands from their raw bits; there
+    (only) bf16 tiles are widened to fp32 first, which is exact (bf16 products fit in fp32)."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+def codebook_head_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
+                         temperature: float = 0.0, seeds: torch.Tensor | None = None, step: int = 0,
+                         precision: str = "ieee", block_m: int | None = None,
+                         block_k: int | None = None, block_h: int | None = None,
+                         splits: int | None = None,
+                         out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the two kernels on validated h [M, H], weight [K, H], float32 bias [K] and (when
+    temperature > 0) int64 seeds [M]. Returns (prob float32 [M], ids int64 [M]).
+
+    ``splits`` is the number of class slices (default: enough programs for ~2 waves on the GPU);
+    results do not depend on it. ``out`` = preallocated (prob, ids) to write into. Runs on
+    CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
+    """
+    if triton is None:  # pragma: no cover
+        raise RuntimeError("triton is not installed")
+    m, hd = h.shape
+    k = weight.shape[0]
+    if out is None:
+        prob = torch.empty(m, dtype=torch.float32, device=h.device)
+        ids = torch.empty(m, dtype=torch.int64, device=h.device)
+    else:
+        prob, ids = out
+    if m == 0:
+        return prob, ids
+    if block_m is None:
+        block_m = 64 if m >= 64 else max(16, triton.next_power_of_2(m))
+    block_k = block_k or 128
+    block_h = block_h or (64 if h.dtype != torch.float32 else 32)
+    row_blocks = triton.cdiv(m, block_m)
+    k_tiles = triton.cdiv(k, block_k)
+    if splits is None:
+        sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 1
+        splits = max(1, min(k_tiles, triton.cdiv(2 * sms, row_blocks)))
+    # whole tiles per slice, and no empty slice
+    k_per = triton.cdiv(k_tiles, max(1, min(splits, k_tiles))) * block_k
+    nsplit = triton.cdiv(k, k_per)
+    part = torch.empty(5, m, nsplit, dtype=torch.float32, device=h.device)
+    part_id = torch.empty(m, nsplit, dtype=torch.int32, device=h.device)
+    sample = temperature > 0
+    if seeds is None:
+        seeds = ids  # never read when not sampling
+    kwargs = {} if h.device.type == "cpu" else {"num_warps": 4, "num_stages": 3}
+    _head_partial_kernel[(row_blocks, nsplit)](
+        h, weight, bias, seeds, part[0], part[1], part[2], part[3], part_id,
+        m, k, hd, k_per, nsplit,
+        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
+        (1.0 / temperature) if sample else 1.0, int(step),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_H=block_h, SAMPLE=sample,
+        # precision only means something for fp32 operands; half operands take the default
+        INPUT_PRECISION=precision if h.dtype == torch.float32 else "tf32",
+        WIDEN=_interpreter_widen(h),
+        **kwargs,
+    )
+    merge_block = 64
+    _head_merge_kernel[(triton.cdiv(m, merge_block),)](
+        part[0], part[1], part[2], part[3], part_id, prob, ids, m, nsplit,
+        BLOCK_M=merge_block, BLOCK_S=max(2, triton.next_power_of_2(nsplit)),
+    )
+    return prob, ids
+
+
+# --------------------------------------------------------------------------------------------
+# CPU path
+# --------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of a*b for a 32-bit constant a and int64 b < 2^32, without
+    overflowing int64 (b split into 16-bit halves)."""
+    t = a * (b & 0xFFFF)
+    u = a * (b >> 16) + (t >> 16)
+    return u >> 16, ((u & 0xFFFF) << 16) | (t & 0xFFFF)
+
+
+def philox4x32(k0, k1, c0, c1, c2, c3, rounds: int = 10):
+    """Philox4x32 (Salmon et al., SC'11) on int64 tensors holding 32-bit words, the round
+    structure of ``tl.philox``. Returns the four output words."""
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(0xCD9E8D57, c2)
+        hi_a, lo_a = _mulhilo(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + 0x9E3779B9) & _MASK32
+        k1 = (k1 + 0xBB67AE85) & _MASK32
+    return c0, c1, c2, c3
+
+
+def gumbel_noise(seeds: torch.Tensor, cols: torch.Tensor, step: int) -> torch.Tensor:
+    """The kernel's Gumbel noise on the CPU: float32 [len(seeds), len(cols)].
+
+    Philox4x32-10 with key (low, high word of the int64 seed) and counter (col, step, 0, 0),
+    first output word; bit-identical to the kernel's ``tl.philox`` draw.
+    """
+    seeds = seeds.to(torch.int64)
+    k0 = (seeds & _MASK32)[:, None]
+    k1 = ((seeds >> 32) & _MASK32)[:, None]
+    c0 = (cols.to(torch.int64) & _MASK32)[None, :].expand(len(seeds), -1)
+    c1 = torch.full_like(c0, int(step) & _MASK32)
+    c2 = torch.zeros_like(c0)
+    c0, _, _, _ = philox4x32(k0, k1, c0, c1, c2, c2)
+    u = ((c0 >> 8).to(torch.float32) + 0.5) * 2.0 ** -24
+    return -torch.log(-torch.log(u))
+
+
+def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
+                        temperature: float = 0.0, seeds: torch.Tensor | None = None, step: int = 0,
+                        chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU path, blocked over rows: per chunk one GEMM (addmm, fp32 accumulation; half inputs are
+    widened, which is exact), then max / sum-exp / argmax over the classes. Scratch stays
+    chunk × K floats. Same contract and same Gumbel bits as :func:`codebook_head_triton`;
+    torch.max returns the first maximal index, so ties go to the lowest class.
+    """
+    m = h.shape[0]
+    w = weight if weight.dtype == torch.float32 else weight.float()
+    prob = torch.empty(m, dtype=torch.float32, device=h.device)
+    ids = torch.empty(m, dtype=torch.int64, device=h.device)
+    sample = temperature > 0
+    inv_temp = torch.tensor(1.0 / temperature if sample else 1.0, dtype=torch.float32).item()
+    cols = torch.arange(w.shape[0], device=h.device)
+    for r0 in range(0, m, chunk):
+        z = torch.addmm(bias, h[r0:r0 + chunk].float(), w.T)
+        if sample:
+            z.mul_(inv_temp)
+        zmax = z.max(1).values
+        s = torch.exp(z - zmax[:, None]).sum(1)
+        if sample:
+            i = (z + gumbel_noise(seeds[r0:r0 + chunk], cols, step)).max(1).indices
+            zi = z.gather(1, i[:, None])[:, 0]
+        else:
+            zi, i = z.max(1)
+        prob[r0:r0 + chunk] = torch.exp(zi - zmax) / s
+        ids[r0:r0 + chunk] = i
+    return prob, ids
+
+
+# --------------------------------------------------------------------------------------------
+# public entry points
+# --------------------------------------------------------------------------------------------
+
+def _raise_nan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, prob: torch.Tensor):
+    """Error path only: find which argument holds the NaN (full scans are fine here)."""
+    rows = torch.nonzero(torch.isnan(prob)).flatten()[:8].tolist()
+    if bool(torch.isnan(h).any()):
+        raise ValueError(f"h contains NaN (rows {rows})")
+    if bool(torch.isnan(weight).any()):
+        raise ValueError("weight contains NaN")
+    if bool(torch.isnan(bias).any()):
+        raise ValueError("bias contains NaN")
+    raise ValueError(f"h, weight and bias give non-finite logits (rows {rows}); inputs contain inf")
+
+
+def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  temperature: float = 0.0, seeds: torch.Tensor | None = None, step: int = 0,
+                  precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+    """(prob, id) of softmax(h·Wᵀ + b) per row, the logits never stored.
+
+    Args:
+        h: [..., H] float32/float16/bfloat16 (e.g. [B, 64, 768] hidden states).
+        weight: [K, H], same dtype and device as h (e.g. the folded head from :func:`fold_head`).
+        bias: [K] (any float dtype; used in fp32) or None.
+        temperature: 0 → greedy argmax and the softmax maximum (the reference's
+            ``softmax(logits).max(-1)``); τ > 0 → a Gumbel-max sample of softmax(logits/τ) and
+            the probability softmax(logits/τ) gives to it.
+        seeds: int64, h.shape[:-1] (or [M]) per-row seeds; required when temperature > 0.
+        step: sampling step, part of the RNG counter (0 ≤ step < 2^31).
+        precision: "ieee" or "tf32" for float32 inputs on CUDA (CPU is IEEE).
+
+    Returns:
+        prob float32 h.shape[:-1], ids int64 h.shape[:-1]. Ties go to the lowest class.
+
+    Dispatch is explicit by device: CUDA → :func:`codebook_head_triton`, CPU →
+    :func:`codebook_head_torch`. NaN in h, weight or bias raises ValueError (checked on the
+    [M] output, skipped while a CUDA graph is being captured).
+    """
+    for name, t in (("h", h), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if weight.dtype != h.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from h dtype {h.dtype}")
+    if h.dim() < 1:
+        raise ValueError("h must have shape [..., H]")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [K, H], got shape {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight has no classes (K = 0)")
+    if weight.shape[1] != h.shape[-1]:
+        raise ValueError(f"h has hidden size {h.shape[-1]} but weight has H = {weight.shape[1]}")
+    if weight.device != h.device:
+        raise ValueError(f"weight is on {weight.device} but h is on {h.device}")
+    k = weight.shape[0]
+    if bias is None:
+        bias = torch.zeros(k, dtype=torch.float32, device=h.device)
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        raise TypeError("bias must be a floating-point torch.Tensor or None")
+    if bias.shape != (k,):
+        raise ValueError(f"bias must have shape [{k}], got {tuple(bias.shape)}")
+    if bias.device != h.device:
+        raise ValueError(f"bias is on {bias.device} but h is on {h.device}")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if not 0 <= int(step) < 2 ** 31:
+        raise ValueError(f"step must be in [0, 2^31), got {step}")
+    if h.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {h.device} for h")
+
+    lead = tuple(h.shape[:-1])
+    h2 = h.reshape(-1, h.shape[-1])
+    m = h2.shape[0]
+    if temperature > 0:
+        if seeds is None:
+            raise ValueError("seeds (one int64 per row) are required when temperature > 0")
+        if not isinstance(seeds, torch.Tensor) or seeds.dtype not in (torch.int64, torch.int32):
+            raise TypeError("seeds must be an int64 (or int32) torch.Tensor")
+        if seeds.numel() != m:
+            raise ValueError(f"seeds must have one entry per row ({m}), got shape {tuple(seeds.shape)}")
+        seeds = seeds.reshape(m).to(h.device, torch.int64).contiguous()
+    bias = bias.to(torch.float32).contiguous()
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+
+    if h.device.type == "cuda":
+        prob, ids = codebook_head_triton(h2, weight, bias, temperature=temperature, seeds=seeds,
+                                         step=step, precision=precision)
+    else:
+        prob, ids = codebook_head_torch(h2, weight, bias, temperature=temperature, seeds=seeds,
+                                        step=step)
+    capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
+    if m and not capturing and bool(torch.isnan(prob).any()):
+        _raise_nan(h2, weight, bias, prob)
+    return prob.reshape(lead), ids.reshape(lead)
+
+
+@torch.no_grad()
+def fold_head(linear_feat, out_cluster) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``linear_feat`` (Linear 768→2048) then ``out_cluster`` (Linear 2048→K) into one map.
+
+    out_cluster(linear_feat(x)) = W_out (W_feat x + b_feat) + b_out = W x + b with
+    W = W_out·W_feat [K, 768] and b = W_out·b_feat + b_out [K]. Computed in float64 and rounded
+    once to out_cluster's dtype, so the folded map is at least as accurate as the two fp32 layers
+    it replaces (which round twice). Either argument may be an nn.Linear or any object with
+    ``weight`` and ``bias`` (bias may be None).
+    """
+    w_feat, b_feat = linear_feat.weight, linear_feat.bias
+    w_out, b_out = out_cluster.weight, out_cluster.bias
+    if w_feat.dim() != 2 or w_out.dim() != 2:
+        raise ValueError("linear_feat and out_cluster weights must be 2-D")
+    if w_out.shape[1] != w_feat.shape[0]:
+        raise ValueError(f"out_cluster takes {w_out.shape[1]} features but linear_feat gives "
+                         f"{w_feat.shape[0]}")
+    w_out64 = w_out.double()
+    w = w_out64 @ w_feat.to(w_out.device).double()
+    b = torch.zeros(w_out.shape[0], dtype=torch.float64, device=w_out.device)
+    if b_feat is not None:
+        b += w_out64 @ b_feat.to(w_out.device).double()
+    if b_out is not None:
+        b += b_out.double()
+    return w.to(w_out.dtype), b.to(w_out.dtype)
