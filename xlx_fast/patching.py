@@ -24,8 +24,10 @@ memory at the default config; ``unoptimize`` frees it). It is rebuilt before a c
 projection parameter changed since it was built (``load_state_dict``, optimizer steps, ``.to()``,
 ``.half()``), detected by the parameters' version counters and data pointers.
 
-Eager path, per call: the HF forward runs unchanged when ``output_attentions=True`` (the fused
-kernel never forms the probabilities), in training mode (dropout; no backward kernel), when
+Eager path, per call: the HF forward runs unchanged when the call has ``output_attentions=True``
+(the fused kernel never forms the probabilities; note that HF's cross layers call their
+self-attentions and the visual->language cross-attention with ``output_attentions=False`` even
+when the model was asked for attentions, so those calls stay fused), in training mode (dropout; no backward kernel), when
 autograd would need a gradient (grad mode on and an input or parameter requires grad, the same
 rule as torch's ``nn.MultiheadAttention`` fast path: wrap inference in ``torch.no_grad()`` or
 ``torch.inference_mode()``), and for inputs the fused op does not take (float64, a mask that is
