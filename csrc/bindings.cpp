@@ -76,11 +76,16 @@ PYBIND11_MODULE(_C, m) {
         const auto a = make_args(pred_prob, pred_id, table, mask_row, mask, visited, ids, out,
                                  status, count, cell, next_cell, strategy, batch, n_table,
                                  row_bytes);
-        py::gil_scoped_release release;
-        return xlx::sampler_step_cpu(a);
+        int code = 0;
+        int64_t row;
+        {
+          py::gil_scoped_release release;
+          row = xlx::sampler_step_cpu(a, &code);
+        }
+        return py::make_tuple(row, code);
       },
-      "C++ twin of the sampler step on host pointers; returns -1, or the first row whose status "
-      "was set (then nothing but status was written).");
+      "C++ twin of the sampler step on host pointers; returns (-1, 0), or (row, status code) of "
+      "the first bad row (then nothing but status was written).");
 
   m.def(
       "sampler_step_cuda",

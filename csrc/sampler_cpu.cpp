@@ -31,14 +31,17 @@ int decide_row(const SamplerStepArgs& a, int64_t b, CellDecision* d) {
 
 }  // namespace
 
-int64_t sampler_step_cpu(const SamplerStepArgs& a) {
+int64_t sampler_step_cpu(const SamplerStepArgs& a, int* first_code) {
   std::vector<CellDecision> decisions(static_cast<size_t>(a.batch) * kCells);
   int64_t first_bad = -1;
   for (int64_t b = 0; b < a.batch; ++b) {
     const int rs = decide_row(a, b, &decisions[b * kCells]);
     if (rs != kOk) {
       if (a.status[b] == kOk) a.status[b] = rs;
-      if (first_bad < 0) first_bad = b;
+      if (first_bad < 0) {
+        first_bad = b;
+        *first_code = rs;
+      }
     }
   }
   if (first_bad >= 0) return first_bad;

@@ -31,9 +31,10 @@ struct SamplerStepArgs {
 };
 
 // The C++ twin. Decides every row first; if any row has a non-zero status, writes only the
-// status of those rows (sticky) and returns the first such row, else applies the step to every
-// row and returns -1. So bad input leaves ids, mask, visited and out untouched on the CPU.
-int64_t sampler_step_cpu(const SamplerStepArgs& a);
+// status of those rows (sticky) and returns the first such row with its code in *first_code,
+// else applies the step to every row and returns -1. So bad input leaves ids, mask, visited and
+// out untouched on the CPU.
+int64_t sampler_step_cpu(const SamplerStepArgs& a, int* first_code);
 
 // True when this build holds the CUDA kernels.
 bool cuda_compiled();
