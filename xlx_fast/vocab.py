@@ -1,0 +1,222 @@
+"""Visual vocabulary: k-means over grid features (the 10,000×2048 codebook) and assignment to it.
+
+:func:`kmeans` follows FAISS ``Clustering`` (the tool the X-LXMERT authors used):
+
+- at most ``k * max_points_per_centroid`` training points, a uniform sample without replacement
+  (seeded) when there are more;
+- centroids initialised from ``k`` distinct training points drawn at random (seeded);
+- each iteration: assign every training point to its nearest centroid (:func:`xlx_fast.ops.
+  nearest.nearest`, so the fused kernel on CUDA), record the objective (sum of squared distances
+  to the centroids *before* the update, as FAISS's ``obj``), recompute each centroid as the mean of
+  its points (segment reduction by ``index_add_``, accumulated in float64), then split clusters
+  that came out empty exactly as FAISS does: pick a donor cluster cj, scanning j = 0, 1, ... with
+  probability (size_j - 1) / (n - k) of stopping, copy it, move the two copies apart by a relative
+  ±1/1024 on alternating coordinates, and give each half of the donor's count.
+
+The random streams are numpy's (seeded from ``seed``), not FAISS's, so the same seed gives a
+different but equally distributed run; objectives agree to well under 1% on non-degenerate data.
+
+:func:`assign` maps a (possibly huge, memory-mapped) ``.npy`` of features to centroid ids chunk by
+chunk, so memory stays O(chunk × (D + K)).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from xlx_fast.ops.nearest import nearest
+
+__all__ = ["KMeansResult", "kmeans", "assign"]
+
+_SPLIT_EPS = 1.0 / 1024  # FAISS's relative perturbation when splitting a cluster
+
+
+@dataclass
+class KMeansResult:
+    """centroids: float32 [k, d] on the compute device. objective[i]: sum of squared distances
+    of the training points at iteration i (before that iteration's update). n_split[i]: empty
+    clusters re-seeded at iteration i. n_train: training points used (after subsampling)."""
+    centroids: torch.Tensor
+    objective: list = field(default_factory=list)
+    n_split: list = field(default_factory=list)
+    n_train: int = 0
+
+
+def _load(features, name: str = "features"):
+    """A path becomes a read-only memory map; arrays and tensors pass through."""
+    if isinstance(features, (str, os.PathLike)):
+        return np.load(features, mmap_mode="r")
+    if isinstance(features, (np.ndarray, torch.Tensor)):
+        return features
+    raise TypeError(f"{name} must be a path, numpy array or torch tensor, got {type(features).__name__}")
+
+
+def _to_tensor(a) -> torch.Tensor:
+    """Tensor view of an array; read-only memory maps (which cannot back a tensor) are copied."""
+    if isinstance(a, torch.Tensor):
+        return a
+    return torch.from_numpy(np.ascontiguousarray(a) if a.flags.writeable else np.array(a))
+
+
+def _check_2d(name: str, a) -> None:
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(a.shape)}")
+    dtype = a.dtype
+    ok = dtype.is_floating_point if isinstance(a, torch.Tensor) else np.issubdtype(dtype, np.floating)
+    if not ok:
+        raise TypeError(f"{name} must be a floating-point array, got {dtype}")
+
+
+def _split_clusters(centroids: torch.Tensor, counts: np.ndarray, n: int, rng: np.random.Generator) -> int:
+    """FAISS's empty-cluster handling, in place on float64 centroids; returns the number split."""
+    k = len(counts)
+    nsplit = 0
+    sign = torch.ones(centroids.shape[1], dtype=centroids.dtype, device=centroids.device)
+    sign[1::2] = -1  # even coordinates grow in the new copy, odd ones shrink (and vice versa)
+    for ci in np.flatnonzero(counts == 0):
+        if counts[ci] != 0:  # pragma: no cover - cannot happen, kept for clarity
+            continue
+        # scan cj = 0, 1, ... (cyclically), stopping at cj with probability (counts[cj]-1)/(n-k)
+        p = (counts - 1.0) / float(max(n - k, 1))
+        while True:
+            hit = np.flatnonzero(rng.random(k) < p)
+            if len(hit):
+                cj = int(hit[0])
+                break
+        centroids[ci] = centroids[cj] * (1 + _SPLIT_EPS * sign)
+        centroids[cj] = centroids[cj] * (1 - _SPLIT_EPS * sign)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+        nsplit += 1
+    return nsplit
+
+
+def kmeans(features, k: int = 10000, n_iter: int = 20, seed: int = 0,
+           max_points_per_centroid: int = 256, progress: bool = True, *,
+           device: str | torch.device | None = None,
+           init_centroids=None, chunk: int = 65536) -> KMeansResult:
+    """Lloyd k-means with FAISS semantics (module docstring).
+
+    Args:
+        features: [N, D] float array, tensor, or path to a ``.npy`` (memory-mapped; only the
+            training sample is read into memory).
+        k: number of centroids (N ≥ k required).
+        n_iter: Lloyd iterations (each: assign, record objective, update, split).
+        seed: seeds the subsample, the initial centroids and the split draws.
+        max_points_per_centroid: subsample to k × this many points when N is larger (FAISS's
+            default 256; the full X-LXMERT vocabulary then trains on 2.56M points).
+        progress: tqdm bar over iterations showing the objective.
+        device: where to train; default the tensor's device, CPU for arrays and paths.
+        init_centroids: [k, D] starting centroids instead of the random draw.
+        chunk: rows per index_add_ step in the centroid update.
+
+    Returns:
+        :class:`KMeansResult`.
+    """
+    x = _load(features)
+    _check_2d("features", x)
+    n, d = x.shape
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if n < k:
+        raise ValueError(f"features has {n} points, fewer than k = {k}")
+    if n_iter < 0:
+        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    if max_points_per_centroid < 1:
+        raise ValueError("max_points_per_centroid must be >= 1")
+    if device is None:
+        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+
+    rng = np.random.default_rng(seed)
+    n_max = k * max_points_per_centroid
+    if n > n_max:
+        # sorted indices: a memory map is then read front to back
+        idx = np.sort(rng.choice(n, size=n_max, replace=False))
+        x = x[torch.from_numpy(idx)] if isinstance(x, torch.Tensor) else x[idx]
+        n = n_max
+    xt = _to_tensor(x)
+    xt = xt.to(device=device, dtype=torch.float32).contiguous()
+    if bool(torch.isnan(xt).any()):
+        raise ValueError("features contain NaN")
+
+    if init_centroids is None:
+        init = torch.from_numpy(rng.permutation(n)[:k]).to(device)
+        centroids = xt[init].clone()
+    else:
+        centroids = torch.as_tensor(np.asarray(init_centroids) if not isinstance(init_centroids, torch.Tensor)
+                                    else init_centroids).to(device, torch.float32).clone()
+        if tuple(centroids.shape) != (k, d):
+            raise ValueError(f"init_centroids must have shape [{k}, {d}], got {tuple(centroids.shape)}")
+
+    result = KMeansResult(centroids=centroids, n_train=n)
+    iters = range(n_iter)
+    if progress:
+        from tqdm.auto import tqdm
+        iters = tqdm(iters, desc=f"kmeans k={k}", unit="it")
+    for _ in iters:
+        ids, dist = nearest(xt, centroids, return_distance=True)
+        result.objective.append(float(dist.double().sum()))
+        # segment reduction: per-cluster sums (float64) and counts
+        sums = torch.zeros(k, d, dtype=torch.float64, device=device)
+        for r0 in range(0, n, chunk):
+            sums.index_add_(0, ids[r0:r0 + chunk], xt[r0:r0 + chunk].double())
+        counts = torch.bincount(ids, minlength=k)
+        new = sums / counts.clamp_min(1).double()[:, None]
+        counts_np = counts.cpu().numpy().astype(np.int64)
+        result.n_split.append(_split_clusters(new, counts_np, n, rng))
+        centroids = new.float()
+        if progress:
+            iters.set_postfix(obj=f"{result.objective[-1]:.6g}", split=result.n_split[-1])
+    result.centroids = centroids
+    return result
+
+
+def assign(path_or_array, centroids, *, chunk: int = 65536, device: str | torch.device | None = None,
+           return_distance: bool = False, progress: bool = True, precision: str = "ieee"):
+    """Nearest-centroid id of every row of a features array, chunk by chunk.
+
+    Args:
+        path_or_array: [N, D] ``.npy`` path (memory-mapped), numpy array / memmap or tensor.
+        centroids: [K, D] path, array or tensor.
+        chunk: rows read, converted to float32 and searched per step.
+        device: where to search (CUDA → the Triton kernel); default the centroids' device if a
+            tensor, else the CPU.
+        return_distance: also return squared distances.
+        progress: tqdm bar over chunks.
+        precision: "ieee" or "tf32" (float32 on CUDA only).
+
+    Returns:
+        int64 numpy ids [N] (and float32 distances [N]).
+    """
+    x = _load(path_or_array)
+    c = _load(centroids, "centroids")
+    _check_2d("features", x)
+    _check_2d("centroids", c)
+    if x.shape[1] != c.shape[1]:
+        raise ValueError(f"features have D = {x.shape[1]} but centroids have D = {c.shape[1]}")
+    if device is None:
+        device = c.device if isinstance(c, torch.Tensor) else torch.device("cpu")
+    ct = _to_tensor(c)
+    ct = ct.to(device=device, dtype=torch.float32).contiguous()
+    n = x.shape[0]
+    ids = np.empty(n, dtype=np.int64)
+    dist = np.empty(n, dtype=np.float32) if return_distance else None
+    starts = range(0, n, max(1, chunk))
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, total=(n + chunk - 1) // chunk, desc="assign", unit="chunk")
+    for r0 in starts:
+        xs = x[r0:r0 + chunk]
+        xs = _to_tensor(xs).to(device=device, dtype=torch.float32)
+        out = nearest(xs, ct, return_distance=return_distance, precision=precision)
+        if return_distance:
+            ids[r0:r0 + chunk] = out[0].cpu().numpy()
+            dist[r0:r0 + chunk] = out[1].cpu().numpy()
+        else:
+            ids[r0:r0 + chunk] = out.cpu().numpy()
+    return (ids, dist) if return_distance else ids
