@@ -35,6 +35,7 @@ during CUDA graph capture) and raises a ValueError naming h, weight or bias.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -271,6 +272,25 @@ def gumbel_noise(seeds: torch.Tensor, cols: torch.Tensor, step: int) -> torch.Te
     return -torch.log(-torch.log(u))
 
 
+# id(weight) -> (weakref, signature, fp32 copy): a half weight is widened once, not every step
+_WIDE_CACHE: dict[int, tuple] = {}
+
+
+def _widened(weight: torch.Tensor) -> torch.Tensor:
+    """fp32 copy of a half-precision weight, cached per tensor (checked against its data
+    pointer, shape, dtype and version counter; dropped when the tensor dies)."""
+    if weight.dtype == torch.float32:
+        return weight
+    key = id(weight)
+    sig = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), weight.dtype)
+    hit = _WIDE_CACHE.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == sig:
+        return hit[2]
+    wide = weight.float()
+    _WIDE_CACHE[key] = (weakref.ref(weight, lambda _r, k=key: _WIDE_CACHE.pop(k, None)), sig, wide)
+    return wide
+
+
 def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
                         temperature: float = 0.0, seeds: torch.Tensor | None = None, step: int = 0,
                         chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +300,7 @@ def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     torch.max returns the first maximal index, so ties go to the lowest class.
     """
     m = h.shape[0]
-    w = weight if weight.dtype == torch.float32 else weight.float()
+    w = _widened(weight)
     prob = torch.empty(m, dtype=torch.float32, device=h.device)
     ids = torch.empty(m, dtype=torch.int64, device=h.device)
     sample = temperature > 0
@@ -320,7 +340,7 @@ def _raise_nan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, prob: 
 
 def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   temperature: float = 0.0, seeds: torch.Tensor | None = None, step: int = 0,
-                  precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+                  precision: str = "ieee", check_nan: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(prob, id) of softmax(h·Wᵀ + b) per row, the logits never stored.
 
     Args:
@@ -333,13 +353,15 @@ def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         seeds: int64, h.shape[:-1] (or [M]) per-row seeds; required when temperature > 0.
         step: sampling step, part of the RNG counter (0 ≤ step < 2^31).
         precision: "ieee" or "tf32" for float32 inputs on CUDA (CPU is IEEE).
+        check_nan: look for NaN in the [M] output and raise (one small host sync on CUDA);
+            a hot loop that validates its inputs elsewhere may turn it off.
 
     Returns:
         prob float32 h.shape[:-1], ids int64 h.shape[:-1]. Ties go to the lowest class.
 
     Dispatch is explicit by device: CUDA → :func:`codebook_head_triton`, CPU →
     :func:`codebook_head_torch`. NaN in h, weight or bias raises ValueError (checked on the
-    [M] output, skipped while a CUDA graph is being captured).
+    [M] output unless ``check_nan`` is False; skipped while a CUDA graph is being captured).
     """
     for name, t in (("h", h), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
@@ -401,7 +423,7 @@ def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         prob, ids = codebook_head_torch(h2, weight, bias, temperature=temperature, seeds=seeds,
                                         step=step)
     capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
-    if m and not capturing and bool(torch.isnan(prob).any()):
+    if check_nan and m and not capturing and bool(torch.isnan(prob).any()):
         _raise_nan(h2, weight, bias, prob)
     return prob.reshape(lead), ids.reshape(lead)
 

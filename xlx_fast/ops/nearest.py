@@ -325,6 +325,8 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "iee
     scores = torch.empty(n, dtype=torch.float32, device=device)
     xnorm = torch.empty(n, dtype=torch.float32, device=device) if return_distance else None
 
+    # the CPU GEMM runs in fp32 (exact products, fp32 accumulation): widen a half codebook once
+    c_cpu = ct.float() if device.type == "cpu" else None
     starts = range(0, n, step)
     if progress:
         from tqdm.auto import tqdm
@@ -340,7 +342,7 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "iee
         if device.type == "cuda":
             i, s = nearest_triton(xs, ct, norms, precision=precision)
         else:
-            i, s = nearest_torch(xs, ct, norms, chunk=step)
+            i, s = nearest_torch(xs, c_cpu, norms, chunk=step)
         ids[r0:r0 + step] = i
         scores[r0:r0 + step] = s
         if return_distance:
