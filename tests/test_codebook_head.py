@@ -342,3 +342,11 @@ def test_check_nan_can_be_turned_off():
     a["h"][1, 0] = float("nan")
     prob, _ = codebook_head(a["h"], a["weight"], a["bias"], check_nan=False)
     assert torch.isnan(prob[1]) and not torch.isnan(prob[[0, 2, 3]]).any()
+
+
+def test_cpu_row_chunks_do_not_change_results():
+    h, w, b = make_head(129, 24, 500, torch.float32)
+    p1, i1 = codebook_head_torch(h, w, b)
+    p2, i2 = codebook_head_torch(h, w, b, chunk=50)
+    assert torch.equal(i1, i2) and torch.allclose(p1, p2, rtol=1e-6)
+    check(p2, i2, h, w, b)

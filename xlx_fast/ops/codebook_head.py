@@ -293,7 +293,7 @@ def _widened(weight: torch.Tensor) -> torch.Tensor:
 
 def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
                         temperature: float = 0.0, seeds: torch.Tensor | None = None, step: int = 0,
-                        chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                        chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU path, blocked over rows: per chunk one GEMM (addmm, fp32 accumulation; half inputs are
     widened, which is exact), then max / sum-exp / argmax over the classes. Scratch stays
     chunk × K floats. Same contract and same Gumbel bits as :func:`codebook_head_triton`;
@@ -310,13 +310,14 @@ def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         z = torch.addmm(bias, h[r0:r0 + chunk].float(), w.T)
         if sample:
             z.mul_(inv_temp)
-        zmax = z.max(1).values
-        s = torch.exp(z - zmax[:, None]).sum(1)
+        zmax, i = z.max(1)
         if sample:
             i = (z + gumbel_noise(seeds[r0:r0 + chunk], cols, step)).max(1).indices
             zi = z.gather(1, i[:, None])[:, 0]
         else:
-            zi, i = z.max(1)
+            zi = zmax
+        # in place: z becomes exp(z - max), then its row sums
+        s = z.sub_(zmax[:, None]).exp_().sum(1)
         prob[r0:r0 + chunk] = torch.exp(zi - zmax) / s
         ids[r0:r0 + chunk] = i
     return prob, ids

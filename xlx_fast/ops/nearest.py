@@ -8,10 +8,11 @@ Math. For a row x and centroids c_k (k < K)::
 The GPU path is one Triton kernel: each program owns BLOCK_N rows of x, walks the codebook in
 BLOCK_K tiles, computes the tile of dot products with ``tl.dot`` (fp32 accumulation), adds the
 precomputed centroid norms and folds the tile into a running (min, argmin) per row. It reads x
-once per codebook tile (from L2), the codebook once per row block, and writes 8 bytes per row
-(plus 4 with distances): never an N×K matrix. The CPU path does the same blocked: a GEMM
-(``torch.addmm``, threaded by torch) per chunk of rows, then ``min`` over the K scores, so memory
-stays O(chunk × K).
+once per codebook tile (from L2), the codebook once per row block, and writes 12 bytes per row
+(id, score): never an N×K matrix. One program per BLOCK_N rows: the kernel is built for large N
+(assignment of millions of features); for a few hundred rows most SMs idle. The CPU path does the
+same blocked: a GEMM (``torch.addmm``, threaded by torch) per chunk of rows, then ``min`` over the
+K scores, so memory stays O(chunk × K); half inputs are widened to fp32 first (exact).
 
 Tie-breaking (as FAISS ``IndexFlatL2`` with k=1): among equal scores the lowest index wins. In the
 kernel the argmin within a tile takes the lowest column whose score equals the tile minimum, and a
