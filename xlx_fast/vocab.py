@@ -97,7 +97,7 @@ def _split_clusters(centroids: torch.Tensor, counts: np.ndarray, n: int, rng: np
 def kmeans(features, k: int = 10000, n_iter: int = 20, seed: int = 0,
            max_points_per_centroid: int = 256, progress: bool = True, *,
            device: str | torch.device | None = None,
-           init_centroids=None, chunk: int = 65536) -> KMeansResult:
+           init_centroids=None, chunk: int = 65536, precision: str = "ieee") -> KMeansResult:
     """Lloyd k-means with FAISS semantics (module docstring).
 
     Args:
@@ -112,6 +112,7 @@ def kmeans(features, k: int = 10000, n_iter: int = 20, seed: int = 0,
         device: where to train; default the tensor's device, CPU for arrays and paths.
         init_centroids: [k, D] starting centroids instead of the random draw.
         chunk: rows per index_add_ step in the centroid update.
+        precision: "ieee" or "tf32" for the assignment GEMM on CUDA (see ``nearest``).
 
     Returns:
         :class:`KMeansResult`.
@@ -159,7 +160,7 @@ def kmeans(features, k: int = 10000, n_iter: int = 20, seed: int = 0,
         from tqdm.auto import tqdm
         iters = tqdm(iters, desc=f"kmeans k={k}", unit="it")
     for _ in iters:
-        ids, dist = nearest(xt, centroids, return_distance=True)
+        ids, dist = nearest(xt, centroids, return_distance=True, precision=precision)
         result.objective.append(float(dist.double().sum()))
         # segment reduction: per-cluster sums (float64) and counts
         sums = torch.zeros(k, d, dtype=torch.float64, device=device)
