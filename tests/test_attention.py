@@ -46,7 +46,7 @@ def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def make_inputs(B, H, d, Lq, Lk, dtype, *, fused, mask_kind, seed=0):
+def make_inputs(B, H, d, Lq, Lk, dtype, *, fused, mask_kind, seed=0, device="cpu"):
     """q, k, v (column slices of one fused projection output when ``fused``) and a mask with a
     different number of padded keys in every batch row (row 0 keeps all keys)."""
     g = torch.Generator().manual_seed(seed)
@@ -72,7 +72,8 @@ def make_inputs(B, H, d, Lq, Lk, dtype, *, fused, mask_kind, seed=0):
         mask = (1.0 - keep[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
     else:
         raise AssertionError(mask_kind)
-    return q, k, v, mask
+    q, k, v = (t.to(device) for t in (q, k, v))
+    return q, k, v, (None if mask is None else mask.to(device))
 
 
 # (B, H, d, Lq, Lk, fused QKV layout, mask kind): every listed length appears; odd B·H exercises
@@ -93,12 +94,12 @@ CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}d{}_{}x{}_{}_{}".format(
     *c[:5], "fused" if c[5] else "cross", c[6]))
-def test_triton_matches_eager_formula(case, dtype):
+def test_triton_matches_eager_formula(case, dtype, kernel_device):
     B, H, d, Lq, Lk, fused, mask_kind = case
-    q, k, v, mask = make_inputs(B, H, d, Lq, Lk, dtype, fused=fused, mask_kind=mask_kind)
+    q, k, v, mask = make_inputs(B, H, d, Lq, Lk, dtype, fused=fused, mask_kind=mask_kind, device=kernel_device)
     # Poisoned output, itself a column slice of a wider buffer: an unwritten element stays NaN and
     # a write outside the slice would turn the sentinel columns into numbers.
-    buf = torch.full((B, Lq, H * d + 8), float("nan"), dtype=dtype)
+    buf = torch.full((B, Lq, H * d + 8), float("nan"), dtype=dtype, device=kernel_device)
     out = buf[..., 4:4 + H * d]
     res = attention_triton(q, k, v, mask, num_heads=H, out=out)
     assert res is out
@@ -124,10 +125,11 @@ def test_sdpa_path_matches_eager_formula(case, dtype):
 
 @pytest.mark.parametrize("mask_kind", ["bool", "extended"])
 @pytest.mark.parametrize("backend", ["triton", "sdpa"])
-def test_fully_masked_row_averages_values(backend, mask_kind):
+def test_fully_masked_row_averages_values(backend, mask_kind, kernel_device):
     """A row with every key padded gets HF's answer, the mean of V over all keys, never NaN."""
-    q, k, v, _ = make_inputs(2, 2, 32, 5, 9, torch.float32, fused=False, mask_kind=None)
-    keep = torch.ones(2, 9, dtype=torch.bool)
+    device = kernel_device if backend == "triton" else "cpu"
+    q, k, v, _ = make_inputs(2, 2, 32, 5, 9, torch.float32, fused=False, mask_kind=None, device=device)
+    keep = torch.ones(2, 9, dtype=torch.bool, device=device)
     keep[1] = False
     mask = keep if mask_kind == "bool" else (1.0 - keep[:, None, None, :].float()) * FP32_MIN
     fn = attention_triton if backend == "triton" else attention_sdpa
@@ -137,25 +139,27 @@ def test_fully_masked_row_averages_values(backend, mask_kind):
     assert rel_err(out, ref) <= 1e-5
 
 
-def test_minus_inf_additive_mask_is_clamped():
-    q, k, v, _ = make_inputs(2, 1, 32, 3, 6, torch.float32, fused=False, mask_kind=None)
-    mask = torch.zeros(2, 1, 1, 6)
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_minus_inf_additive_mask_is_clamped(backend, kernel_device):
+    device = kernel_device if backend == "triton" else "cpu"
+    q, k, v, _ = make_inputs(2, 1, 32, 3, 6, torch.float32, fused=False, mask_kind=None, device=device)
+    mask = torch.zeros(2, 1, 1, 6, device=device)
     mask[0, ..., 4:] = float("-inf")
     mask[1] = float("-inf")
-    for fn in (attention_triton, attention_sdpa):
+    for fn in (attention_triton if backend == "triton" else attention_sdpa,):
         out = fn(q, k, v, mask, num_heads=1)
         assert not out.isnan().any()
         assert rel_err(out, reference(q, k, v, mask, 1)) <= 1e-5
 
 
-def test_every_autotune_config_is_correct(monkeypatch):
+def test_every_autotune_config_is_correct(kernel_device):
     """Each tile shape the GPU autotuner may pick gives the same answer (logic, not speed)."""
-    q, k, v, mask = make_inputs(3, 1, 32, 33, 70, torch.float32, fused=False, mask_kind="extended")
+    q, k, v, mask = make_inputs(3, 1, 32, 33, 70, torch.float32, fused=False, mask_kind="extended",
+                                device=kernel_device)
     ref = reference(q, k, v, mask, 1)
     for cfg in attn_mod._CONFIGS:
-        monkeypatch.setattr(attn_mod, "_INTERPRET_CONFIG", dict(cfg.kwargs))
-        out = torch.full((3, 33, 32), float("nan"))
-        attention_triton(q, k, v, mask, num_heads=1, out=out)
+        out = torch.full((3, 33, 32), float("nan"), device=kernel_device)
+        attn_mod._launch(q, k, v, mask, out, 1, 32, config=cfg)
         assert rel_err(out, ref) <= 1e-5, cfg
 
 
@@ -263,8 +267,8 @@ LXMERT_SHAPES = [(20, 20), (64, 64), (20, 64), (64, 20)]
 @pytest.mark.parametrize("lq,lk", LXMERT_SHAPES)
 def test_gpu_lxmert_shapes(B, lq, lk, dtype):
     H, d = 12, 64
-    q, k, v, mask = make_inputs(B, H, d, lq, lk, dtype, fused=lq == lk, mask_kind="extended", seed=B)
-    q, k, v, mask = (t.cuda() for t in (q, k, v, mask))
+    q, k, v, mask = make_inputs(B, H, d, lq, lk, dtype, fused=lq == lk, mask_kind="extended", seed=B,
+                                device="cuda")
     out = torch.full((B, lq, H * d), float("nan"), dtype=dtype, device="cuda")
     attention(q, k, v, mask, num_heads=H, out=out)  # CUDA dispatch -> Triton
     ref = reference(q, k, v, mask, H)
@@ -284,9 +288,7 @@ def test_gpu_lxmert_shapes(B, lq, lk, dtype):
 def test_gpu_odd_shapes(lq, lk, d, dtype):
     H = 4
     for mask_kind in ("bool", "int", "extended", None):
-        q, k, v, mask = make_inputs(3, H, d, lq, lk, dtype, fused=lq == lk, mask_kind=mask_kind)
-        q, k, v = q.cuda(), k.cuda(), v.cuda()
-        mask = None if mask is None else mask.cuda()
+        q, k, v, mask = make_inputs(3, H, d, lq, lk, dtype, fused=lq == lk, mask_kind=mask_kind, device="cuda")
         out = torch.full((3, lq, H * d), float("nan"), dtype=dtype, device="cuda")
         attention_triton(q, k, v, mask, num_heads=H, out=out)
         assert not out.isnan().any()
@@ -295,8 +297,7 @@ def test_gpu_odd_shapes(lq, lk, d, dtype):
 
 @pytest.mark.gpu
 def test_gpu_tf32_switch():
-    q, k, v, mask = make_inputs(8, 12, 64, 64, 64, torch.float32, fused=True, mask_kind="bool")
-    q, k, v, mask = (t.cuda() for t in (q, k, v, mask))
+    q, k, v, mask = make_inputs(8, 12, 64, 64, 64, torch.float32, fused=True, mask_kind="bool", device="cuda")
     ref = reference(q, k, v, mask, 12)
     prev = torch.get_float32_matmul_precision()
     try:

@@ -27,14 +27,15 @@ def tiny_config(**overrides):
     return LxmertConfig(**kw)
 
 
-def make_inputs(config, B=2, L=7, V=9, seed=1):
+def make_inputs(config, B=2, L=7, V=9, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, config.vocab_size, (B, L), generator=g)
     for b in range(1, B):
         ids[b, L - 2 * b:] = 0  # padded positions, a different number per row
-    return dict(input_ids=ids, attention_mask=ids > 0,
-                visual_feats=torch.randn(B, V, config.visual_feat_dim, generator=g),
-                visual_pos=torch.rand(B, V, config.visual_pos_dim, generator=g))
+    inputs = dict(input_ids=ids, attention_mask=ids > 0,
+                  visual_feats=torch.randn(B, V, config.visual_feat_dim, generator=g),
+                  visual_pos=torch.rand(B, V, config.visual_pos_dim, generator=g))
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def build(cls, config, seed=0):
@@ -113,19 +114,20 @@ def test_full_size_attention_calls_per_forward(full_model, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Whole model, tiny config: the Triton kernel under the interpreter
+# Whole model, tiny config: the Triton kernel (under the interpreter without a GPU)
 
-def test_tiny_model_triton_path_matches_plain(monkeypatch):
+def test_tiny_model_triton_path_matches_plain(monkeypatch, kernel_device):
     config = tiny_config()
-    model = build(LxmertModel, config)
-    inputs = make_inputs(config)
+    model = build(LxmertModel, config).to(kernel_device)
+    inputs = make_inputs(config, device=kernel_device)
     with torch.no_grad():
         ref = model(**inputs)
         xlx_fast.optimize(model)
         counter = CallCounter(monkeypatch)
         with force_backend("triton"):
             out = model(**inputs)
-        sdpa = model(**inputs)
+        with force_backend("sdpa"):
+            sdpa = model(**inputs)
     assert counter.calls == 2 * (config.l_layers + config.r_layers + 4 * config.x_layers)
     assert_outputs_close(out, ref)
     assert_outputs_close(sdpa, ref)
@@ -137,11 +139,11 @@ def test_force_backend_rejects_unknown_names():
             pass
 
 
-def test_tiny_model_with_visual_mask_and_triton(monkeypatch):
+def test_tiny_model_with_visual_mask_and_triton(kernel_device):
     config = tiny_config(l_layers=1, x_layers=1)
-    model = build(LxmertModel, config)
-    inputs = make_inputs(config)
-    vmask = torch.ones(2, 9, dtype=torch.long)
+    model = build(LxmertModel, config).to(kernel_device)
+    inputs = make_inputs(config, device=kernel_device)
+    vmask = torch.ones(2, 9, dtype=torch.long, device=kernel_device)
     vmask[1, 5:] = 0
     with torch.no_grad():
         ref = model(**inputs, visual_attention_mask=vmask)
@@ -151,15 +153,16 @@ def test_tiny_model_with_visual_mask_and_triton(monkeypatch):
     assert_outputs_close(out, ref)
 
 
-def test_bf16_model_close_to_float64():
+def test_bf16_model_close_to_float64(kernel_device):
     config = tiny_config(l_layers=1, x_layers=1)
-    model = build(LxmertModel, config)
-    inputs = make_inputs(config)
+    model = build(LxmertModel, config).to(kernel_device)
+    inputs = make_inputs(config, device=kernel_device)
     with torch.no_grad():
         ref = model.double()(**{k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
         model = xlx_fast.optimize(model.to(torch.bfloat16))
         bf16_inputs = {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}
-        out = model(**bf16_inputs)
+        with force_backend("sdpa"):
+            out = model(**bf16_inputs)
         with force_backend("triton"):
             out_triton = model(**bf16_inputs)
     assert_outputs_close(out, ref, tol=2e-2)
@@ -422,8 +425,8 @@ def test_cuda_model_without_triton_is_refused(monkeypatch):
 def test_gpu_full_size_model_matches_plain(dtype):
     config = LxmertConfig()
     model = build(LxmertModel, config).cuda().to(dtype)
-    inputs = {k: (v.to(dtype) if v.is_floating_point() else v).cuda()
-              for k, v in make_inputs(config, B=64, L=20, V=64).items()}
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v
+              for k, v in make_inputs(config, B=64, L=20, V=64, device="cuda").items()}
     with torch.no_grad():
         ref = model(**inputs)
         xlx_fast.optimize(model)

@@ -51,6 +51,7 @@ case; query tiles form grid axis 1, so ``Lq <= 65535·BLOCK_M``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -194,7 +195,7 @@ if triton is not None:
 
     # Under the interpreter (tests) there is nothing to tune: small tiles so that short test
     # lengths still span several query and key tiles, and two (b, h) pairs per program.
-    _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "ROWS": 2}
+    _INTERPRET_CONFIG = _config(16, 16, 2, 4, 1)
 
 
 def _check_inputs(q, k, v, key_padding_mask, num_heads, out):
@@ -270,14 +271,20 @@ def attention_triton(q, k, v, key_padding_mask=None, *, num_heads, out=None):
     B, Lq, Lk, H, head_dim = _check_inputs(q, k, v, key_padding_mask, num_heads, out)
     if triton is None:
         raise RuntimeError("attention_triton needs the 'triton' package (pip install xlx_fast[triton])")
-    interpret = _interpreting()
-    if q.device.type != "cuda" and not interpret:
+    if q.device.type != "cuda" and not _interpreting():
         raise ValueError(f"attention_triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
                          f"got q on {q.device}; use attention() to dispatch")
     if out is None:
         out = torch.empty(B, Lq, H * head_dim, device=q.device, dtype=q.dtype)
+    _launch(q, k, v, key_padding_mask, out, H, head_dim)
+    return out
 
-    mask = key_padding_mask
+
+def _launch(q, k, v, mask, out, num_heads, head_dim, config=None):
+    """Launches the kernel on validated arguments: autotuned on the GPU, ``_INTERPRET_CONFIG`` under
+    the interpreter, or the given ``triton.Config`` (tests run every tuning candidate this way)."""
+    B, Lq, _ = q.shape
+    Lk = k.shape[1]
     if mask is None:
         mask_kind, mask, stride_mb, stride_mn = _NO_MASK, q, 0, 0  # q: a dummy pointer, never read
     elif mask.dtype.is_floating_point:
@@ -287,12 +294,12 @@ def attention_triton(q, k, v, key_padding_mask=None, *, num_heads, out=None):
             mask = mask.view(torch.uint8)  # same bytes; Triton loads bytes more reliably than i1
         mask_kind, stride_mb, stride_mn = _KEEP_MASK, mask.stride(0), mask.stride(1)
 
-    if q.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        precision = "ieee"
+    else:  # tf32 for fp32 when torch allows it; fp16/bf16 operands ignore it (exact on tensor cores)
         precision = "tf32"
-    else:
-        precision = "ieee"  # fp16/bf16 operands are exact on the tensor cores whatever this says
 
-    BH = B * H
+    BH = B * num_heads
     args = (
         q, k, v, mask, out,
         q.stride(0), q.stride(1), q.stride(2),
@@ -300,22 +307,23 @@ def attention_triton(q, k, v, key_padding_mask=None, *, num_heads, out=None):
         v.stride(0), v.stride(1), v.stride(2),
         stride_mb, stride_mn,
         out.stride(0), out.stride(1), out.stride(2),
-        BH, H, Lq, Lk, _LOG2E / math.sqrt(head_dim),
+        BH, num_heads, Lq, Lk, _LOG2E / math.sqrt(head_dim),
         triton.next_power_of_2(BH),
     )
-    if interpret:
-        cfg = _INTERPRET_CONFIG
-        grid = (triton.cdiv(BH, cfg["ROWS"]), triton.cdiv(Lq, cfg["BLOCK_M"]))
-        _attn_fwd[grid](*args, MASK_KIND=mask_kind, HEAD_DIM=head_dim, INPUT_PRECISION=precision,
-                        UPCAST_DOT=q.dtype == torch.bfloat16, **cfg)
-    else:
-        def grid(meta):
-            return (triton.cdiv(BH, meta["ROWS"]), triton.cdiv(Lq, meta["BLOCK_M"]))
+    consts = dict(MASK_KIND=mask_kind, HEAD_DIM=head_dim, INPUT_PRECISION=precision,
+                  UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16)
 
-        with torch.cuda.device(q.device):
-            _attn_fwd_tuned[grid](*args, MASK_KIND=mask_kind, HEAD_DIM=head_dim, INPUT_PRECISION=precision,
-                                  UPCAST_DOT=False)
-    return out
+    def grid(meta):
+        return (triton.cdiv(BH, meta["ROWS"]), triton.cdiv(Lq, meta["BLOCK_M"]))
+
+    if config is None and _interpreting():
+        config = _INTERPRET_CONFIG
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        if config is None:
+            _attn_fwd_tuned[grid](*args, **consts)
+        else:
+            _attn_fwd[grid](*args, **consts, **config.kwargs,
+                            num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def attention_sdpa(q, k, v, key_padding_mask=None, *, num_heads, out=None):
