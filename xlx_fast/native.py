@@ -35,9 +35,8 @@ def load_error() -> str | None:
     return _LOAD_ERROR
 
 
-def build_info() -> dict:
-    """What ``_C`` was built with: cpu_kernels, cuda_kernels, cuda_archs ("80,90"), cuda_runtime,
-    cuda_runtime_linkage, compiler. All false/empty when ``_C`` is missing."""
+@functools.lru_cache(maxsize=None)
+def _build_info() -> dict:
     mod = load()
     if mod is None:
         return {"cpu_kernels": False, "cuda_kernels": False, "cuda_archs": "", "cuda_runtime": "",
@@ -45,12 +44,18 @@ def build_info() -> dict:
     return dict(mod.build_info())
 
 
+def build_info() -> dict:
+    """What ``_C`` was built with: cpu_kernels, cuda_kernels, cuda_archs ("80,90"), cuda_runtime,
+    cuda_runtime_linkage, compiler. All false/empty when ``_C`` is missing."""
+    return dict(_build_info())
+
+
 def has_cpu_kernels() -> bool:
-    return build_info()["cpu_kernels"]
+    return _build_info()["cpu_kernels"]
 
 
 def has_cuda_kernels() -> bool:
-    return build_info()["cuda_kernels"]
+    return _build_info()["cuda_kernels"]
 
 
 def cuda_device_count() -> tuple[int, str]:
@@ -121,6 +126,14 @@ def report() -> dict:
     b = build_info()
     archs = ", ".join(f"sm_{a}" for a in b["cuda_archs"].split(",") if a)
     n, reason = cuda_device_count() if b["cpu_kernels"] else (-1, f"_C unavailable ({load_error()})")
+    if not b["cuda_kernels"]:  # _C cannot ask the driver: count what torch sees instead
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                n, reason = torch.cuda.device_count(), "counted by torch (_C has no CUDA)"
+        except ImportError:
+            pass
     cupy_ok, cupy_why = cupy_status()
     triton_ok, triton_why = _triton_status()
     if b["cuda_kernels"]:

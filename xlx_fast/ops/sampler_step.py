@@ -24,8 +24,8 @@ projected ``visn_fc`` table in the fast form: the same op), fp32/fp16/bf16; ``ma
 different steps can share a batch; ``schedule()`` computes them from (strategy, steps, seed).
 
 Memory traffic (``sampler_step_bytes``): the gather reads 64·D·itemsize bytes per row (table
-rows or mask_row) and writes as many into ``out``; the per-cell state adds 64·(4+8+8+3) bytes
-read and 64·(8+2) written per row. It is bandwidth-bound; the CUDA kernel (csrc/sampler_kernel.cuh)
+rows or mask_row) and writes as many into ``out``; the per-cell state adds 64·22 bytes read
+(pred_prob, pred_id, ids, mask, visited) and 64·10 written (ids, mask, visited) per row. It is bandwidth-bound; the CUDA kernel (csrc/sampler_kernel.cuh)
 runs one 512-thread block per row and copies in 16-byte words when D·itemsize and the three base
 pointers allow (else 8/4/2/1), so B of at least about half the SM count is needed to saturate
 HBM; at B = 1 it is launch-latency-bound.
@@ -146,7 +146,7 @@ def sampler_step_bytes(batch: int, dim: int, dtype: torch.dtype) -> int:
     """Bytes one step must move: the gather (read + write of B·64·D elements) plus the state."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     gather = 2 * batch * CELLS * dim * itemsize
-    state = batch * CELLS * ((4 + 8 + 8 + 1 + 1 + 1) + (8 + 1 + 1)) + batch * 4 * 4
+    state = batch * CELLS * ((4 + 8 + 8 + 1 + 1) + (8 + 1 + 1)) + batch * 4 * 4
     return gather + state
 
 
