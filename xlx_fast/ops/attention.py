@@ -20,7 +20,8 @@ Mask semantics (``key_padding_mask``):
 
 Either way a masked key gets a huge finite negative bias, never ``-inf``: a row whose keys are all
 masked therefore gets the plain mean of ``V`` over all ``Lk`` keys, which is what HF's eager
-softmax gives, and never NaN. The Triton kernel reads the mask in place, in any of these dtypes
+softmax gives, and never NaN. (An fp16 extended mask holds only -65504: its fully masked rows
+get the softmax of the scores shifted by that constant, as the formula says.) The Triton kernel reads the mask in place, in any of these dtypes
 and with any strides, so HF's extended mask is never converted, neither per layer nor per forward.
 
 Backends (``attention`` dispatches on the device, explicitly):
@@ -29,6 +30,7 @@ Backends (``attention`` dispatches on the device, explicitly):
   base 2, fp32 accumulation). Without Triton installed this raises instead of falling back.
 - CPU tensors: ``attention_sdpa``, i.e. ``torch.nn.functional.scaled_dot_product_attention``
   with the mask turned into an fp32 additive ``[B, 1, 1, Lk]`` bias (B·Lk elements per call).
+  fp16 inputs are computed in fp32 there.
   The Triton kernel runs on the CPU only under ``TRITON_INTERPRET=1``, i.e. in tests.
 
 Precision. fp16/bf16 inputs: both products run on the tensor cores in the input dtype with fp32
@@ -47,7 +49,8 @@ number of (b, h) pairs rounded up to a power of two).
 Limits: head dim 32, 64 or 128; fp32, fp16, bf16 inputs (q, k, v of one dtype); any Lq, Lk >= 1;
 forward only (no autograd: ``xlx_fast.optimize`` keeps the eager path wherever a gradient is
 needed); the last dimension of q, k, v and out may have any stride, though stride 1 is the fast
-case; query tiles form grid axis 1, so ``Lq <= 65535·BLOCK_M``.
+case; query tiles form grid axis 1, so ``Lq <= 65535·BLOCK_M``. The first call per tuning key
+benchmarks the candidates: run one before capturing a CUDA graph.
 """
 from __future__ import annotations
 
