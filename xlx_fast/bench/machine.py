@@ -1,0 +1,103 @@
+"""What ran the benchmark: CPU and GPU names, library versions, xlx_fast's build and commit.
+
+Recorded in every results JSON so that a number can always be traced to a machine and a tree.
+Nothing here raises: a missing piece is reported as such ("not built", "not installed").
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def native_build() -> dict | str:
+    """``xlx_fast.native.build_info()`` when the native module was built, else "not built"."""
+    try:
+        from xlx_fast import native
+    except ImportError:
+        return "not built"
+    if native.load() is None:
+        return f"not built ({native.load_error()})"
+    return native.build_info()
+
+
+def git_commit() -> str | None:
+    """The source tree's commit (with ``-dirty`` if it has local changes), when run from a checkout."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form (letters, digits, '.', '_', '-')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "unknown"
+
+
+def info(device) -> dict:
+    """Everything the results JSON says about the machine."""
+    import xlx_fast
+
+    device = torch.device(device)
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device if device.type == "cuda" else 0)
+        gpu = {"name": props.name, "memory_gib": round(props.total_memory / 2 ** 30, 1),
+               "sm_count": props.multi_processor_count,
+               "capability": f"{props.major}.{props.minor}"}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": device_name(device),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "xlx_fast": xlx_fast.__version__,
+        "xlx_fast_commit": git_commit(),
+        "xlx_fast_native": native_build(),
+    }

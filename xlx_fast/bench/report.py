@@ -1,0 +1,199 @@
+"""Results out: the printed table, the JSON file, and the PNG plot drawn from the JSON.
+
+JSON schema (``SCHEMA``)::
+
+    {"schema": "xlx_fast.bench/1",
+     "machine":  {... xlx_fast.bench.machine.info() ...},
+     "ceilings": {"matmul_tflops": {"fp32": x, ...}, "copy_gbps": y, ...},
+     "settings": {"quick": bool, "ops": [...], "dtypes": [...], "size": "base"},
+     "complete": bool,             # false while the sweep is still running (written after each case)
+     "failures": [{"case": id, "error": text}, ...],
+     "rows": [row, ...]}           # row keys: ROW_KEYS (see harness.make_row)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+SCHEMA = "xlx_fast.bench/1"
+ROW_KEYS = (
+    "op", "shape", "dtype", "device", "torch", "triton", "backend", "kind", "reference_ms",
+    "fast_ms", "speedup", "agreement_metric", "max_error", "id_agreement", "agreement_limit",
+    "agreement_extra", "flops", "bytes", "bound", "tflops", "gbps", "ceiling_matmul_tflops",
+    "ceiling_copy_gbps", "pct_of_ceiling", "same_gemm_tflops", "pct_of_same_gemm", "note",
+)
+TOP_KEYS = ("schema", "machine", "ceilings", "settings", "complete", "failures", "rows")
+
+
+def document(machine: dict, ceilings: dict, settings: dict, rows: list, failures: list,
+             complete: bool) -> dict:
+    return {"schema": SCHEMA, "machine": machine, "ceilings": ceilings, "settings": settings,
+            "complete": complete, "failures": failures, "rows": rows}
+
+
+def validate(doc: dict) -> None:
+    """Raise ValueError if ``doc`` does not follow the schema (used by tests and the renderer)."""
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"not an xlx_fast benchmark document (schema {doc.get('schema')!r})")
+    missing = [k for k in TOP_KEYS if k not in doc]
+    if missing:
+        raise ValueError(f"benchmark document lacks {missing}")
+    for i, row in enumerate(doc["rows"]):
+        lacking = [k for k in ROW_KEYS if k not in row]
+        if lacking:
+            raise ValueError(f"row {i} ({row.get('op')}, {row.get('backend')}) lacks {lacking}")
+
+
+def write_json(doc: dict, path) -> Path:
+    """Write atomically (a half-written file never replaces a complete one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_clean(doc), f, indent=1, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _clean(value):
+    """Strict JSON: non-finite floats become strings ("inf", "nan"), unknown objects their str()."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def load(path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    validate(doc)
+    return doc
+
+
+# --------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------
+
+COLUMNS = ("op", "shape", "dtype", "backend", "ref ms", "fast ms", "speedup",
+           "max error / id agreement", "% of ceiling")
+
+
+def _ms(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def agreement_text(row: dict) -> str:
+    if row["agreement_metric"] == "id agree":
+        text = f"ids {row['id_agreement']:.2%}"
+    elif row["agreement_metric"] == "rel err":
+        text = f"err {row['max_error']:.1e}"
+    else:
+        return ""
+    for name, value in (row.get("agreement_extra") or {}).items():
+        if isinstance(value, (int, float)):
+            text += f"; {name} {value:.2%}" if "agree" in name else f"; {name} {value:.1e}"
+    return text
+
+
+def ceiling_text(row: dict) -> str:
+    """e.g. "41% mm" (of the matmul ceiling), "63% copy", plus the same-GEMM share when timed."""
+    parts = []
+    if row["pct_of_ceiling"] is not None:
+        parts.append(f"{row['pct_of_ceiling']:.0f}% {'mm' if row['bound'] == 'compute' else 'copy'}")
+    if row.get("pct_of_same_gemm") is not None:
+        parts.append(f"{row['pct_of_same_gemm']:.0f}% same-GEMM")
+    return ", ".join(parts)
+
+
+def table_cells(row: dict) -> list[str]:
+    if row["fast_ms"] is None:
+        fast, speedup = row["note"] or "n/a", ""
+    else:
+        fast, speedup = _ms(row["fast_ms"]), f"{row['speedup']:.2f}x"
+    return [row["op"], row["shape"], row["dtype"], row["backend"], _ms(row["reference_ms"]), fast,
+            speedup, agreement_text(row), ceiling_text(row)]
+
+
+def format_table(rows: list[dict], ceilings: dict | None = None) -> str:
+    """A plain-text table, one line per row; the ceilings it was measured against under it."""
+    cells = [list(COLUMNS)] + [table_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = []
+    for j, c in enumerate(cells):
+        lines.append("  ".join(s.ljust(w) for s, w in zip(c, widths)).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    if ceilings:
+        mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceilings["matmul_tflops"].items())
+        lines.append(f"ceilings (measured in this run): matmul {mm} "
+                     f"(n={ceilings['matmul_n']}, fp32 precision {ceilings['fp32_matmul_precision']}); "
+                     f"copy {ceilings['copy_gbps']:.1f} GB/s")
+    return "\n".join(lines)
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """The same table as Markdown (for the README)."""
+    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        out.append("| " + " | ".join(c.replace("|", "/") for c in table_cells(r)) + " |")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------------
+
+def plot(doc: dict, path) -> Path:
+    """Horizontal bars: speed-up over the reference of every backend row, grouped by op and
+    shape (log scale, a line at 1×). Rows without a time are listed with their reason."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = doc["rows"]
+    labels = [f"{r['op']} {r['shape']} {r['dtype']} · {r['backend']}" for r in rows]
+    values = [r["speedup"] if r["speedup"] else 0.0 for r in rows]
+    backends = sorted({r["backend"] for r in rows})
+    cmap = plt.get_cmap("tab10")
+    colors = {b: cmap(i % 10) for i, b in enumerate(backends)}
+
+    height = max(2.5, 0.28 * len(rows) + 1.5)
+    fig, ax = plt.subplots(figsize=(11, height))
+    ys = list(range(len(rows)))[::-1]
+    positive = [v for v in values if v > 0]
+    floor = min(positive + [1.0]) / 2
+    for y, r, v in zip(ys, rows, values):
+        if v > 0:
+            ax.barh(y, v, color=colors[r["backend"]], left=0)
+            ax.text(v, y, f" {v:.2f}x", va="center", fontsize=7)
+        else:
+            ax.text(floor, y, f" {r['note'] or 'n/a'}", va="center", fontsize=7, color="gray")
+    ax.set_yticks(ys)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlim(left=floor)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("speed-up over the eager reference (×, log scale)")
+    m = doc["machine"]
+    ax.set_title(f"xlx_fast {m.get('xlx_fast')} on {m.get('device_name')} — torch {m.get('torch')}, "
+                 f"triton {m.get('triton')}", fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[b]) for b in backends]
+    if handles:
+        ax.legend(handles, backends, fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,136 @@
+"""``xlx-fast bench``: reference vs xlx_fast, side by side, on this machine.
+
+Runs the case definitions of :mod:`xlx_fast.bench.cases` (the same ones ``pytest benchmarks/``
+runs), after measuring the device's matmul and copy ceilings, and writes under ``--out``:
+
+- ``<device>-<date>[-quick].json``: machine, ceilings, settings and one row per backend and case
+  (rewritten after every case, so an interrupted sweep still leaves its rows);
+- ``<device>-<date>[-quick].png``: speed-ups per op and shape, drawn from that JSON;
+
+then prints the table. Exits non-zero if any case failed (a fast path that disagrees with the
+reference or crashes): its error is printed and recorded under ``failures`` in the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+import traceback
+
+
+def _families():
+    from xlx_fast.bench.cases import FAMILIES
+
+    return list(FAMILIES)
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    families = _families()
+    p.add_argument("--quick", action="store_true",
+                   help="a short sweep (a few shapes per op; a few minutes on a 2-core CPU)")
+    p.add_argument("--ops", nargs="+", metavar="OP", default=None,
+                   help=f"op families to run (default: all): {', '.join(families)}; "
+                        "comma-separated lists work too")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where to run (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", nargs="+", metavar="DTYPE", default=["fp32", "bf16"],
+                   help="dtypes: fp32, bf16, fp16 (default: fp32 bf16)")
+    p.add_argument("--out", default="bench-results", metavar="DIR",
+                   help="directory for the JSON and PNG (default: ./bench-results)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    # Shrinks every case to the tiny model's dimensions: for tests of the benchmark machinery.
+    p.add_argument("--size", choices=["base", "tiny"], default="base", help=argparse.SUPPRESS)
+
+
+def _split(values) -> list[str]:
+    out = []
+    for v in values:
+        out.extend(x for x in v.split(",") if x)
+    return out
+
+
+def parse_selection(args):
+    """(device, dtypes, families) from the arguments, with clear errors."""
+    import torch
+
+    from xlx_fast.bench.harness import DTYPES
+
+    families = _families()
+    ops = _split(args.ops) if args.ops else families
+    unknown = [o for o in ops if o not in families]
+    if unknown:
+        raise SystemExit(f"error: unknown --ops {', '.join(unknown)}; choose from {', '.join(families)}")
+    names = _split(args.dtype)
+    bad = [d for d in names if d not in DTYPES]
+    if bad or not names:
+        raise SystemExit(f"error: unknown --dtype {', '.join(bad) or '(none)'}; choose from {', '.join(DTYPES)}")
+    # fp32 first: half-precision rows compare their ids with the fp32 reference's
+    names = sorted(dict.fromkeys(names), key=list(DTYPES).index)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device here")
+    return torch.device(device), tuple(DTYPES[n] for n in names), [f for f in families if f in ops]
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from xlx_fast.bench import cases as bench_cases
+    from xlx_fast.bench import ceilings as bench_ceilings
+    from xlx_fast.bench import harness, machine, report
+
+    device, dtypes, families = parse_selection(args)
+    spec = harness.Spec(device=device, dtypes=dtypes, quick=args.quick, size=args.size)
+    plan = harness.QUICK if args.quick else harness.FULL
+    started = time.perf_counter()
+
+    info = machine.info(device)
+    stem = f"{machine.slug(info['device_name'])}-{datetime.date.today().isoformat()}"
+    stem += "-quick" if args.quick else ""
+    if args.size != "base":
+        stem += f"-{args.size}"
+    out_dir = Path(args.out)
+    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    settings = {"quick": args.quick, "ops": families, "dtypes": [harness.DTYPE_NAMES[d] for d in dtypes],
+                "size": args.size, "device": device.type}
+
+    print(f"xlx-fast bench on {info['device_name']} ({device.type}); torch {info['torch']}, "
+          f"triton {info['triton']}, xlx_fast {info['xlx_fast']}", file=sys.stderr)
+    print("measuring ceilings (matmul, copy) ...", file=sys.stderr)
+    ceil = bench_ceilings.measure(device, dtypes, size=args.size, plan=plan)
+
+    todo = [(family, case) for family in families for case in bench_cases.cases(family, spec)]
+    rows, failures = [], []
+    bar = tqdm(todo, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True)
+    for i, (family, case) in enumerate(bar):
+        bar.set_postfix_str(case.id, refresh=True)
+        try:
+            rows.extend(harness.run_case(case, ceil, info, plan))
+        except Exception as e:  # recorded and printed loudly; the exit status says it failed
+            failures.append({"case": case.id, "error": f"{type(e).__name__}: {e}"})
+            tqdm.write(f"FAILED {case.id}: {type(e).__name__}: {e}", file=sys.stderr)
+            if not isinstance(e, harness.AgreementError):
+                tqdm.write(traceback.format_exc(), file=sys.stderr)
+        if i + 1 == len(todo) or todo[i + 1][0] != family:
+            bench_cases.release(family)  # e.g. the generation models: free them before the next family
+        harness.add_peer_comparison(rows)
+        report.write_json(report.document(info, ceil, settings, rows, failures, complete=False), json_path)
+    bar.close()
+
+    doc = report.document(info, ceil, settings, rows, failures, complete=True)
+    report.write_json(doc, json_path)
+    if not args.no_plot:
+        report.plot(doc, png_path)
+    print(report.format_table(rows, ceil))
+    elapsed = time.perf_counter() - started
+    print(f"\n{len(rows)} rows from {len(todo)} cases in {elapsed:.0f} s; JSON: {json_path}"
+          + ("" if args.no_plot else f"; plot: {png_path}"))
+    if failures:
+        print(f"\n{len(failures)} case(s) FAILED:", file=sys.stderr)
+        for f in failures:
+            print(f"  {f['case']}: {f['error']}", file=sys.stderr)
+        return 1
+    return 0
