@@ -151,7 +151,7 @@ class _Loop:
         self.seeds = (int(seed or 0) * 1_000_003 + rows[:, None] * N_CELLS + cells).contiguous()
         self.graph = None
 
-    def run(self):
+    def run(self, on_step=None):
         model, tables, state = self.model, self.tables, self.state
         reset_state(state, tables.mask_row)
         ext_mask = _extended_mask(model, self.attention_mask)
@@ -164,6 +164,8 @@ class _Loop:
                                           temperature=self.temperature, seeds=self.seeds, step=i)
             sampler_step(prob, pred_id, state, tables.table, tables.mask_row, self.strategy,
                          **self.per_step[i])
+            if on_step is not None:
+                on_step()
         self.probs.copy_(prob)
 
     def capture(self):
@@ -177,11 +179,16 @@ class _Loop:
         with torch.cuda.graph(self.graph):
             self.run()
 
-    def __call__(self, input_ids, attention_mask):
+    def __call__(self, input_ids, attention_mask, progress=False):
         self.input_ids.copy_(input_ids)
         self.attention_mask.copy_(attention_mask)
         if self.graph is not None:
-            self.graph.replay()
+            self.graph.replay()  # one unit: no per-step progress to show
+        elif progress:
+            from tqdm.auto import tqdm
+
+            with tqdm(total=self.steps, desc=f"xlx_fast {self.strategy}", unit="step") as bar:
+                self.run(on_step=bar.update)
         else:
             self.run()
         return self.state, self.masks, self.probs
@@ -219,8 +226,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             row, the cell and the step (not part of the reference).
         seed: fixes the random order (``random``) and the sampling noise; ``None`` means 0.
         cuda_graph: capture the loop as a CUDA graph (default: on for CUDA models).
-        progress: accepted for interface parity with ``reference.sample``; the fast loop runs as
-            one unit (one graph replay on CUDA), so there are no per-step updates to show.
+        progress: a progress bar over the steps of the eager loop (a graph replay runs as one
+            unit and shows none).
 
     Returns:
         :class:`~xlx_fast.reference.SampleResult` (ids, codes, probs, masks), fresh tensors.
@@ -243,7 +250,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     tables = prepare(model)
     loop = _loop(model, tables, input_ids.to(torch.int64), steps, strategy, seed, temperature,
                  cuda_graph)
-    state, masks, probs = loop(input_ids, attention_mask)
+    state, masks, probs = loop(input_ids, attention_mask, progress)
     check_status(state.status)
 
     ids = state.ids.clone()

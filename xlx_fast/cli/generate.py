@@ -17,7 +17,7 @@ def add_parser(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the random order and the generator noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--impl", default="reference", choices=["fast", "reference"],
+    p.add_argument("--impl", default="fast", choices=["fast", "reference"],
                    help="fast: xlx_fast.generate; reference: the eager authors' loop")
     p.add_argument("--checkpoint", help="X-LXMERT state dict (e.g. Epoch20_LXRT.pth)")
     p.add_argument("--centroids", help="cluster centroids .npy [10000, 2048]")

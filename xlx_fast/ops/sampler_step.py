@@ -51,13 +51,13 @@ the custom op ``torch.ops.xlx_fast.sampler_step`` (mutating ``mask``, ``visited`
 from __future__ import annotations
 
 import functools
-import random
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .. import native
+from ..reference.schedule import mask_counts, random_order, tlbr_order
 
 CELLS = 64
 # Strategy name -> code in csrc/sampler_rules.h (enum Strategy).
@@ -176,32 +176,15 @@ class Schedule:
         return out
 
 
-def mask_predict_count(step: int, steps: int) -> int:
-    """Cells Mask-Predict-K masks before step ``step``: ``int((K - i) / K * 64)`` (the authors'
-    float formula; step 0 masks all 64)."""
-    return int((steps - step) / steps * CELLS)
-
-
-def random_order(steps: int, seed: int) -> list:
-    """Cell decided at each step of the authors' seeded random order (K > 64 revisits cells):
-    shuffle range(64) with ``random.Random(seed)``; for K > 64 prepend range(K - 64) shuffled by
-    a fresh ``random.Random(seed)``; step i takes ``positions.pop() % 64`` (from the end)."""
-    positions = list(range(CELLS))
-    random.Random(seed).shuffle(positions)
-    if steps > CELLS:
-        extra = list(range(steps - CELLS))
-        random.Random(seed).shuffle(extra)
-        positions = extra + positions
-    return [positions.pop() % CELLS for _ in range(steps)]
-
-
 def schedule(strategy: str, steps: int, seed: Optional[int] = None) -> Schedule:
     """The sampler-step inputs of a K-step run, starting from ``init_state``.
 
-    mask_predict: step i writes the mask of step i+1, so ``count[i] = mask_predict_count(i+1, K)``
-    and ``count[K-1] = 0`` (the final output gathers every cell). tlbr: ``cell[i] = i`` (K <= 64).
-    random: ``cell[i] = order[i]``, ``next_cell[i] = order[i+1]`` (-1 at the last step), with
-    ``seed`` None meaning 0. confidence: nothing (K <= 64).
+    The rules themselves (counts, orders) are the reference's (``xlx_fast.reference.schedule``),
+    stated once; this only shifts them to what a step passes. mask_predict: step i writes the mask
+    of step i+1, so ``count[i] = mask_counts(K)[i+1]`` and ``count[K-1] = 0`` (the final output
+    gathers every cell). tlbr: ``cell[i] = i`` (K <= 64). random: ``cell[i] = order[i]``,
+    ``next_cell[i] = order[i+1]`` (-1 at the last step), with ``seed`` None meaning 0.
+    confidence: nothing (K <= 64).
     """
     name = strategy if isinstance(strategy, str) else None
     if name not in STRATEGIES:
@@ -211,12 +194,11 @@ def schedule(strategy: str, steps: int, seed: Optional[int] = None) -> Schedule:
     if name in ("tlbr", "confidence") and steps > CELLS:
         raise ValueError(f"steps must be <= {CELLS} for strategy {name!r} (one cell per step), got {steps}")
     if name == "mask_predict":
-        counts = [mask_predict_count(i + 1, steps) for i in range(steps - 1)] + [0]
-        return Schedule(name, steps, counts, None, None)
+        return Schedule(name, steps, mask_counts(steps, CELLS)[1:] + [0], None, None)
     if name == "tlbr":
-        return Schedule(name, steps, None, list(range(steps)), None)
+        return Schedule(name, steps, None, tlbr_order(steps, CELLS), None)
     if name == "random":
-        order = random_order(steps, 0 if seed is None else seed)
+        order = random_order(steps, 0 if seed is None else seed, CELLS)
         return Schedule(name, steps, None, order, order[1:] + [-1])
     return Schedule(name, steps, None, None, None)
 
