@@ -221,15 +221,19 @@ def ids_agree(ids: torch.Tensor, ref_ids: torch.Tensor, min_share: float = 1.0,
     return Agreement("id agree", share, min_share, ok, detail)
 
 
-def check(case: Case, prepared: Prepared) -> tuple[Any, dict]:
+def check(case: Case, prepared: Prepared, seconds: dict | None = None) -> tuple[Any, dict]:
     """Run the reference and every backend once; compare. Returns (reference output,
-    {name: Agreement or NotAvailable}).
+    {name: Agreement or NotAvailable}). ``seconds``, if given, receives each call's duration
+    (under "reference" and the backend names), e.g. to size later timing loops.
 
     Raises AgreementError naming the backend if a FAST backend disagrees (or crashes: a fast path
     that exists must work). A PEER that raises is recorded as NotAvailable with the error.
     """
+    seconds = {} if seconds is None else seconds
+    t0 = time.perf_counter()
     ref = prepared.reference()
     _sync(case.device)
+    seconds["reference"] = time.perf_counter() - t0
     results = {}
     for name, kind in case.backends.items():
         fn = prepared.backends[name]
@@ -237,8 +241,10 @@ def check(case: Case, prepared: Prepared) -> tuple[Any, dict]:
             results[name] = fn
             continue
         try:
+            t0 = time.perf_counter()
             out = fn()
             _sync(case.device)
+            seconds[name] = time.perf_counter() - t0
         except Exception as e:
             if kind == FAST:
                 raise
@@ -277,6 +283,8 @@ class TimingPlan:
 
 QUICK = TimingPlan(min_reps=2, max_reps=20, budget_s=0.5, gpu_warmup_ms=10, gpu_rep_ms=40)
 FULL = TimingPlan(min_reps=3, max_reps=100, budget_s=3.0, gpu_warmup_ms=25, gpu_rep_ms=100)
+# For the tiny dimensions that only exercise the machinery (tests): the fewest calls that time.
+SMOKE = TimingPlan(min_reps=1, max_reps=2, budget_s=0.01, gpu_warmup_ms=2, gpu_rep_ms=5)
 
 
 def time_ms(fn: Callable[[], Any], device: torch.device, plan: TimingPlan = FULL) -> float:

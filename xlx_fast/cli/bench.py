@@ -36,8 +36,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="where to run (default: cuda when available, else cpu)")
     p.add_argument("--dtype", nargs="+", metavar="DTYPE", default=["fp32", "bf16"],
                    help="dtypes: fp32, bf16, fp16 (default: fp32 bf16)")
-    p.add_argument("--out", default="bench-results", metavar="DIR",
-                   help="directory for the JSON and PNG (default: ./bench-results)")
+    p.add_argument("--out", default="bench-out", metavar="DIR",
+                   help="directory for the JSON and PNG (default: ./bench-out)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     # Shrinks every case to the tiny model's dimensions: for tests of the benchmark machinery.
     p.add_argument("--size", choices=["base", "tiny"], default="base", help=argparse.SUPPRESS)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     device, dtypes, families = parse_selection(args)
     spec = harness.Spec(device=device, dtypes=dtypes, quick=args.quick, size=args.size)
-    plan = harness.QUICK if args.quick else harness.FULL
+    plan = harness.SMOKE if args.size == "tiny" else harness.QUICK if args.quick else harness.FULL
     started = time.perf_counter()
 
     info = machine.info(device)

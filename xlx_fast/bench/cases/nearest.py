@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..harness import FAST, PEER, Case, Prepared, Spec, fast_module, ids_agree, not_implemented
+from ..harness import (DTYPE_NAMES, FAST, PEER, Case, NotAvailable, Prepared, Spec, fast_module,
+                       ids_agree, not_implemented)
 
 CLUSTERS, DIM = 10_000, 2048
 NOISE = 0.1
@@ -73,16 +74,10 @@ def make_case(spec: Spec, dtype: torch.dtype, n: int) -> Case:
 
 
 def _unsupported(dtype):
-    from ..harness import NotAvailable
-
-    from ..harness import DTYPE_NAMES
-
     return NotAvailable(f"n/a — FAISS takes fp32 only, not {DTYPE_NAMES.get(dtype, dtype)}")
 
 
 def _faiss(x: torch.Tensor, c: torch.Tensor):
-    from ..harness import NotAvailable
-
     try:
         import faiss
     except ImportError:

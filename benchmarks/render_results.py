@@ -1,0 +1,118 @@
+"""Render the latest committed benchmark JSON into README.md's results section.
+
+The README never carries hand-typed numbers: its table lives between the two marker comments
+below and is rewritten from ``benchmarks/results/*.json`` (the newest by the run's date) by
+
+    python benchmarks/render_results.py            # rewrite README.md
+    python benchmarks/render_results.py --check    # exit 1 if README.md is out of date
+
+"Committed" means tracked by git when run in a checkout (an uncommitted JSON lying in the
+folder is ignored, so the README matches what a clone holds); outside a checkout every JSON in
+the folder counts.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN = "<!-- bench-results:begin (written by benchmarks/render_results.py; do not edit by hand) -->"
+END = "<!-- bench-results:end -->"
+
+
+def result_files(results_dir: Path) -> list[Path]:
+    """The JSON files under ``results_dir``: git-tracked ones in a checkout, else all."""
+    files = sorted(results_dir.glob("*.json"))
+    try:
+        out = subprocess.run(["git", "-C", str(results_dir), "ls-files", "--", "."],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return files
+    if out.returncode != 0:  # not a checkout
+        return files
+    tracked = {Path(line).name for line in out.stdout.splitlines()}
+    return [f for f in files if f.name in tracked]
+
+
+def latest(results_dir: Path):
+    """(path, document) of the newest valid results file, or (None, None)."""
+    from xlx_fast.bench import report
+
+    docs = []
+    for path in result_files(results_dir):
+        try:
+            doc = report.load(path)
+        except (ValueError, OSError) as e:
+            print(f"skipping {path}: {e}", file=sys.stderr)
+            continue
+        docs.append((doc["machine"].get("date", ""), path.name, path, doc))
+    if not docs:
+        return None, None
+    _, _, path, doc = max(docs)
+    return path, doc
+
+
+def render(path: Path | None, doc: dict | None, root: Path = ROOT) -> str:
+    """The Markdown between the markers."""
+    from xlx_fast.bench import report
+
+    if doc is None:
+        return ("No results are committed yet. A GPU run of `benchmarks/gpu_check.sh` (or "
+                "`xlx-fast bench --out benchmarks/results`) writes one; commit its JSON and run "
+                "`python benchmarks/render_results.py`.")
+    m, c = doc["machine"], doc["ceilings"]
+    try:
+        shown = path.relative_to(root)
+    except ValueError:
+        shown = path.name
+    sweep = "quick" if doc["settings"].get("quick") else "full"
+    ceilings = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in c["matmul_tflops"].items())
+    lines = [
+        f"From `{shown}`: {m['device_name']} ({m['device']}), {m['date']}, {sweep} sweep; "
+        f"torch {m['torch']}, triton {m['triton']}, xlx_fast {m['xlx_fast']}"
+        + (f" at `{m['xlx_fast_commit']}`" if m.get("xlx_fast_commit") else "") + ".",
+        f"Ceilings measured in the same run: matmul {ceilings}; copy {c['copy_gbps']:.1f} GB/s.",
+        "",
+        report.format_markdown(doc["rows"]),
+    ]
+    if not doc.get("complete", True):
+        lines += ["", "(The sweep did not finish: these are the cases that completed.)"]
+    if doc.get("failures"):
+        lines += ["", "Failed cases: " + "; ".join(f"`{f['case']}` ({f['error']})" for f in doc["failures"])]
+    return "\n".join(lines)
+
+
+def splice(readme: str, body: str) -> str:
+    """``readme`` with the text between the markers replaced by ``body``."""
+    if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
+        raise ValueError("README must hold exactly one results section between the markers:\n"
+                         f"  {BEGIN}\n  {END}")
+    head, rest = readme.split(BEGIN)
+    _, tail = rest.split(END)
+    return f"{head}{BEGIN}\n{body}\n{END}{tail}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
+    args = p.parse_args(argv)
+    path, doc = latest(args.results)
+    old = args.readme.read_text(encoding="utf-8")
+    new = splice(old, render(path, doc, args.readme.resolve().parent))
+    if args.check:
+        if new != old:
+            print(f"{args.readme} is out of date: run python benchmarks/render_results.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != old:
+        args.readme.write_text(new, encoding="utf-8")
+    print(f"{args.readme}: results from {path if path else '(none committed)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

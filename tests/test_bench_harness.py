@@ -1,0 +1,227 @@
+"""The benchmark machinery itself: agreement checks, rows, JSON schema, ceilings, the CLI.
+
+Nothing here asserts on a timing: the CPU is shared and noisy. What matters is that a fast path
+that disagrees fails loudly, that a missing one is reported as missing, and that a run writes a
+valid JSON and a PNG.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from xlx_fast.bench import ceilings, harness, machine, report
+from xlx_fast.bench import cases as bench_cases
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+MACHINE = {"device_name": "test-cpu", "torch": torch.__version__, "triton": "x"}
+CEILINGS = {"matmul_tflops": {"fp32": 1.0}, "copy_gbps": 10.0, "matmul_n": 8, "copy_bytes": 8,
+            "fp32_matmul_precision": "highest"}
+
+
+def toy_case(backends: dict, kinds: dict | None = None, ids: bool = False) -> harness.Case:
+    """reference: 2·x (or its argmax ids); backends given as name -> callable or NotAvailable."""
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    kinds = kinds or {name: harness.FAST for name in backends}
+
+    def build():
+        if ids:
+            return harness.Prepared(reference=lambda: (2 * x).argmax(1),
+                                    backends={k: (v if isinstance(v, harness.NotAvailable) else (lambda v=v: v(x)))
+                                              for k, v in backends.items()},
+                                    compare=lambda ref, out, _n: harness.ids_agree(out, ref))
+        return harness.Prepared(reference=lambda: 2 * x,
+                                backends={k: (v if isinstance(v, harness.NotAvailable) else (lambda v=v: v(x)))
+                                          for k, v in backends.items()},
+                                compare=lambda ref, out, _n: harness.close(out, ref, torch.float32))
+
+    return harness.Case(op="toy", shape="64x16", dtype=torch.float32, device=CPU, backends=kinds,
+                        build=build, flops=2.0 * 64 * 16, bound="compute")
+
+
+def test_agreeing_fast_path_passes_and_gets_a_row():
+    case = toy_case({"good": lambda x: x + x})
+    rows = harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["backend"] == "good" and row["kind"] == "fast"
+    assert row["fast_ms"] > 0 and row["reference_ms"] > 0 and row["speedup"] > 0
+    assert row["max_error"] == 0.0 and row["agreement_metric"] == "rel err"
+    assert row["pct_of_ceiling"] is not None
+
+
+def test_wrong_fast_path_fails_loudly():
+    case = toy_case({"good": lambda x: x + x, "bad": lambda x: 2 * x + 1e-3})
+    with pytest.raises(harness.AgreementError, match="'bad' disagrees"):
+        harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE)
+
+
+def test_wrong_ids_fail_loudly():
+    case = toy_case({"bad": lambda x: (2 * x).argmin(1)}, ids=True)
+    with pytest.raises(harness.AgreementError, match="id agree"):
+        harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE)
+
+
+def test_ids_must_be_equal_where_decided():
+    ref = torch.tensor([1, 2, 3, 4])
+    out = torch.tensor([1, 2, 3, 5])
+    assert not harness.ids_agree(out, ref, min_share=0.5, decided=torch.tensor([0, 0, 0, 1], dtype=torch.bool)).ok
+    assert harness.ids_agree(out, ref, min_share=0.5, decided=torch.tensor([1, 1, 1, 0], dtype=torch.bool)).ok
+
+
+def test_crashing_fast_path_raises_but_crashing_peer_is_reported():
+    def boom(x):
+        raise RuntimeError("kernel exploded")
+
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        harness.run_case(toy_case({"fast": boom}), CEILINGS, MACHINE, harness.SMOKE)
+    rows = harness.run_case(toy_case({"fast": lambda x: x * 2, "peer": boom},
+                                     {"fast": harness.FAST, "peer": harness.PEER}),
+                            CEILINGS, MACHINE, harness.SMOKE)
+    peer = [r for r in rows if r["backend"] == "peer"][0]
+    assert peer["fast_ms"] is None and "kernel exploded" in peer["note"]
+
+
+def test_missing_fast_path_is_a_row_that_says_so():
+    case = toy_case({"xlx_fast": harness.not_implemented("xlx_fast/ops/toy.py")})
+    (row,) = harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE)
+    assert row["fast_ms"] is None and row["speedup"] is None
+    assert row["note"].startswith("n/a — not implemented")
+    assert "n/a — not implemented" in report.format_table([row])
+
+
+def test_fast_module_missing_is_none_but_broken_raises(tmp_path, monkeypatch):
+    pkg = tmp_path / "benchpkg_for_tests"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "broken.py").write_text("raise ImportError('a dependency is missing')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert harness.fast_module("benchpkg_for_tests.not_there") is None
+    assert harness.fast_module("no_such_top_level_package.x") is None
+    with pytest.raises(ImportError, match="dependency is missing"):
+        harness.fast_module("benchpkg_for_tests.broken")
+
+
+def test_ceilings_present_and_positive():
+    c = ceilings.measure(CPU, (torch.float32, torch.bfloat16), size="tiny", plan=harness.SMOKE)
+    assert set(c["matmul_tflops"]) == {"fp32", "bf16"}
+    assert all(v > 0 for v in c["matmul_tflops"].values())
+    assert c["copy_gbps"] > 0 and c["matmul_n"] > 0 and c["copy_bytes"] > 0
+
+
+def test_machine_info_names_versions_and_build():
+    info = machine.info(CPU)
+    for key in ("cpu", "device_name", "torch", "triton", "xlx_fast", "xlx_fast_native", "date"):
+        assert info[key], key
+    assert machine.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_json_schema_round_trip(tmp_path):
+    rows = harness.run_case(toy_case({"good": lambda x: x + x}), CEILINGS, MACHINE, harness.SMOKE)
+    rows += harness.run_case(toy_case({"xlx_fast": harness.not_implemented("toy")}), CEILINGS, MACHINE,
+                             harness.SMOKE)
+    doc = report.document(machine.info(CPU), CEILINGS, {"quick": True}, harness.add_peer_comparison(rows),
+                          [], complete=True)
+    path = report.write_json(doc, tmp_path / "r.json")
+    raw = json.loads(path.read_text())  # strict JSON
+    assert raw["schema"] == report.SCHEMA
+    loaded = report.load(path)
+    assert len(loaded["rows"]) == 2
+    for row in loaded["rows"]:
+        assert set(report.ROW_KEYS) <= set(row)
+    broken = dict(raw, rows=[{k: v for k, v in raw["rows"][0].items() if k != "speedup"}])
+    with pytest.raises(ValueError, match="speedup"):
+        report.validate(broken)
+    report.plot(loaded, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_case_families_enumerate_without_building():
+    spec = harness.Spec(device=CPU, dtypes=(torch.float32, torch.bfloat16), quick=True)
+    for family in bench_cases.FAMILIES:
+        found = bench_cases.cases(family, spec)
+        assert found, family
+        assert all(isinstance(c, harness.Case) and c.backends for c in found)
+    with pytest.raises(ValueError, match="unknown op family"):
+        bench_cases.cases("softmax", spec)
+
+
+@pytest.mark.parametrize("family", ["attention", "nearest", "codebook_head", "sampler"])
+def test_op_cases_agree_at_tiny_size(family):
+    spec = harness.Spec(device=CPU, dtypes=(torch.float32, torch.bfloat16), quick=True, size="tiny")
+    for case in bench_cases.cases(family, spec)[:2]:
+        rows = harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE)
+        assert {r["backend"] for r in rows} == set(case.backends)
+
+
+def test_generation_case_at_tiny_size():
+    spec = harness.Spec(device=CPU, dtypes=(torch.float32, torch.bfloat16), quick=True, size="tiny")
+    try:
+        found = bench_cases.cases("generation", spec)
+        for case in (found[0], found[1]):  # B=1 fp32, then bf16 (compared with the fp32 ids too)
+            (row,) = harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE)
+            assert row["id_agreement"] is not None or row["note"].startswith("n/a")
+        assert "fp32-ref agree" in row["agreement_extra"] or row["note"]
+    finally:
+        bench_cases.release("generation")
+
+
+def test_cli_quick_tiny_writes_json_and_png(tmp_path, capsys):
+    from xlx_fast.cli import main
+
+    rc = main(["bench", "--quick", "--size", "tiny", "--ops", "attention,sampler", "--dtype", "fp32",
+               "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    (json_path,) = tmp_path.glob("*.json")
+    assert json_path.with_suffix(".png").exists()
+    doc = report.load(json_path)
+    assert doc["complete"] and not doc["failures"]
+    assert {r["op"] for r in doc["rows"]} == {"attention", "sampler_step"}
+    assert doc["settings"]["ops"] == ["attention", "sampler"]
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "attention" in printed
+
+
+def test_cli_rejects_bad_arguments():
+    from xlx_fast.cli import main
+
+    with pytest.raises(SystemExit, match="unknown --ops softmax"):
+        main(["bench", "--ops", "softmax"])
+    with pytest.raises(SystemExit, match="unknown --dtype fp64"):
+        main(["bench", "--dtype", "fp64"])
+
+
+def _render_module():
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "benchmarks" / "render_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_render_results_fills_the_readme_between_markers(tmp_path):
+    render = _render_module()
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = harness.run_case(toy_case({"good": lambda x: x + x}), CEILINGS, MACHINE, harness.SMOKE)
+    report.write_json(report.document(machine.info(CPU), CEILINGS, {"quick": True}, rows, [], True),
+                      results / "test-cpu-2000-01-01.json")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n\n{render.BEGIN}\nold\n{render.END}\n\nafter\n")
+    assert render.main(["--readme", str(readme), "--results", str(results)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "before" in text and "after" in text
+    assert "| toy | 64x16 | fp32 | good |" in text
+    assert render.main(["--readme", str(readme), "--results", str(results), "--check"]) == 0
+    readme.write_text("no markers here\n")
+    with pytest.raises(ValueError, match="markers"):
+        render.main(["--readme", str(readme), "--results", str(results)])
+
+
+def test_committed_readme_is_rendered_from_committed_results():
+    render = _render_module()
+    assert render.main(["--check"]) == 0, "run: python benchmarks/render_results.py"
