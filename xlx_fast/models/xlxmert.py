@@ -113,6 +113,11 @@ class XLxmertForImageGeneration(nn.Module):
                                             generator=gen))
             model.mask_feat.normal_(generator=gen)
             model.obj_predict_head.out_cluster.bias.normal_(0, 0.02, generator=gen)
+            # HF's 0.02 here gives logits with a spread of ~25 against 2048-d unit centroids, so
+            # every cell's max probability saturates at 1.0 and cells tie; Mask-Predict's choice
+            # of cells would then hang on float rounding. 0.004 spreads the probabilities over
+            # (0, 1), as a trained model's are.
+            model.obj_predict_head.linear_feat.weight.normal_(0, 0.004, generator=gen)
         if model.generator is not None:
             model.generator.reset_parameters(gen)
         return model.eval()

@@ -272,6 +272,8 @@ def gumbel_noise(seeds: torch.Tensor, cols: torch.Tensor, step: int) -> torch.Te
     return -torch.log(-torch.log(u))
 
 
+_EXP_FLOOR = -80.0
+
 # id(weight) -> (weakref, signature, fp32 copy): a half weight is widened once, not every step
 _WIDE_CACHE: dict[int, tuple] = {}
 
@@ -316,8 +318,11 @@ def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             zi = z.gather(1, i[:, None])[:, 0]
         else:
             zi = zmax
-        # in place: z becomes exp(z - max), then its row sums
-        s = z.sub_(zmax[:, None]).exp_().sum(1)
+        # in place: z becomes exp(z - max), then its row sums. Terms below e^-80 are raised to
+        # e^-80 so exp never produces subnormals (a 10-40x slowdown on x86 for sharp logits);
+        # 10^4 such terms add < 2e-31 to a sum >= 1, far below fp32's last bit: the result is
+        # unchanged.
+        s = z.sub_(zmax[:, None]).clamp_(min=_EXP_FLOOR).exp_().sum(1)
         prob[r0:r0 + chunk] = torch.exp(zi - zmax) / s
         ids[r0:r0 + chunk] = i
     return prob, ids
