@@ -87,6 +87,15 @@ def test_crashing_fast_path_raises_but_crashing_peer_is_reported():
     assert peer["fast_ms"] is None and "kernel exploded" in peer["note"]
 
 
+def test_inexact_peer_is_timed_and_flagged_not_raised():
+    rows = harness.run_case(toy_case({"fast": lambda x: x * 2, "peer": lambda x: 2 * x + 1e-3},
+                                     {"fast": harness.FAST, "peer": harness.PEER}),
+                            CEILINGS, MACHINE, harness.SMOKE)
+    peer = [r for r in rows if r["backend"] == "peer"][0]
+    assert peer["fast_ms"] is not None and "outside the bound" in peer["note"]
+    assert "OUTSIDE BOUND" in report.format_table(rows)
+
+
 def test_missing_fast_path_is_a_row_that_says_so():
     case = toy_case({"xlx_fast": harness.not_implemented("xlx_fast/ops/toy.py")})
     (row,) = harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE)
@@ -125,7 +134,7 @@ def test_json_schema_round_trip(tmp_path):
     rows = harness.run_case(toy_case({"good": lambda x: x + x}), CEILINGS, MACHINE, harness.SMOKE)
     rows += harness.run_case(toy_case({"xlx_fast": harness.not_implemented("toy")}), CEILINGS, MACHINE,
                              harness.SMOKE)
-    doc = report.document(machine.info(CPU), CEILINGS, {"quick": True}, harness.add_peer_comparison(rows),
+    doc = report.document(machine.info(CPU), CEILINGS, {"quick": True}, harness.add_comparisons(rows),
                           [], complete=True)
     path = report.write_json(doc, tmp_path / "r.json")
     raw = json.loads(path.read_text())  # strict JSON

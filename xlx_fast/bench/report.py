@@ -99,6 +99,8 @@ def agreement_text(row: dict) -> str:
         text = f"err {row['max_error']:.1e}"
     else:
         return ""
+    if row["note"]:  # e.g. a peer outside the bound
+        text += " (OUTSIDE BOUND)"
     for name, value in (row.get("agreement_extra") or {}).items():
         if isinstance(value, (int, float)):
             text += f"; {name} {value:.2%}" if "agree" in name else f"; {name} {value:.1e}"
@@ -120,6 +122,10 @@ def table_cells(row: dict) -> list[str]:
         fast, speedup = row["note"] or "n/a", ""
     else:
         fast, speedup = _ms(row["fast_ms"]), f"{row['speedup']:.2f}x"
+        if row.get("speedup_vs_fp32_reference"):
+            speedup += f" ({row['speedup_vs_fp32_reference']:.2f}x vs fp32 ref)"
+        if row.get("speedup_vs_best_peer"):
+            speedup += f" ({row['speedup_vs_best_peer']:.2f}x vs {row['best_peer']})"
     return [row["op"], row["shape"], row["dtype"], row["backend"], _ms(row["reference_ms"]), fast,
             speedup, agreement_text(row), ceiling_text(row)]
 

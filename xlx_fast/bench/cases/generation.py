@@ -32,12 +32,13 @@ CAPTIONS = (
 )
 # Minimum share of ids equal to the same-dtype reference (see the module docstring).
 # A half-precision row also passes when it is no further from the fp32 reference's ids than the
-# same-dtype reference itself is (half references drift: bf16 keeps ~85% of the fp32 ids).
+# same-dtype reference itself is: a half-precision reference drifts from the fp32 ids too, so
+# equality with it is a weaker signal than closeness to fp32.
 MIN_SHARE = {torch.float32: 0.95, torch.bfloat16: 0.6, torch.float16: 0.6}
 
 BATCHES = {
     # (device type, quick): batch sizes — SPEC §6 asks for 1 and 8 on the CPU, 1 and 64 on GPUs
-    ("cpu", True): (1, 8),
+    ("cpu", True): (1,),  # keeps --quick to a few minutes on 2 cores; the full sweep adds 8
     ("cpu", False): (1, 8),
     ("cuda", True): (1, 64),
     ("cuda", False): (1, 8, 64, 256),
