@@ -234,3 +234,20 @@ def test_render_results_fills_the_readme_between_markers(tmp_path):
 def test_committed_readme_is_rendered_from_committed_results():
     render = _render_module()
     assert render.main(["--check"]) == 0, "run: python benchmarks/render_results.py"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["attention", "nearest", "codebook_head", "sampler", "generation"])
+def test_cases_agree_on_cuda_at_tiny_size(family):
+    """The CUDA side of the harness: do_bench timing, ceilings, every fast backend and peer."""
+    cuda = torch.device("cuda")
+    spec = harness.Spec(device=cuda, dtypes=(torch.float32, torch.bfloat16), quick=True, size="tiny")
+    ceil = ceilings.measure(cuda, spec.dtypes, size="tiny", plan=harness.SMOKE)
+    assert all(v > 0 for v in ceil["matmul_tflops"].values()) and ceil["copy_gbps"] > 0
+    info = machine.info(cuda)
+    try:
+        for case in bench_cases.cases(family, spec)[:2]:
+            rows = harness.run_case(case, ceil, info, harness.SMOKE)
+            assert all(r["note"].startswith("n/a") or r["fast_ms"] > 0 for r in rows)
+    finally:
+        bench_cases.release(family)

@@ -175,7 +175,7 @@ def plot(doc: dict, path) -> Path:
     colors = {b: cmap(i % 10) for i, b in enumerate(backends)}
 
     height = max(2.5, 0.28 * len(rows) + 1.5)
-    fig, ax = plt.subplots(figsize=(11, height))
+    fig, ax = plt.subplots(figsize=(12, height))
     ys = list(range(len(rows)))[::-1]
     positive = [v for v in values if v > 0]
     floor = min(positive + [1.0]) / 2
@@ -188,7 +188,7 @@ def plot(doc: dict, path) -> Path:
     ax.set_yticks(ys)
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlim(left=floor)
+    ax.set_xlim(left=floor, right=max(positive + [2.0]) * 4)  # room for the value labels
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("speed-up over the eager reference (×, log scale)")
     m = doc["machine"]
@@ -196,7 +196,7 @@ def plot(doc: dict, path) -> Path:
                  f"triton {m.get('triton')}", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[b]) for b in backends]
     if handles:
-        ax.legend(handles, backends, fontsize=7, loc="lower right")
+        ax.legend(handles, backends, fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

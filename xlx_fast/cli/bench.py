@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                 tqdm.write(traceback.format_exc(), file=sys.stderr)
         if i + 1 == len(todo) or todo[i + 1][0] != family:
             bench_cases.release(family)  # e.g. the generation models: free them before the next family
-        harness.add_peer_comparison(rows)
+        harness.add_comparisons(rows)
         report.write_json(report.document(info, ceil, settings, rows, failures, complete=False), json_path)
     bar.close()
 
