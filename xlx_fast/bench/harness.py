@@ -69,16 +69,6 @@ class Agreement:
     detail: str = ""
     extra: dict = field(default_factory=dict)
 
-    def describe(self) -> str:
-        if self.metric == "id agree":
-            text = f"ids {self.value:.2%}"
-        else:
-            text = f"err {self.value:.1e}"
-        for name, value in self.extra.items():
-            if isinstance(value, float):
-                text += f", {name} {value:.2%}" if "agree" in name else f", {name} {value:.1e}"
-        return text
-
 
 @dataclass
 class Prepared:
