@@ -9,6 +9,11 @@ a data sheet: a 2-core CI box and an H100 are each compared with what torch reac
   (recorded next to the number), the same switch the fast kernels read.
 - copy: ``dst.copy_(src)`` of a buffer well beyond the last-level cache (1 GiB on CUDA, 256 MiB
   on the CPU), counting bytes read plus bytes written.
+
+Each is the fastest repetition, not the median: a ceiling is what the device can reach, and on a
+shared CPU the median mostly measures the neighbours. A row above 100% therefore means the op
+beat torch's square GEMM at that dtype (e.g. a bf16 op that widens to fp32 on a CPU without bf16
+arithmetic, where torch's bf16 GEMM is slower than its fp32 one).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, plan: Timing
     mm()  # warm-up (library initialisation, heuristics)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    ms = time_ms(mm, device, plan)
+    ms = time_ms(mm, device, plan, stat="min")
     return 2.0 * n ** 3 / (ms * 1e-3) / 1e12
 
 
@@ -52,7 +57,7 @@ def copy_gbps(device: torch.device, nbytes: int, plan: TimingPlan = FULL) -> flo
     copy()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    ms = time_ms(copy, device, plan)
+    ms = time_ms(copy, device, plan, stat="min")
     return 2.0 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 

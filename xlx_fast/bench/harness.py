@@ -282,14 +282,18 @@ FULL = TimingPlan(min_reps=3, max_reps=100, budget_s=3.0, gpu_warmup_ms=25, gpu_
 SMOKE = TimingPlan(min_reps=1, max_reps=2, budget_s=0.01, gpu_warmup_ms=2, gpu_rep_ms=5)
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, plan: TimingPlan = FULL) -> float:
-    """Median milliseconds of one ``fn()`` call; ``fn`` must already have run once (warm-up)."""
+def time_ms(fn: Callable[[], Any], device: torch.device, plan: TimingPlan = FULL,
+            stat: str = "median") -> float:
+    """Milliseconds of one ``fn()`` call, the median of the repetitions (``stat="min"``: the
+    fastest, for ceilings); ``fn`` must already have run once (warm-up)."""
+    if stat not in ("median", "min"):
+        raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
     device = torch.device(device)
     if device.type == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=plan.gpu_warmup_ms, rep=plan.gpu_rep_ms,
-                                             return_mode="median"))
+                                             return_mode=stat))
     times = []
     deadline = time.perf_counter() + plan.budget_s
     while len(times) < plan.max_reps:
@@ -298,7 +302,7 @@ def time_ms(fn: Callable[[], Any], device: torch.device, plan: TimingPlan = FULL
         times.append(time.perf_counter() - t0)
         if len(times) >= plan.min_reps and time.perf_counter() >= deadline:
             break
-    return statistics.median(times) * 1e3
+    return (min(times) if stat == "min" else statistics.median(times)) * 1e3
 
 
 # --------------------------------------------------------------------------------------------
