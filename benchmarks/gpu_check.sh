@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared script for a GPU machine (see ENV.md): build xlx_fast there, run the GPU
 # tests, run the GPU benchmark sweep, print a short table last. Each stage runs under its own
-# timeout so the whole ends inside 8 minutes even when one stage hangs; a stage that fails or
-# times out does not stop the later ones (their logs say what happened).
+# timeout so the whole ends inside 8 minutes even when one stage hangs (the limits below add up
+# to 445 s, 470 s with every kill grace); a stage that fails or times out does not stop the later
+# ones (their logs say what happened).
 #
 # Everything lands flat in $OUT (default ./bench-out/gpu), at most 8 files:
 #   nvidia-smi.log build.log info.log gpu-tests.log bench.log  <gpu>-<date>.json  <gpu>-<date>.png
@@ -26,7 +27,7 @@ stage() {
     shift 2
     local start=$SECONDS
     echo "== $name (limit ${limit} s) =="
-    timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     local what="rc=$rc"
     [ "$rc" -eq 124 ] && what="TIMED OUT"
@@ -35,18 +36,18 @@ stage() {
     return 0
 }
 
-stage nvidia-smi 15 nvidia-smi
-stage build 140 python -m pip install --no-build-isolation --no-deps -e .
+stage nvidia-smi 10 nvidia-smi
+stage build 110 python -m pip install --no-build-isolation --no-deps -e .
 # info() may not exist in every tree: a missing one is reported in info.log, nothing more
-stage info 30 python -c "import xlx_fast; xlx_fast.info() if hasattr(xlx_fast, 'info') else print('xlx_fast.info() not available')"
-stage gpu-tests 110 python -m pytest -m gpu -q -p no:cacheprovider
+stage info 20 python -c "import xlx_fast; xlx_fast.info() if hasattr(xlx_fast, 'info') else print('xlx_fast.info() not available')"
+stage gpu-tests 95 python -m pytest -m gpu -q -p no:cacheprovider
 # (through python -c rather than the xlx-fast script, so it runs even if the install failed)
-stage bench 210 python -c "import sys; from xlx_fast.cli import main; sys.exit(main(sys.argv[1:]))" \
+stage bench 180 python -c "import sys; from xlx_fast.cli import main; sys.exit(main(sys.argv[1:]))" \
     bench --device cuda --dtype fp32 bf16 --out "$OUT"
 
 # The short table, last: from the newest JSON the sweep wrote (complete or not); draws the PNG
 # when the sweep was cut short before drawing it.
-timeout 40 python - "$OUT" <<'EOF'
+timeout 30 python - "$OUT" <<'EOF'
 import sys
 from pathlib import Path
 

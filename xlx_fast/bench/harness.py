@@ -277,7 +277,7 @@ class TimingPlan:
 
 
 QUICK = TimingPlan(min_reps=2, max_reps=20, budget_s=0.5, gpu_warmup_ms=10, gpu_rep_ms=40)
-FULL = TimingPlan(min_reps=3, max_reps=100, budget_s=3.0, gpu_warmup_ms=25, gpu_rep_ms=100)
+FULL = TimingPlan(min_reps=3, max_reps=100, budget_s=3.0, gpu_warmup_ms=20, gpu_rep_ms=60)
 # For the tiny dimensions that only exercise the machinery (tests): the fewest calls that time.
 SMOKE = TimingPlan(min_reps=1, max_reps=2, budget_s=0.01, gpu_warmup_ms=2, gpu_rep_ms=5)
 
