@@ -3,7 +3,8 @@
 Reference (the timed baseline): ``F.linear(h, W, b).softmax(-1).max(-1)`` — step 3 of SPEC §1 on
 the folded head weight ``W`` [10000, 768], materialising the [B·64, 10000] logits and
 probabilities. Peer: the same through ``logsumexp`` (no probability matrix, still the logits).
-Fast: ``xlx_fast.ops.codebook_head.codebook_head`` (never materialises the logits).
+Fast: ``xlx_fast.ops.codebook_head.codebook_head`` (never materialises the logits), called as the
+sampling loop calls it, without its NaN check (a host sync the reference does not make either).
 
 Agreement is checked against the exact answer (float64 logits), since a bf16 reference rounds its
 logits to bf16 and is itself a few percent off in probability: the fast path's probabilities must
@@ -73,7 +74,7 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
         h, w, b = make_inputs(m, k, hidden, dtype, device)
         truth_prob, truth_ids, decided = exact(h, w, b)
         fns = {"xlx_fast": (not_implemented("xlx_fast/ops/codebook_head.py") if head is None
-                            else lambda: head.codebook_head(h, w, b)),
+                            else lambda: head.codebook_head(h, w, b, check_nan=False)),
                "torch logsumexp": lambda: linear_logsumexp(h, w, b)}
 
         def compare(ref, out, _name) -> Agreement:
