@@ -1,5 +1,7 @@
 """The reference's schedules and grid, pinned to SPEC §1."""
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -65,3 +67,13 @@ def test_box_table():
         for j in range(8):
             assert boxes[i * 8 + j].tolist() == [j / 8, i / 8, (j + 1) / 8, (i + 1) / 8]
     assert boxes[9].tolist() == [0.125, 0.125, 0.25, 0.25]
+
+
+def test_reference_imports_nothing_fast():
+    # The reference is what every fast path is checked against: it must not run any of them.
+    code = ("import sys, xlx_fast.reference\n"
+            "fast = ('xlx_fast.ops', 'xlx_fast.patching', 'xlx_fast.generation', 'xlx_fast._C',\n"
+            "        'xlx_fast.native', 'xlx_fast.bench')\n"
+            "bad = sorted(m for m in sys.modules if m.startswith(fast))\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
