@@ -18,8 +18,10 @@ def captions(b, seed=0):
 
 
 def sharpen(model, factor):
-    """Scale the head's features so the top logit of each cell stands far above the second: ids
-    become insensitive to float rounding, and exact equality is a fair demand (SPEC §4)."""
+    """Scale the head's features so the top logit of each cell stands further above the second:
+    ids become insensitive to float rounding, and exact equality is a fair demand (SPEC §4).
+    Not so far that max probabilities saturate at 1.0: saturated cells tie with each other, and
+    which of them Mask-Predict or confidence picks would hang on rounding again."""
     with torch.no_grad():
         model.obj_predict_head.linear_feat.weight.mul_(factor)
         model.obj_predict_head.linear_feat.bias.mul_(factor)
@@ -60,12 +62,13 @@ def test_generate_batch_one_and_explicit_mask(tiny):
 
 @pytest.mark.slow
 def test_generate_equals_reference_full_size():
-    model = sharpen(XLxmertForImageGeneration.from_default(seed=0, with_generator=False), 4.0)
+    model = sharpen(XLxmertForImageGeneration.from_default(seed=0, with_generator=False), 1.5)
     ids = captions(2, seed=3)
-    for strategy in ("mask_predict", "random"):
+    for strategy in ("mask_predict", "confidence", "tlbr", "random"):
         steps = 4 if strategy == "mask_predict" else 6
-        assert_same(reference.sample(model, ids, steps=steps, strategy=strategy, seed=2),
-                    xlx_fast.generate(model, ids, steps=steps, strategy=strategy, seed=2))
+        ref = reference.sample(model, ids, steps=steps, strategy=strategy, seed=2)
+        assert ref.probs.max() < 0.999  # the premise: no saturated, tied cells
+        assert_same(ref, xlx_fast.generate(model, ids, steps=steps, strategy=strategy, seed=2))
 
 
 def test_tables_follow_weight_changes(tiny):
@@ -198,7 +201,7 @@ def test_bad_inputs(tiny):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("strategy", ["mask_predict", "confidence", "random"])
 def test_cuda_graph_loop_equals_eager_and_reference(strategy, dtype):
-    model = sharpen(XLxmertForImageGeneration.from_default(seed=0, with_generator=False), 4.0)
+    model = sharpen(XLxmertForImageGeneration.from_default(seed=0, with_generator=False), 1.5)
     model = model.to("cuda", dtype)
     ids = captions(4, seed=5).cuda()
     steps = 4 if strategy == "mask_predict" else 8
