@@ -1,4 +1,10 @@
-"""``xlx_fast.generate`` against ``reference.sample``, id for id, and each saving of SPEC §2 alone."""
+"""``xlx_fast.generate`` against ``reference.sample``, id for id, and each saving of SPEC §2 alone.
+
+``generate`` optimizes the model it is given (fused attention), and the reference refuses such a
+model: every comparison runs the reference on one model and the fast loop on a deep copy.
+"""
+import copy
+
 import pytest
 import torch
 
@@ -30,7 +36,14 @@ def sharpen(model, factor):
 
 @pytest.fixture(scope="module")
 def tiny():
+    """The reference's model: never optimized."""
     return sharpen(XLxmertForImageGeneration.from_default(seed=1, size="tiny"), 3.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_fast(tiny):
+    """The same weights for the fast loop."""
+    return copy.deepcopy(tiny)
 
 
 def assert_same(a, b):
@@ -47,38 +60,48 @@ def assert_same(a, b):
                                             ("confidence", 64), ("confidence", 5),
                                             ("tlbr", 64), ("tlbr", 9), ("random", 64),
                                             ("random", 90)])
-def test_generate_equals_reference_tiny(tiny, strategy, steps):
+def test_generate_equals_reference_tiny(tiny, tiny_fast, strategy, steps):
     ids = captions(3)
     ref = reference.sample(tiny, ids, steps=steps, strategy=strategy, seed=11)
-    fast = xlx_fast.generate(tiny, ids, steps=steps, strategy=strategy, seed=11)
+    fast = xlx_fast.generate(tiny_fast, ids, steps=steps, strategy=strategy, seed=11)
     assert_same(ref, fast)
 
 
-def test_generate_batch_one_and_explicit_mask(tiny):
+def test_generate_batch_one_and_explicit_mask(tiny, tiny_fast):
     ids = captions(1)
     mask = ids > 0
-    assert_same(reference.sample(tiny, ids, mask, steps=4), xlx_fast.generate(tiny, ids, mask, steps=4))
+    assert_same(reference.sample(tiny, ids, mask, steps=4),
+                xlx_fast.generate(tiny_fast, ids, mask, steps=4))
+
+
+def test_reference_refuses_an_optimized_model(tiny, tiny_fast):
+    xlx_fast.generate(tiny_fast, captions(1), steps=1)
+    with pytest.raises(ValueError, match="optimized"):
+        reference.sample(tiny_fast, captions(1), steps=1)
 
 
 @pytest.mark.slow
 def test_generate_equals_reference_full_size():
     model = sharpen(XLxmertForImageGeneration.from_default(seed=0, with_generator=False), 1.5)
+    fast_model = copy.deepcopy(model)
     ids = captions(2, seed=3)
     for strategy in ("mask_predict", "confidence", "tlbr", "random"):
         steps = 4 if strategy == "mask_predict" else 6
         ref = reference.sample(model, ids, steps=steps, strategy=strategy, seed=2)
         assert ref.probs.max() < 0.999  # the premise: no saturated, tied cells
-        assert_same(ref, xlx_fast.generate(model, ids, steps=steps, strategy=strategy, seed=2))
+        assert_same(ref, xlx_fast.generate(fast_model, ids, steps=steps, strategy=strategy, seed=2))
 
 
-def test_tables_follow_weight_changes(tiny):
+def test_tables_follow_weight_changes():
     model = sharpen(XLxmertForImageGeneration.from_default(seed=2, size="tiny"), 3.0)
+    fast_model = copy.deepcopy(model)
     ids = captions(2)
-    first = xlx_fast.generate(model, ids, steps=3)
+    first = xlx_fast.generate(fast_model, ids, steps=3)
     new = torch.randn(tuple(model.centroids.shape), generator=torch.Generator().manual_seed(9))
-    model.set_centroids(new)  # an in-place change: the cached tables must notice
+    for m in (model, fast_model):
+        m.set_centroids(new)  # an in-place change: the cached tables must notice
     ref = reference.sample(model, ids, steps=3)
-    fast = xlx_fast.generate(model, ids, steps=3)
+    fast = xlx_fast.generate(fast_model, ids, steps=3)
     assert_same(ref, fast)
     assert not torch.equal(first.ids, fast.ids)
 
@@ -146,23 +169,23 @@ def test_last_cross_layer_visual_half_and_vision_stream(tiny):
 
 # -- sampling mode, dtypes, errors --------------------------------------------------------------
 
-def test_temperature_sampling_is_seeded(tiny):
+def test_temperature_sampling_is_seeded(tiny_fast):
     ids = captions(2)
-    a = xlx_fast.generate(tiny, ids, steps=3, temperature=1.0, seed=1)
-    b = xlx_fast.generate(tiny, ids, steps=3, temperature=1.0, seed=1)
-    c = xlx_fast.generate(tiny, ids, steps=3, temperature=1.0, seed=2)
-    greedy = xlx_fast.generate(tiny, ids, steps=3)
+    a = xlx_fast.generate(tiny_fast, ids, steps=3, temperature=1.0, seed=1)
+    b = xlx_fast.generate(tiny_fast, ids, steps=3, temperature=1.0, seed=1)
+    c = xlx_fast.generate(tiny_fast, ids, steps=3, temperature=1.0, seed=2)
+    greedy = xlx_fast.generate(tiny_fast, ids, steps=3)
     assert torch.equal(a.ids, b.ids)
     assert not torch.equal(a.ids, c.ids)
     assert not torch.equal(a.ids, greedy.ids)
-    assert ((a.ids >= 0) & (a.ids < tiny.n_clusters)).all()
+    assert ((a.ids >= 0) & (a.ids < tiny_fast.n_clusters)).all()
 
 
 def test_bf16_runs_and_mostly_agrees_with_bf16_reference():
     model = sharpen(XLxmertForImageGeneration.from_default(seed=1, size="tiny"), 3.0).to(torch.bfloat16)
     ids = captions(3)
     ref = reference.sample(model, ids, steps=4)
-    fast = xlx_fast.generate(model, ids, steps=4)
+    fast = xlx_fast.generate(copy.deepcopy(model), ids, steps=4)
     assert fast.codes.dtype == torch.bfloat16
     assert (ref.ids == fast.ids).float().mean() >= 0.9
 
@@ -174,25 +197,25 @@ def test_bf16_runs_and_mostly_agrees_with_bf16_reference():
     (dict(temperature=-1.0), ValueError, "temperature"),
     (dict(cuda_graph=True), ValueError, "cuda_graph"),
 ])
-def test_bad_arguments(tiny, kwargs, exc, match):
+def test_bad_arguments(tiny_fast, kwargs, exc, match):
     with pytest.raises(exc, match=match):
-        xlx_fast.generate(tiny, captions(1), **kwargs)
+        xlx_fast.generate(tiny_fast, captions(1), **kwargs)
 
 
-def test_bad_inputs(tiny):
+def test_bad_inputs(tiny_fast):
     ids = captions(2)
     with pytest.raises(ValueError, match="input_ids"):
-        xlx_fast.generate(tiny, ids[0])
+        xlx_fast.generate(tiny_fast, ids[0])
     with pytest.raises(ValueError, match="out of range"):
-        xlx_fast.generate(tiny, ids + 40000)
+        xlx_fast.generate(tiny_fast, ids + 40000)
     with pytest.raises(ValueError, match="attention_mask"):
-        xlx_fast.generate(tiny, ids, ids[:1] > 0)
-    tiny.train()
+        xlx_fast.generate(tiny_fast, ids, ids[:1] > 0)
+    tiny_fast.train()
     try:
         with pytest.raises(ValueError, match="eval"):
-            xlx_fast.generate(tiny, ids)
+            xlx_fast.generate(tiny_fast, ids)
     finally:
-        tiny.eval()
+        tiny_fast.eval()
 
 
 # -- CUDA: graph-captured loop vs eager loop vs reference ----------------------------------------
@@ -203,11 +226,13 @@ def test_bad_inputs(tiny):
 def test_cuda_graph_loop_equals_eager_and_reference(strategy, dtype):
     model = sharpen(XLxmertForImageGeneration.from_default(seed=0, with_generator=False), 1.5)
     model = model.to("cuda", dtype)
+    fast_model = copy.deepcopy(model)
     ids = captions(4, seed=5).cuda()
     steps = 4 if strategy == "mask_predict" else 8
-    graphed = xlx_fast.generate(model, ids, steps=steps, strategy=strategy, seed=3)
-    replay = xlx_fast.generate(model, ids, steps=steps, strategy=strategy, seed=3)
-    eager = xlx_fast.generate(model, ids, steps=steps, strategy=strategy, seed=3, cuda_graph=False)
+    graphed = xlx_fast.generate(fast_model, ids, steps=steps, strategy=strategy, seed=3)
+    replay = xlx_fast.generate(fast_model, ids, steps=steps, strategy=strategy, seed=3)
+    eager = xlx_fast.generate(fast_model, ids, steps=steps, strategy=strategy, seed=3,
+                              cuda_graph=False)
     assert torch.equal(graphed.ids, replay.ids) and torch.equal(graphed.ids, eager.ids)
     assert torch.equal(graphed.masks, eager.masks)
     ref = reference.sample(model, ids, steps=steps, strategy=strategy, seed=3)

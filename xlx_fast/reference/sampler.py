@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.models.lxmert.modeling_lxmert import LxmertAttention
 
 from ..models.xlxmert import GRID, N_CELLS
 from .grid import box_positions
@@ -96,6 +97,20 @@ def check_inputs(model, input_ids, attention_mask):
     return attention_mask
 
 
+def check_eager(model) -> None:
+    """The reference must run HF's own modules: refuse a model whose attentions were swapped
+    for fused ones (by ``xlx_fast.optimize`` or ``xlx_fast.generate``). Checked by the swapped
+    class's module name, so the reference still imports nothing fast."""
+    swapped = [name for name, m in model.named_modules()
+               if isinstance(m, LxmertAttention) and type(m).__module__.startswith("xlx_fast.")]
+    if swapped:
+        raise ValueError(
+            f"the reference runs HF's eager modules, but {len(swapped)} attention module(s) of this "
+            f"model were optimized (e.g. {swapped[0]}): sample from an unoptimized copy "
+            "(copy.deepcopy before xlx_fast.optimize/generate) or call "
+            "xlx_fast.patching.unoptimize(model) first")
+
+
 def check_steps(strategy: str, steps) -> int:
     steps = default_steps(strategy) if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int):
@@ -115,6 +130,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     """Run the authors' sampler eagerly (see module docstring). ``seed`` fixes the random order
     (``None`` means 0); the other strategies are deterministic. Runs in the model's dtype."""
     check_strategy(strategy)
+    check_eager(model)
     attention_mask = check_inputs(model, input_ids, attention_mask)
     steps = check_steps(strategy, steps)
     seed = 0 if seed is None else seed
