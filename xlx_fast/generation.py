@@ -217,7 +217,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     Args:
         model: ``XLxmertForImageGeneration`` (any dtype: fp32, bf16, fp16; CPU or CUDA).
-            ``optimize(model)`` is applied (idempotent) so its attentions run fused.
+            ``optimize(model)`` is applied (idempotent) so its attentions run fused: the model
+            is changed in place, and ``reference.sample`` refuses it afterwards (keep a
+            ``copy.deepcopy`` for the reference, or ``xlx_fast.patching.unoptimize`` it).
         input_ids: [B, L] int64 token ids; ``attention_mask`` defaults to ``input_ids > 0``.
         steps: sampling steps (default 4 for Mask-Predict, 64 for the AR orders).
         strategy: ``mask_predict`` | ``confidence`` | ``tlbr`` | ``random``.
