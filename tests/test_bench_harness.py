@@ -159,12 +159,16 @@ def test_case_families_enumerate_without_building():
         bench_cases.cases("softmax", spec)
 
 
-@pytest.mark.parametrize("family", ["attention", "nearest", "codebook_head", "sampler"])
+@pytest.mark.parametrize("family", ["attention", "model_forward", "nearest", "kmeans", "codebook_head",
+                                    "sampler"])
 def test_op_cases_agree_at_tiny_size(family):
     spec = harness.Spec(device=CPU, dtypes=(torch.float32, torch.bfloat16), quick=True, size="tiny")
-    for case in bench_cases.cases(family, spec)[:2]:
-        rows = harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE)
-        assert {r["backend"] for r in rows} == set(case.backends)
+    try:
+        for case in bench_cases.cases(family, spec)[:2]:
+            rows = harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE)
+            assert {r["backend"] for r in rows} == set(case.backends)
+    finally:
+        bench_cases.release(family)
 
 
 def test_generation_case_at_tiny_size():
@@ -236,7 +240,8 @@ def test_committed_readme_is_rendered_from_committed_results():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["attention", "nearest", "codebook_head", "sampler", "generation"])
+@pytest.mark.parametrize("family", ["attention", "model_forward", "nearest", "codebook_head", "sampler",
+                                    "generation"])
 def test_cases_agree_on_cuda_at_tiny_size(family):
     """The CUDA side of the harness: do_bench timing, ceilings, every fast backend and peer."""
     cuda = torch.device("cuda")

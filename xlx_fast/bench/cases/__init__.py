@@ -13,7 +13,9 @@ from ..harness import Case, Spec
 FAMILIES = {
     "generation": "xlx_fast.bench.cases.generation",
     "attention": "xlx_fast.bench.cases.attention",
+    "model_forward": "xlx_fast.bench.cases.model_forward",
     "nearest": "xlx_fast.bench.cases.nearest",
+    "kmeans": "xlx_fast.bench.cases.kmeans",
     "codebook_head": "xlx_fast.bench.cases.codebook_head",
     "sampler": "xlx_fast.bench.cases.sampler",
 }
