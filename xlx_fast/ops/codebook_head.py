@@ -45,12 +45,15 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
+from .codebook_tile import interpreter_widen
+
 __all__ = ["codebook_head", "codebook_head_triton", "codebook_head_torch", "fold_head", "gumbel_noise"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PRECISIONS = ("ieee", "tf32")
 
 if triton is not None:
+    from .codebook_tile import rows_dot_entries
 
     @triton.jit
     def _gumbel(seed, cols, step, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -89,18 +92,8 @@ if triton is not None:
         for k0 in range(k_begin, k_end, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < k_end
-            acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-            for d0 in range(0, HD, BLOCK_H):
-                ds = d0 + tl.arange(0, BLOCK_H)
-                d_ok = ds < HD
-                h = tl.load(H + rows[:, None] * stride_hm + ds[None, :] * stride_hd,
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                w = tl.load(W + cols[None, :].to(tl.int64) * stride_wk + ds[:, None] * stride_wd,
-                            mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-                if WIDEN:
-                    h = h.to(tl.float32)
-                    w = w.to(tl.float32)
-                acc = tl.dot(h, w, acc, input_precision=INPUT_PRECISION)
+            acc = rows_dot_entries(H, stride_hm, stride_hd, rows, row_ok, W, stride_wk, stride_wd,
+                                   cols, col_ok, HD, BLOCK_M, BLOCK_K, BLOCK_H, INPUT_PRECISION, WIDEN)
             bias = tl.load(B + cols, mask=col_ok, other=0.0)
             z = (acc + bias[None, :]) * inv_temp
             has_nan = tl.maximum(has_nan, tl.max((z != z).to(tl.int32), axis=1))
@@ -161,12 +154,6 @@ if triton is not None:
 # launchers
 # --------------------------------------------------------------------------------------------
 
-def _interpreter_widen(x: torch.Tensor) -> bool:
-    """Triton 3.6's CPU interpreter computes tl.dot on bf16 operands from their raw bits; there
-    (only) bf16 tiles are widened to fp32 first, which is exact (bf16 products fit in fp32)."""
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16
-
-
 def codebook_head_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
                          temperature: float = 0.0, seeds: torch.Tensor | None = None, step: int = 0,
                          precision: str = "ieee", block_m: int | None = None,
@@ -217,7 +204,7 @@ def codebook_head_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_H=block_h, SAMPLE=sample,
         # precision only means something for fp32 operands; half operands take the default
         INPUT_PRECISION=precision if h.dtype == torch.float32 else "tf32",
-        WIDEN=_interpreter_widen(h),
+        WIDEN=interpreter_widen(h),
         **kwargs,
     )
     merge_block = 64

@@ -46,6 +46,8 @@ try:
 except ImportError:  # pragma: no cover - the CPU path works without triton
     triton = None
 
+from .codebook_tile import interpreter_widen
+
 __all__ = ["nearest", "nearest_triton", "nearest_torch", "codebook_norms", "error_bound"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -53,6 +55,7 @@ _PRECISIONS = ("ieee", "tf32")
 
 
 if triton is not None:
+    from .codebook_tile import rows_dot_entries
 
     @triton.jit
     def _nearest_kernel(
@@ -72,18 +75,8 @@ if triton is not None:
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
             # acc[n, k] = x_n · c_k, fp32 accumulation over D
-            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                ds = d0 + tl.arange(0, BLOCK_D)
-                d_ok = ds < D
-                x = tl.load(X + rows[:, None] * stride_xn + ds[None, :] * stride_xd,
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                c = tl.load(C + cols[None, :].to(tl.int64) * stride_ck + ds[:, None] * stride_cd,
-                            mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-                if WIDEN:
-                    x = x.to(tl.float32)
-                    c = c.to(tl.float32)
-                acc = tl.dot(x, c, acc, input_precision=INPUT_PRECISION)
+            acc = rows_dot_entries(X, stride_xn, stride_xd, rows, row_ok, C, stride_ck, stride_cd,
+                                   cols, col_ok, D, BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, WIDEN)
             # padded columns get +inf so they never win
             cnorm = tl.load(CNORM + cols, mask=col_ok, other=float("inf"))
             score = cnorm[None, :] - 2.0 * acc
@@ -157,13 +150,6 @@ def error_bound(x, codebook, *, precision: str = "ieee") -> torch.Tensor:
 # launchers
 # --------------------------------------------------------------------------------------------
 
-def _interpreter_widen(x: torch.Tensor) -> bool:
-    """Triton 3.6's CPU interpreter computes tl.dot on bf16 operands from their raw bits. There
-    (and only there) bf16 tiles are widened to fp32 before the dot: the same value, since a
-    bf16×bf16 product is exact in fp32 and the accumulation is fp32 either way."""
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16
-
-
 def nearest_triton(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor | None = None, *,
                    precision: str = "ieee", block_n: int | None = None, block_k: int | None = None,
                    block_d: int | None = None,
@@ -203,7 +189,7 @@ def nearest_triton(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor 
         # the precision only means something for fp32 operands; half operands take the
         # compiler's default (their products are exact in the fp32 accumulator anyway)
         INPUT_PRECISION=precision if x.dtype == torch.float32 else "tf32",
-        WIDEN=_interpreter_widen(x),
+        WIDEN=interpreter_widen(x),
         **kwargs,
     )
     return ids, scores
