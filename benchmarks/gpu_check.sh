@@ -17,7 +17,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench-out/gpu}"
 mkdir -p "$OUT"
 # nvcc compiles only for the card at hand unless told otherwise (half the build time of 80;90)
-export XLX_CUDA_ARCHS="${XLX_CUDA_ARCHS:-90}"
+cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '. ')
+export XLX_CUDA_ARCHS="${XLX_CUDA_ARCHS:-${cap:-90}}"
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
 
