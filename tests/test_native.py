@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 
-import pytest
 import torch
 
 from xlx_fast import native
