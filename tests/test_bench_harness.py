@@ -119,7 +119,42 @@ def test_ceilings_present_and_positive():
     c = ceilings.measure(CPU, (torch.float32, torch.bfloat16), size="tiny", plan=harness.SMOKE)
     assert set(c["matmul_tflops"]) == {"fp32", "bf16"}
     assert all(v > 0 for v in c["matmul_tflops"].values())
-    assert c["copy_gbps"] > 0 and c["matmul_n"] > 0 and c["copy_bytes"] > 0
+    assert set(c["matmul_n"]) == {"fp32", "bf16"} and all(64 <= n <= 128 for n in c["matmul_n"].values())
+    assert c["copy_gbps"] > 0 and c["copy_bytes"] > 0
+    assert ("bf16" in c["not_ceilings"]) != machine.native_bf16()[0]
+
+
+def test_ceiling_size_follows_the_probe_rate():
+    # a 256^3 product (33.5 MFLOP) in 0.1 s is 0.34 GFLOP/s (emulated bf16): a 0.1 s call is
+    # then n = (0.34e9 * 0.1 / 2)^(1/3) = 256; at 100 GFLOP/s it is 1710 -> 1664 (multiple of 64)
+    assert ceilings.matmul_n(0.1, 2048, 256, 0.1) == 256
+    assert ceilings.matmul_n(0.1, 2048, 256, 2 * 256 ** 3 / 100e9) == 1664
+    assert ceilings.matmul_n(0.1, 2048, 256, 1e-7) == 2048  # capped
+    assert ceilings.matmul_n(0.1, 2048, 256, 100.0) == 64  # floor
+
+
+def test_emulated_bf16_ceiling_is_timed_in_about_a_second():
+    """The bf16 ceiling is sized by its probe: even where bf16 is emulated it takes seconds, not
+    minutes (a bound 10x the nominal second, so the shared CPU cannot fail it by noise)."""
+    import time
+
+    t0 = time.perf_counter()
+    c = ceilings.measure(CPU, (torch.bfloat16,), plan=harness.QUICK, seconds=1.0)
+    assert time.perf_counter() - t0 < 20
+    assert c["matmul_tflops"]["bf16"] > 0
+
+
+def test_native_bf16_detection_reads_the_flags():
+    assert machine.native_bf16({"fpu", "avx2", "avx512f", "avx512_bf16"}) == (True, "CPU has avx512_bf16")
+    assert machine.native_bf16({"amx_bf16", "avx512_bf16"})[0]
+    ok, why = machine.native_bf16({"fpu", "avx2", "avx512f"})
+    assert not ok and "avx512_bf16" in why and "emulated" in why
+    assert not machine.native_bf16(set())[0]  # unknown flags: taken as emulated
+    flags = machine.cpu_flags()
+    assert machine.native_bf16()[0] == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert ceilings.not_ceilings(CPU, (torch.bfloat16,), {"avx2"}) == {"bf16": machine.native_bf16({"avx2"})[1]}
+    assert ceilings.not_ceilings(CPU, (torch.bfloat16,), {"avx512_bf16"}) == {}
+    assert ceilings.not_ceilings(CPU, (torch.float32,), {"avx2"}) == {}
 
 
 def test_machine_info_names_versions_and_build():
@@ -199,13 +234,96 @@ def test_cli_quick_tiny_writes_json_and_png(tmp_path, capsys):
     assert "speedup" in printed and "attention" in printed
 
 
-def test_cli_rejects_bad_arguments():
+@pytest.mark.parametrize("argv,message", [
+    (["--ops", "softmax"], "error: unknown --ops softmax; choose from"),
+    (["--ops", ""], "error: --ops names no op family"),
+    (["--ops", ",", " "], "error: --ops names no op family"),
+    (["--dtype", "fp64"], "error: unknown --dtype fp64"),
+    (["--dtype", ""], "error: unknown --dtype (none)"),
+    (["--out", "FILE"], "is a file, not a directory"),
+    (["--out", "FILE/sub"], "is a file, not a directory"),
+])
+def test_cli_rejects_bad_arguments_before_measuring(argv, message, tmp_path, capsys, monkeypatch):
     from xlx_fast.cli import main
 
-    with pytest.raises(SystemExit, match="unknown --ops softmax"):
-        main(["bench", "--ops", "softmax"])
-    with pytest.raises(SystemExit, match="unknown --dtype fp64"):
-        main(["bench", "--dtype", "fp64"])
+    measured = []
+    monkeypatch.setattr(ceilings, "measure", lambda *a, **k: measured.append(a))
+    (tmp_path / "FILE").write_text("x")
+    argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
+    assert main(["bench", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not measured
+
+
+def test_cli_dry_run_lists_cases_in_the_order_of_ops(capsys, monkeypatch):
+    from xlx_fast.cli import main
+
+    monkeypatch.setattr(ceilings, "measure", lambda *a, **k: pytest.fail("dry run measured"))
+    assert main(["bench", "--quick", "--dry-run", "--device", "cpu", "--dtype", "fp32",
+                 "--ops", "sampler,nearest", "attention"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "families in this order: sampler, nearest, attention" in lines[0]
+    ops = [line.split("[")[0] for line in lines[1:]]
+    assert ops == sorted(ops, key=["sampler_step", "nearest", "attention"].index) and len(set(ops)) == 3
+    assert all("|fp32|cpu]" in line for line in lines[1:])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cli_skips_bf16_by_default_only_where_it_is_emulated(native, capsys, monkeypatch):
+    from xlx_fast.cli import main
+
+    flags = {"avx2", "avx512_bf16"} if native else {"avx2"}
+    real = machine.native_bf16
+    monkeypatch.setattr(machine, "native_bf16", lambda flags_=None: real(flags if flags_ is None else flags_))
+    assert main(["bench", "--quick", "--dry-run", "--device", "cpu", "--ops", "sampler"]) == 0
+    captured = capsys.readouterr()
+    has_bf16 = any("|bf16|" in line for line in captured.out.splitlines())
+    assert has_bf16 == native
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    if native:
+        assert not notes
+    else:  # one line saying why, and how to run them anyway
+        assert len(notes) == 1 and "bf16 cases skipped" in notes[0] and "--dtype bf16" in notes[0]
+    # asked for explicitly, bf16 runs either way
+    assert main(["bench", "--quick", "--dry-run", "--device", "cpu", "--ops", "sampler",
+                 "--dtype", "fp32", "bf16"]) == 0
+    assert any("|bf16|" in line for line in capsys.readouterr().out.splitlines())
+
+
+def _row(**over):
+    row = dict.fromkeys(report.ROW_KEYS)
+    row.update(op="nearest", shape="N=262144 K=10000 D=2048", dtype="bf16", backend="xlx_fast",
+               kind="fast", reference_ms=12.5, fast_ms=3.25, speedup=3.85, agreement_metric="id agree",
+               id_agreement=0.9999, agreement_extra={}, note="", bound="compute", pct_of_ceiling=42.0)
+    row.update(over)
+    return row
+
+
+def test_table_fits_120_columns_and_hides_percentages_of_non_ceilings():
+    long_rows = [
+        _row(),
+        _row(pct_of_ceiling=42456.0),  # above 100%: not a ceiling
+        _row(dtype="fp32", pct_of_ceiling=55.0, pct_of_same_gemm=97.0, best_peer="faiss IndexFlatL2",
+             speedup_vs_best_peer=1.234, speedup_vs_fp32_reference=0.8),
+        _row(op="model_forward", shape="B=64 Lt=20 Lv=64 H=768 layers=9/5/5", backend="xlx_fast.optimize",
+             agreement_metric="rel err", max_error=1.2e-3, id_agreement=None,
+             agreement_extra={"language err": 1e-3, "vision err": 2e-3, "cross err": 3e-3}),
+        _row(fast_ms=None, speedup=None, note="n/a — " + "a very long reason why this backend cannot run " * 3),
+    ]
+    ceil = {"matmul_tflops": {"fp32": 0.104, "bf16": 0.00029}, "matmul_n": {"fp32": 2048, "bf16": 192},
+            "copy_gbps": 10.0, "copy_bytes": 1, "fp32_matmul_precision": "highest",
+            "not_ceilings": {"bf16": "CPU has neither avx512_bf16 nor amx_bf16: bf16 arithmetic is emulated"}}
+    text = report.format_table(long_rows, ceil)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 120, text
+    assert len(lines) == 2 + len(long_rows) + len(report.ceilings_lines(ceil))
+    assert "% mm" not in lines[2]  # bf16 emulated: no share of that "ceiling"
+    assert "42456" not in text and "% mm" not in lines[3]
+    assert "55% mm" in lines[4] and "97% gemm" in lines[4]
+    assert "not a ceiling" in text
+    # where bf16 is native the same row's share is printed
+    assert "42% mm" in report.format_table([_row()], dict(ceil, not_ceilings={}))
 
 
 def _render_module():

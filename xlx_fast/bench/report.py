@@ -84,6 +84,14 @@ def load(path) -> dict:
 
 COLUMNS = ("op", "shape", "dtype", "backend", "ref ms", "fast ms", "speedup",
            "max error / id agreement", "% of ceiling")
+# The printed table fits a 120-column terminal: shorter headers, compact cells, and the widest
+# text columns cut (with "…") when still too wide. Every figure stays in full in the JSON.
+TABLE_WIDTH = 120
+SHORT_COLUMNS = ("op", "shape", "dtype", "backend", "ref ms", "fast ms", "speedup", "agreement",
+                 "ceiling")
+# (column index, narrowest width) in the order columns are cut when the table is too wide:
+# agreement extras and long shapes go first, the op and the numbers stay readable
+_CUT_ORDER = ((7, 16), (1, 14), (6, 12), (3, 10), (8, 10), (0, 8), (7, 10), (1, 8), (6, 6))
 
 
 def _ms(value) -> str:
@@ -92,9 +100,9 @@ def _ms(value) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
-def agreement_text(row: dict) -> str:
+def agreement_text(row: dict, compact: bool = False) -> str:
     if row["agreement_metric"] == "id agree":
-        text = f"ids {row['id_agreement']:.2%}"
+        text = f"ids {row['id_agreement']:.1%}" if compact else f"ids {row['id_agreement']:.2%}"
     elif row["agreement_metric"] == "rel err":
         text = f"err {row['max_error']:.1e}"
     else:
@@ -102,48 +110,106 @@ def agreement_text(row: dict) -> str:
     if row["note"]:  # e.g. a peer outside the bound
         text += " (OUTSIDE BOUND)"
     for name, value in (row.get("agreement_extra") or {}).items():
-        if isinstance(value, (int, float)):
+        if not isinstance(value, (int, float)):
+            continue
+        if compact:
+            short = name.replace(" agree", "")
+            text += f"; {short} {value:.1%}" if "agree" in name else f"; {short} {value:.0e}"
+        else:
             text += f"; {name} {value:.2%}" if "agree" in name else f"; {name} {value:.1e}"
     return text
 
 
-def ceiling_text(row: dict) -> str:
+def pct_is_shown(row: dict, ceilings: dict | None = None) -> bool:
+    """Whether the row's share of its ceiling is worth printing: not when the ceiling is not
+    one (``ceilings["not_ceilings"]``, e.g. bf16 emulated on a CPU), nor above 100% (the op beat
+    the "ceiling", so that number was no ceiling either). The JSON keeps it regardless."""
+    pct = row["pct_of_ceiling"]
+    if pct is None or pct > 100.0:
+        return False
+    if row["bound"] == "compute" and row["dtype"] in ((ceilings or {}).get("not_ceilings") or {}):
+        return False
+    return True
+
+
+def ceiling_text(row: dict, ceilings: dict | None = None, compact: bool = False) -> str:
     """e.g. "41% mm" (of the matmul ceiling), "63% copy", plus the same-GEMM share when timed."""
     parts = []
-    if row["pct_of_ceiling"] is not None:
+    if pct_is_shown(row, ceilings):
         parts.append(f"{row['pct_of_ceiling']:.0f}% {'mm' if row['bound'] == 'compute' else 'copy'}")
     if row.get("pct_of_same_gemm") is not None:
-        parts.append(f"{row['pct_of_same_gemm']:.0f}% same-GEMM")
+        parts.append(f"{row['pct_of_same_gemm']:.0f}% {'gemm' if compact else 'same-GEMM'}")
     return ", ".join(parts)
 
 
-def table_cells(row: dict) -> list[str]:
+def table_cells(row: dict, ceilings: dict | None = None, compact: bool = False) -> list[str]:
     if row["fast_ms"] is None:
         fast, speedup = row["note"] or "n/a", ""
     else:
         fast, speedup = _ms(row["fast_ms"]), f"{row['speedup']:.2f}x"
         if row.get("speedup_vs_fp32_reference"):
-            speedup += f" ({row['speedup_vs_fp32_reference']:.2f}x vs fp32 ref)"
+            speedup += (f" ({row['speedup_vs_fp32_reference']:.2f}x fp32)" if compact
+                        else f" ({row['speedup_vs_fp32_reference']:.2f}x vs fp32 ref)")
         if row.get("speedup_vs_best_peer"):
-            speedup += f" ({row['speedup_vs_best_peer']:.2f}x vs {row['best_peer']})"
+            speedup += (f" ({row['speedup_vs_best_peer']:.2f}x {row['best_peer']})" if compact
+                        else f" ({row['speedup_vs_best_peer']:.2f}x vs {row['best_peer']})")
     return [row["op"], row["shape"], row["dtype"], row["backend"], _ms(row["reference_ms"]), fast,
-            speedup, agreement_text(row), ceiling_text(row)]
+            speedup, agreement_text(row, compact), ceiling_text(row, ceilings, compact)]
 
 
-def format_table(rows: list[dict], ceilings: dict | None = None) -> str:
-    """A plain-text table, one line per row; the ceilings it was measured against under it."""
-    cells = [list(COLUMNS)] + [table_cells(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+def _fit(widths: list[int], limit: int, sep: int) -> list[int]:
+    """Cut columns in ``_CUT_ORDER``, each down to its narrowest, until the line fits."""
+    widths = list(widths)
+    for i, narrowest in _CUT_ORDER:
+        excess = sum(widths) + sep * (len(widths) - 1) - limit
+        if excess <= 0:
+            break
+        widths[i] = max(min(widths[i], narrowest), widths[i] - excess)
+    return widths
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def ceilings_lines(ceilings: dict, width: int = TABLE_WIDTH) -> list[str]:
+    """The ceilings a table was measured against, wrapped to ``width``."""
+    import textwrap
+
+    sizes = ceilings.get("matmul_n")
+    skip = ceilings.get("not_ceilings") or {}
+    parts = []
+    for k, v in ceilings["matmul_tflops"].items():
+        n = sizes.get(k) if isinstance(sizes, dict) else sizes
+        text = f"{k} {v:.3g} TFLOP/s (n={n}"
+        text += ", not a ceiling: see the JSON)" if k in skip else ")"
+        parts.append(text)
+    line = (f"ceilings (measured in this run): matmul {', '.join(parts)}, fp32 precision "
+            f"{ceilings['fp32_matmul_precision']}; copy {ceilings['copy_gbps']:.1f} GB/s")
+    return textwrap.wrap(line, width)
+
+
+def format_table(rows: list[dict], ceilings: dict | None = None, width: int = TABLE_WIDTH) -> str:
+    """A plain-text table, one line per row, no wider than ``width``; the ceilings it was
+    measured against under it."""
+    cells = [list(SHORT_COLUMNS)] + [table_cells(r, ceilings, compact=True) for r in rows]
+    # a row without a time says why in one cell that runs to the end of the line: it does not
+    # widen the "fast ms" column
+    note_rows = {j + 1 for j, r in enumerate(rows) if r["fast_ms"] is None}
+    natural = [max(len(c[i]) for j, c in enumerate(cells) if not (i == 5 and j in note_rows))
+               for i in range(len(SHORT_COLUMNS))]
+    widths = _fit(natural, width, 2)
     lines = []
     for j, c in enumerate(cells):
-        lines.append("  ".join(s.ljust(w) for s, w in zip(c, widths)).rstrip())
+        if j in note_rows:
+            head = "  ".join(_cut(s, w).ljust(w) for s, w in zip(c[:5], widths[:5])) + "  "
+            lines.append(head + _cut(c[5], width - len(head)))
+        else:
+            lines.append("  ".join(_cut(s, w).ljust(w) for s, w in zip(c, widths)).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     if ceilings:
-        mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceilings["matmul_tflops"].items())
-        lines.append(f"ceilings (measured in this run): matmul {mm} "
-                     f"(n={ceilings['matmul_n']}, fp32 precision {ceilings['fp32_matmul_precision']}); "
-                     f"copy {ceilings['copy_gbps']:.1f} GB/s")
+        lines += ceilings_lines(ceilings, width)
     return "\n".join(lines)
 
 

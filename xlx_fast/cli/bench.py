@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import time
 import traceback
@@ -25,20 +26,27 @@ def _families():
     return list(FAMILIES)
 
 
+class UsageError(ValueError):
+    """A bad command line: printed as one ``error:`` line, exit status 2, before any measuring."""
+
+
 def add_parser(p: argparse.ArgumentParser) -> None:
     families = _families()
     p.add_argument("--quick", action="store_true",
-                   help="a short sweep (a few shapes per op; a few minutes on a 2-core CPU)")
+                   help="a short sweep (a few shapes per op; under 2 minutes on a 2-core CPU)")
     p.add_argument("--ops", nargs="+", metavar="OP", default=None,
-                   help=f"op families to run (default: all): {', '.join(families)}; "
+                   help=f"op families to run, in this order (default: all): {', '.join(families)}; "
                         "comma-separated lists work too")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", nargs="+", metavar="DTYPE", default=["fp32", "bf16"],
-                   help="dtypes: fp32, bf16, fp16 (default: fp32 bf16)")
+    p.add_argument("--dtype", nargs="+", metavar="DTYPE", default=None,
+                   help="dtypes: fp32, bf16, fp16 (default: fp32 bf16; on a CPU without native "
+                        "bf16 arithmetic only fp32, unless bf16 is asked for here)")
     p.add_argument("--out", default="bench-out", metavar="DIR",
                    help="directory for the JSON and PNG (default: ./bench-out)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the arguments, list the cases that would run, and exit")
     # Shrinks every case to the tiny model's dimensions: for tests of the benchmark machinery.
     p.add_argument("--size", choices=["base", "tiny"], default="base", help=argparse.SUPPRESS)
 
@@ -46,31 +54,65 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def _split(values) -> list[str]:
     out = []
     for v in values:
-        out.extend(x for x in v.split(",") if x)
+        out.extend(x.strip() for x in v.split(",") if x.strip())
     return out
 
 
+def _check_out(path: str) -> None:
+    """--out must be a directory, or creatable as one: checked before anything is measured."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {path} is a file, not a directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path}: {parent} is not writable")
+
+
 def parse_selection(args):
-    """(device, dtypes, families) from the arguments, with clear errors."""
+    """(device, dtypes, families, notes) from the arguments; raises UsageError.
+
+    families keep the order given by --ops (the sweep runs them in that order). notes are
+    one-line reasons for what the defaults left out (bf16 on a CPU that only emulates it).
+    """
     import torch
 
+    from xlx_fast.bench import machine
     from xlx_fast.bench.harness import DTYPES
 
     families = _families()
-    ops = _split(args.ops) if args.ops else families
-    unknown = [o for o in ops if o not in families]
-    if unknown:
-        raise SystemExit(f"error: unknown --ops {', '.join(unknown)}; choose from {', '.join(families)}")
-    names = _split(args.dtype)
+    if args.ops is not None:
+        ops = list(dict.fromkeys(_split(args.ops)))
+        if not ops:
+            raise UsageError(f"--ops names no op family; choose from {', '.join(families)}")
+        unknown = [o for o in ops if o not in families]
+        if unknown:
+            raise UsageError(f"unknown --ops {', '.join(unknown)}; choose from {', '.join(families)}")
+    else:
+        ops = families
+    explicit = args.dtype is not None
+    names = _split(args.dtype) if explicit else ["fp32", "bf16"]
     bad = [d for d in names if d not in DTYPES]
     if bad or not names:
-        raise SystemExit(f"error: unknown --dtype {', '.join(bad) or '(none)'}; choose from {', '.join(DTYPES)}")
-    # fp32 first: half-precision rows compare their ids with the fp32 reference's
-    names = sorted(dict.fromkeys(names), key=list(DTYPES).index)
+        raise UsageError(f"unknown --dtype {', '.join(bad) or '(none)'}; choose from {', '.join(DTYPES)}")
+    _check_out(args.out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but torch sees no CUDA device here")
-    return torch.device(device), tuple(DTYPES[n] for n in names), [f for f in families if f in ops]
+        raise UsageError("--device cuda, but torch sees no CUDA device here")
+    notes = []
+    if device == "cpu" and not explicit and "bf16" in names:
+        native, why = machine.native_bf16()
+        if not native:
+            names.remove("bf16")
+            notes.append(f"bf16 cases skipped: {why} (pass --dtype bf16 to run them anyway)")
+    # fp32 first: half-precision rows compare their ids with the fp32 reference's
+    names = sorted(dict.fromkeys(names), key=list(DTYPES).index)
+    return torch.device(device), tuple(DTYPES[n] for n in names), ops, notes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,8 +124,21 @@ def run(args: argparse.Namespace) -> int:
     from xlx_fast.bench import ceilings as bench_ceilings
     from xlx_fast.bench import harness, machine, report
 
-    device, dtypes, families = parse_selection(args)
+    try:
+        device, dtypes, families, notes = parse_selection(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     spec = harness.Spec(device=device, dtypes=dtypes, quick=args.quick, size=args.size)
+    if args.dry_run:
+        todo = [case.id for family in families for case in bench_cases.cases(family, spec)]
+        print(f"{len(todo)} cases on {device.type}, dtypes "
+              f"{' '.join(harness.DTYPE_NAMES[d] for d in dtypes)}, families in this order: "
+              f"{', '.join(families)}")
+        print("\n".join(todo))
+        return 0
     plan = harness.SMOKE if args.size == "tiny" else harness.QUICK if args.quick else harness.FULL
     started = time.perf_counter()
 
@@ -95,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     settings = {"quick": args.quick, "ops": families, "dtypes": [harness.DTYPE_NAMES[d] for d in dtypes],
-                "size": args.size, "device": device.type}
+                "size": args.size, "device": device.type, "notes": notes}
 
     print(f"xlx-fast bench on {info['device_name']} ({device.type}); torch {info['torch']}, "
           f"triton {info['triton']}, xlx_fast {info['xlx_fast']}", file=sys.stderr)
