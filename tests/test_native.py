@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 
+import pytest
 import torch
 
 from xlx_fast import native
@@ -80,3 +81,144 @@ def test_lazy_top_level_info():
     import xlx_fast
 
     assert xlx_fast.info is native.info
+
+
+# -- the sampler's CUDA backend: chosen by what works ---------------------------------------------
+
+OK_COMPILED = native.Probe(True, "a test launch on cuda:0 gave the right answer")
+BAD_COMPILED = native.Probe(False, "its CUDA runtime cannot use this GPU: cudaErrorInsufficientDriver "
+                                   "(error 35): CUDA driver version is insufficient for CUDA runtime version")
+NO_C = native.Probe(False, "xlx_fast._C: it was built without CUDA kernels (no nvcc, or XLX_NO_CUDA)")
+OK_CUPY = native.Probe(True, "a test launch on cuda:0 gave the right answer")
+BAD_CUPY = native.Probe(False, "cupy is not installed")
+UNTRIED = native.Probe(None, "not tried (the compiled kernel works)")
+OLD_DRIVER = {"release": "535.154.05", "cuda": "12.2"}
+NEW_DRIVER = {"release": "580.159.04", "cuda": "13.0"}
+
+
+@pytest.mark.parametrize("compiled", [OK_COMPILED, BAD_COMPILED, NO_C], ids=["compiled-ok", "compiled-bad", "no-C"])
+@pytest.mark.parametrize("cupy", [OK_CUPY, BAD_CUPY, UNTRIED], ids=["cupy-ok", "cupy-bad", "cupy-untried"])
+@pytest.mark.parametrize("driver", [None, OLD_DRIVER, NEW_DRIVER], ids=["no-driver", "driver-535", "driver-580"])
+def test_backend_decision_for_every_probe_outcome(compiled, cupy, driver):
+    runtime = "" if compiled is NO_C else "13.0"
+    choice = native.decide_sampler_backend(compiled, cupy, driver, runtime)
+    if compiled.ok:  # preferred whenever its launch worked, whatever CuPy says
+        assert choice.backend == "compiled"
+        assert "CUDA 13.0 runtime" in choice.why and compiled.why in choice.why
+    elif cupy.ok:
+        assert choice.backend == "cupy"
+        assert cupy.why in choice.why and compiled.why in choice.why  # says why not the compiled one
+    else:
+        assert choice.backend is None
+        why = choice.why
+        assert why.startswith("no usable CUDA backend for sampler_step")
+        assert compiled.why in why and cupy.why in why
+        if driver is None:
+            assert "no NVIDIA driver / no GPU" in why and "cudaErrorInsufficientDriver" not in why.split(".")[0]
+        else:
+            assert f"NVIDIA driver {driver['release']} (supports CUDA {driver['cuda']})" in why
+            assert "cupy-cuda12x" in why and "nvcc" in why
+        if runtime:
+            assert "static CUDA 13.0 runtime" in why
+            if driver is not None:
+                assert "driver >= 580" in why
+        else:
+            assert "no CUDA kernels" in why
+
+
+def test_min_driver_table_covers_the_runtimes_we_build():
+    assert native.MIN_DRIVER[13] == 580 and native.MIN_DRIVER[12] == 525
+    built = native.build_info()["cuda_runtime"]
+    if built:
+        assert int(built.split(".")[0]) in native.MIN_DRIVER
+
+
+def test_dispatch_probes_once_and_tries_cupy_only_when_needed(monkeypatch):
+    """The real dispatch code with the probes' outcomes injected (no GPU here)."""
+    from xlx_fast.ops import sampler_step as S
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(native, "driver_version", lambda: OLD_DRIVER)
+    for outcomes, want in ((("compiled", OK_COMPILED), "compiled"),
+                           (("compiled", BAD_COMPILED, "cupy", OK_CUPY), "cupy"),
+                           (("compiled", BAD_COMPILED, "cupy", BAD_CUPY), None)):
+        results = dict(zip(outcomes[::2], outcomes[1::2]))
+        calls = []
+
+        def fake_probe(index, backend):
+            calls.append((index, backend))
+            return results[backend]
+
+        monkeypatch.setattr(S, "_probe", fake_probe)
+        monkeypatch.setattr(S, "_CHOICES", {})
+        dev = torch.device("cuda", 3)
+        first = S.cuda_backend_choice(dev)
+        again = S.cuda_backend_choice(dev)
+        assert first is again and first.backend == want
+        assert calls == [(3, b) for b in outcomes[::2]]  # once per process and device
+        if want is None:
+            assert "535.154.05" in first.why and "cupy-cuda12x" in first.why
+
+
+def test_dispatch_refuses_to_probe_inside_a_graph_capture(monkeypatch):
+    from xlx_fast.ops import sampler_step as S
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(S, "_CHOICES", {})
+    monkeypatch.setattr(S, "_probe", lambda *a: pytest.fail("probed during a capture"))
+    with pytest.raises(RuntimeError, match="inside a CUDA graph capture"):
+        S.cuda_backend_choice(torch.device("cuda", 0))
+
+
+def test_no_driver_is_said_plainly(monkeypatch):
+    monkeypatch.setattr(native, "driver_version", lambda: None)
+    r = native.report()
+    assert r["nvidia_driver"] == "no NVIDIA driver / no GPU"
+    assert r["cuda_device_reason"].startswith("no NVIDIA driver / no GPU")
+    assert r["sampler_step_cuda"] == "none" and r["sampler_step_cuda_reason"] == "no NVIDIA driver / no GPU"
+    buf = io.StringIO()
+    native.info(file=buf)
+    text = buf.getvalue()
+    assert "cudaErrorInsufficientDriver" not in text
+    assert "sampler_step on CUDA   : none (no NVIDIA driver / no GPU)" in text
+
+
+def test_driver_version_here():
+    d = native.driver_version()
+    if torch.cuda.is_available():
+        assert d is not None and d["cuda"].count(".") == 1
+    elif d is None:
+        assert native.driver_text(d) == "no NVIDIA driver / no GPU"
+
+
+@pytest.mark.gpu
+def test_gpu_sampler_backend_probe_runs_the_chosen_backend():
+    """On a GPU: a backend is chosen, the compiled one wherever the driver supports its
+    runtime, and a step through the op (no backend forced) equals the C++ twin."""
+    from xlx_fast.ops import sampler_step as S
+
+    choice = S.cuda_backend_choice(torch.device("cuda"))
+    assert choice.backend in ("compiled", "cupy"), choice.why
+    driver = native.driver_version()
+    runtime = native.build_info()["cuda_runtime"]
+    if runtime and driver and driver["cuda"]:
+        supported = tuple(map(int, driver["cuda"].split("."))) >= tuple(map(int, runtime.split(".")))
+        assert (choice.backend == "compiled") == supported, choice.why
+    buf = io.StringIO()
+    native.info(file=buf)
+    assert f"sampler_step on CUDA   : {choice.backend} (" in buf.getvalue()
+    gen = torch.Generator().manual_seed(11)
+    n, d, b = 300, 40, 3
+    table = torch.randn(n, d, generator=gen)
+    mask_row = torch.randn(d, generator=gen)
+    prob = torch.rand(b, S.CELLS, generator=gen)
+    pred_id = torch.randint(0, n, (b, S.CELLS), generator=gen)
+    count = torch.tensor([0, 20, 64], dtype=torch.int32)
+    cpu = S.init_state(b, mask_row)
+    S.sampler_step(prob, pred_id, cpu, table, mask_row, "mask_predict", count=count)
+    gpu = S.init_state(b, mask_row.cuda())
+    gpu.out.fill_(float("nan"))  # poisoned: every element must be written
+    S.sampler_step(prob.cuda(), pred_id.cuda(), gpu, table.cuda(), mask_row.cuda(), "mask_predict",
+                   count=count.cuda())
+    for name in ("mask", "visited", "ids", "out", "status"):
+        assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name

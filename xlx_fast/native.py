@@ -4,15 +4,25 @@
 found, with the CUDA runtime linked statically so it imports without a GPU). Nothing here
 raises when something is missing: ``load()`` returns ``None`` and ``load_error()`` says why, and
 ``info()`` prints the truth, e.g. "CUDA kernels compiled: yes (sm_80, sm_90)" next to "CUDA
-device: none (cudaErrorInsufficientDriver ...)".
+device: none (no NVIDIA driver / no GPU)".
+
+Which CUDA backend the sampler step uses is decided by what works, not by what was built: a
+static CUDA 13 runtime needs an NVIDIA driver >= 580, so on a machine with an older driver the
+compiled kernel cannot even count the devices, while CuPy's NVRTC path (e.g. cupy-cuda12x)
+compiles the same source for the driver at hand. ``decide_sampler_backend`` maps the outcomes
+of the probes (``xlx_fast.ops.sampler_step.cuda_backend_choice`` runs them once per device and
+process) to a choice: the compiled kernel if its test launch worked, else CuPy if its test
+launch worked, else none, with an error naming the driver and runtime versions and what to do.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 _LOAD_ERROR: str | None = None
@@ -66,6 +76,89 @@ def cuda_device_count() -> tuple[int, str]:
         return -1, f"xlx_fast._C is not available ({load_error()})"
     n, reason = mod.cuda_device_count()
     return int(n), str(reason)
+
+
+# The oldest driver branch each CUDA runtime major version runs on (NVIDIA's CUDA toolkit
+# release notes, "minimum required driver version"): a static runtime of that major version
+# fails with cudaErrorInsufficientDriver below it.
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+
+
+@functools.lru_cache(maxsize=None)
+def driver_version() -> dict | None:
+    """The NVIDIA driver here: {"release": "580.159.04" (or "" if unread), "cuda": "13.0"}
+    (the newest CUDA version it supports), or None when there is no driver (libcuda absent)."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    try:
+        rc = lib.cuDriverGetVersion(ctypes.byref(version))
+    except AttributeError:
+        rc = -1
+    cuda = f"{version.value // 1000}.{version.value % 1000 // 10}" if rc == 0 else ""
+    release = ""
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
+            words = f.readline().split()
+        release = next((w for w in words if w[:1].isdigit() and w.count(".") >= 1), "")
+    except OSError:
+        pass
+    return {"release": release, "cuda": cuda}
+
+
+def driver_text(driver: dict | None) -> str:
+    if driver is None:
+        return "no NVIDIA driver / no GPU"
+    cuda = f" (supports CUDA {driver['cuda']})" if driver["cuda"] else ""
+    return f"NVIDIA driver {driver['release'] or 'of unknown release'}{cuda}"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The outcome of trying one backend: ``ok`` True (a test launch gave the right answer),
+    False (it failed or could not be tried; ``why`` says which), None (not tried)."""
+
+    ok: bool | None
+    why: str
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """``backend``: "compiled", "cupy", or None (nothing works: ``why`` is the error text)."""
+
+    backend: str | None
+    why: str
+
+
+def decide_sampler_backend(compiled: Probe, cupy: Probe, driver: dict | None,
+                           runtime: str) -> BackendChoice:
+    """The sampler step's CUDA backend from the probes' outcomes (a pure function).
+
+    ``runtime`` is the CUDA runtime compiled into ``_C`` ("13.0", "" when it has no CUDA).
+    Preference: the compiled kernel (no JIT at start, no CuPy needed), then CuPy's JIT of the
+    same source. With neither, the reason names the driver, the runtime, both probes and the fix.
+    """
+    if compiled.ok:
+        return BackendChoice("compiled", f"compiled kernel of xlx_fast._C (CUDA {runtime} runtime, "
+                                         f"static): {compiled.why}")
+    if cupy.ok:
+        return BackendChoice("cupy", f"CuPy NVRTC JIT of csrc/sampler_kernel.cuh: {cupy.why}; "
+                                     f"the compiled kernel is not usable: {compiled.why}")
+    if driver is None:
+        fix = "run on a machine with an NVIDIA GPU and driver, or keep the tensors on the CPU"
+    else:
+        major = int(runtime.split(".")[0]) if runtime[:1].isdigit() else None
+        need = f" (a CUDA {major} runtime needs driver >= {MIN_DRIVER[major]})" if major in MIN_DRIVER else ""
+        fix = (f"update the NVIDIA driver{need}, or install CuPy for the driver's CUDA version "
+               "(e.g. pip install cupy-cuda12x) so the JIT path runs, or rebuild xlx_fast with an "
+               "nvcc the driver supports (pip install --no-build-isolation -e . with it on PATH)")
+    runtime_text = (f"xlx_fast._C has a static CUDA {runtime} runtime" if runtime
+                    else "xlx_fast._C has no CUDA kernels")
+    return BackendChoice(None, f"no usable CUDA backend for sampler_step on this machine "
+                               f"({driver_text(driver)}; {runtime_text}). Compiled kernel: "
+                               f"{compiled.why}. CuPy: {cupy.why}. To fix: {fix}.")
 
 
 def kernel_source_dir() -> Path:
@@ -134,14 +227,12 @@ def report() -> dict:
                 n, reason = torch.cuda.device_count(), "counted by torch (_C has no CUDA)"
         except ImportError:
             pass
+    driver = driver_version()
+    if driver is None:  # the static runtime would say cudaErrorInsufficientDriver: say what it means
+        n, reason = 0, "no NVIDIA driver / no GPU (libcuda.so.1 not found)"
     cupy_ok, cupy_why = cupy_status()
     triton_ok, triton_why = _triton_status()
-    if b["cuda_kernels"]:
-        sampler_cuda = "compiled kernel (xlx_fast._C)" if n > 0 else "compiled, but no device here"
-    elif cupy_ok:
-        sampler_cuda = "CuPy NVRTC JIT of csrc/sampler_kernel.cuh"
-    else:
-        sampler_cuda = "unavailable (no CUDA in _C and no usable CuPy)"
+    sampler_cuda, sampler_why = _sampler_cuda_choice(driver, n, reason)
     return {
         "python": sys.version.split()[0],
         "native_module": "xlx_fast._C" if load() is not None else f"missing ({load_error()})",
@@ -159,8 +250,26 @@ def report() -> dict:
         "triton_reason": triton_why,
         "torch_devices": _torch_devices(),
         "sampler_step_cpu": "C++ twin (xlx_fast._C)" if b["cpu_kernels"] else "unavailable",
+        "nvidia_driver": driver_text(driver),
         "sampler_step_cuda": sampler_cuda,
+        "sampler_step_cuda_reason": sampler_why,
     }
+
+
+def _sampler_cuda_choice(driver, n_devices: int, reason: str) -> tuple[str, str]:
+    """(backend or "none", why) for report(): the probe's choice where there is a GPU."""
+    if driver is None:
+        return "none", "no NVIDIA driver / no GPU"
+    try:
+        import torch
+    except ImportError:
+        return "none", "torch is not installed"
+    if not torch.cuda.is_available():
+        return "none", f"torch sees no CUDA device ({reason})"
+    from xlx_fast.ops.sampler_step import cuda_backend_choice
+
+    choice = cuda_backend_choice(torch.device("cuda", torch.cuda.current_device()))
+    return choice.backend or "none", choice.why
 
 
 def _yes(flag: bool) -> str:
@@ -179,11 +288,12 @@ def info(file=None) -> None:
         f"C++ CPU kernels        : {_yes(r['cpu_kernels'])}" + (f" ({r['compiler']})" if r["compiler"] else ""),
         f"CUDA kernels compiled  : {_yes(r['cuda_kernels'])}"
         + (f" ({r['cuda_archs']}; CUDA runtime {r['cuda_runtime']})" if r["cuda_kernels"] else ""),
+        f"NVIDIA driver          : {r['nvidia_driver']}",
         f"CUDA device            : {device}",
         f"CuPy JIT (NVRTC)       : {_yes(r['cupy_jit'])} ({r['cupy_reason']})",
         f"Triton                 : {_yes(r['triton'])} ({r['triton_reason']})",
         f"torch devices          : {r['torch_devices']}",
         f"sampler_step on CPU    : {r['sampler_step_cpu']}",
-        f"sampler_step on CUDA   : {r['sampler_step_cuda']}",
+        f"sampler_step on CUDA   : {r['sampler_step_cuda']} ({r['sampler_step_cuda_reason']})",
     ]
     print("\n".join(lines), file=file or sys.stdout)

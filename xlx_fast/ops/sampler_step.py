@@ -44,9 +44,15 @@ non-zero ``status[b]`` (codes in csrc/sampler_rules.h; sticky: never cleared by 
 
 Under CUDA graph capture and ``torch.compile``: the op allocates nothing and never syncs; it is
 the custom op ``torch.ops.xlx_fast.sampler_step`` (mutating ``mask``, ``visited``, ``ids``,
-``out``, ``status``) with a fake implementation. CUDA tensors run the kernel compiled into
-``xlx_fast._C``, or, when ``_C`` was built without CUDA, the same source JIT-compiled by CuPy
-(NVRTC); with neither, a ``RuntimeError`` says so (there is no silent fallback).
+``out``, ``status``) with a fake implementation.
+
+CUDA backend: chosen by what works here, once per device and process, on the first CUDA call
+(``cuda_backend_choice``): the kernel compiled into ``xlx_fast._C`` if a test launch of it gives
+the right answer (a static CUDA 13 runtime fails on drivers older than 580), else the same source
+JIT-compiled by CuPy (NVRTC) if its test launch does, else every call raises a ``RuntimeError``
+naming the driver and runtime versions and what to do (there is no silent fallback). The choice
+and why are shown by ``xlx-fast info``. The test launch syncs, so the first CUDA call must not
+be inside a CUDA graph capture (``generate`` warms up before capturing).
 """
 from __future__ import annotations
 
@@ -341,18 +347,94 @@ def _run_cpu(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, statu
                          + " (nothing but status was written)")
 
 
+# device index -> native.BackendChoice, filled by the first CUDA call on that device
+_CHOICES: dict = {}
+
+
+def cuda_backend_choice(device) -> "native.BackendChoice":
+    """The CUDA backend for ``device`` (probed on first use, then remembered for the process):
+    see ``native.decide_sampler_backend``. Never raises for an unusable backend (the choice's
+    ``backend`` is then None and ``why`` the error text), except when the first call on a
+    device comes inside a CUDA graph capture, where the test launch cannot sync."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CHOICES:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "sampler_step's first CUDA call on this device is inside a CUDA graph capture, "
+                "where its backend probe (one test launch and a sync) cannot run: call it once "
+                "before capturing (a warm-up run)")
+        compiled = _probe(index, "compiled")
+        cupy = (native.Probe(None, "not tried (the compiled kernel works)") if compiled.ok
+                else _probe(index, "cupy"))
+        _CHOICES[index] = native.decide_sampler_backend(
+            compiled, cupy, native.driver_version(), native.build_info()["cuda_runtime"])
+    return _CHOICES[index]
+
+
+def _probe(index: int, backend: str) -> "native.Probe":
+    """Whether ``backend`` can run one step correctly on cuda:``index`` (one row, mask_predict
+    from the initial state: every cell decided, the 21 lowest-probability cells re-masked)."""
+    if backend == "compiled":
+        if not native.has_cuda_kernels():
+            why = native.load_error() or "it was built without CUDA kernels (no nvcc, or XLX_NO_CUDA)"
+            return native.Probe(False, f"xlx_fast._C: {why}")
+        n, reason = native.cuda_device_count()
+        if n < 1:  # e.g. cudaErrorInsufficientDriver: the static runtime is newer than the driver
+            return native.Probe(False, f"its CUDA runtime cannot use this GPU: {reason}")
+    else:
+        ok, why = native.cupy_status()
+        if not ok:
+            return native.Probe(False, why)
+    dev = torch.device("cuda", index)
+    try:
+        n_table, d = 5, 3
+        table = torch.arange(n_table * d, dtype=torch.float32, device=dev).view(n_table, d)
+        mask_row = torch.full((d,), -1.0, device=dev)
+        prob = (torch.randperm(CELLS, generator=torch.Generator().manual_seed(0)).float() + 1) / 65
+        pred_id = torch.arange(CELLS, dtype=torch.int64) % n_table
+        count = 21
+        state = init_state(1, mask_row)
+        args = (prob.view(1, CELLS).to(dev), pred_id.view(1, CELLS).to(dev), table, mask_row,
+                state.mask, state.visited, state.ids, state.out, state.status,
+                torch.tensor([count], dtype=torch.int32, device=dev), None, None,
+                STRATEGIES["mask_predict"])
+        check_args(*args)
+        _launch(*args, backend=backend)
+        torch.cuda.synchronize(dev)
+        masked = torch.zeros(CELLS, dtype=torch.bool)
+        masked[torch.argsort(prob, stable=True)[:count]] = True
+        want_out = torch.where(masked[:, None], mask_row.cpu(), table.cpu()[pred_id])
+        right = (torch.equal(state.ids.cpu()[0], pred_id) and torch.equal(state.mask.cpu()[0], masked)
+                 and torch.equal(state.out.cpu()[0], want_out) and int(state.status.cpu()[0]) == 0)
+    except Exception as e:  # a failed launch (no kernel image for this GPU, driver too old, ...)
+        return native.Probe(False, f"its test launch failed: {type(e).__name__}: {e}")
+    if not right:
+        return native.Probe(False, "its test launch ran but gave a wrong answer")
+    return native.Probe(True, f"a test launch on cuda:{index} gave the right answer")
+
+
 def _run_cuda(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
               count, cell, next_cell, strategy, backend=None):
-    """Launch on the current stream of the tensors' device. ``backend`` None picks the
-    compiled kernel if _C has it, else CuPy; "compiled" or "cupy" forces one (tests)."""
+    """Launch on the current stream of the tensors' device. ``backend`` None uses the probed
+    choice (``cuda_backend_choice``); "compiled" or "cupy" forces one (tests)."""
+    if backend is None:
+        choice = cuda_backend_choice(pred_prob.device)
+        if choice.backend is None:
+            raise RuntimeError(choice.why)
+        backend = choice.backend
+    _launch(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
+            count, cell, next_cell, strategy, backend=backend)
+
+
+def _launch(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
+            count, cell, next_cell, strategy, backend):
     ptrs = _pointers(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
                      count, cell, next_cell)
     batch, n_table = pred_prob.shape[0], table.shape[0]
     row_bytes = table.shape[1] * table.element_size()
     with torch.cuda.device(pred_prob.device):
         stream = torch.cuda.current_stream(pred_prob.device).cuda_stream
-        if backend is None:
-            backend = "compiled" if native.has_cuda_kernels() else "cupy"
         if backend == "compiled":
             mod = native.load()
             if mod is None or not native.has_cuda_kernels():
