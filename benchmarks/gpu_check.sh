@@ -93,12 +93,17 @@ if [ -z "$PY" ]; then
     echo "no python with torch found (tried python3, python; set XLX_PYTHON)" | tee -a "$SUMMARY"
     exit 1
 fi
+# one interpreter start for what the stages need to know: CUDA in torch, the pytest plugins
+read -r TORCH_CUDA HAVE_TIMEOUT HAVE_XDIST < <("$PY" -c "
+import importlib.util as u, torch
+print(int(torch.cuda.is_available()), int(u.find_spec('pytest_timeout') is not None),
+      int(u.find_spec('xdist') is not None))" 2>/dev/null || echo "0 0 0")
 GPU_WHY=""
 if ! command -v nvidia-smi >/dev/null 2>&1; then
     GPU_WHY="no NVIDIA driver (nvidia-smi not found)"
 elif ! nvidia-smi -L >/dev/null 2>&1; then
     GPU_WHY="nvidia-smi found no GPU"
-elif ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+elif [ "$TORCH_CUDA" != 1 ]; then
     GPU_WHY="torch sees no CUDA device"
 fi
 if [ -z "$GPU_WHY" ]; then
@@ -115,9 +120,8 @@ fi
 # pytest plugins, used where present: per-test timeouts, parallel workers
 PYTEST=("$PY" -m pytest -p no:cacheprovider -rfE --tb=short --durations=15)
 TIMEOUT_ARGS=()
-if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then TIMEOUT_ARGS=(--timeout=120); fi
-XDIST_OK=0
-if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST_OK=1; fi
+[ "$HAVE_TIMEOUT" = 1 ] && TIMEOUT_ARGS=(--timeout=120)
+XDIST_OK=$HAVE_XDIST
 
 # --- stages ------------------------------------------------------------------------------------
 FAILED=0
@@ -135,6 +139,8 @@ run_stage() {
     shift 4
     local start=$SECONDS
     local limit=$((PLAN + nominal - (start - T0)))
+    local before=0
+    [ -f "$log" ] && before=$(wc -l <"$log")
     PLAN=$((PLAN + nominal + grace))
     echo "== $name (limit ${limit} s) ==" | tee -a "$log"
     # a fresh bash runs the stage's function (timeout runs programs, not functions): it gets the
@@ -149,8 +155,11 @@ run_stage() {
         what="FAILED (rc $rc)"
         FAILED=1
     fi
+    # what this stage wrote: its last lines (all of the summary's table)
+    local show=6
+    [ "$name" = summary ] && show=200
+    tail -n +"$((before + 2))" "$log" | tail -n "$show" | sed 's/^/   | /'
     note "$name" "$what after $((SECONDS - start)) s (total $((SECONDS - T0)) s); log $(basename "$log")"
-    tail -n 6 "$log" | sed 's/^/   | /'
     return 0
 }
 
@@ -318,7 +327,6 @@ stage gpu-tests-attention 45 10 "$OUT/gpu-tests.log" gpu_tests load tests/test_a
 stage bench 85 10 "$OUT/bench.log" bench
 stage profile 35 5 "$OUT/bench.log" profile
 stage summary 10 5 "$SUMMARY" summary
-[ -f "$SUMMARY" ] && wanted summary && sed -n '/^== summary (limit/,$p' "$SUMMARY" | tail -n +2 | head -n 80
 [ "$HAVE_GPU" = 0 ] && note "result" "no GPU here ($GPU_WHY): nothing was run on a GPU"
 note "done" "$([ "$FAILED" = 0 ] && echo "every stage passed" || echo "SOME STAGES FAILED") in $((SECONDS - T0)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit "$FAILED"
