@@ -317,10 +317,15 @@ def test_table_fits_120_columns_and_hides_percentages_of_non_ceilings():
     text = report.format_table(long_rows, ceil)
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 120, text
-    assert len(lines) == 2 + len(long_rows) + len(report.ceilings_lines(ceil))
-    assert "% mm" not in lines[2]  # bf16 emulated: no share of that "ceiling"
-    assert "42456" not in text and "% mm" not in lines[3]
-    assert "55% mm" in lines[4] and "97% gemm" in lines[4]
+    # header, rule, a heading per op (nearest, model_forward, nearest again), the rows, ceilings
+    assert len(lines) == 2 + 3 + len(long_rows) + len(report.ceilings_lines(ceil))
+    assert lines[2] == "nearest" and lines[6] == "model_forward"
+    rows = [line for line in lines if line.startswith("  N=") or line.startswith("  B=")]
+    assert len(rows) == len(long_rows)
+    assert "% mm" not in rows[0]  # bf16 emulated: no share of that "ceiling"
+    assert "42456" not in text and "% mm" not in rows[1]  # above 100%: no ceiling either
+    assert "55% mm" in rows[2] and "97% gemm" in rows[2] and "3.85x" in rows[2]
+    assert "n/a — a very long reason" in rows[4] and rows[4].endswith("…")
     assert "not a ceiling" in text
     # where bf16 is native the same row's share is printed
     assert "42% mm" in report.format_table([_row()], dict(ceil, not_ceilings={}))
