@@ -244,7 +244,11 @@ smoke() {
     "${PYTEST[@]}" "${TIMEOUT_ARGS[@]}" "${SMOKE_IDS[@]}"
 }
 
-gpu_tests() {  # gpu_tests DIST ARGS...: the GPU-marked tests of ARGS, in parallel where possible
+# gpu_tests DIST ARGS...: the GPU-marked tests of ARGS, in parallel where pytest-xdist is here.
+# Parallel is safe for these tests: each worker is a process with its own CUDA context, no test
+# asserts on a time or on device-wide memory, and Triton's cache takes concurrent writers.
+# DIST: loadfile (a file's module-scoped models are built once) or load (one file's many cases).
+gpu_tests() {
     local dist=$1
     shift
     if [ "$HAVE_GPU" = 0 ]; then
@@ -326,6 +330,7 @@ stage gpu-tests 75 10 "$OUT/gpu-tests.log" \
 stage gpu-tests-attention 45 10 "$OUT/gpu-tests.log" gpu_tests load tests/test_attention.py
 stage bench 85 10 "$OUT/bench.log" bench
 stage profile 35 5 "$OUT/bench.log" profile
+rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temporary behind: not a 9th file
 stage summary 10 5 "$SUMMARY" summary
 [ "$HAVE_GPU" = 0 ] && note "result" "no GPU here ($GPU_WHY): nothing was run on a GPU"
 note "done" "$([ "$FAILED" = 0 ] && echo "every stage passed" || echo "SOME STAGES FAILED") in $((SECONDS - T0)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
