@@ -441,12 +441,18 @@ def _launch(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status
                 raise RuntimeError("xlx_fast._C was built without CUDA kernels")
             mod.sampler_step_cuda(*ptrs, strategy, batch, n_table, row_bytes, stream)
             return
-        ok, why = native.cupy_status()
+        ok, why = _cupy_status()
         if not ok:
             raise RuntimeError(
                 "sampler_step on CUDA needs xlx_fast._C built with CUDA (reinstall with nvcc on "
                 f"PATH, without XLX_NO_CUDA) or CuPy for the NVRTC JIT path ({why})")
         _launch_cupy(ptrs, strategy, batch, n_table, row_bytes, pred_prob.device.index, stream)
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_status() -> tuple[bool, str]:
+    """``native.cupy_status()`` once per process: it asks the driver, too slow for every step."""
+    return native.cupy_status()
 
 
 def _gather_width(row_bytes, *addresses) -> int:
