@@ -230,8 +230,13 @@ def test_cli_quick_tiny_writes_json_and_png(tmp_path, capsys):
     assert doc["complete"] and not doc["failures"]
     assert {r["op"] for r in doc["rows"]} == {"attention", "sampler_step"}
     assert doc["settings"]["ops"] == ["attention", "sampler"]
-    printed = capsys.readouterr().out
-    assert "speedup" in printed and "attention" in printed
+    captured = capsys.readouterr()
+    assert "speedup" in captured.out and "attention" in captured.out
+    # not a terminal: one progress line per case (with its time), no carriage-return bar
+    progress = [line for line in captured.err.splitlines() if line.startswith("[")]
+    n_cases = len({(r["op"], r["shape"], r["dtype"]) for r in doc["rows"]})
+    assert len(progress) == n_cases and progress[-1].startswith(f"[{n_cases}/{n_cases}] ")
+    assert "\r" not in captured.err
 
 
 @pytest.mark.parametrize("argv,message", [

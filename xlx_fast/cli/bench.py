@@ -159,9 +159,12 @@ def run(args: argparse.Namespace) -> int:
 
     todo = [(family, case) for family in families for case in bench_cases.cases(family, spec)]
     rows, failures = [], []
-    bar = tqdm(todo, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True)
+    # a progress bar on a terminal; in a log (not a TTY: gpu_check.sh, CI) one plain line per
+    # case with its time instead of thousands of carriage-return updates
+    bar = tqdm(todo, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True, disable=None)
     for i, (family, case) in enumerate(bar):
         bar.set_postfix_str(case.id, refresh=True)
+        case_started = time.perf_counter()
         try:
             rows.extend(harness.run_case(case, ceil, info, plan))
         except Exception as e:  # recorded and printed loudly; the exit status says it failed
@@ -173,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
             bench_cases.release(family)  # e.g. the generation models: free them before the next family
         harness.add_comparisons(rows)
         report.write_json(report.document(info, ceil, settings, rows, failures, complete=False), json_path)
+        if bar.disable:
+            print(f"[{i + 1}/{len(todo)}] {case.id}: {time.perf_counter() - case_started:.1f} s "
+                  f"(total {time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     bar.close()
 
     doc = report.document(info, ceil, settings, rows, failures, complete=True)
