@@ -75,7 +75,7 @@ def render(path: Path | None, doc: dict | None, root: Path = ROOT) -> str:
         + (f" at `{m['xlx_fast_commit']}`" if m.get("xlx_fast_commit") else "") + ".",
         f"Ceilings measured in the same run: matmul {ceilings}; copy {c['copy_gbps']:.1f} GB/s.",
         "",
-        report.format_markdown(doc["rows"]),
+        report.format_markdown(doc["rows"], doc["ceilings"]),
     ]
     if not doc.get("complete", True):
         lines += ["", "(The sweep did not finish: these are the cases that completed.)"]

@@ -231,11 +231,11 @@ def format_table(rows: list[dict], ceilings: dict | None = None, width: int = TA
     return "\n".join(lines)
 
 
-def format_markdown(rows: list[dict]) -> str:
-    """The same table as Markdown (for the README)."""
+def format_markdown(rows: list[dict], ceilings: dict | None = None) -> str:
+    """The same table as Markdown (for the README), every comparison spelled out."""
     out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        out.append("| " + " | ".join(c.replace("|", "/") for c in table_cells(r)) + " |")
+        out.append("| " + " | ".join(c.replace("|", "/") for c in table_cells(r, ceilings)) + " |")
     return "\n".join(out)
 
 
