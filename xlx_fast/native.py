@@ -88,15 +88,20 @@ MIN_DRIVER = {11: 450, 12: 525, 13: 580}
 def driver_version() -> dict | None:
     """The NVIDIA driver here: {"release": "580.159.04" (or "" if unread), "cuda": "13.0"}
     (the newest CUDA version it supports), or None when there is no driver (libcuda absent)."""
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
     version = ctypes.c_int(0)
     try:
-        rc = lib.cuDriverGetVersion(ctypes.byref(version))
-    except AttributeError:
+        rc = ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+    except (OSError, AttributeError):  # not on the loader's path: ask torch, which found it
         rc = -1
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                version.value, rc = int(torch._C._cuda_getDriverVersion()), 0
+        except (ImportError, AttributeError, RuntimeError):
+            pass
+        if rc != 0:
+            return None
     cuda = f"{version.value // 1000}.{version.value % 1000 // 10}" if rc == 0 else ""
     release = ""
     try:
