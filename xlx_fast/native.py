@@ -234,10 +234,10 @@ def report() -> dict:
             pass
     driver = driver_version()
     if driver is None:  # the static runtime would say cudaErrorInsufficientDriver: say what it means
-        n, reason = 0, "no NVIDIA driver / no GPU (libcuda.so.1 not found)"
+        n, reason = 0, "no NVIDIA driver / no GPU: libcuda.so.1 not found"
     cupy_ok, cupy_why = cupy_status()
     triton_ok, triton_why = _triton_status()
-    sampler_cuda, sampler_why = _sampler_cuda_choice(driver, n, reason)
+    sampler_cuda, sampler_why = _sampler_cuda_choice(driver, reason)
     return {
         "python": sys.version.split()[0],
         "native_module": "xlx_fast._C" if load() is not None else f"missing ({load_error()})",
@@ -261,7 +261,7 @@ def report() -> dict:
     }
 
 
-def _sampler_cuda_choice(driver, n_devices: int, reason: str) -> tuple[str, str]:
+def _sampler_cuda_choice(driver, reason: str) -> tuple[str, str]:
     """(backend or "none", why) for report(): the probe's choice where there is a GPU."""
     if driver is None:
         return "none", "no NVIDIA driver / no GPU"
