@@ -222,3 +222,26 @@ def test_gpu_sampler_backend_probe_runs_the_chosen_backend():
                    count=count.cuda())
     for name in ("mask", "visited", "ids", "out", "status"):
         assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+
+
+def test_real_probes_on_this_machine_without_a_gpu(monkeypatch):
+    """No mocks but the capture check (torch without CUDA cannot answer it): the compiled
+    kernel's runtime cannot reach a driver here, exactly as on a machine whose driver is too old
+    for the static runtime, and the choice says so instead of launching."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: test_gpu_sampler_backend_probe_runs_the_chosen_backend covers it")
+    from xlx_fast.ops import sampler_step as S
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(S, "_CHOICES", {})
+    compiled = S._probe(0, "compiled")
+    assert compiled.ok is False
+    if native.has_cuda_kernels():
+        n, reason = native.cuda_device_count()
+        assert n < 0 and reason in compiled.why and "cannot use this GPU" in compiled.why
+    cupy = S._probe(0, "cupy")
+    assert cupy.ok is False and cupy.why == native.cupy_status()[1]
+    choice = S.cuda_backend_choice(torch.device("cuda", 0))
+    assert choice.backend is None
+    assert compiled.why in choice.why and cupy.why in choice.why
+    assert native.driver_text(native.driver_version()) in choice.why
