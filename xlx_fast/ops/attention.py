@@ -179,7 +179,7 @@ if triton is not None:
     # 64/128 x 64 tiles.
     _HALF_CONFIGS = [
         _config(32, 32, 1, 2, 1),
-        _config(32, 32, 2, 2, 1),
+        _config(32, 32, 2, 2, 2),
         _config(64, 32, 1, 4, 2),
         _config(128, 64, 1, 8, 2),
     ]
@@ -189,7 +189,7 @@ if triton is not None:
     _FP32_CONFIGS = [
         _config(16, 32, 1, 4, 1),
         _config(16, 32, 2, 4, 1),
-        _config(32, 32, 2, 8, 1),
+        _config(32, 32, 1, 8, 1),
     ]
     _CONFIGS = _HALF_CONFIGS + _FP32_CONFIGS
 
