@@ -61,7 +61,8 @@ Limits: head dim 32, 64 or 128; fp32, fp16, bf16 inputs (q, k, v of one dtype); 
 forward only (no autograd: ``xlx_fast.optimize`` keeps the eager path wherever a gradient is
 needed); the last dimension of q, k, v and out may have any stride, though stride 1 is the fast
 case; query tiles form grid axis 1, so ``Lq <= 65535·BLOCK_M``. The first call per tuning key
-benchmarks the candidates: run one before capturing a CUDA graph.
+(which includes the dtype) benchmarks the candidates: run one before capturing a CUDA graph.
+With ``XLX_FAST_TUNING=test`` (the test suite) it takes the first fitting config instead.
 """
 from __future__ import annotations
 
