@@ -24,12 +24,12 @@ K entries, D features, b bytes per element, S splits, G = GROUP_N·BLOCK_N rows 
     out: 12·N (id int64, score fp32)
 
 At N = 262144, K = 10000, D = 2048, bf16 (G = 4096, S = 27): x 1.07 GB, C 64 × 41 MB = 2.6 GB,
-partials 2 × 57 MB, out 3 MB: about 3.8 GB, against 2·N·K·D = 10.7 TFLOP of tensor-core work.
-The single-pass kernel this replaces held one row tile per program and walked the whole codebook,
-so 132 resident row tiles (67 MB) did not fit in L2 and x came from HBM once per codebook tile:
-N·D·b·K/BLOCK_K = 85 GB. For a few hundred rows the splits keep the SMs busy. The CPU path does
-the same blocked: a GEMM (``torch.addmm``, threaded by torch) per chunk of rows, then ``min`` over
-the K scores, so memory stays O(chunk × K); half inputs are widened to fp32 first (exact).
+partials 2 × 57 MB, out 3 MB: about 3.8 GB, against 2·N·K·D = 10.7 TFLOP of tensor-core work
+(a model, to be checked by the benchmark). A single-pass kernel with one row tile per program
+walking the whole codebook has 132 resident row tiles (67 MB) on an H100, more than its 50 MB L2,
+so x comes from HBM once per codebook tile: N·D·b·K/BLOCK_K = 85 GB. For a few hundred rows
+the splits keep the SMs busy. The CPU path does the same blocked: a GEMM (``torch.addmm``,
+threaded by torch) per chunk of rows, then ``min`` over the K scores, so memory stays O(chunk × K); half inputs are widened to fp32 first (exact).
 
 Tie-breaking (as FAISS ``IndexFlatL2`` with k=1): among equal scores the lowest index wins. Within
 a tile the argmin takes the lowest column whose score equals the tile minimum; a later tile of
@@ -345,8 +345,9 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "iee
         norms: precomputed ||c_k||^2 (float32 [K]); by default computed once per codebook
             tensor and cached (see :func:`codebook_norms`).
         chunk: rows per step. Numpy rows are converted (and copied to CUDA) chunk by chunk; the
-            CPU path bounds its scratch to chunk × K floats. Default 2048 on the CPU, 262144 for
-            host rows to CUDA, all rows at once for CUDA-resident x.
+            CPU path bounds its scratch to chunk × K floats, the CUDA path its per-split partials
+            to 8 · chunk · splits bytes (splits <= 32). Default 2048 on the CPU, 262144 for host
+            rows to CUDA, 2^20 for CUDA-resident x (partials <= 256 MB).
         progress: show a tqdm bar over chunks.
 
     Returns:
@@ -404,7 +405,7 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "iee
     xf = x.reshape(-1, x.shape[-1])
     n = xf.shape[0]
     if device.type == "cuda":
-        step = n if (chunk is None and not was_numpy) else (chunk or 262144)
+        step = chunk or (262144 if was_numpy else 1 << 20)
     else:
         step = chunk or 2048
     step = max(1, step)
