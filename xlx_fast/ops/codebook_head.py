@@ -246,6 +246,7 @@ def compile_variants(h, weight, *, sample, precision, sms):
         out.append((f"{kernel.fn.__name__} {kwargs}", kernel, args, kwargs))
     return out
 
+
 def codebook_head_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
                          temperature: float = 0.0, seeds: torch.Tensor | None = None, step: int = 0,
                          precision: str = "ieee", block_m: int | None = None,
