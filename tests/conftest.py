@@ -14,6 +14,10 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+# GPU tests tune with one config per key (xlx_fast.ops.attention.tuning): a wide search is the
+# benchmarks' job, and in tests it costs minutes of compiling
+os.environ.setdefault("XLX_FAST_TUNING", "test")
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

@@ -15,8 +15,20 @@ so that batch 1 = 64 rows still fills the GPU). It walks its slice in BLOCK_K ti
 (fp32 accumulation), bias, then the online-softmax update (running max m, running sum s rescaled
 by exp(m_old - m_new)) and the running argmax of the key (z, or z + g). Each program writes five
 numbers per row; a second small kernel merges the slices (max of m, rescaled sum of s, first
-slice holding the largest key). Traffic: W is read once per row block, h once per class tile
-(from L2); logits never leave registers.
+slice holding the largest key), walking them in chunks of 32 so any number of slices fits in
+registers. Traffic per call (b bytes per element, R = ceil(M/BLOCK_M) row blocks, S slices):
+W is read R times (K·H·b each: 15 MB at K = 10000, H = 768 fp16, once per row block; a batch of
+64 rows is one block), h once per class tile of its slice (from L2: M·H·b·K/BLOCK_K in all), 20
+bytes of partials per row and slice written and read, 12 bytes per row out; the M×K logits never
+leave registers. Limits: H and K any size (tiles are masked); M·S partials in fp32.
+
+Precision (rounding model in :mod:`xlx_fast.ops.dot_error`): a logit errs by at most
+gamma(H)·sum_d |h_d w_kd| + 2^-23 |b_k|, with gamma(H, "ieee") = H·2^-23 for fp32 (FMA) and
+fp16/bf16 inputs (exact products) and gamma(H, "tf32") = 2·2^-10 + 2^-20 + H·2^-23 for fp32 with
+``precision="tf32"``: Triton gives the raw fp32 registers to the tf32 MMA, which truncates each
+operand to 10 significand bits. With logit errors <= e the returned probability is within a
+factor e^(±4e) of the exact one (numerator and sum each move by at most e^(±2e)); the id is the
+exact argmax wherever the top-2 gap exceeds 2e.
 
 Gumbel noise is counter-based: u = Philox4x32-10(key = per-row 64-bit seed, counter = (class,
 step, 0, 0)), first word, u = ((r >> 8) + 0.5)·2^-24 ∈ (0, 1), g = -log(-log u). A row's noise
@@ -66,7 +78,9 @@ if triton is not None:
         u = ((r >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2^-24
         return -tl.log(-tl.log(u))
 
-    @triton.jit
+    # step changes every sampling step: specialising it (== 1, multiple of 16) would compile the
+    # kernel up to three times, some of them in the middle of a generation loop
+    @triton.jit(do_not_specialize=["step"])
     def _head_partial_kernel(
         H, W, B, SEEDS, P_M, P_S, P_KEY, P_Z, P_ID,
         M, K, HD, K_PER_SPLIT, NSPLIT,
@@ -128,24 +142,36 @@ if triton is not None:
     @triton.jit
     def _head_merge_kernel(P_M, P_S, P_KEY, P_Z, P_ID, OUT_P, OUT_ID, M, NSPLIT,
                            BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+        # Walks the slices in chunks of BLOCK_S (any NSPLIT, bounded registers): the running max
+        # and rescaled sum as in the partial kernel, and the best key by a strict '>' over the
+        # chunks in class order, so the first slice holding the best key wins.
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        sp = tl.arange(0, BLOCK_S)
-        ok = (rows < M)[:, None] & (sp < NSPLIT)[None, :]
-        idx = rows[:, None] * NSPLIT + sp[None, :]
-        m = tl.load(P_M + idx, mask=ok, other=float("-inf"))
-        s = tl.load(P_S + idx, mask=ok, other=0.0)
-        key = tl.load(P_KEY + idx, mask=ok, other=float("-inf"))
-        z = tl.load(P_Z + idx, mask=ok, other=0.0)
-        ids = tl.load(P_ID + idx, mask=ok, other=0)
-        m_all = tl.max(m, axis=1)
-        s_all = tl.sum(tl.where(ok, s * tl.exp(m - m_all[:, None]), 0.0), axis=1)
-        key_best = tl.max(key, axis=1)
-        # slices are in class order: the first slice holding the best key has the lowest id
-        first = tl.min(tl.where(key == key_best[:, None], sp[None, :], BLOCK_S), axis=1)
-        pick = sp[None, :] == first[:, None]
-        z_best = tl.sum(tl.where(pick, z, 0.0), axis=1)
-        id_best = tl.sum(tl.where(pick, ids, 0), axis=1)
         row_ok = rows < M
+        m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s_all = tl.zeros([BLOCK_M], tl.float32)
+        key_best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        z_best = tl.zeros([BLOCK_M], tl.float32)
+        id_best = tl.zeros([BLOCK_M], tl.int32)
+        for s0 in range(0, NSPLIT, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            ok = row_ok[:, None] & (sp < NSPLIT)[None, :]
+            idx = rows[:, None] * NSPLIT + sp[None, :]
+            m = tl.load(P_M + idx, mask=ok, other=float("-inf"))
+            s = tl.load(P_S + idx, mask=ok, other=0.0)
+            key = tl.load(P_KEY + idx, mask=ok, other=float("-inf"))
+            m_new = tl.maximum(m_all, tl.max(m, axis=1))
+            s_all = s_all * tl.exp(m_all - m_new) + tl.sum(
+                tl.where(ok, s * tl.exp(m - m_new[:, None]), 0.0), axis=1)
+            m_all = m_new
+            chunk_best = tl.max(key, axis=1)
+            first = tl.min(tl.where(key == chunk_best[:, None], sp[None, :], NSPLIT), axis=1)
+            better = chunk_best > key_best
+            pick = rows * NSPLIT + first
+            z = tl.load(P_Z + pick, mask=row_ok & better, other=0.0)
+            ids = tl.load(P_ID + pick, mask=row_ok & better, other=0)
+            key_best = tl.where(better, chunk_best, key_best)
+            z_best = tl.where(better, z, z_best)
+            id_best = tl.where(better, ids, id_best)
         tl.store(OUT_P + rows, tl.exp(z_best - m_all) / s_all, mask=row_ok)
         tl.store(OUT_ID + rows, id_best.to(tl.int64), mask=row_ok)
 
@@ -153,6 +179,73 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
+
+def _launches(h, weight, bias, seeds, prob, ids, temperature, step, precision,
+              block_m=None, block_k=None, block_h=None, splits=None, sms=1, cuda=None):
+    """The kernel launches of one call: [(kernel, grid, args, kwargs)], shared by the launcher and
+    by the compile check (tests/test_triton_compile.py), so both see the same configs. ``sms``:
+    multiprocessors of the device (sizes the default class split); ``cuda``: launch options for
+    a GPU (default: whether h is on one)."""
+    m, hd = h.shape
+    k = weight.shape[0]
+    if block_m is None:
+        block_m = 64 if m >= 64 else max(16, triton.next_power_of_2(m))
+    sample = temperature > 0
+    fp32 = h.dtype == torch.float32
+    block_k = block_k or (64 if fp32 and sample else 128)
+    block_h = block_h or (32 if fp32 else 64)
+    row_blocks = triton.cdiv(m, block_m)
+    k_tiles = triton.cdiv(k, block_k)
+    if splits is None:
+        splits = max(1, min(k_tiles, triton.cdiv(2 * sms, row_blocks)))
+    # whole tiles per slice, and no empty slice
+    k_per = triton.cdiv(k_tiles, max(1, min(splits, k_tiles))) * block_k
+    nsplit = triton.cdiv(k, k_per)
+    part = torch.empty(5, m, nsplit, dtype=torch.float32, device=h.device)
+    part_id = torch.empty(m, nsplit, dtype=torch.int32, device=h.device)
+    if seeds is None:
+        seeds = ids  # never read when not sampling
+    cuda = h.device.type == "cuda" if cuda is None else cuda
+    # 4 warps hold a 64 x 128 tile with room to spare only for half greedy; fp32 operands (twice
+    # the registers, FMA broadcasts) and the Gumbel noise (Philox state per logit) spill there,
+    # so those get 8 warps, and fp32 sampling also half-width class tiles (set above)
+    warps = 8 if block_m >= 32 and (sample or fp32) else 4
+    partial = (
+        _head_partial_kernel, (row_blocks, nsplit),
+        (h, weight, bias, seeds, part[0], part[1], part[2], part[3], part_id,
+         m, k, hd, k_per, nsplit,
+         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
+         (1.0 / temperature) if sample else 1.0, int(step)),
+        dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_H=block_h, SAMPLE=sample,
+             # precision only means something for fp32 operands; half operands take the default
+             INPUT_PRECISION=precision if h.dtype == torch.float32 else "tf32",
+             WIDEN=interpreter_widen(h),
+             **({"num_warps": warps, "num_stages": 3} if cuda else {})))
+    merge_block = 32
+    merge = (
+        _head_merge_kernel, (triton.cdiv(m, merge_block),),
+        (part[0], part[1], part[2], part[3], part_id, prob, ids, m, nsplit),
+        dict(BLOCK_M=merge_block, BLOCK_S=min(32, max(2, triton.next_power_of_2(nsplit))),
+             **({"num_warps": 4, "num_stages": 1} if cuda else {})))
+    return [partial, merge]
+
+
+def compile_variants(h, weight, *, sample, precision, sms):
+    """[(label, kernel, args, kwargs)] a CUDA call on h [M, H] and weight [K, H] compiles (any
+    device: only shapes, strides and dtypes matter), on a GPU with ``sms`` multiprocessors."""
+    m, k = h.shape[0], weight.shape[0]
+    bias = torch.empty(k, dtype=torch.float32)
+    seeds, ids = torch.empty(m, dtype=torch.int64), torch.empty(m, dtype=torch.int64)
+    prob = torch.empty(m, dtype=torch.float32)
+    out = []
+    for kernel, _grid, args, kwargs in _launches(h, weight, bias, seeds, prob, ids,
+                                                 1.0 if sample else 0.0, 5, precision, sms=sms,
+                                                 cuda=True):
+        if "WIDEN" in kwargs:
+            kwargs["WIDEN"] = False  # the interpreter's bf16 workaround; never on a GPU
+        out.append((f"{kernel.fn.__name__} {kwargs}", kernel, args, kwargs))
+    return out
+
 
 def codebook_head_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
                          temperature: float = 0.0, seeds: torch.Tensor | None = None, step: int = 0,
@@ -169,8 +262,7 @@ def codebook_head_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """
     if triton is None:  # pragma: no cover
         raise RuntimeError("triton is not installed")
-    m, hd = h.shape
-    k = weight.shape[0]
+    m = h.shape[0]
     if out is None:
         prob = torch.empty(m, dtype=torch.float32, device=h.device)
         ids = torch.empty(m, dtype=torch.int64, device=h.device)
@@ -178,40 +270,10 @@ def codebook_head_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         prob, ids = out
     if m == 0:
         return prob, ids
-    if block_m is None:
-        block_m = 64 if m >= 64 else max(16, triton.next_power_of_2(m))
-    block_k = block_k or 128
-    block_h = block_h or (64 if h.dtype != torch.float32 else 32)
-    row_blocks = triton.cdiv(m, block_m)
-    k_tiles = triton.cdiv(k, block_k)
-    if splits is None:
-        sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 1
-        splits = max(1, min(k_tiles, triton.cdiv(2 * sms, row_blocks)))
-    # whole tiles per slice, and no empty slice
-    k_per = triton.cdiv(k_tiles, max(1, min(splits, k_tiles))) * block_k
-    nsplit = triton.cdiv(k, k_per)
-    part = torch.empty(5, m, nsplit, dtype=torch.float32, device=h.device)
-    part_id = torch.empty(m, nsplit, dtype=torch.int32, device=h.device)
-    sample = temperature > 0
-    if seeds is None:
-        seeds = ids  # never read when not sampling
-    kwargs = {} if h.device.type == "cpu" else {"num_warps": 4, "num_stages": 3}
-    _head_partial_kernel[(row_blocks, nsplit)](
-        h, weight, bias, seeds, part[0], part[1], part[2], part[3], part_id,
-        m, k, hd, k_per, nsplit,
-        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
-        (1.0 / temperature) if sample else 1.0, int(step),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_H=block_h, SAMPLE=sample,
-        # precision only means something for fp32 operands; half operands take the default
-        INPUT_PRECISION=precision if h.dtype == torch.float32 else "tf32",
-        WIDEN=interpreter_widen(h),
-        **kwargs,
-    )
-    merge_block = 64
-    _head_merge_kernel[(triton.cdiv(m, merge_block),)](
-        part[0], part[1], part[2], part[3], part_id, prob, ids, m, nsplit,
-        BLOCK_M=merge_block, BLOCK_S=max(2, triton.next_power_of_2(nsplit)),
-    )
+    sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 1
+    for kernel, grid, args, kwargs in _launches(h, weight, bias, seeds, prob, ids, temperature, step,
+                                                precision, block_m, block_k, block_h, splits, sms):
+        kernel[grid](*args, **kwargs)
     return prob, ids
 
 

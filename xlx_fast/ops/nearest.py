@@ -5,29 +5,51 @@ Math. For a row x and centroids c_k (k < K)::
     id(x)   = argmin_k ||x - c_k||^2 = argmin_k ( ||c_k||^2 - 2 x·c_k )      (||x||^2 is constant in k)
     dist(x) = ||x||^2 + min_k ( ||c_k||^2 - 2 x·c_k )                          clamped at 0
 
-The GPU path is one Triton kernel: each program owns BLOCK_N rows of x, walks the codebook in
-BLOCK_K tiles, computes the tile of dot products with ``tl.dot`` (fp32 accumulation), adds the
-precomputed centroid norms and folds the tile into a running (min, argmin) per row. It reads x
-once per codebook tile (from L2), the codebook once per row block, and writes 12 bytes per row
-(id, score): never an N×K matrix. One program per BLOCK_N rows: the kernel is built for large N
-(assignment of millions of features); for a few hundred rows most SMs idle. The CPU path does the
-same blocked: a GEMM (``torch.addmm``, threaded by torch) per chunk of rows, then ``min`` over the
-K scores, so memory stays O(chunk × K); half inputs are widened to fp32 first (exact).
+GPU path: two Triton kernels, as a GEMM with a fused min/argmin epilogue (RAFT's fused L2 NN).
 
-Tie-breaking (as FAISS ``IndexFlatL2`` with k=1): among equal scores the lowest index wins. In the
-kernel the argmin within a tile takes the lowest column whose score equals the tile minimum, and a
-later tile replaces the running best only when strictly smaller. Duplicate centroids therefore
-resolve to the first copy.
+1. ``_nearest_partial_kernel`` on a 2-D grid of (row tile × codebook split): a program owns
+   BLOCK_N rows of x and one split of the codebook (a few BLOCK_K tiles), computes each tile of
+   dot products with ``tl.dot`` (fp32 accumulation over D), adds the precomputed norms, folds the
+   tile into a running (min, argmin) per row and writes one (score, id) pair per row and split.
+   Programs are numbered in groups of GROUP_N row tiles (as in a grouped GEMM): consecutive
+   programs take the same split for the group's row tiles, then the next split, so while a group
+   sweeps the codebook its x tiles stay in L2 and every codebook tile fetched is used by GROUP_N
+   row tiles.
+2. ``_nearest_merge_kernel``: per row, the minimum over the splits, in split order.
 
-Error bound. With unit roundoff u = 2^-24 (fp32 accumulation), inputs rounded to u_in before the
-products (u_in = 0 for IEEE fp32, fp16 and bf16 inputs, whose products are exact in fp32;
-u_in = 2^-11 for tf32), and D the feature dimension, the computed score s_k of each centroid obeys::
+Traffic model (HBM, assuming the group's x tiles and the splits in flight stay in L2), at N rows,
+K entries, D features, b bytes per element, S splits, G = GROUP_N·BLOCK_N rows per group::
 
-    |s_k - s_k(exact)| <= 2 (2 u_in + D u) ||x|| ||c_k|| + D u ||c_k||^2  =: e_k
+    x: N·D·b once     C: K·D·b per group, (N/G)·K·D·b     partials: 8·N·S written and read
+    out: 12·N (id int64, score fp32)
+
+At N = 262144, K = 10000, D = 2048, bf16 (G = 4096, S = 27): x 1.07 GB, C 64 × 41 MB = 2.6 GB,
+partials 2 × 57 MB, out 3 MB: about 3.8 GB, against 2·N·K·D = 10.7 TFLOP of tensor-core work
+(a model, to be checked by the benchmark). A single-pass kernel with one row tile per program
+walking the whole codebook has 132 resident row tiles (67 MB) on an H100, more than its 50 MB L2,
+so x comes from HBM once per codebook tile: N·D·b·K/BLOCK_K = 85 GB. For a few hundred rows
+the splits keep the SMs busy. The CPU path does the same blocked: a GEMM (``torch.addmm``,
+threaded by torch) per chunk of rows, then ``min`` over the K scores, so memory stays O(chunk × K); half inputs are widened to fp32 first (exact).
+
+Tie-breaking (as FAISS ``IndexFlatL2`` with k=1): among equal scores the lowest index wins. Within
+a tile the argmin takes the lowest column whose score equals the tile minimum; a later tile of
+the split replaces the running best only when strictly smaller; the merge walks the splits in
+class order and also replaces only when strictly smaller. Duplicate centroids therefore resolve
+to the first copy, wherever the tile and split boundaries fall.
+
+Error bound (rounding model in :mod:`xlx_fast.ops.dot_error`). The dot product x·c_k of D terms
+has error at most gamma(D) ||x|| ||c_k|| (Cauchy-Schwarz on sum |x_i c_ki|), with
+gamma(D, "ieee") = D·2^-23 (products exact; fp32, fp16, bf16 inputs) and gamma(D, "tf32") =
+2·2^-10 + 2^-20 + D·2^-23 (Triton passes raw fp32 to the tf32 MMA, which TRUNCATES each operand
+to 10 significand bits). With u = 2^-24, the norms ||c_k||^2 summed in fp32 by torch and one
+rounding of ``cnorm - 2 acc``, the computed score s_k of each centroid obeys::
+
+    |s_k - s_k(exact)| <= 2 (gamma(D) + u) ||x|| ||c_k|| + (D + 1) u ||c_k||^2  =: e_k
 
 (a worst-case, not probabilistic, bound; typical errors are ~sqrt(D) smaller). The returned id is
 therefore the exact float64 argmin of the given inputs whenever the gap between the best and the
 second-best exact score exceeds e_best + e_second. :func:`error_bound` computes max_k e_k per row.
+At D = 2048 and unit-norm rows and centroids, e is 6.1e-4 with IEEE fp32 and 4.5e-3 with tf32.
 
 NaN. A NaN centroid is refused when its norms are computed (once per codebook, K values checked).
 A NaN in x is detected inside the kernel (a per-row flag, no extra pass over x) and raised as a
@@ -47,6 +69,7 @@ except ImportError:  # pragma: no cover - the CPU path works without triton
     triton = None
 
 from .codebook_tile import interpreter_widen
+from .dot_error import gamma
 
 __all__ = ["nearest", "nearest_triton", "nearest_torch", "codebook_norms", "error_bound"]
 
@@ -58,22 +81,32 @@ if triton is not None:
     from .codebook_tile import rows_dot_entries
 
     @triton.jit
-    def _nearest_kernel(
-        X, C, CNORM, OUT_ID, OUT_SCORE,
-        N, K, D,
+    def _nearest_partial_kernel(
+        X, C, CNORM, P_SCORE, P_ID,
+        N, K, D, K_PER_SPLIT, NSPLIT,
         stride_xn, stride_xd, stride_ck, stride_cd,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
     ):
+        # grouped order: GROUP_N row tiles share a split before the next split is taken
         pid = tl.program_id(0)
-        rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_tiles = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_N * NSPLIT
+        first_tile = (pid // per_group) * GROUP_N
+        group_size = tl.minimum(row_tiles - first_tile, GROUP_N)
+        tile = first_tile + (pid % per_group) % group_size
+        split = (pid % per_group) // group_size
+
+        rows = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        k_begin = split * K_PER_SPLIT
+        k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
         best = tl.full([BLOCK_N], float("inf"), tl.float32)
         best_id = tl.zeros([BLOCK_N], tl.int32)
         has_nan = tl.zeros([BLOCK_N], tl.int32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_begin, k_end, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
+            col_ok = cols < k_end
             # acc[n, k] = x_n · c_k, fp32 accumulation over D
             acc = rows_dot_entries(X, stride_xn, stride_xd, rows, row_ok, C, stride_ck, stride_cd,
                                    cols, col_ok, D, BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, WIDEN)
@@ -88,6 +121,33 @@ if triton is not None:
             better = tile_min < best
             best = tl.where(better, tile_min, best)
             best_id = tl.where(better, tile_id, best_id)
+        out = rows * NSPLIT + split
+        tl.store(P_SCORE + out, best, mask=row_ok)
+        tl.store(P_ID + out, tl.where(has_nan > 0, -1, best_id), mask=row_ok)
+
+    @triton.jit
+    def _nearest_merge_kernel(P_SCORE, P_ID, OUT_ID, OUT_SCORE, N, NSPLIT,
+                              BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+        # splits in class order, chunks of BLOCK_S; strict '<' keeps the lowest index on ties
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        best = tl.full([BLOCK_N], float("inf"), tl.float32)
+        best_id = tl.zeros([BLOCK_N], tl.int32)
+        has_nan = tl.zeros([BLOCK_N], tl.int32)
+        for s0 in range(0, NSPLIT, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            ok = row_ok[:, None] & (sp < NSPLIT)[None, :]
+            idx = rows[:, None] * NSPLIT + sp[None, :]
+            score = tl.load(P_SCORE + idx, mask=ok, other=float("inf"))
+            ids = tl.load(P_ID + idx, mask=ok, other=0)
+            has_nan = tl.maximum(has_nan, tl.max((ids < 0).to(tl.int32), axis=1))
+            chunk_min = tl.min(score, axis=1)
+            # the first split holding the chunk minimum: its id is the lowest among them
+            first = tl.min(tl.where(score == chunk_min[:, None], sp[None, :], NSPLIT), axis=1)
+            chunk_id = tl.sum(tl.where(sp[None, :] == first[:, None], ids, 0), axis=1)
+            better = chunk_min < best
+            best = tl.where(better, chunk_min, best)
+            best_id = tl.where(better, chunk_id, best_id)
         best_id = tl.where(has_nan > 0, -1, best_id)
         tl.store(OUT_ID + rows, best_id.to(tl.int64), mask=row_ok)
         tl.store(OUT_SCORE + rows, best, mask=row_ok)
@@ -140,9 +200,9 @@ def error_bound(x, codebook, *, precision: str = "ieee") -> torch.Tensor:
     c = torch.as_tensor(codebook).double()
     d = x.shape[1]
     u = 2.0 ** -24
-    u_in = 2.0 ** -11 if precision == "tf32" else 0.0
+    g = gamma(d, precision)
     cn = c.norm(dim=1)
-    e = 2 * (2 * u_in + d * u) * x.norm(dim=1)[:, None] * cn[None, :] + d * u * cn[None, :] ** 2
+    e = 2 * (g + u) * x.norm(dim=1)[:, None] * cn[None, :] + (d + 1) * u * cn[None, :] ** 2
     return e.max(1).values
 
 
@@ -150,29 +210,78 @@ def error_bound(x, codebook, *, precision: str = "ieee") -> torch.Tensor:
 # launchers
 # --------------------------------------------------------------------------------------------
 
+def _launches(x, codebook, norms, ids, scores, precision, block_n=None, block_k=None, block_d=None,
+              splits=None, cuda=None):
+    """The kernel launches of one call: [(kernel, grid, args, kwargs)], shared by the launcher and
+    by the compile check (tests/test_triton_compile.py), so both see the same configs."""
+    n, d = x.shape
+    k = codebook.shape[0]
+    if block_n is None:
+        block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
+    if block_k is None:  # fp32: 128 x 128 spills at 8 warps (sm_80), see test_triton_compile
+        block_k = 128 if x.dtype != torch.float32 else 64
+    if block_d is None:
+        block_d = 64 if x.dtype != torch.float32 else 32
+    k_tiles = triton.cdiv(k, block_k)
+    if splits is None:  # at most 32 splits: partials of 8·N·S bytes, one merge chunk
+        splits = min(k_tiles, 32)
+    k_per = triton.cdiv(k_tiles, max(1, min(splits, k_tiles))) * block_k  # whole tiles per split
+    nsplit = triton.cdiv(k, k_per)  # no empty split
+    row_tiles = triton.cdiv(n, block_n)
+    part_score = torch.empty(n, nsplit, dtype=torch.float32, device=x.device)
+    part_id = torch.empty(n, nsplit, dtype=torch.int32, device=x.device)
+    cuda = x.device.type == "cuda" if cuda is None else cuda
+    partial = (
+        _nearest_partial_kernel, (row_tiles * nsplit,),
+        (x, codebook, norms, part_score, part_id, n, k, d, k_per, nsplit,
+         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1)),
+        dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, GROUP_N=32,
+             # the precision only means something for fp32 operands; half operands take the
+             # compiler's default (their products are exact in the fp32 accumulator anyway)
+             INPUT_PRECISION=precision if x.dtype == torch.float32 else "tf32",
+             WIDEN=interpreter_widen(x),
+             **({"num_warps": 8, "num_stages": 3} if cuda else {})))
+    merge_block = 64
+    merge = (
+        _nearest_merge_kernel, (triton.cdiv(n, merge_block),),
+        (part_score, part_id, ids, scores, n, nsplit),
+        dict(BLOCK_N=merge_block, BLOCK_S=min(32, max(2, triton.next_power_of_2(nsplit))),
+             **({"num_warps": 4, "num_stages": 1} if cuda else {})))
+    return [partial, merge]
+
+
+def compile_variants(x, codebook, precision):
+    """[(label, kernel, args, kwargs)] a CUDA launch on x [N, D] and codebook [K, D] compiles
+    (any device: only shapes, strides and dtypes matter); num_warps/num_stages as on CUDA."""
+    n, k = x.shape[0], codebook.shape[0]
+    norms = torch.empty(k, dtype=torch.float32)
+    ids, scores = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.float32)
+    out = []
+    for kernel, _grid, args, kwargs in _launches(x, codebook, norms, ids, scores, precision, cuda=True):
+        if "WIDEN" in kwargs:
+            kwargs["WIDEN"] = False  # the interpreter's bf16 workaround; never on a GPU
+        out.append((f"{kernel.fn.__name__} {kwargs}", kernel, args, kwargs))
+    return out
+
+# --------------------------------------------------------------------------------------------
+
 def nearest_triton(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor | None = None, *,
                    precision: str = "ieee", block_n: int | None = None, block_k: int | None = None,
-                   block_d: int | None = None,
+                   block_d: int | None = None, splits: int | None = None,
                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel on already-validated 2-D x [N, D] and codebook [K, D].
 
     Returns (ids int64 [N], scores float32 [N]) with score = min_k ||c_k||^2 - 2 x·c_k; an id
     of -1 marks a row whose scores were NaN. ``out`` = preallocated (ids, scores) to write
-    into (no allocation: handy for benchmarks and graph capture). Runs on CUDA, or on the CPU
-    under ``TRITON_INTERPRET=1`` (tests pass small block sizes there).
+    into (the per-split partials, 8 bytes per row and split, are still allocated). ``splits``:
+    codebook splits (default min(K / block_k, 32)); results do not depend on it. Runs on CUDA,
+    or on the CPU under ``TRITON_INTERPRET=1`` (tests pass small block sizes there).
     """
     if triton is None:  # pragma: no cover
         raise RuntimeError("triton is not installed")
-    n, d = x.shape
-    k = codebook.shape[0]
+    n = x.shape[0]
     if norms is None:
         norms = codebook_norms(codebook)
-    if block_n is None:
-        block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
-    if block_k is None:
-        block_k = 128
-    if block_d is None:
-        block_d = 64 if x.dtype != torch.float32 else 32
     if out is None:
         ids = torch.empty(n, dtype=torch.int64, device=x.device)
         scores = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -180,18 +289,9 @@ def nearest_triton(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor 
         ids, scores = out
     if n == 0:
         return ids, scores
-    grid = (triton.cdiv(n, block_n),)
-    kwargs = {} if x.device.type == "cpu" else {"num_warps": 8, "num_stages": 3}
-    _nearest_kernel[grid](
-        x, codebook, norms, ids, scores, n, k, d,
-        x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-        # the precision only means something for fp32 operands; half operands take the
-        # compiler's default (their products are exact in the fp32 accumulator anyway)
-        INPUT_PRECISION=precision if x.dtype == torch.float32 else "tf32",
-        WIDEN=interpreter_widen(x),
-        **kwargs,
-    )
+    for kernel, grid, args, kwargs in _launches(x, codebook, norms, ids, scores, precision,
+                                                block_n, block_k, block_d, splits):
+        kernel[grid](*args, **kwargs)
     return ids, scores
 
 
@@ -245,8 +345,9 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "iee
         norms: precomputed ||c_k||^2 (float32 [K]); by default computed once per codebook
             tensor and cached (see :func:`codebook_norms`).
         chunk: rows per step. Numpy rows are converted (and copied to CUDA) chunk by chunk; the
-            CPU path bounds its scratch to chunk × K floats. Default 2048 on the CPU, 262144 for
-            host rows to CUDA, all rows at once for CUDA-resident x.
+            CPU path bounds its scratch to chunk × K floats, the CUDA path its per-split partials
+            to 8 · chunk · splits bytes (splits <= 32). Default 2048 on the CPU, 262144 for host
+            rows to CUDA, 2^20 for CUDA-resident x (partials <= 256 MB).
         progress: show a tqdm bar over chunks.
 
     Returns:
@@ -304,7 +405,7 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "iee
     xf = x.reshape(-1, x.shape[-1])
     n = xf.shape[0]
     if device.type == "cuda":
-        step = n if (chunk is None and not was_numpy) else (chunk or 262144)
+        step = chunk or (262144 if was_numpy else 1 << 20)
     else:
         step = chunk or 2048
     step = max(1, step)
