@@ -18,8 +18,6 @@ import os
 import unicodedata
 import zlib
 
-import torch
-
 MAX_LENGTH = 20
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 _BERT_VOCAB_SIZE = 30522
@@ -108,10 +106,12 @@ class CaptionTokenizer:
 
     # -- use ---------------------------------------------------------------------------------
 
-    def __call__(self, captions, max_length: int = MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, captions, max_length: int = MAX_LENGTH) -> tuple["torch.Tensor", "torch.Tensor"]:
         """``(input_ids, attention_mask)``, both [B, max_length]: ``[CLS] tokens [SEP]``
         truncated to ``max_length``, padded with ``pad_id``; the mask is true on the
         ``[CLS] tokens [SEP]`` positions (whatever ``pad_id`` is)."""
+        import torch  # here, not at the top: the CLI reads vocabularies before it loads torch
+
         captions = _check_captions(captions)
         if isinstance(max_length, bool) or not isinstance(max_length, int):
             raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")

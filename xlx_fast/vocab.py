@@ -82,15 +82,19 @@ def _nonfinite_rows(t: torch.Tensor, offset: int = 0) -> list[int]:
 def _load(features, name: str = "features"):
     """A path becomes a read-only memory map; arrays and tensors pass through."""
     if isinstance(features, (str, os.PathLike)):
+        path = os.fspath(features)
         try:
-            return np.load(features, mmap_mode="r", allow_pickle=False)
+            with open(path, "rb") as f:
+                head = f.read(6)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{name} file not found: {os.fspath(features)}") from None
-        except (ValueError, OSError, EOFError) as e:
-            if isinstance(e, (IsADirectoryError, PermissionError)):
-                raise
-            raise ValueError(f"{name} file {os.fspath(features)} is not a readable .npy array "
-                             f"({e})") from e
+            raise FileNotFoundError(f"{name} file not found: {path}") from None
+        if head != b"\x93NUMPY":
+            raise ValueError(f"{name} file {path} is not a .npy array (it starts with {head!r}); "
+                             "save it with numpy.save")
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError) as e:
+            raise ValueError(f"{name} file {path} is a damaged or truncated .npy ({e})") from e
     if isinstance(features, (np.ndarray, torch.Tensor)):
         return features
     raise TypeError(f"{name} must be a path, numpy array or torch tensor, got {type(features).__name__}")
