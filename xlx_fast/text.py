@@ -149,7 +149,7 @@ def _check_captions(captions) -> list[str]:
         try:
             caption.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValueError(f"caption {i} is not valid text: it holds {caption[e.start:e.end]!r} at "
+            raise ValueError(f"captions[{i}] is not valid text: it holds {caption[e.start:e.end]!r} at "
                              f"character {e.start} (bytes that are not UTF-8?); pass UTF-8 text") from None
     return captions
 

@@ -46,6 +46,11 @@ every byte is touched once. Short sequences give few, small tiles, so one progra
 ``ROWS`` consecutive (b, h) pairs and the autotuner picks tiles and ``ROWS`` per (Lq, Lk, d,
 number of (b, h) pairs rounded up to a power of two).
 
+NaN and inf. NaN in q, k or v gives NaN where the formula does, on both backends. inf in q or k
+can make every score of a row -inf; the formula's softmax is then NaN, which the Triton kernel
+gives, but torch's CPU kernel (``attention_sdpa``) writes 0 for such a row (it takes all -inf
+rows for fully masked ones). Detecting it would cost a pass over q and k on every call.
+
 Limits: head dim 32, 64 or 128; fp32, fp16, bf16 inputs (q, k, v of one dtype); any Lq, Lk >= 1;
 forward only (no autograd: ``xlx_fast.optimize`` keeps the eager path wherever a gradient is
 needed); the last dimension of q, k, v and out may have any stride, though stride 1 is the fast
