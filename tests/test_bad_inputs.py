@@ -152,8 +152,11 @@ def test_attention_bad_inputs(draw):
                 "k": torch.randn(b, lk, 64, generator=g).to(dtype),
                 "v": torch.randn(b, lk, 64, generator=g).to(dtype),
                 "key_padding_mask": torch.rand(b, lk, generator=g) < 0.7, "num_heads": heads}
-        if rng.random() < 0.3:  # HF's additive extended mask instead
+        style = rng.random()
+        if style < 0.3:  # HF's additive extended mask instead
             args["key_padding_mask"] = (~args["key_padding_mask"]).float().view(b, 1, 1, lk) * FP32_MIN
+        elif style < 0.6:
+            args["key_padding_mask"] = None
         name = ["q", "k", "v", "key_padding_mask", "num_heads"][int(rng.integers(5))]
         if name == "num_heads":
             kind = [0, -1, 3, 4, 1, 2.0, True, "2"][int(rng.integers(8))]
@@ -161,7 +164,10 @@ def test_attention_bad_inputs(draw):
         else:
             kinds = ["dtype", "rank_up", "rank_down", "size", "empty", "nan", "inf", "meta",
                      "strided", "list", "string"] + (["none"] if name == "key_padding_mask" else [])
-            kind, args[name] = mutate_tensor(rng, args[name], kinds)
+            if args[name] is None:
+                kind, args[name] = "a bool mask", torch.rand(b, lk) < 0.5
+            else:
+                kind, args[name] = mutate_tensor(rng, args[name], kinds)
         case = f"draw {draw}.{trial}: {name} <- {kind} ({dtype}, B={b}, Lq={lq}, Lk={lk})"
 
         def compare(out, args=args, case=case):
