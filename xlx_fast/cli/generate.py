@@ -93,8 +93,9 @@ def _image_extensions() -> set[str]:
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
 
 
-def check_args(args) -> None:
-    """Every check that needs no model: raises :class:`UserError` naming the argument."""
+def check_args(args):
+    """Every check that needs no model: raises :class:`UserError` naming the argument. Returns
+    the caption tokenizer (reading the vocabulary is one of the checks)."""
     for i, caption in enumerate(args.captions):
         try:
             caption.encode("utf-8")
@@ -142,7 +143,7 @@ def check_args(args) -> None:
                                 "not a torch.save zip archive or pickle)")
     if args.vocab is not None:
         check_input(args.vocab, "--vocab", directory_ok=True)
-    args.tokenizer = _tokenizer(args)
+    tokenizer = _tokenizer(args)
 
     if os.path.isdir(args.out):  # before a default extension turns it into a file name
         raise UserError(f"-o {args.out} is a directory; give a file name, e.g. "
@@ -155,6 +156,7 @@ def check_args(args) -> None:
                         f"{', '.join(e for e in ('.png', '.jpg', '.webp', '.bmp', '.tif') if e in known)}")
     for path in paths:
         check_output(path, "-o")
+    return tokenizer
 
 
 def _device(name: str):
@@ -182,10 +184,9 @@ def _tokenizer(args):
         raise UserError(f"--vocab {args.vocab}: {e}") from None
 
 
-def _tokenize(args):
+def _tokenize(args, tokenizer):
     from xlx_fast.text import MAX_LENGTH
 
-    tokenizer = args.tokenizer
     long = [(i, n) for i, n in enumerate(tokenizer.token_counts(args.captions)) if n > MAX_LENGTH]
     if long:
         which = ", ".join(f"caption {i + 1} ({n} tokens)" for i, n in long)
@@ -209,7 +210,7 @@ def load_model(args):
 
 
 def run(args) -> int:
-    check_args(args)
+    tokenizer = check_args(args)
     import torch
 
     device = _device(args.device)
@@ -218,7 +219,7 @@ def run(args) -> int:
         print(f"note: --seed {args.seed} is outside [0, 2**31); it is hashed to {seed} (pass "
               f"seed={seed} to reproduce this run from Python)", file=sys.stderr)
     t0 = time.perf_counter()
-    tokenizer, input_ids, attention_mask = _tokenize(args)
+    tokenizer, input_ids, attention_mask = _tokenize(args, tokenizer)
     if tokenizer.is_fallback:
         print("note: embedded default model (random weights) with the built-in fallback "
               "tokenizer: the pictures are noise; bring a checkpoint to paint for real",
