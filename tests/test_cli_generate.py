@@ -19,11 +19,11 @@ def test_generate_writes_images_with_embedded_default(tmp_path, capsys):
         assert img.std() > 0
 
 
-def test_generate_checkpoint_needs_centroids_and_vocab(tmp_path):
-    with pytest.raises(SystemExit, match="--centroids"):
-        main(["generate", "x", "--checkpoint", str(tmp_path / "a.pth")])
-    with pytest.raises(SystemExit, match="--checkpoint"):
-        main(["generate", "x", "--centroids", str(tmp_path / "c.npy")])
+def test_generate_checkpoint_needs_centroids_and_vocab(tmp_path, capsys):
+    assert main(["generate", "x", "--checkpoint", str(tmp_path / "a.pth")]) == 2
+    assert "error: --checkpoint needs --centroids" in capsys.readouterr().err
+    assert main(["generate", "x", "--centroids", str(tmp_path / "c.npy")]) == 2
+    assert "error: --centroids/--generator need --checkpoint" in capsys.readouterr().err
 
 
 def test_unknown_strategy_is_rejected():

@@ -1,7 +1,11 @@
 """Captions → ``input_ids`` [B, 20] and ``attention_mask``, as the authors feed the model.
 
 The model was trained on BERT-base-uncased WordPiece ids: ``[CLS] tokens [SEP]``, truncated to
-20 tokens, padded with 0, ``attention_mask = input_ids > 0``. Nothing is downloaded: give the
+20 tokens, padded with ``[PAD]`` (id 0 in BERT's vocabulary), ``attention_mask`` true exactly on
+the ``[CLS] tokens [SEP]`` positions. The mask is built from each caption's length, not from the
+ids, so a vocabulary whose ``[PAD]`` is not id 0 works too (``CaptionTokenizer.pad_id`` says
+which id pads; give it to the model as ``model.config.pad_token_id`` if you call the samplers
+without a mask). Nothing is downloaded: give the
 vocabulary file (``vocab.txt``) or a directory holding it, or an HF tokenizer you already have.
 
 With the random-weight embedded default and no vocabulary, :meth:`CaptionTokenizer.fallback`
@@ -13,8 +17,6 @@ from __future__ import annotations
 import os
 import unicodedata
 import zlib
-
-import torch
 
 MAX_LENGTH = 20
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
@@ -60,6 +62,7 @@ class CaptionTokenizer:
         self._encode_words = encode_words  # caption -> list of token ids, no special tokens
         self.name = name
         self.is_fallback = is_fallback
+        #: the ids of [PAD] (fills each row after [SEP]), [CLS] and [SEP]; BERT's are 0, 101, 102
         self.pad_id, self.cls_id, self.sep_id = 0, 101, 102
 
     # -- constructors ------------------------------------------------------------------------
@@ -103,22 +106,52 @@ class CaptionTokenizer:
 
     # -- use ---------------------------------------------------------------------------------
 
-    def __call__(self, captions, max_length: int = MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[CLS] tokens [SEP]`` truncated to ``max_length``, padded with the pad id (0)."""
-        if isinstance(captions, str):
-            captions = [captions]
-        captions = list(captions)
-        if not captions:
-            raise ValueError("captions must contain at least one caption")
+    def __call__(self, captions, max_length: int = MAX_LENGTH) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """``(input_ids, attention_mask)``, both [B, max_length]: ``[CLS] tokens [SEP]``
+        truncated to ``max_length``, padded with ``pad_id``; the mask is true on the
+        ``[CLS] tokens [SEP]`` positions (whatever ``pad_id`` is)."""
+        import torch  # here, not at the top: the CLI reads vocabularies before it loads torch
+
+        captions = _check_captions(captions)
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         ids = torch.full((len(captions), max_length), self.pad_id, dtype=torch.int64)
+        mask = torch.zeros((len(captions), max_length), dtype=torch.bool)
         for row, caption in enumerate(captions):
-            if not isinstance(caption, str):
-                raise TypeError(f"captions must be strings, got {type(caption).__name__}")
             tokens = [self.cls_id, *self._encode_words(caption)[: max_length - 2], self.sep_id]
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
-        return ids, ids > 0
+            mask[row, : len(tokens)] = True
+        return ids, mask
+
+    def token_counts(self, captions) -> list[int]:
+        """Tokens each caption needs, ``[CLS]`` and ``[SEP]`` included, before truncation (a
+        count above ``max_length`` means ``__call__`` cuts that caption)."""
+        return [len(self._encode_words(c)) + 2 for c in _check_captions(captions)]
+
+
+def _check_captions(captions) -> list[str]:
+    """A non-empty list of str, each encodable as UTF-8 (a command line with undecodable bytes
+    reaches Python as lone surrogates, which no tokenizer can read)."""
+    if isinstance(captions, str):
+        captions = [captions]
+    try:
+        captions = list(captions)
+    except TypeError:
+        raise TypeError(f"captions must be a string or a list of strings, got "
+                        f"{type(captions).__name__}") from None
+    if not captions:
+        raise ValueError("captions must contain at least one caption")
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise TypeError(f"captions must be strings, got {type(caption).__name__} at index {i}")
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"captions[{i}] is not valid text: it holds {caption[e.start:e.end]!r} at "
+                             f"character {e.start} (bytes that are not UTF-8?); pass UTF-8 text") from None
+    return captions
 
 
 def _wordpiece(text: str, vocab: dict[str, int], max_chars: int = 100) -> list[int]:

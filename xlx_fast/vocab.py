@@ -45,10 +45,56 @@ class KMeansResult:
     n_train: int = 0
 
 
+def _count(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``; bools, floats and strings are refused (a chunk of 0 or
+    -5 once left most of an output array unwritten)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _device(device) -> torch.device:
+    """A usable compute device: cpu, or cuda when a CUDA device is present."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA device is available here; use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+def _nonfinite_rows(t: torch.Tensor, offset: int = 0) -> list[int]:
+    """Indices (plus ``offset``) of the first rows of ``t`` holding NaN or inf; [] if none."""
+    bad = ~torch.isfinite(t).all(dim=1)
+    if not bool(bad.any()):
+        return []
+    return (torch.nonzero(bad).flatten()[:8] + offset).tolist()
+
+
 def _load(features, name: str = "features"):
     """A path becomes a read-only memory map; arrays and tensors pass through."""
     if isinstance(features, (str, os.PathLike)):
-        return np.load(features, mmap_mode="r")
+        path = os.fspath(features)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(6)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{name} file not found: {path}") from None
+        if head != b"\x93NUMPY":
+            raise ValueError(f"{name} file {path} is not a .npy array (it starts with {head!r}); "
+                             "save it with numpy.save")
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError) as e:
+            raise ValueError(f"{name} file {path} is a damaged or truncated .npy ({e})") from e
     if isinstance(features, (np.ndarray, torch.Tensor)):
         return features
     raise TypeError(f"{name} must be a path, numpy array or torch tensor, got {type(features).__name__}")
@@ -117,24 +163,26 @@ def kmeans(features, k: int = 10000, n_iter: int = 20, seed: int = 0,
     Returns:
         :class:`KMeansResult`.
     """
+    k = _count("k", k)
+    n_iter = _count("n_iter", n_iter, minimum=0)
+    max_points_per_centroid = _count("max_points_per_centroid", max_points_per_centroid)
+    chunk = _count("chunk", chunk)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
     x = _load(features)
     _check_2d("features", x)
     n, d = x.shape
-    k = int(k)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if d < 1:
+        raise ValueError(f"features have D = 0 columns, shape {tuple(x.shape)}")
     if n < k:
         raise ValueError(f"features has {n} points, fewer than k = {k}")
-    if n_iter < 0:
-        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
-    if max_points_per_centroid < 1:
-        raise ValueError("max_points_per_centroid must be >= 1")
     if device is None:
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
+    device = _device(device)
 
     rng = np.random.default_rng(seed)
     n_max = k * max_points_per_centroid
+    idx = None
     if n > n_max:
         # sorted indices: a memory map is then read front to back
         idx = np.sort(rng.choice(n, size=n_max, replace=False))
@@ -142,8 +190,11 @@ def kmeans(features, k: int = 10000, n_iter: int = 20, seed: int = 0,
         n = n_max
     xt = _to_tensor(x)
     xt = xt.to(device=device, dtype=torch.float32).contiguous()
-    if bool(torch.isnan(xt).any()):
-        raise ValueError("features contain NaN")
+    # only the training sample is read, so only it is checked; rows are reported as input rows
+    bad = _nonfinite_rows(xt)
+    if bad:
+        bad = bad if idx is None else idx[bad].tolist()
+        raise ValueError(f"features contain NaN or inf (rows {bad}): clean or drop those rows")
 
     if init_centroids is None:
         init = torch.from_numpy(rng.permutation(n)[:k]).to(device)
@@ -153,6 +204,9 @@ def kmeans(features, k: int = 10000, n_iter: int = 20, seed: int = 0,
                                     else init_centroids).to(device, torch.float32).clone()
         if tuple(centroids.shape) != (k, d):
             raise ValueError(f"init_centroids must have shape [{k}, {d}], got {tuple(centroids.shape)}")
+        bad = _nonfinite_rows(centroids)
+        if bad:
+            raise ValueError(f"init_centroids contain NaN or inf (rows {bad})")
 
     result = KMeansResult(centroids=centroids, n_train=n)
     iters = range(n_iter)
@@ -194,30 +248,44 @@ def assign(path_or_array, centroids, *, chunk: int = 65536, device: str | torch.
     Returns:
         int64 numpy ids [N] (and float32 distances [N]).
     """
+    chunk = _count("chunk", chunk)
     x = _load(path_or_array)
     c = _load(centroids, "centroids")
     _check_2d("features", x)
     _check_2d("centroids", c)
+    if c.shape[0] < 1 or c.shape[1] < 1:
+        raise ValueError(f"centroids must be a non-empty [K, D] array, got shape {tuple(c.shape)}")
     if x.shape[1] != c.shape[1]:
         raise ValueError(f"features have D = {x.shape[1]} but centroids have D = {c.shape[1]}")
     if device is None:
         device = c.device if isinstance(c, torch.Tensor) else torch.device("cpu")
+    device = _device(device)
     ct = _to_tensor(c)
     ct = ct.to(device=device, dtype=torch.float32).contiguous()
+    bad = _nonfinite_rows(ct)
+    if bad:
+        raise ValueError(f"centroids contain NaN or inf (rows {bad})")
     n = x.shape[0]
     ids = np.empty(n, dtype=np.int64)
     dist = np.empty(n, dtype=np.float32) if return_distance else None
-    starts = range(0, n, max(1, chunk))
+    starts = range(0, n, chunk)
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, total=(n + chunk - 1) // chunk, desc="assign", unit="chunk")
+    written = 0
     for r0 in starts:
-        xs = x[r0:r0 + chunk]
-        xs = _to_tensor(xs).to(device=device, dtype=torch.float32)
+        xs = _to_tensor(x[r0:r0 + chunk]).to(device=device, dtype=torch.float32)
+        # an inf row has no nearest centroid (every distance is inf): refuse it, as NaN is
+        bad = _nonfinite_rows(xs, offset=r0)
+        if bad:
+            raise ValueError(f"features contain NaN or inf (rows {bad}): clean or drop those rows")
         out = nearest(xs, ct, return_distance=return_distance, precision=precision)
         if return_distance:
-            ids[r0:r0 + chunk] = out[0].cpu().numpy()
-            dist[r0:r0 + chunk] = out[1].cpu().numpy()
+            ids[r0:r0 + len(xs)] = out[0].cpu().numpy()
+            dist[r0:r0 + len(xs)] = out[1].cpu().numpy()
         else:
-            ids[r0:r0 + chunk] = out.cpu().numpy()
+            ids[r0:r0 + len(xs)] = out.cpu().numpy()
+        written += len(xs)
+    if written != n:  # pragma: no cover - the loop covers [0, n) by construction; never return holes
+        raise RuntimeError(f"assign wrote {written} of {n} rows")
     return (ids, dist) if return_distance else ids

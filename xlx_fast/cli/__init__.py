@@ -3,6 +3,10 @@
 Each subcommand module defines ``add_parser(parser)`` (fills in its arguments) and
 ``run(args) -> int``. Only the module of the subcommand being run is imported, so
 ``xlx-fast generate`` does not pay for the benchmark machinery and vice versa.
+
+User mistakes (a bad argument, a missing or unreadable file) raise :class:`UserError`; ``main``
+prints it as one ``error: ...`` line on stderr and exits 2, argparse's convention. Anything else
+keeps its traceback: it is a bug. Subcommands check their arguments before building a model.
 """
 from __future__ import annotations
 
@@ -17,6 +21,11 @@ SUBCOMMANDS = {
     "vocab": ("xlx_fast.cli.vocab", "fit or apply a visual vocabulary (k-means codebook)"),
     "info": ("xlx_fast.cli.info", "show what was built and what is usable here"),
 }
+
+
+class UserError(Exception):
+    """A mistake in the command line or in the files it names: say what, which argument, and
+    what to do. ``main`` prints ``error: <message>`` and exits 2, without a traceback."""
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -37,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     args = build_parser(command).parse_args(argv)
-    return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
+    try:
+        return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,24 +1,67 @@
-"""``xlx-fast generate "a red bus on a street" -o out.png``: captions → images."""
+"""``xlx-fast generate "a red bus on a street" -o out.png``: captions → images.
+
+Every argument is checked before torch's heavier parts, transformers or a model are loaded
+(``check_args``, well under a second), so a typo fails at once instead of after the ~10 s it
+takes to build the model or after the whole run.
+"""
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+import re
 import sys
 import time
+
+from . import UserError
+from .paths import check_input, check_output, makedirs_for
+
+MAX_STEPS = 1024  # each step is one full forward: beyond this a run takes hours
+N_CELLS = 64      # the 8×8 grid (xlx_fast.models.xlxmert.N_CELLS; not imported: it pulls in transformers)
+SEED_RANGE = 2 ** 31
+
+STRATEGIES = {
+    "mask_predict": "Mask-Predict-K (the paper's best): every cell predicted at each step, the "
+                    "least confident ones re-masked; default 4 steps",
+    "confidence": "one cell per step, the most confident undecided one; at most 64 steps",
+    "tlbr": "one cell per step, top-left to bottom-right; at most 64 steps",
+    "random": "one cell per step in a seeded random order (more than 64 steps revisit cells)",
+}
+DTYPES = {"fp32": "float32 (the reference's precision)", "bf16": "bfloat16 weights and activations",
+          "fp16": "float16 weights and activations"}
+IMPLS = {"fast": "xlx_fast.generate, the fused loop", "reference": "the authors' eager loop"}
+SIZES = {"base": "the X-LXMERT architecture", "tiny": "the same code at test size (small layers, "
+         "97 clusters, 32x32 images), for quick checks of a setup"}
+
+
+def _choices_help(what: str, choices: dict, default: str) -> str:
+    return f"{what} (default {default}): " + "; ".join(f"{k}: {v}" for k, v in choices.items())
 
 
 def add_parser(p) -> None:
     p.add_argument("captions", nargs="+", help="one or more captions (one image each)")
     p.add_argument("-o", "--out", default="out.png",
-                   help="output PNG; with several captions, NAME_0.png, NAME_1.png, ...")
+                   help="output image (.png, .jpg, ...; .png is added when there is no extension); "
+                        "with several captions NAME_0.EXT, NAME_1.EXT, ...")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: 4 for mask_predict, 64 for the AR orders)")
-    p.add_argument("--strategy", default="mask_predict",
-                   choices=["mask_predict", "confidence", "tlbr", "random"])
-    p.add_argument("--seed", type=int, default=0, help="seeds the random order and the generator noise")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--impl", default="fast", choices=["fast", "reference"],
-                   help="fast: xlx_fast.generate; reference: the eager authors' loop")
+                   help=f"sampling steps, 1 to {MAX_STEPS} (default: 4 for mask_predict, 64 for the "
+                        "one-cell-per-step orders; confidence and tlbr allow at most 64)")
+    p.add_argument("--strategy", default="mask_predict", choices=list(STRATEGIES),
+                   help=_choices_help("which cells each step decides", STRATEGIES, "mask_predict"))
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default): each cell takes its most probable id, as the reference does; "
+                        "> 0: sample from softmax(logits / temperature), seeded (fast impl only)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the random order, the temperature sampling and the generator noise; "
+                        f"any integer (outside [0, 2**31) it is hashed into that range, see the note "
+                        "it prints)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                   help=_choices_help("compute precision", DTYPES, "fp32"))
+    p.add_argument("--impl", default="fast", choices=list(IMPLS),
+                   help=_choices_help("which sampler runs", IMPLS, "fast"))
+    p.add_argument("--size", default="base", choices=list(SIZES),
+                   help=_choices_help("model architecture", SIZES, "base"))
     p.add_argument("--checkpoint", help="X-LXMERT state dict (e.g. Epoch20_LXRT.pth)")
     p.add_argument("--centroids", help="cluster centroids .npy [10000, 2048]")
     p.add_argument("--generator", help="generator state dict (e.g. G_60.pth)")
@@ -26,50 +69,169 @@ def add_parser(p) -> None:
 
 
 def output_paths(out: str, n: int) -> list[str]:
-    if n == 1:
-        return [out]
     stem, ext = os.path.splitext(out)
-    return [f"{stem}_{i}{ext or '.png'}" for i in range(n)]
+    ext = ext or ".png"
+    if n == 1:
+        return [stem + ext]
+    return [f"{stem}_{i}{ext}" for i in range(n)]
+
+
+def engine_seed(seed: int) -> int:
+    """``--seed`` as the samplers take it: a seed in [0, 2**31) is used as is; any other integer
+    is mapped into [0, 2**31) by BLAKE2b of its decimal digits (the first 8 bytes, little-endian,
+    modulo 2**31), because the loop derives per-cell seeds by int64 arithmetic."""
+    if 0 <= seed < SEED_RANGE:
+        return seed
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % SEED_RANGE
+
+
+def _image_extensions() -> set[str]:
+    from PIL import Image
+
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+
+def check_args(args):
+    """Every check that needs no model: raises :class:`UserError` naming the argument. Returns
+    the caption tokenizer (reading the vocabulary is one of the checks)."""
+    for i, caption in enumerate(args.captions):
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"caption {i + 1} is not valid text: it holds undecodable bytes at "
+                            f"character {e.start} ({caption[e.start:e.end]!r}); pass UTF-8 text") from None
+    default_steps = 4 if args.strategy == "mask_predict" else N_CELLS
+    steps = default_steps if args.steps is None else args.steps
+    if not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"--steps {steps}: must be between 1 and {MAX_STEPS}")
+    if args.strategy in ("confidence", "tlbr") and steps > N_CELLS:
+        raise UserError(f"--steps {steps}: --strategy {args.strategy} decides one of the {N_CELLS} "
+                        f"cells per step, so at most {N_CELLS} steps; use mask_predict or random "
+                        "for more")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0")
+    if args.temperature > 0 and args.impl == "reference":
+        raise UserError("--temperature > 0 needs --impl fast: the reference sampler is greedy")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise UserError(f"--device {args.device}: use cpu, cuda or cuda:N")
+
+    if args.checkpoint is None:
+        if args.centroids or args.generator:
+            raise UserError("--centroids/--generator need --checkpoint (the X-LXMERT state dict)")
+    else:
+        if args.centroids is None:
+            raise UserError("--checkpoint needs --centroids (the cluster centroids .npy)")
+        if args.generator is None:
+            raise UserError("painting needs the generator checkpoint: pass --generator G_60.pth")
+        if args.vocab is None:
+            raise UserError("a real checkpoint needs the vocabulary it was trained with: give the "
+                            "BERT-base-uncased vocab.txt (or a folder holding it) with --vocab")
+        for option, path in (("--checkpoint", args.checkpoint), ("--centroids", args.centroids),
+                             ("--generator", args.generator)):
+            check_input(path, option)
+            # the first bytes tell a text file or an empty one at once; damage further in is
+            # found when the file is loaded
+            with open(path, "rb") as f:
+                head = f.read(6)
+            if option == "--centroids" and head != b"\x93NUMPY":
+                raise UserError(f"--centroids {path}: not a .npy file (it starts with {head!r}); "
+                                "save the [clusters, dim] array with numpy.save")
+            if option != "--centroids" and not head.startswith((b"PK\x03\x04", b"\x80")):
+                raise UserError(f"{option} {path}: not a PyTorch checkpoint (it starts with {head!r}, "
+                                "not a torch.save zip archive or pickle)")
+    if args.vocab is not None:
+        check_input(args.vocab, "--vocab", directory_ok=True)
+    tokenizer = _tokenizer(args)
+
+    if os.path.isdir(args.out):  # before a default extension turns it into a file name
+        raise UserError(f"-o {args.out} is a directory; give a file name, e.g. "
+                        f"{os.path.join(args.out, 'out.png')}")
+    paths = output_paths(args.out, len(args.captions))
+    ext = os.path.splitext(paths[0])[1].lower()
+    known = _image_extensions()
+    if ext not in known:
+        raise UserError(f"-o {args.out}: unknown image extension {ext!r}; use one of "
+                        f"{', '.join(e for e in ('.png', '.jpg', '.webp', '.bmp', '.tif') if e in known)}")
+    for path in paths:
+        check_output(path, "-o")
+    return tokenizer
+
+
+def _device(name: str):
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA "
+                            f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def _tokenizer(args):
+    """The caption tokenizer (a vocabulary file is read and checked here, without torch)."""
+    from xlx_fast.text import CaptionTokenizer
+
+    if args.vocab is None:
+        return CaptionTokenizer.fallback()
+    try:
+        return CaptionTokenizer.from_vocab(args.vocab)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--vocab {args.vocab}: {e}") from None
+
+
+def _tokenize(args, tokenizer):
+    from xlx_fast.text import MAX_LENGTH
+
+    long = [(i, n) for i, n in enumerate(tokenizer.token_counts(args.captions)) if n > MAX_LENGTH]
+    if long:
+        which = ", ".join(f"caption {i + 1} ({n} tokens)" for i, n in long)
+        print(f"note: the model reads {MAX_LENGTH} tokens ([CLS], {MAX_LENGTH - 2} words or "
+              f"word pieces, [SEP]); cut: {which}", file=sys.stderr)
+    input_ids, attention_mask = tokenizer(args.captions, MAX_LENGTH)
+    return tokenizer, input_ids, attention_mask
 
 
 def load_model(args):
     from xlx_fast.models import XLxmertForImageGeneration
+    from xlx_fast.models.checkpoint import CheckpointError
 
     if args.checkpoint is None:
-        if args.centroids or args.generator:
-            raise SystemExit("error: --centroids/--generator need --checkpoint")
-        return XLxmertForImageGeneration.from_default(seed=0), False
-    if args.centroids is None:
-        raise SystemExit("error: --checkpoint needs --centroids (the cluster centroids .npy)")
-    if args.generator is None:
-        raise SystemExit("error: painting needs the generator checkpoint: pass --generator G_60.pth")
-    return XLxmertForImageGeneration.from_checkpoint(args.checkpoint, args.centroids, args.generator), True
+        return XLxmertForImageGeneration.from_default(seed=0, size=args.size)
+    try:
+        return XLxmertForImageGeneration.from_checkpoint(args.checkpoint, args.centroids, args.generator,
+                                                         size=args.size)
+    except (CheckpointError, OSError) as e:
+        raise UserError(str(e)) from None
 
 
 def run(args) -> int:
+    tokenizer = check_args(args)
     import torch
-    from PIL import Image
 
-    from xlx_fast import reference
-    from xlx_fast.text import load_tokenizer
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available")
-
+    device = _device(args.device)
+    seed = engine_seed(args.seed)
+    if seed != args.seed:
+        print(f"note: --seed {args.seed} is outside [0, 2**31); it is hashed to {seed} (pass "
+              f"seed={seed} to reproduce this run from Python)", file=sys.stderr)
     t0 = time.perf_counter()
-    model, real = load_model(args)
-    try:
-        tokenizer = load_tokenizer(args.vocab, real_weights=real)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    tokenizer, input_ids, attention_mask = _tokenize(args, tokenizer)
     if tokenizer.is_fallback:
         print("note: embedded default model (random weights) with the built-in fallback "
               "tokenizer: the pictures are noise; bring a checkpoint to paint for real",
               file=sys.stderr)
+
+    from PIL import Image
+
+    from xlx_fast import reference
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model = load_model(args)
     model = model.to(device=device, dtype=dtype)
-    input_ids, attention_mask = tokenizer(args.captions)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
     if args.impl == "fast":
@@ -77,16 +239,20 @@ def run(args) -> int:
 
         xlx_fast.optimize(model)
         result = xlx_fast.generate(model, input_ids, attention_mask, steps=args.steps,
-                                   strategy=args.strategy, seed=args.seed, progress=True)
+                                   strategy=args.strategy, temperature=args.temperature, seed=seed,
+                                   progress=True)
     else:
         result = reference.sample(model, input_ids, attention_mask, steps=args.steps,
-                                  strategy=args.strategy, seed=args.seed, progress=True)
-    images = reference.paint(model, result.codes, seed=args.seed).float().cpu()
+                                  strategy=args.strategy, seed=seed, progress=True)
+    images = reference.paint(model, result.codes, seed=seed).float().cpu()
 
     for path, img in zip(output_paths(args.out, len(args.captions)), images):
         pixels = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        Image.fromarray(pixels).save(path)
+        try:
+            makedirs_for(path)
+            Image.fromarray(pixels).save(path)
+        except OSError as e:
+            raise UserError(f"-o {args.out}: could not write {path} ({e})") from None
         print(f"wrote {path}")
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0

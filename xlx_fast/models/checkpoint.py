@@ -37,9 +37,32 @@ def _require_file(path, what: str) -> str:
     if path is None:
         raise ValueError(f"{what} path is required")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{what} {path} is a directory, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{what} {path} is not readable (permissions)")
     return path
+
+
+def _why_unreadable(path: str, error: Exception) -> str:
+    """What is wrong with a file ``torch.load`` refused, in words (torch's own message for a
+    text file is a bare opcode number)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
+    if not head:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):
+        return f"a zip archive as torch.save writes, but damaged or truncated ({first_line})"
+    if head[:1] == b"\x80":  # a pickle protocol header: the legacy torch.save format
+        if "weights_only" in str(error) or "Weights only" in str(error):
+            return ("a pickle holding objects other than tensors; it is not unpickled, for safety "
+                    "(save a plain state dict: torch.save(model.state_dict(), path))")
+        return f"a legacy (pickle) checkpoint, but damaged or truncated ({first_line})"
+    return (f"not a PyTorch checkpoint (it starts with {head!r}, not a torch.save zip archive "
+            f"or pickle)")
 
 
 def read_state_dict(path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -48,7 +71,7 @@ def read_state_dict(path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for corrupt files
-        raise CheckpointError(f"could not read {what} {path}: {e}") from e
+        raise CheckpointError(f"could not read {what} {path}: {_why_unreadable(path, e)}") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -56,15 +79,41 @@ def read_state_dict(path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse NaN or inf in any floating tensor, naming the first bad keys (one pass over the
+    weights, ~0.2 s at base size on 2 CPU cores): a NaN weight would otherwise surface steps
+    later as NaN hidden states, far from its cause."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{what}: {len(bad)} tensor(s) contain NaN or inf: "
+                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+
+
 def read_centroids(path) -> torch.Tensor:
     path = _require_file(path, "centroids")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head != b"\x93NUMPY":
+        raise CheckpointError(f"could not read centroids {path}: not a .npy file (it starts with "
+                              f"{head!r}); save them with numpy.save")
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise CheckpointError(f"could not read centroids {path}: {e}") from e
-    if arr.ndim != 2:
-        raise CheckpointError(f"centroids {path} must be a 2-D array [clusters, dim], got shape {arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        raise CheckpointError(f"could not read centroids {path}: damaged or truncated .npy ({e})") from e
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise CheckpointError(f"centroids {path} must be one .npy array, got {type(arr).__name__}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise CheckpointError(f"centroids {path} must hold numbers (float32 [clusters, dim]), "
+                              f"got dtype {arr.dtype}")
+    if arr.ndim != 2 or 0 in arr.shape:
+        raise CheckpointError(f"centroids {path} must be a non-empty 2-D array [clusters, dim], "
+                              f"got shape {arr.shape}")
+    out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    bad = ~torch.isfinite(out).all(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()[:8].tolist()
+        raise CheckpointError(f"centroids {path} contain NaN or inf (rows {rows})")
+    return out
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, *,
@@ -84,6 +133,7 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str
             raise CheckpointError(msg)
         warnings.warn(msg + " (left at their initial values)", stacklevel=3)
     load = {k: v for k, v in state.items() if k in own and k not in skip}
+    check_finite(load, what)
     module.load_state_dict(load, strict=False)
     return sorted(k for k in state if k not in own and k not in skip)
 

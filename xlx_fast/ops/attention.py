@@ -57,6 +57,11 @@ number of (b, h) pairs rounded up to a power of two).
 Registers: every tuning config compiles without spills or stack frame for sm_80 and sm_90 (checked
 by tests/test_triton_compile.py); fp32 has its own, smaller tiles (16/32 query rows).
 
+NaN and inf. NaN in q, k or v gives NaN where the formula does, on both backends. inf in q or k
+can make every score of a row -inf; the formula's softmax is then NaN, which the Triton kernel
+gives, but torch's CPU kernel (``attention_sdpa``) writes 0 for such a row (it takes all -inf
+rows for fully masked ones). Detecting it would cost a pass over q and k on every call.
+
 Limits: head dim 32, 64 or 128; fp32, fp16, bf16 inputs (q, k, v of one dtype); any Lq, Lk >= 1;
 forward only (no autograd: ``xlx_fast.optimize`` keeps the eager path wherever a gradient is
 needed); the last dimension of q, k, v and out may have any stride, though stride 1 is the fast
@@ -370,7 +375,8 @@ def attention_sdpa(q, k, v, key_padding_mask=None, *, num_heads, out=None):
 
     Same arguments, checks and mask semantics as ``attention_triton``. The mask becomes an fp32
     additive ``(B, 1, 1, Lk)`` bias (a masked key gets ``finfo(float32).min``); fp16 inputs are
-    computed in fp32 so that this bias stays representable.
+    computed in fp32 so that this bias stays representable. Without a mask the bias is zero
+    (a broadcast view), so that NaN in q gives NaN as the formula does (see the code).
     """
     B, Lq, Lk, H, head_dim = _check_inputs(q, k, v, key_padding_mask, num_heads, out)
     compute = torch.float32 if q.dtype == torch.float16 else q.dtype
@@ -385,6 +391,14 @@ def attention_sdpa(q, k, v, key_padding_mask=None, *, num_heads, out=None):
         else:
             bias = torch.zeros(m.shape, dtype=bias_dtype, device=m.device).masked_fill_(m == 0, bias_min)
             bias = bias.view(B, 1, 1, Lk)
+
+    elif q.device.type == "cpu":
+        # A zero bias even without a mask, as a stride-0 view of one element (no memory, and no
+        # measurable time): torch's CPU flash kernel takes the row maximum of unmasked scores with
+        # a comparison that skips NaN, so a row of all-NaN scores (NaN in q) gets max -inf, is
+        # taken for a fully masked row and zero-filled, returning 0 where the formula gives NaN.
+        # With a bias it takes the masked branch, whose maximum propagates NaN.
+        bias = torch.zeros((), dtype=bias_dtype, device=q.device).expand(B, 1, 1, Lk)
 
     def heads(t):  # (B, L, H·d) -> (B, H, L, d) view, no copy
         return t.unflatten(-1, (H, head_dim)).transpose(1, 2).to(compute)

@@ -47,6 +47,7 @@ during CUDA graph capture) and raises a ValueError naming h, weight or bias.
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 
 import torch
@@ -449,7 +450,10 @@ def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    if not 0 <= int(step) < 2 ** 31:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
+    step = int(step)
+    if not 0 <= step < 2 ** 31:
         raise ValueError(f"step must be in [0, 2^31), got {step}")
     if h.device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {h.device} for h")

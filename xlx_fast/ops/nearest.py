@@ -376,6 +376,8 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "iee
     x_dtype = torch.from_numpy(np.empty(0, x.dtype)).dtype if was_numpy else x.dtype
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
     if ct.dim() != 2:
         raise ValueError(f"codebook must be 2-D [K, D], got shape {tuple(ct.shape)}")
     if ct.shape[0] < 1:
@@ -435,10 +437,14 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "iee
         scores[r0:r0 + step] = s
         if return_distance:
             xnorm[r0:r0 + step] = xs.float().square().sum(1)
-    # one host sync per call: the kernel marks NaN rows with id -1 instead of a second pass
-    if n and bool((ids < 0).any()):
+    # one host sync per call: the kernel marks NaN rows with id -1 instead of a second pass; an
+    # inf in x (or a product overflowing fp32) leaves a non-finite best score instead
+    if n and bool(((ids < 0) | ~torch.isfinite(scores)).any()):
         bad = torch.nonzero(ids < 0).flatten()[:8].tolist()
-        raise ValueError(f"x contains NaN (rows {bad})")
+        if bad:
+            raise ValueError(f"x contains NaN (rows {bad})")
+        bad = torch.nonzero(~torch.isfinite(scores)).flatten()[:8].tolist()
+        raise ValueError(f"x contains inf, or values whose distances overflow float32 (rows {bad})")
 
     ids = ids.reshape(lead)
     if was_numpy:

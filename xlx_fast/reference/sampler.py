@@ -24,6 +24,7 @@ ties unspecified.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,21 @@ def check_strategy(strategy: str) -> str:
     return strategy
 
 
+def default_pad_id(model) -> int:
+    """The id that pads captions when no ``attention_mask`` is given: ``model.config.
+    pad_token_id`` when set (set it to your tokenizer's ``pad_id``), else 0, BERT's ``[PAD]``."""
+    pad = getattr(model.config, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
 def check_inputs(model, input_ids, attention_mask):
-    """Validate caption inputs; returns ``attention_mask`` (default ``input_ids > 0``)."""
+    """Validate caption inputs; returns ``attention_mask`` as given, or by default
+    ``input_ids != default_pad_id(model)``.
+
+    A given mask must be bool, or hold only 0 and 1: HF turns it into the additive bias
+    ``(1 - mask) · finfo.min``, so any other value (7, 0.5) is not "attend" or "skip" but an
+    overflow (NaN probabilities in the eager model) — refused, in every sampler alike.
+    """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
@@ -86,7 +100,7 @@ def check_inputs(model, input_ids, attention_mask):
     if input_ids.device != device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
     if attention_mask is None:
-        return input_ids > 0
+        return input_ids != default_pad_id(model)
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
     if attention_mask.shape != input_ids.shape:
@@ -94,6 +108,14 @@ def check_inputs(model, input_ids, attention_mask):
                          f"got {tuple(attention_mask.shape)}")
     if attention_mask.device != device:
         raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
+    if attention_mask.dtype != torch.bool:
+        if attention_mask.dtype.is_complex:
+            raise TypeError(f"attention_mask must be bool, integer or floating, got {attention_mask.dtype}")
+        binary = (attention_mask == 0) | (attention_mask == 1)
+        if not bool(binary.all()):
+            bad = attention_mask[~binary].unique()[:5].tolist()
+            raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (token), got values "
+                             f"{bad}: pass a bool mask or 0/1")
     return attention_mask
 
 
@@ -128,12 +150,18 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
            steps: int | None = None, strategy: str = "mask_predict", seed: int | None = None,
            progress: bool = False) -> SampleResult:
     """Run the authors' sampler eagerly (see module docstring). ``seed`` fixes the random order
-    (``None`` means 0); the other strategies are deterministic. Runs in the model's dtype."""
+    (``None`` means 0); the other strategies are deterministic. Runs in the model's dtype.
+    ``attention_mask`` defaults to ``input_ids != default_pad_id(model)``; the model must be in
+    eval mode (dropout off), as for ``xlx_fast.generate``."""
     check_strategy(strategy)
     check_eager(model)
     attention_mask = check_inputs(model, input_ids, attention_mask)
     steps = check_steps(strategy, steps)
     seed = 0 if seed is None else seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+    if model.training:  # dropout would make every call different, and unlike generate()
+        raise ValueError("sample() runs inference only: call model.eval() first")
 
     centroids = model.centroids
     dtype, device = centroids.dtype, centroids.device
@@ -204,6 +232,10 @@ def paint(model, codes: torch.Tensor, seed: int | None = 0) -> torch.Tensor:
     b = codes.shape[0]
     if codes.dim() != 3 or codes.shape[1] != N_CELLS:
         raise ValueError(f"codes must be [B, {N_CELLS}, F], got {tuple(codes.shape)}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not -2 ** 63 <= seed < 2 ** 64):
+        raise ValueError(f"seed must be None or an int in [-2**63, 2**64) (what torch.Generator "
+                         f"takes), got {seed!r}")
     gen_param = next(model.generator.parameters())
     grid = codes.reshape(b, GRID, GRID, -1).to(gen_param.dtype)
     noise = None
