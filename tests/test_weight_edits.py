@@ -2,8 +2,9 @@
 
 ``p.data.copy_`` and a numpy view bypass a parameter's version counter and data pointer, the
 ones a cache keyed on those misses (a write through ``p.detach()`` bumps the shared counter in
-torch 2.13, but nothing here relies on that); each route is applied to a source of every derived table (codebook, out_cluster bias, mask feature) and to the
-fused attention projections (q, k, v), after a first ``generate`` filled every cache.
+torch 2.13, but nothing here relies on that); each route is applied to a source of every
+derived table (codebook, out_cluster bias, mask feature) and to the fused attention
+projections (q, k, v), after a first ``generate`` filled every cache.
 """
 import copy
 
