@@ -394,3 +394,26 @@ def test_finished_fields(alone_results):
     assert isinstance(f, Finished)
     assert f.request.seed == MIX[0]["seed"]
     assert not math.isnan(float(f.probs.sum()))
+
+
+# -- the benchmark cases run at the tiny size (machinery only; timings are not asserted) -----
+
+def test_engine_bench_cases_at_tiny_size():
+    from xlx_fast.bench import cases as bench_cases, harness
+
+    spec = harness.Spec(device=torch.device("cpu"), dtypes=(torch.float32,), quick=True, size="tiny")
+    ceilings = {"matmul_tflops": {"fp32": 1.0}, "copy_gbps": 10.0, "matmul_n": 8, "copy_bytes": 8,
+                "fp32_matmul_precision": "highest"}
+    machine = {"device_name": "test-cpu", "torch": torch.__version__, "triton": "x"}
+    try:
+        uniform, mixed = bench_cases.cases("engine", spec)
+        rows = harness.run_case(uniform, ceilings, machine, harness.SMOKE)
+        assert {r["backend"] for r in rows} == {"engine", "static loop"}
+        assert all(r["id_agreement"] == 1.0 for r in rows)
+        (row,) = harness.run_case(mixed, ceilings, machine, harness.SMOKE)
+        extra = row["agreement_extra"]
+        assert row["id_agreement"] >= 0.95
+        for who in ("static", "engine"):
+            assert 0 < extra[f"{who} p50 s"] <= extra[f"{who} p90 s"] <= extra[f"{who} p99 s"]
+    finally:
+        bench_cases.release("engine")
