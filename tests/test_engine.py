@@ -417,3 +417,90 @@ def test_engine_bench_cases_at_tiny_size():
             assert 0 < extra[f"{who} p50 s"] <= extra[f"{who} p90 s"] <= extra[f"{who} p99 s"]
     finally:
         bench_cases.release("engine")
+
+
+# -- CUDA: graph-captured steps vs eager steps vs the reference; capture only at warm-up -------
+
+def _drive(engine, specs, joins, device):
+    pending = {t: [request(specs[i], i) for i in idx] for t, idx in joins.items()}
+    for reqs in pending.values():
+        for r in reqs:
+            r.input_ids = r.input_ids.to(device)
+    return run_all(engine, pending)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_engine_graph_equals_eager_and_reference(dtype):
+    base = sharpen(XLxmertForImageGeneration.from_default(seed=0, with_generator=False), 1.5)
+    model = base.to("cuda", dtype).eval()
+    ref_model = copy.deepcopy(model)
+    specs = [MIX[0], MIX[1], MIX[2], MIX[3], MIX[5], MIX[7]]
+    joins = {0: [0, 1, 2], 2: [3], 3: [4, 5]}
+    graphed = Engine(copy.deepcopy(model), slots=4, max_length=MAXLEN)
+    graphed.warmup()
+    captured = graphed.captures
+    out_g = _drive(graphed, specs, joins, "cuda")
+    assert graphed.captures == captured  # nothing captured during traffic
+    eager = Engine(copy.deepcopy(model), slots=4, max_length=MAXLEN, cuda_graph=False)
+    out_e = _drive(eager, specs, joins, "cuda")
+    agree = []
+    for i, spec in enumerate(specs):
+        # the same kernels on the same buckets: bit for bit
+        assert torch.equal(out_g[i].ids, out_e[i].ids) and torch.equal(out_g[i].masks, out_e[i].masks)
+        assert torch.equal(out_g[i].probs, out_e[i].probs)
+        if spec.get("temperature", 0.0) == 0.0:
+            ref = reference.sample(ref_model, request(spec).input_ids[None].cuda(), steps=spec["steps"],
+                                   strategy=spec["strategy"], seed=spec["seed"])
+            agree.append((ref.ids[0].cpu() == out_g[i].ids).float().mean().item())
+    assert min(agree) == 1.0 if dtype == torch.float32 else min(agree) >= 0.9, agree
+
+
+@pytest.mark.gpu
+def test_cuda_every_bucket_captured_at_warmup_and_none_in_traffic():
+    model = copy.deepcopy(sharpen(XLxmertForImageGeneration.from_default(seed=1, size="tiny"), 3.0)).cuda().eval()
+    e = Engine(model, slots=8, max_length=MAXLEN)
+    assert e.buckets == [1, 2, 4, 8]
+    e.warmup()
+    assert e.captures == 3 * len(e.buckets)  # greedy step, sampling step, joiners' language pass
+    assert set(e._graphs) == {(b, s) for b in e.buckets for s in (False, True)}
+    assert set(e._lang_graphs) == set(e.buckets)
+    alone_eager = {}
+    for i, spec in enumerate(MIX):
+        one = Engine(model, slots=1, max_length=MAXLEN, cuda_graph=False)
+        alone_eager[i] = _drive(one, MIX, {0: [i]}, "cuda")[i]
+    # mixed traffic: joins of 1..5 rows, a cancellation, sampling and greedy rows, compaction
+    h = e.admit([request(MIX[6], "cancel-me")])
+    pending = {0: [0, 1, 2, 3, 4], 1: [5], 4: [7]}
+    out, t = {}, 0
+    while e.active() or any(k >= t for k in pending):
+        if t in pending:
+            e.admit([request(MIX[i], i) for i in pending[t]])
+        if t == 3:
+            e.cancel(h[0])
+        for f in e.step():
+            out[f.request.tag] = f
+        t += 1
+        assert t < 100
+    assert out["cancel-me"].cancelled
+    assert e.captures == 3 * len(e.buckets)
+    for i in (0, 1, 2, 3, 4, 5, 7):
+        assert torch.equal(out[i].ids, alone_eager[i].ids), i  # bucket padding changes nothing
+        assert torch.equal(out[i].masks, alone_eager[i].masks), i
+
+
+@pytest.mark.gpu
+def test_cuda_step_without_finishing_rows_never_syncs():
+    model = copy.deepcopy(sharpen(XLxmertForImageGeneration.from_default(seed=1, size="tiny"), 3.0)).cuda().eval()
+    e = Engine(model, slots=4, max_length=MAXLEN)
+    e.warmup()
+    specs = [dict(MIX[0], steps=6), dict(MIX[3], steps=6), dict(MIX[5], steps=6)]
+    e.admit([request(s, i) for i, s in enumerate(specs)])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):  # no row finishes before step 6
+            assert e.step() == []
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(e.step()) == 3

@@ -432,9 +432,14 @@ class Engine:
         # pinned ring: the buffer reused now was copied from 4 steps ago (its event is long done)
         host_ctl, host_seed, event = self._staging[self._stage_i]
         self._stage_i = (self._stage_i + 1) % len(self._staging)
-        event.synchronize()
-        host_ctl[:, :b].numpy()[:] = ctl
-        self.ctl[:, :b].copy_(host_ctl[:, :b], non_blocking=True)
+        if not event.query():  # practically never: the copy was enqueued 4 steps ago
+            event.synchronize()
+        # the whole [5, rows] block: one contiguous pinned copy (rows past b: idle)
+        block = host_ctl.numpy()
+        block[:] = 0
+        block[_STRAT] = INACTIVE
+        block[:, :b] = ctl
+        self.ctl.copy_(host_ctl, non_blocking=True)
         if seeds is not None:
             host_seed[:b].numpy()[:] = seeds
             self.cell_seed[:b].copy_(host_seed[:b], non_blocking=True)
