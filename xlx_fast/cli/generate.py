@@ -39,7 +39,7 @@ def _choices_help(what: str, choices: dict, default: str) -> str:
 
 
 def add_parser(p) -> None:
-    p.add_argument("captions", nargs="+", help="one or more captions (one image each)")
+    p.add_argument("captions", nargs="*", help="one or more captions (one image each)")
     p.add_argument("-o", "--out", default="out.png",
                    help="output image (.png, .jpg, ...; .png is added when there is no extension); "
                         "with several captions NAME_0.EXT, NAME_1.EXT, ...")
@@ -66,6 +66,9 @@ def add_parser(p) -> None:
     p.add_argument("--centroids", help="cluster centroids .npy [10000, 2048]")
     p.add_argument("--generator", help="generator state dict (e.g. G_60.pth)")
     p.add_argument("--vocab", help="BERT-base-uncased vocab.txt (or a directory holding it)")
+    from xlx_fast import bulk
+
+    bulk.add_arguments(p)
 
 
 def output_paths(out: str, n: int) -> list[str]:
@@ -210,6 +213,15 @@ def load_model(args):
 
 
 def run(args) -> int:
+    if args.captions_file:
+        from xlx_fast import bulk
+
+        try:
+            return bulk.run(args, load_model)
+        except bulk.BulkError as e:
+            raise UserError(str(e)) from None
+    if not args.captions:
+        raise UserError("give one or more captions, or --captions-file FILE --out-dir DIR")
     tokenizer = check_args(args)
     import torch
 
