@@ -9,7 +9,7 @@ One idea per module:
 - :mod:`.painter`: batched painting with per-request noise;
 - :mod:`.metrics`: the Prometheus text exposition;
 - :mod:`.service`: what each route does (auth, limits, validation), independent of Ray;
-- :mod:`.app`: the Ray Serve deployment + FastAPI ingress and the application builder;
+- :mod:`.deployment`: the Ray Serve deployment + FastAPI ingress and the application builder;
 - :mod:`.loadgen`: the open-loop Poisson load generator;
 - :mod:`.benchmark`: the scheduler comparison behind ``xlx-fast bench-serve``.
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "app": ("xlx_fast.serving.app", "build_app"),
-    "build_app": ("xlx_fast.serving.app", "build_app"),
+    "app": ("xlx_fast.serving.deployment", "build_app"),
+    "build_app": ("xlx_fast.serving.deployment", "build_app"),
     "ImageService": ("xlx_fast.serving.service", "ImageService"),
     "ServerOptions": ("xlx_fast.serving.service", "ServerOptions"),
     "ModelSpec": ("xlx_fast.serving.model_spec", "ModelSpec"),

@@ -14,6 +14,7 @@ What a replica exports (``xlx_`` prefix):
 - ``xlx_paint_seconds`` (histogram): wall time of one batched painting;
 - ``xlx_queue_wait_seconds`` (histogram): arrival → first row admitted;
 - ``xlx_e2e_seconds`` (histogram): arrival → images ready, for requests that succeeded;
+- ``xlx_engine_steps_total`` (counter): engine steps run;
 - ``xlx_requests_total{outcome}`` (counter): ok | timeout | cancelled | error;
 - ``xlx_rejections_total{reason}`` (counter): queue_full | too_large | invalid | unauthorized |
   not_ready.
@@ -145,13 +146,14 @@ class ServerMetrics:
                                     "Arrival to first row admitted.", LATENCY_BUCKETS)
         self.e2e = Histogram("xlx_e2e_seconds", "Arrival to images ready (successful requests).",
                              LATENCY_BUCKETS)
+        self.engine_steps = Counter("xlx_engine_steps_total", "Engine steps run.", (), [()])
         self.requests = Counter("xlx_requests_total", "Requests that reached the scheduler, by outcome.",
                                 ("outcome",), self.OUTCOMES)
         self.rejections = Counter("xlx_rejections_total", "Requests refused before scheduling, by reason.",
                                   ("reason",), self.REJECT_REASONS)
         self._all = [self.queue_depth, self.active_rows, self.slots, self.occupancy,
                      self.step_seconds, self.paint_seconds, self.queue_wait, self.e2e,
-                     self.requests, self.rejections]
+                     self.engine_steps, self.requests, self.rejections]
 
     def render(self) -> str:
         lines = []

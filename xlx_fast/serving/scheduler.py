@@ -286,6 +286,7 @@ class Scheduler:
         finished = await asyncio.to_thread(self.engine.step)
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
         self.steps_run += 1
+        self.metrics.engine_steps.inc()
         complete: list[Job] = []
         for f in finished:
             job, row = f.request.tag

@@ -1,5 +1,5 @@
 """What one replica does per HTTP route, independent of Ray: auth, limits, validation, the
-scheduler, the response. The Ray Serve deployment (:mod:`xlx_fast.serving.app`) only forwards
+scheduler, the response. The Ray Serve deployment (:mod:`xlx_fast.serving.deployment`) only forwards
 its routes here, so the same logic is used in-process by the benchmark.
 
 Routes and their answers:

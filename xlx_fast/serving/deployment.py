@@ -15,7 +15,6 @@ passed to ``.options()``. Ray routes at most ``max_ongoing_requests`` to a repli
 above the replica's own bound (slots + queue) so the replica's queue, not Ray's, answers 429,
 and Ray's own queue (``max_queued_requests``) is bounded too.
 """
-from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -36,7 +35,7 @@ def _response(reply: Reply, replica: str) -> Response:
 class ImageServer:
     """One replica: model, engine, scheduler loop, metrics."""
 
-    def __init__(self, options: dict):
+    def __init__(self, options: dict):  # noqa: D107
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a Serve replica (unit use): a fixed name
@@ -61,7 +60,7 @@ class ImageServer:
         self.service.check_health()
 
 
-def build_app(args: dict | None = None):
+def build_app(args: "dict | None" = None):
     """Application builder (``serve run xlx_fast.serving:app key=value`` / config ``args``)."""
     args = dict(args or {})
     deployment = dict(args.pop("deployment", None) or {})
