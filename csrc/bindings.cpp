@@ -22,7 +22,8 @@ T* ptr(uintptr_t address) {
 xlx::SamplerStepArgs make_args(uintptr_t pred_prob, uintptr_t pred_id, uintptr_t table,
                                uintptr_t mask_row, uintptr_t mask, uintptr_t visited,
                                uintptr_t ids, uintptr_t out, uintptr_t status, uintptr_t count,
-                               uintptr_t cell, uintptr_t next_cell, int strategy, int64_t batch,
+                               uintptr_t cell, uintptr_t next_cell, uintptr_t strategies,
+                               int strategy, int64_t batch,
                                int64_t n_table, int64_t row_bytes) {
   return xlx::SamplerStepArgs{ptr<const float>(pred_prob), ptr<const int64_t>(pred_id),
                               ptr<const uint8_t>(table),   ptr<const uint8_t>(mask_row),
@@ -30,7 +31,7 @@ xlx::SamplerStepArgs make_args(uintptr_t pred_prob, uintptr_t pred_id, uintptr_t
                               ptr<int64_t>(ids),           ptr<uint8_t>(out),
                               ptr<int32_t>(status),        ptr<const int32_t>(count),
                               ptr<const int32_t>(cell),    ptr<const int32_t>(next_cell),
-                              strategy,                    batch,
+                              ptr<const int32_t>(strategies), strategy,                    batch,
                               n_table,                     row_bytes};
 }
 
@@ -71,10 +72,12 @@ PYBIND11_MODULE(_C, m) {
       "sampler_step_cpu",
       [](uintptr_t pred_prob, uintptr_t pred_id, uintptr_t table, uintptr_t mask_row,
          uintptr_t mask, uintptr_t visited, uintptr_t ids, uintptr_t out, uintptr_t status,
-         uintptr_t count, uintptr_t cell, uintptr_t next_cell, int strategy, int64_t batch,
+         uintptr_t count, uintptr_t cell, uintptr_t next_cell, uintptr_t strategies, int strategy,
+         int64_t batch,
          int64_t n_table, int64_t row_bytes) {
         const auto a = make_args(pred_prob, pred_id, table, mask_row, mask, visited, ids, out,
-                                 status, count, cell, next_cell, strategy, batch, n_table,
+                                 status, count, cell, next_cell, strategies, strategy, batch,
+                                 n_table,
                                  row_bytes);
         int code = 0;
         int64_t row;
@@ -91,10 +94,12 @@ PYBIND11_MODULE(_C, m) {
       "sampler_step_cuda",
       [](uintptr_t pred_prob, uintptr_t pred_id, uintptr_t table, uintptr_t mask_row,
          uintptr_t mask, uintptr_t visited, uintptr_t ids, uintptr_t out, uintptr_t status,
-         uintptr_t count, uintptr_t cell, uintptr_t next_cell, int strategy, int64_t batch,
+         uintptr_t count, uintptr_t cell, uintptr_t next_cell, uintptr_t strategies, int strategy,
+         int64_t batch,
          int64_t n_table, int64_t row_bytes, uintptr_t stream) {
         const auto a = make_args(pred_prob, pred_id, table, mask_row, mask, visited, ids, out,
-                                 status, count, cell, next_cell, strategy, batch, n_table,
+                                 status, count, cell, next_cell, strategies, strategy, batch,
+                                 n_table,
                                  row_bytes);
         const std::string err = xlx::sampler_step_cuda(a, stream);
         if (!err.empty()) throw std::runtime_error("sampler_step CUDA launch failed: " + err);

@@ -9,18 +9,24 @@ namespace xlx {
 
 namespace {
 
+int row_strategy(const SamplerStepArgs& a, int64_t b) {
+  return a.strategies ? a.strategies[b] : a.strategy;
+}
+
 // Decides the 64 cells of row b from the state before the step; returns the row's status.
 int decide_row(const SamplerStepArgs& a, int64_t b, CellDecision* d) {
+  const int strategy = row_strategy(a, b);
+  if (strategy == kInactive) return kOk;
   const int64_t cell0 = b * kCells;
   const float* prob = a.pred_prob + cell0;
   const int count = a.count ? a.count[b] : 0;
   const int cell = a.cell ? a.cell[b] : -1;
   const int next_cell = a.next_cell ? a.next_cell[b] : -1;
-  const int rs = row_status(a.strategy, count, cell, next_cell, prob);
+  const int rs = row_status(strategy, count, cell, next_cell, prob);
   if (rs != kOk) return rs;
   const auto* pred_id = reinterpret_cast<const long long*>(a.pred_id + cell0);
   for (int c = 0; c < kCells; ++c) {
-    d[c] = decide_cell(a.strategy, c, prob, pred_id, a.mask + cell0, a.visited + cell0,
+    d[c] = decide_cell(strategy, c, prob, pred_id, a.mask + cell0, a.visited + cell0,
                        static_cast<long long>(a.ids[cell0 + c]), count, cell, next_cell,
                        a.n_table);
   }
@@ -47,6 +53,7 @@ int64_t sampler_step_cpu(const SamplerStepArgs& a, int* first_code) {
   if (first_bad >= 0) return first_bad;
 
   for (int64_t b = 0; b < a.batch; ++b) {
+    if (row_strategy(a, b) == kInactive) continue;
     const CellDecision* d = &decisions[b * kCells];
     const int64_t cell0 = b * kCells;
     for (int c = 0; c < kCells; ++c) {

@@ -55,7 +55,7 @@ std::string sampler_step_cuda(const SamplerStepArgs& a, uintptr_t stream) {
 #define XLX_LAUNCH(NAME)                                                                    \
   NAME<<<grid, block, 0, s>>>(a.pred_prob, pred_id, table, a.mask_row, a.mask, a.visited, \
                               ids, a.out, a.status, a.count, a.cell, a.next_cell,         \
-                              a.strategy, a.n_table, a.row_bytes)
+                              a.strategies, a.strategy, a.n_table, a.row_bytes)
   switch (gather_width(a)) {
     case 16: XLX_LAUNCH(xlx_sampler_step_w16); break;
     case 8: XLX_LAUNCH(xlx_sampler_step_w8); break;

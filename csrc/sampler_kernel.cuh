@@ -28,8 +28,8 @@ __device__ __forceinline__ void sampler_step_row(
     const float* __restrict__ pred_prob, const long long* __restrict__ pred_id,
     const unsigned char* __restrict__ table, const unsigned char* __restrict__ mask_row,
     unsigned char* mask, unsigned char* visited, long long* ids, unsigned char* __restrict__ out,
-    int* status, const int* count, const int* cell, const int* next_cell, int strategy,
-    long long n_table, long long row_bytes) {
+    int* status, const int* count, const int* cell, const int* next_cell,
+    const int* strategies, int strategy, long long n_table, long long row_bytes) {
   __shared__ float s_prob[kCells];
   __shared__ unsigned char s_mask[kCells];
   __shared__ unsigned char s_visited[kCells];
@@ -39,6 +39,8 @@ __device__ __forceinline__ void sampler_step_row(
 
   const long long b = blockIdx.x;
   const int tid = threadIdx.x;
+  if (strategies) strategy = strategies[b];
+  if (strategy == kInactive) return;  // block-uniform: an idle slot costs one load
   const long long cell0 = b * kCells;
   const int row_count = count ? count[b] : 0;
   const int row_cell = cell ? cell[b] : -1;
@@ -103,9 +105,11 @@ __device__ __forceinline__ void sampler_step_row(
       const float* pred_prob, const long long* pred_id, const unsigned char* table,             \
       const unsigned char* mask_row, unsigned char* mask, unsigned char* visited,               \
       long long* ids, unsigned char* out, int* status, const int* count, const int* cell,       \
-      const int* next_cell, int strategy, long long n_table, long long row_bytes) {             \
+      const int* next_cell, const int* strategies, int strategy, long long n_table,            \
+      long long row_bytes) {                                                                    \
     xlx::sampler_step_row<V>(pred_prob, pred_id, table, mask_row, mask, visited, ids, out,      \
-                             status, count, cell, next_cell, strategy, n_table, row_bytes);     \
+                             status, count, cell, next_cell, strategies, strategy, n_table,     \
+                             row_bytes);                                                        \
   }
 
 XLX_SAMPLER_ENTRY(xlx_sampler_step_w16, uint4)

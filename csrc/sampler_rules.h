@@ -14,6 +14,8 @@
 //                tlbr, confidence -> m_i minus D
 //                random       -> (m_i minus D) plus {next_cell}   (next_cell == -1: none)
 //   out[c] = mask_row if m_{i+1}[c] else table[ids[c]]
+// A row whose strategy is kInactive (an idle slot of a padded batch) is not touched at all: no
+// check, no write, no gather -- it costs one load of its strategy code.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -27,7 +29,8 @@ namespace xlx {
 constexpr int kCells = 64;  // 8 x 8 grid
 
 // Strategy codes; xlx_fast/ops/sampler_step.py:STRATEGIES mirrors them.
-enum Strategy : int { kMaskPredict = 0, kTlbr = 1, kRandom = 2, kConfidence = 3 };
+// kInactive is valid only as a per-row code (SamplerStepArgs::strategies): the row is skipped.
+enum Strategy : int { kMaskPredict = 0, kTlbr = 1, kRandom = 2, kConfidence = 3, kInactive = 4 };
 
 // Per-row status codes. 0 is "fine"; codes are sticky (a kernel never clears a non-zero one).
 //   1..64          an id that must be used is outside [0, N): at cell (code - 1), lowest such cell

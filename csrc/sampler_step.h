@@ -8,7 +8,8 @@
 
 namespace xlx {
 
-// Arguments of one step; count/cell/next_cell may be null when the strategy ignores them.
+// Arguments of one step; count/cell/next_cell may be null when the strategy ignores them
+// (with per-row strategies, pass every array a row's strategy may read).
 // Row strides are fixed: pred_prob, pred_id, mask, visited, ids are [batch, 64] contiguous,
 // out is [batch, 64, row_bytes] contiguous, table is [n_table, row_bytes], mask_row [row_bytes].
 struct SamplerStepArgs {
@@ -24,6 +25,8 @@ struct SamplerStepArgs {
   const int32_t* count;
   const int32_t* cell;
   const int32_t* next_cell;
+  // Per-row strategy codes [batch] (null: every row uses `strategy`). kInactive skips a row.
+  const int32_t* strategies;
   int strategy;
   int64_t batch;
   int64_t n_table;

@@ -13,11 +13,14 @@ the answer:
   returns (max probability, argmax) without materialising [B, 64, K] (``codebook_head``);
 - in the last cross layer only the visual stream feeds the head: its language half is skipped;
 - the attention runs through the fused op (``optimize`` is applied to the model, idempotently);
-- on CUDA the whole loop is captured once per (batch, caption length, steps, strategy, dtype,
-  sampling mode) as a CUDA graph and replayed.
+- the loop runs on :class:`xlx_fast.engine.Engine` (one step = one forward over the rows,
+  each row with its own steps, strategy, temperature and seed, all as data); on CUDA its step
+  is a CUDA graph per batch shape. Engines are cached on the model, at most
+  ``_ENGINE_CACHE`` of them (LRU), keyed by the batch shape, dtype, device and parameter
+  addresses -- never by a seed or temperature.
 
 The per-model tables are cached on the model and rebuilt when a parameter they derive from
-changes (tracked by the parameters' version counters, data pointers and dtype).
+changes, whatever the route (an exact comparison against a snapshot: ``prepare``).
 
 Equality with the reference: the folded head and the projected table round differently from
 the two-layer reference (GEMMs of other shapes), so logits agree to float rounding, not bit for
@@ -27,13 +30,13 @@ exact equality.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from .models.xlxmert import GRID, N_CELLS
 from .ops.codebook_head import codebook_head, fold_head
-from .ops.sampler_step import check_status, init_state, reset_state, sampler_step, schedule
 from .patching import optimize
 from .reference.grid import box_positions
 from .reference.sampler import SampleResult, check_inputs, check_steps, check_strategy
@@ -57,6 +60,7 @@ class FastTables:
     head_weight: torch.Tensor
     head_bias: torch.Tensor
     key: tuple
+    snapshot: list
 
 
 def _sources(model):
@@ -65,20 +69,47 @@ def _sources(model):
     return [model.vis_emb.weight, model.mask_feat, enc.visn_fc.weight, enc.visn_fc.bias,
             enc.visn_layer_norm.weight, enc.visn_layer_norm.bias, enc.box_fc.weight, enc.box_fc.bias,
             enc.box_layer_norm.weight, enc.box_layer_norm.bias, head.linear_feat.weight,
-            head.linear_feat.bias, head.out_cluster.bias]
+            head.linear_feat.bias, head.out_cluster.weight, head.out_cluster.bias]
 
 
 def _key(model) -> tuple:
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in _sources(model))
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in _sources(model))
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as integers: an exact comparison (NaN equals itself, -0 != +0)."""
+    t = t.detach()
+    return t.view(_BITS[t.element_size()]) if t.is_floating_point() else t
+
+
+def _unchanged(tables: FastTables, model) -> bool:
+    """Whether every source holds exactly the values the tables were built from."""
+    if tables.key != _key(model):
+        return False  # a new tensor, a dtype/device/shape change or a version bump: rebuild
+    # same storage and version: compare contents, which routes that bypass the version counter
+    # (p.data.copy_, a detached view, a numpy view) do change
+    return all(torch.equal(_bits(p), snap) for p, snap in zip(_sources(model), tables.snapshot))
 
 
 @torch.no_grad()
 def prepare(model) -> FastTables:
-    """The model's :class:`FastTables`, built on first use and cached on the model."""
-    key = _key(model)
+    """The model's :class:`FastTables`, built on first use and cached on the model.
+
+    Never stale: each call compares the sources (codebook, mask feature, visn_fc, box_fc and
+    their layer norms, linear_feat, out_cluster) with a bitwise snapshot taken when the tables
+    were built, and rebuilds on any difference. Version counters and data pointers alone miss
+    edits made through ``p.data.copy_``, a ``p.detach()`` view or a numpy view. Cost: the
+    snapshot doubles the sources' memory (about 120 MB fp32 at the base size, mostly the
+    10,000 x 2048 codebook) and a check reads both (``bench`` case ``engine``
+    measures it; tens of ms on CPU at the base size, against about 1 s for the rebuild).
+    """
     cached = getattr(model, "_xlx_fast_tables", None)
-    if cached is not None and cached.key == key:
+    if cached is not None and _unchanged(cached, model):
         return cached
+    key = _key(model)
     enc = model.bert.encoder.visn_fc
     dtype, device = model.centroids.dtype, model.centroids.device
 
@@ -90,7 +121,8 @@ def prepare(model) -> FastTables:
     box = enc.box_layer_norm(enc.box_fc(box_positions(GRID, dtype, device))) / 2
     w, b = fold_head(model.obj_predict_head.linear_feat, model.obj_predict_head.out_cluster)
     tables = FastTables(table.contiguous(), mask_row.contiguous(), box.contiguous(),
-                        w.contiguous(), b.float().contiguous(), key)
+                        w.contiguous(), b.float().contiguous(), key,
+                        [_bits(p).clone() for p in _sources(model)])
     model._xlx_fast_tables = tables
     return tables
 
@@ -127,93 +159,56 @@ def _vision(model, lang, ext_mask, visual):
     return _visual_half(enc.x_layers[-1], lang, ext_mask, visual)
 
 
-class _Loop:
-    """One (batch, length, steps, strategy, ...) configuration of the loop with its buffers.
+_ENGINE_CACHE = 4  # engines kept per model (LRU): one per (batch, length, dtype, device, graph)
 
-    ``run`` executes the whole loop on the buffers; it allocates only temporaries and never
-    syncs with the host, so on CUDA it can be captured as a graph (``capture``).
-    """
 
-    def __init__(self, model, tables, batch, length, steps, strategy, seed, temperature):
-        device = tables.table.device
-        self.model, self.tables = model, tables
-        self.steps, self.strategy, self.temperature = steps, strategy, temperature
-        self.input_ids = torch.zeros(batch, length, dtype=torch.int64, device=device)
-        self.attention_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
-        self.state = init_state(batch, tables.mask_row)
-        self.masks = torch.zeros(steps, batch, N_CELLS, dtype=torch.bool, device=device)
-        self.probs = torch.zeros(batch, N_CELLS, dtype=torch.float32, device=device)
-        sched = schedule(strategy, steps, seed).tensors(batch, device)
-        self.per_step = [{name: t[i] for name, t in sched.items()} for i in range(steps)]
-        # Per-cell seeds for temperature sampling: a row's draws depend on its own seed only.
-        rows = torch.arange(batch, dtype=torch.int64, device=device)
-        cells = torch.arange(N_CELLS, dtype=torch.int64, device=device)
-        self.seeds = (int(seed or 0) * 1_000_003 + rows[:, None] * N_CELLS + cells).contiguous()
-        self.graph = None
-
-    def run(self, on_step=None):
-        model, tables, state = self.model, self.tables, self.state
-        reset_state(state, tables.mask_row)
-        ext_mask = _extended_mask(model, self.attention_mask)
-        lang = _language(model, self.input_ids, ext_mask)
-        transform = model.obj_predict_head.transform
-        for i in range(self.steps):
-            self.masks[i].copy_(state.mask)
-            visual = _vision(model, lang, ext_mask, state.out + tables.box)
-            prob, pred_id = codebook_head(transform(visual), tables.head_weight, tables.head_bias,
-                                          temperature=self.temperature, seeds=self.seeds, step=i)
-            sampler_step(prob, pred_id, state, tables.table, tables.mask_row, self.strategy,
-                         **self.per_step[i])
-            if on_step is not None:
-                on_step()
-        self.probs.copy_(prob)
-
-    def capture(self):
-        """Record ``run`` as a CUDA graph (after one eager warm-up run that also autotunes)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.run()
-
-    def __call__(self, input_ids, attention_mask, progress=False):
-        self.input_ids.copy_(input_ids)
-        self.attention_mask.copy_(attention_mask)
-        if self.graph is not None:
-            self.graph.replay()  # one unit: no per-step progress to show
-        elif progress:
-            from tqdm.auto import tqdm
-
-            with tqdm(total=self.steps, desc=f"xlx_fast {self.strategy}", unit="step") as bar:
-                self.run(on_step=bar.update)
+def _per_row(name: str, value, b: int, kind) -> list:
+    """A scalar, or a sequence / 1-D tensor of one value per row -> a list of b values."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.item()
+        elif value.dim() != 1:
+            raise ValueError(f"{name} must be a scalar or 1-D with one value per row, got shape "
+                             f"{tuple(value.shape)}")
+        elif kind is int and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            raise TypeError(f"{name} must hold integers, got a {value.dtype} tensor")
+        elif kind is float and value.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got a bool tensor")
         else:
-            self.run()
-        return self.state, self.masks, self.probs
+            value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if len(value) != b:
+            raise ValueError(f"{name} must be a scalar or one value per row ({b}), got {len(value)} values")
+        return list(value)
+    return [value] * b
 
 
-def _loop(model, tables, input_ids, steps, strategy, seed, temperature, use_graph):
-    b, length = input_ids.shape
-    key = (b, length, steps, strategy, seed if strategy == "random" or temperature > 0 else None,
-           float(temperature), tables.table.dtype, str(tables.table.device), use_graph)
-    loops = model.__dict__.setdefault("_xlx_loops", {})
-    loop = loops.get(key)
-    if loop is None or loop.tables is not tables:
-        loop = _Loop(model, tables, b, length, steps, strategy, seed, temperature)
-        if use_graph:
-            loop.capture()
-        loops[key] = loop
-    return loop
+def _engine(model, b: int, length: int, cuda_graph: bool):
+    """An engine for this batch shape, cached on the model (bounded LRU of ``_ENGINE_CACHE``),
+    keyed by what fixes its buffers and graphs: never by a seed or a temperature (data)."""
+    from .engine import Engine
+
+    params = tuple(t.data_ptr() for t in model.parameters()) + tuple(t.data_ptr() for t in model.buffers())
+    key = (b, length, bool(cuda_graph), model.centroids.dtype, str(model.centroids.device), params)
+    cache = model.__dict__.setdefault("_xlx_engines", OrderedDict())
+    engine = cache.pop(key, None)
+    if engine is None:
+        engine = Engine(model, slots=b, max_length=length, cuda_graph=cuda_graph, buckets=[b])
+        engine.warmup()
+    cache[key] = engine
+    while len(cache) > _ENGINE_CACHE:
+        cache.popitem(last=False)
+    return engine
 
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             steps: int | None = None, strategy: str = "mask_predict", temperature: float = 0.0,
-             seed: int | None = None, cuda_graph: bool | None = None,
-             progress: bool = False) -> SampleResult:
+             steps=None, strategy="mask_predict", temperature=0.0, seed=None,
+             cuda_graph: bool | None = None, progress: bool = False) -> SampleResult:
     """Sample cluster ids for captions, fast; same arguments and result as ``reference.sample``.
+
+    Runs the rows as requests of an :class:`xlx_fast.engine.Engine` with ``slots = B``: each
+    row's result depends on that row's caption and parameters only.
 
     Args:
         model: ``XLxmertForImageGeneration`` (any dtype: fp32, bf16, fp16; CPU or CUDA).
@@ -221,27 +216,50 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             is changed in place, and ``reference.sample`` refuses it afterwards (keep a
             ``copy.deepcopy`` for the reference, or ``xlx_fast.patching.unoptimize`` it).
         input_ids: [B, L] int64 token ids; ``attention_mask`` defaults to ``input_ids > 0``.
-        steps: sampling steps (default 4 for Mask-Predict, 64 for the AR orders).
+        steps, strategy, temperature, seed: a scalar for every row, or one value per row (a
+            list, tuple or 1-D tensor of length B).
+        steps: sampling steps (default 4 for Mask-Predict, 64 for the AR orders; at most
+            ``engine.MAX_STEPS``).
         strategy: ``mask_predict`` | ``confidence`` | ``tlbr`` | ``random``.
         temperature: 0 → the reference's greedy argmax; > 0 → each cell's id is a sample of
-            softmax(logits / temperature) drawn from a counter-based RNG keyed by ``seed``, the
-            row, the cell and the step (not part of the reference).
-        seed: fixes the random order (``random``) and the sampling noise; ``None`` means 0.
-        cuda_graph: capture the loop as a CUDA graph (default: on for CUDA models).
-        progress: a progress bar over the steps of the eager loop (a graph replay runs as one
-            unit and shows none).
+            softmax(logits / temperature) drawn from Philox keyed by a hash of (the row's seed,
+            the step, the cell) (not part of the reference). Rows with equal captions and seeds
+            give equal samples.
+        seed: any int; fixes the random order (``random``) and the sampling noise; ``None``
+            means 0.
+        cuda_graph: capture the steps as CUDA graphs (default: on for CUDA models).
+        progress: a progress bar over the steps.
 
     Returns:
-        :class:`~xlx_fast.reference.SampleResult` (ids, codes, probs, masks), fresh tensors.
+        :class:`~xlx_fast.reference.SampleResult` (ids, codes, probs, masks), fresh tensors on
+        the model's device. ``masks`` is [max steps, B, 64]; a row with fewer steps than the
+        longest has all-False masks after its last step.
+
+    Weights: the derived tables are checked against the weights they came from on every call
+    (an exact comparison, see :func:`prepare`), so no edit of a weight is ever missed.
     """
-    check_strategy(strategy)
+    from .engine import Request
+
     attention_mask = check_inputs(model, input_ids, attention_mask)
-    steps = check_steps(strategy, steps)
-    temperature = float(temperature)
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     if model.training:
         raise ValueError("generate() runs inference only: call model.eval() first")
+    b, length = input_ids.shape
+    strategies = _per_row("strategy", strategy, b, str)
+    for st in strategies:
+        check_strategy(st)
+    steps_ = _per_row("steps", steps, b, int)
+    steps_ = [check_steps(st, k.item() if isinstance(k, torch.Tensor) else k)
+              for st, k in zip(strategies, steps_)]
+    temps = _per_row("temperature", temperature, b, float)
+    seeds = [0 if x is None else x for x in _per_row("seed", seed, b, int)]
+    for t in temps:
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise TypeError(f"temperature must be a real number, got {type(t).__name__}")
+        if not t >= 0 or t == float("inf"):
+            raise ValueError(f"temperature must be finite and >= 0, got {t}")
+    for x in seeds:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"seed must be an int (or None), got {type(x).__name__}")
     device = model.centroids.device
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
@@ -249,14 +267,38 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise ValueError("cuda_graph=True needs a model on a CUDA device")
 
     optimize(model)
-    tables = prepare(model)
-    loop = _loop(model, tables, input_ids.to(torch.int64), steps, strategy, seed, temperature,
-                 cuda_graph)
-    state, masks, probs = loop(input_ids, attention_mask, progress)
-    check_status(state.status)
+    engine = _engine(model, b, length, cuda_graph)
+    if engine._tables is not prepare(model):
+        engine.reload()
+    requests = [Request(input_ids=input_ids[r].to(torch.int64), attention_mask=attention_mask[r].bool(),
+                        seed=seeds[r], steps=steps_[r], strategy=strategies[r],
+                        temperature=float(temps[r])) for r in range(b)]
+    handles = engine.admit(requests)
+    row_of = {id(q): r for r, q in enumerate(requests)}
+    results = [None] * b
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-    ids = state.ids.clone()
-    decided = ids >= 0
-    codes = torch.where(decided.unsqueeze(-1), model.centroids[ids.clamp(min=0)],
-                        model.mask_feat.to(model.centroids.dtype))
-    return SampleResult(ids=ids, codes=codes, probs=probs.clone(), masks=masks.clone())
+        bar = tqdm(total=max(steps_), desc="xlx_fast " + "/".join(sorted(set(strategies))), unit="step")
+    try:
+        while engine.active():
+            for f in engine.step():
+                results[row_of[id(f.request)]] = f
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+        for h in handles:  # leave the cached engine empty even after an error
+            engine.cancel(h)
+        while engine.active():
+            engine.step()
+    k = max(steps_)
+    masks = torch.zeros(k, b, N_CELLS, dtype=torch.bool)
+    for r, f in enumerate(results):
+        masks[:f.masks.shape[0], r] = f.masks
+    return SampleResult(ids=torch.stack([f.ids for f in results]).to(device),
+                        codes=torch.stack([f.codes for f in results]).to(device),
+                        probs=torch.stack([f.probs for f in results]).to(device),
+                        masks=masks.to(device))

@@ -25,6 +25,11 @@ sizes or the class split. The CPU path draws the same bits (a torch twin of Phil
 move a sample is the last bit of a logit (GEMM blocking differs with batch size and device), so
 samples agree across re-batching and devices except where two keys tie to within that rounding.
 
+Per-row temperatures: ``temperature`` may be a float32 tensor with one τ_m per row (τ_m = 0:
+that row is greedy, exactly as in a greedy call: its logits are multiplied by 1 and its key
+gets no noise). Rows of different temperatures then share one launch; the noise is drawn for
+every row (the sampling kernel's cost), so an all-greedy batch should pass the scalar 0.
+
 Tie-breaking: the lowest class index among equal keys (within a tile explicitly, across tiles by a
 strict '>' in class order, across slices by the first slice).
 
@@ -71,9 +76,10 @@ if triton is not None:
         H, W, B, SEEDS, P_M, P_S, P_KEY, P_Z, P_ID,
         M, K, HD, K_PER_SPLIT, NSPLIT,
         stride_hm, stride_hd, stride_wk, stride_wd,
-        inv_temp, step,
+        inv_temp, step, TEMPS,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
         SAMPLE: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+        PER_ROW: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
@@ -83,6 +89,10 @@ if triton is not None:
         k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
         if SAMPLE:
             seed = tl.load(SEEDS + rows, mask=row_ok, other=0)
+        if PER_ROW:  # tau_m per row; tau_m = 0: greedy row (scale 1, no noise)
+            tau = tl.load(TEMPS + rows, mask=row_ok, other=0.0)
+            row_scale = tl.where(tau > 0, 1.0 / tl.where(tau > 0, tau, 1.0), 1.0)
+            noisy = tau > 0
         m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
         s_run = tl.zeros([BLOCK_M], tl.float32)
         best = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -95,7 +105,10 @@ if triton is not None:
             acc = rows_dot_entries(H, stride_hm, stride_hd, rows, row_ok, W, stride_wk, stride_wd,
                                    cols, col_ok, HD, BLOCK_M, BLOCK_K, BLOCK_H, INPUT_PRECISION, WIDEN)
             bias = tl.load(B + cols, mask=col_ok, other=0.0)
-            z = (acc + bias[None, :]) * inv_temp
+            if PER_ROW:
+                z = (acc + bias[None, :]) * row_scale[:, None]
+            else:
+                z = (acc + bias[None, :]) * inv_temp
             has_nan = tl.maximum(has_nan, tl.max((z != z).to(tl.int32), axis=1))
             z = tl.where(col_ok[None, :], z, float("-inf"))
             # online softmax: rescale the running sum to the new running max
@@ -103,7 +116,9 @@ if triton is not None:
             s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
             m_run = m_new
             # running argmax of the key: z (greedy) or z + Gumbel noise (sampling)
-            if SAMPLE:
+            if PER_ROW:
+                key = tl.where(noisy[:, None], z + _gumbel(seed, cols, step, BLOCK_M, BLOCK_K), z)
+            elif SAMPLE:
                 key = z + _gumbel(seed, cols, step, BLOCK_M, BLOCK_K)
             else:
                 key = z
@@ -155,7 +170,7 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 
 def codebook_head_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
-                         temperature: float = 0.0, seeds: torch.Tensor | None = None, step: int = 0,
+                         temperature=0.0, seeds: torch.Tensor | None = None, step: int = 0,
                          precision: str = "ieee", block_m: int | None = None,
                          block_k: int | None = None, block_h: int | None = None,
                          splits: int | None = None,
@@ -192,16 +207,18 @@ def codebook_head_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     nsplit = triton.cdiv(k, k_per)
     part = torch.empty(5, m, nsplit, dtype=torch.float32, device=h.device)
     part_id = torch.empty(m, nsplit, dtype=torch.int32, device=h.device)
-    sample = temperature > 0
+    per_row = isinstance(temperature, torch.Tensor)
+    sample = per_row or temperature > 0
     if seeds is None:
         seeds = ids  # never read when not sampling
+    temps = temperature if per_row else prob  # never read unless per row
     kwargs = {} if h.device.type == "cpu" else {"num_warps": 4, "num_stages": 3}
     _head_partial_kernel[(row_blocks, nsplit)](
         h, weight, bias, seeds, part[0], part[1], part[2], part[3], part_id,
         m, k, hd, k_per, nsplit,
         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
-        (1.0 / temperature) if sample else 1.0, int(step),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_H=block_h, SAMPLE=sample,
+        (1.0 / temperature) if sample and not per_row else 1.0, int(step), temps,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_H=block_h, SAMPLE=sample, PER_ROW=per_row,
         # precision only means something for fp32 operands; half operands take the default
         INPUT_PRECISION=precision if h.dtype == torch.float32 else "tf32",
         WIDEN=interpreter_widen(h),
@@ -281,7 +298,7 @@ def _widened(weight: torch.Tensor) -> torch.Tensor:
 
 
 def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
-                        temperature: float = 0.0, seeds: torch.Tensor | None = None, step: int = 0,
+                        temperature=0.0, seeds: torch.Tensor | None = None, step: int = 0,
                         chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU path, blocked over rows: per chunk one GEMM (addmm, fp32 accumulation; half inputs are
     widened, which is exact), then max / sum-exp / argmax over the classes. Scratch stays
@@ -292,15 +309,26 @@ def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     w = _widened(weight)
     prob = torch.empty(m, dtype=torch.float32, device=h.device)
     ids = torch.empty(m, dtype=torch.int64, device=h.device)
-    sample = temperature > 0
-    inv_temp = torch.tensor(1.0 / temperature if sample else 1.0, dtype=torch.float32).item()
+    per_row = isinstance(temperature, torch.Tensor)
+    sample = per_row or temperature > 0
+    if per_row:  # the kernel's rule: tau > 0 -> scale 1/tau (fp32) and noise; tau = 0 -> greedy
+        noisy = temperature > 0
+        scale = torch.where(noisy, 1.0 / torch.where(noisy, temperature, 1.0), 1.0)
+    else:
+        inv_temp = torch.tensor(1.0 / temperature if sample else 1.0, dtype=torch.float32).item()
     cols = torch.arange(w.shape[0], device=h.device)
     for r0 in range(0, m, chunk):
         z = torch.addmm(bias, h[r0:r0 + chunk].float(), w.T)
-        if sample:
+        if per_row:
+            z.mul_(scale[r0:r0 + chunk, None])
+        elif sample:
             z.mul_(inv_temp)
         zmax, i = z.max(1)
-        if sample:
+        if per_row:
+            g = gumbel_noise(seeds[r0:r0 + chunk], cols, step)
+            i = torch.where(noisy[r0:r0 + chunk, None], z + g, z).max(1).indices
+            zi = z.gather(1, i[:, None])[:, 0]
+        elif sample:
             i = (z + gumbel_noise(seeds[r0:r0 + chunk], cols, step)).max(1).indices
             zi = z.gather(1, i[:, None])[:, 0]
         else:
@@ -332,7 +360,7 @@ def _raise_nan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, prob: 
 
 
 def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  temperature: float = 0.0, seeds: torch.Tensor | None = None, step: int = 0,
+                  temperature=0.0, seeds: torch.Tensor | None = None, step: int = 0,
                   precision: str = "ieee", check_nan: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(prob, id) of softmax(h·Wᵀ + b) per row, the logits never stored.
 
@@ -342,7 +370,9 @@ def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         bias: [K] (any float dtype; used in fp32) or None.
         temperature: 0 → greedy argmax and the softmax maximum (the reference's
             ``softmax(logits).max(-1)``); τ > 0 → a Gumbel-max sample of softmax(logits/τ) and
-            the probability softmax(logits/τ) gives to it.
+            the probability softmax(logits/τ) gives to it. A float32 tensor of h.shape[:-1]
+            (or [M]) gives each row its own τ (0 = greedy row; finite, >= 0: values are not
+            checked here, which would sync; the caller validates them).
         seeds: int64, h.shape[:-1] (or [M]) per-row seeds; required when temperature > 0.
         step: sampling step, part of the RNG counter (0 ≤ step < 2^31).
         precision: "ieee" or "tf32" for float32 inputs on CUDA (CPU is IEEE).
@@ -384,9 +414,16 @@ def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"bias is on {bias.device} but h is on {h.device}")
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
-    temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    per_row = isinstance(temperature, torch.Tensor)
+    if per_row:
+        if temperature.dtype != torch.float32:
+            raise TypeError(f"temperature tensor must be float32, got {temperature.dtype}")
+        if temperature.device != h.device:
+            raise ValueError(f"temperature is on {temperature.device} but h is on {h.device}")
+    else:
+        temperature = float(temperature)
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     if not 0 <= int(step) < 2 ** 31:
         raise ValueError(f"step must be in [0, 2^31), got {step}")
     if h.device.type not in ("cpu", "cuda"):
@@ -395,7 +432,12 @@ def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     lead = tuple(h.shape[:-1])
     h2 = h.reshape(-1, h.shape[-1])
     m = h2.shape[0]
-    if temperature > 0:
+    if per_row:
+        if temperature.numel() != m:
+            raise ValueError(f"temperature must have one entry per row ({m}), got shape "
+                             f"{tuple(temperature.shape)}")
+        temperature = temperature.reshape(m).contiguous()
+    if per_row or temperature > 0:
         if seeds is None:
             raise ValueError("seeds (one int64 per row) are required when temperature > 0")
         if not isinstance(seeds, torch.Tensor) or seeds.dtype not in (torch.int64, torch.int32):

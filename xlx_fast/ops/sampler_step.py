@@ -23,6 +23,15 @@ projected ``visn_fc`` table in the fast form: the same op), fp32/fp16/bf16; ``ma
 ``out`` [B, 64, D] share its dtype. ``count``/``cell``/``next_cell`` are int32 [B] so rows at
 different steps can share a batch; ``schedule()`` computes them from (strategy, steps, seed).
 
+Per-row strategies: ``strategy`` may also be an int32 [B] tensor of codes (``STRATEGIES``, plus
+``INACTIVE`` = 4 for an idle row), so rows of different strategies share one launch: the rule a
+row applies is a function of its own code, exactly as if the whole batch had that strategy. An
+``INACTIVE`` row is not read, checked or written (an idle slot of a padded batch costs no work
+and never has a status). This keeps the step one launch with a fixed shape, which a CUDA graph
+of a padded batch needs; grouping rows by strategy would need data-dependent gathers and one
+launch per group. With per-row codes, pass every per-row array a row's strategy may read
+(``count`` for mask_predict rows, ``cell`` for tlbr/random rows, ``next_cell`` optional).
+
 Memory traffic (``sampler_step_bytes``): the gather reads 64·D·itemsize bytes per row (table
 rows or mask_row) and writes as many into ``out``; the per-cell state adds 64·22 bytes read
 (pred_prob, pred_id, ids, mask, visited) and 64·10 written (ids, mask, visited) per row. It is bandwidth-bound; the CUDA kernel (csrc/sampler_kernel.cuh)
@@ -62,6 +71,7 @@ from ..reference.schedule import mask_counts, random_order, tlbr_order
 CELLS = 64
 # Strategy name -> code in csrc/sampler_rules.h (enum Strategy).
 STRATEGIES = {"mask_predict": 0, "tlbr": 1, "random": 2, "confidence": 3}
+INACTIVE = 4  # per-row code of an idle row (kInactive): skipped entirely
 TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Status codes of csrc/sampler_rules.h (enum Status); 1..64 is "bad id at cell code-1".
 STATUS_BAD_COUNT, STATUS_BAD_CELL, STATUS_BAD_NEXT_CELL, STATUS_BAD_PROB, STATUS_BAD_STRATEGY = (
@@ -116,16 +126,21 @@ def reset_state(state: SamplerState, mask_row: torch.Tensor) -> None:
 
 
 def sampler_step(pred_prob: torch.Tensor, pred_id: torch.Tensor, state: SamplerState,
-                 table: torch.Tensor, mask_row: torch.Tensor, strategy: str | int, *,
+                 table: torch.Tensor, mask_row: torch.Tensor, strategy, *,
                  count: Optional[torch.Tensor] = None, cell: Optional[torch.Tensor] = None,
                  next_cell: Optional[torch.Tensor] = None) -> SamplerState:
     """Advance every row of ``state`` by one step in place (see the module docstring) and
     return ``state``. ``count`` is required for ``mask_predict``, ``cell`` for ``tlbr`` and
     ``random``; ``next_cell`` is optional for ``random`` (None: no cell re-masked); arguments
-    a strategy does not use are ignored. All int32 [B] on the tensors' device."""
+    a strategy does not use are ignored. All int32 [B] on the tensors' device. ``strategy`` is
+    a name, a code, or an int32 [B] tensor of per-row codes (see the module docstring)."""
+    if isinstance(strategy, torch.Tensor):
+        strategies, code = strategy, 0  # the scalar is ignored when per-row codes are given
+    else:
+        strategies, code = None, strategy_code(strategy)
     torch.ops.xlx_fast.sampler_step(pred_prob, pred_id, table, mask_row, state.mask,
                                     state.visited, state.ids, state.out, state.status,
-                                    count, cell, next_cell, strategy_code(strategy))
+                                    count, cell, next_cell, code, strategies)
     return state
 
 
@@ -231,7 +246,7 @@ def _check_vector(name, t):
 
 
 def check_args(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
-               count, cell, next_cell, strategy) -> None:
+               count, cell, next_cell, strategy, strategies=None) -> None:
     """Raise TypeError/ValueError naming the first bad argument (metadata checks only)."""
     strategy_code(strategy)
     if not isinstance(pred_prob, torch.Tensor):
@@ -261,15 +276,23 @@ def check_args(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, sta
     _check_tensor("status", status, (torch.int32,), (b,))
     code = strategy_code(strategy)
     needs = {0: ("count",), 1: ("cell",), 2: ("cell",), 3: ()}[code]
+    if strategies is not None:
+        # Codes are data (checked by the kernels: an unknown code flags its row); every array a
+        # row may read must be there, since which rows read which is not known here.
+        _check_tensor("strategies", strategies, (torch.int32,), (b,))
+        needs = ("count", "cell")
     for name, t in (("count", count), ("cell", cell), ("next_cell", next_cell)):
         if t is None and name in needs:
+            if strategies is not None:
+                raise ValueError(f"{name} is required with per-row strategies")
             raise ValueError(f"{name} is required for strategy "
                              f"{[k for k, v in STRATEGIES.items() if v == code][0]!r}")
         _check_tensor(name, t, (torch.int32,), (b,), optional=True)
     device = pred_prob.device
     named = (("pred_id", pred_id), ("table", table), ("mask_row", mask_row), ("mask", mask),
              ("visited", visited), ("ids", ids), ("out", out), ("status", status),
-             ("count", count), ("cell", cell), ("next_cell", next_cell))
+             ("count", count), ("cell", cell), ("next_cell", next_cell),
+             ("strategies", strategies))
     for name, t in named:
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but pred_prob is on {device}: "
@@ -281,12 +304,12 @@ def check_args(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, sta
 
 
 def _pointers(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
-              count, cell, next_cell):
+              count, cell, next_cell, strategies=None):
     def p(t):
         return 0 if t is None else t.data_ptr()
 
     return (p(pred_prob), p(pred_id), p(table), p(mask_row), p(mask), p(visited), p(ids),
-            p(out), p(status), p(count), p(cell), p(next_cell))
+            p(out), p(status), p(count), p(cell), p(next_cell), p(strategies))
 
 
 def _status_message(code: int, row: int, count, cell, next_cell, pred_id, ids, n_table) -> str:
@@ -304,7 +327,7 @@ def _status_message(code: int, row: int, count, cell, next_cell, pred_id, ids, n
     if code == STATUS_BAD_PROB:
         return f"pred_prob has NaN in row {row}"
     if code == STATUS_BAD_STRATEGY:
-        return "unknown strategy code"
+        return f"unknown strategy code in row {row}"
     return f"status {code} in row {row}"
 
 
@@ -326,13 +349,13 @@ def _describe_code(code: int) -> str:
 
 
 def _run_cpu(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
-             count, cell, next_cell, strategy):
+             count, cell, next_cell, strategy, strategies=None):
     mod = native.load()
     if mod is None:
         raise RuntimeError(f"sampler_step on CPU needs xlx_fast._C, which did not load "
                            f"({native.load_error()}); reinstall with 'pip install -e .'")
     ptrs = _pointers(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
-                     count, cell, next_cell)
+                     count, cell, next_cell, strategies)
     n_table, row_bytes = table.shape[0], table.shape[1] * table.element_size()
     row, code = mod.sampler_step_cpu(*ptrs, strategy, pred_prob.shape[0], n_table, row_bytes)
     if row >= 0:
@@ -342,11 +365,11 @@ def _run_cpu(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, statu
 
 
 def _run_cuda(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
-              count, cell, next_cell, strategy, backend=None):
+              count, cell, next_cell, strategy, strategies=None, backend=None):
     """Launch on the current stream of the tensors' device. ``backend`` None picks the
     compiled kernel if _C has it, else CuPy; "compiled" or "cupy" forces one (tests)."""
     ptrs = _pointers(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
-                     count, cell, next_cell)
+                     count, cell, next_cell, strategies)
     batch, n_table = pred_prob.shape[0], table.shape[0]
     row_bytes = table.shape[1] * table.element_size()
     with torch.cuda.device(pred_prob.device):
@@ -410,9 +433,10 @@ def _sampler_step_op(pred_prob: torch.Tensor, pred_id: torch.Tensor, table: torc
                      mask_row: torch.Tensor, mask: torch.Tensor, visited: torch.Tensor,
                      ids: torch.Tensor, out: torch.Tensor, status: torch.Tensor,
                      count: Optional[torch.Tensor], cell: Optional[torch.Tensor],
-                     next_cell: Optional[torch.Tensor], strategy: int) -> None:
+                     next_cell: Optional[torch.Tensor], strategy: int,
+                     strategies: Optional[torch.Tensor] = None) -> None:
     args = (pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
-            count, cell, next_cell, strategy)
+            count, cell, next_cell, strategy, strategies)
     check_args(*args)
     if pred_prob.device.type == "cuda":
         _run_cuda(*args)
@@ -424,7 +448,7 @@ def _sampler_step_op(pred_prob: torch.Tensor, pred_id: torch.Tensor, table: torc
 
 @_sampler_step_op.register_fake
 def _(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status, count, cell,
-      next_cell, strategy):
+      next_cell, strategy, strategies=None):
     check_args(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
-               count, cell, next_cell, strategy)
+               count, cell, next_cell, strategy, strategies)
     return None

@@ -1,0 +1,518 @@
+"""A step-level engine over the fast loop: requests join and leave between Mask-Predict steps.
+
+Every sampling step is one full forward of every row, and nothing in a forward couples rows, so
+rows at different steps of different requests can share it. The engine holds ``slots`` rows;
+``admit`` runs the language layers for the joiners only (written into the slots' caption cache)
+and ``step`` runs ONE forward over the occupied slots, advancing each row by one of ITS steps:
+
+- per-row schedule: the host keeps each row's step i and its schedule (mask count, cell,
+  next cell: ``ops.sampler_step.schedule``) and writes this step's values as int32 data;
+- per-row strategy: one sampler launch with a per-row strategy code (``ops.sampler_step``:
+  one rule per row, idle slots coded INACTIVE cost nothing and are never written). Chosen over
+  grouping rows by strategy because the step then keeps one fixed shape per batch bucket (a
+  CUDA graph replays it whatever the mix of strategies) and rows are never gathered/scattered;
+- per-row temperature and seed: the codebook head takes a temperature per row (0 = greedy) and
+  a Philox key per cell, ``seeds.cell_seeds(seed_key(seed), i)``: a row's noise depends on its
+  seed, its step and its cell only; the random order of ``random`` is the reference's
+  ``random_order(steps, seed)``, per row. Seeds are data: nothing is captured or cached per
+  seed.
+
+A request's result therefore depends only on the request (caption, seed, steps, strategy,
+temperature, model dtype/device), never on its slot, its neighbours or when it joined, up to
+float rounding: a forward's GEMMs are blocked differently at other batch sizes, so ids are equal
+wherever the best and second-best probabilities are further apart than that rounding (SPEC §4).
+
+Captions are padded to ``max_length`` with a key padding mask (padded keys get the additive
+``finfo.min``, so their softmax weight is exactly 0): a shorter caption attends to the same keys
+as alone.
+
+Batch buckets. The forward runs over the first ``b`` slots, b the smallest bucket holding every
+occupied slot (rows are moved down into free low slots first when that makes b smaller: a copy
+of the row's cached state). On CUDA each bucket's step is a CUDA graph (two per bucket: all rows
+greedy, or some sampling), and each bucket's joiner language pass too, all captured by
+``warmup()`` and replayed with the per-row data as inputs; after ``warmup`` nothing is captured.
+The host uploads this step's per-row data (int32 [b, 5], and int64 [b, 64] seeds when a row
+samples) through pinned staging buffers, and syncs only when rows finish or are cancelled (to
+copy their results out) -- finishing is known on the host from each row's step count.
+
+Weights. The derived tables (projected codebook, folded head, box) are copied into the engine
+at construction: changing a weight of the model afterwards (by any route) is seen by the
+engine after ``reload()``, which recomputes them in place (graphs stay valid). The transformer
+itself is read live through the model's parameters; moving or replacing parameters (``.to()``,
+assigning a new ``Parameter``) needs a new Engine, since graphs hold their addresses.
+
+Memory: per slot the caption cache (max_length x hidden), the sampler state (64 x hidden
+visual input), the mask history (``MAX_STEPS`` x 64 bools), plus the step's activations at the
+bucket size.
+
+Synchronous and not thread-safe: one owner calls ``admit``/``step``/``cancel``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .generation import _extended_mask, _language, _vision, prepare
+from .models.xlxmert import N_CELLS
+from .ops.codebook_head import codebook_head
+from .ops.sampler_step import (INACTIVE, STRATEGIES, SamplerState, _describe_code, init_state,
+                               sampler_step, schedule)
+from .patching import optimize
+from .reference.sampler import default_steps
+from .seeds import cell_seeds, seed_key
+
+__all__ = ["Engine", "Request", "Finished", "MAX_STEPS"]
+
+MAX_STEPS = 1024  # cap on a request's steps (mask history per slot: MAX_STEPS x 64 bools)
+
+# rows of the per-row control array (int32 [5, rows]: each field contiguous over rows)
+_STRAT, _COUNT, _CELL, _NEXT, _STEP = range(5)
+
+
+@dataclass
+class Request:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    seed: int = 0
+    steps: int | None = None
+    strategy: str = "mask_predict"
+    temperature: float = 0.0
+    tag: object = None
+
+
+@dataclass
+class Finished:
+    request: Request
+    ids: torch.Tensor
+    codes: torch.Tensor
+    probs: torch.Tensor
+    masks: torch.Tensor
+    cancelled: bool
+
+
+@dataclass
+class _Row:
+    """Host-side state of one occupied slot."""
+
+    handle: int
+    request: Request
+    steps: int
+    code: int
+    count: list | None
+    cell: list | None
+    next_cell: list | None
+    key: int
+    temperature: float
+    step: int = 0
+    cancelled: bool = False
+
+
+def _default_buckets(slots: int) -> list[int]:
+    out, b = [], 1
+    while b < slots:
+        out.append(b)
+        b *= 2
+    return out + [slots]
+
+
+class Engine:
+    """See the module docstring. ``model``: ``XLxmertForImageGeneration`` in eval mode (it is
+    ``optimize``-d in place); ``slots``: capacity; ``max_length``: longest caption;
+    ``cuda_graph``: capture steps (default: on for CUDA models); ``buckets``: batch sizes the
+    forward runs at (default 1, 2, 4, ..., slots; must end at ``slots``)."""
+
+    def __init__(self, model, slots: int = 8, *, max_length: int = 20,
+                 cuda_graph: bool | None = None, buckets: Sequence[int] | None = None):
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "centroids"):
+            raise TypeError(f"model must be an XLxmertForImageGeneration, got {type(model).__name__}")
+        if model.training:
+            raise ValueError("the engine runs inference only: call model.eval() first")
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be an int >= 1, got {slots!r}")
+        limit = model.config.max_position_embeddings
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= limit:
+            raise ValueError(f"max_length must be an int in [1, {limit}], got {max_length!r}")
+        self.device = model.centroids.device
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"the engine runs on cpu or cuda, the model is on {self.device}")
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError("cuda_graph=True needs a model on a CUDA device")
+        if buckets is None:
+            buckets = _default_buckets(slots)
+        buckets = sorted(set(buckets))
+        if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
+                or buckets[-1] != slots:
+            raise ValueError(f"buckets must be ints >= 1 ending at slots ({slots}), got {buckets}")
+        self.model, self.slots, self.max_length = model, slots, max_length
+        self.buckets, self.cuda_graph = buckets, bool(cuda_graph)
+        optimize(model)
+        dev = self.device
+        self.dtype = model.centroids.dtype
+        t = self._tables = prepare(model)
+        # Own copies: reload() rewrites them in place, so captured graphs stay valid.
+        self.table, self.mask_row, self.box = t.table.clone(), t.mask_row.clone(), t.box.clone()
+        self.head_weight, self.head_bias = t.head_weight.clone(), t.head_bias.clone()
+        rows = slots + 1  # row `slots` is scratch: padded joiners write there, no step reads it
+        hidden = model.config.hidden_size
+        self.key_mask = torch.zeros(rows, max_length, dtype=torch.bool, device=dev)
+        self.ext = _extended_mask(model, self.key_mask).contiguous()
+        self.lang = torch.zeros(rows, max_length, hidden, dtype=self.dtype, device=dev)
+        self.state = init_state(rows, self.mask_row)
+        self.hist = torch.zeros(rows, MAX_STEPS, N_CELLS, dtype=torch.bool, device=dev)
+        self.probs = torch.zeros(rows, N_CELLS, dtype=torch.float32, device=dev)
+        self.ctl = torch.zeros(5, rows, dtype=torch.int32, device=dev)
+        self.ctl[_STRAT] = INACTIVE
+        self.cell_seed = torch.zeros(rows, N_CELLS, dtype=torch.int64, device=dev)
+        self.temps = torch.zeros(rows, N_CELLS, dtype=torch.float32, device=dev)
+        self.row_index = torch.arange(rows, device=dev)
+        # joiners' staging (the language pass runs on the first j of these)
+        self.join_ids = torch.zeros(slots, max_length, dtype=torch.int64, device=dev)
+        self.join_mask = torch.zeros(slots, max_length, dtype=torch.bool, device=dev)
+        self.join_slot = torch.full((slots,), slots, dtype=torch.int64, device=dev)
+        self.join_temps = torch.zeros(slots, N_CELLS, dtype=torch.float32, device=dev)
+        self._rows: list[_Row | None] = [None] * slots
+        self._by_handle: dict[int, int] = {}
+        self._next_handle = 0
+        self._pending: list[Finished] = []
+        self._graphs: dict = {}
+        self._lang_graphs: dict = {}
+        self._warm = False
+        self.captures = 0  # graphs captured so far (tests: nothing is captured after warmup)
+        if dev.type == "cuda":
+            self._staging = [(torch.zeros(5, rows, dtype=torch.int32).pin_memory(),
+                              torch.zeros(rows, N_CELLS, dtype=torch.int64).pin_memory(),
+                              torch.cuda.Event()) for _ in range(4)]
+            self._stage_i = 0
+
+    # ---------------------------------------------------------------- occupancy
+    def free_slots(self) -> int:
+        return sum(r is None for r in self._rows)
+
+    def active(self) -> int:
+        return self.slots - self.free_slots()
+
+    # ---------------------------------------------------------------- weights
+    @torch.no_grad()
+    def reload(self) -> None:
+        """Recompute the derived tables from the model's current weights, in place."""
+        t = prepare(self.model)
+        for dst, src in ((self.table, t.table), (self.mask_row, t.mask_row), (self.box, t.box),
+                         (self.head_weight, t.head_weight), (self.head_bias, t.head_bias)):
+            if dst.shape != src.shape or dst.dtype != src.dtype or dst.device != src.device:
+                raise ValueError("the model's shapes, dtype or device changed: build a new Engine")
+            dst.copy_(src)
+        self._tables = t
+
+    # ---------------------------------------------------------------- validation
+    def _check(self, i: int, r) -> _Row:
+        where = f"requests[{i}]"
+        if not isinstance(r, Request):
+            raise TypeError(f"{where} must be an xlx_fast.engine.Request, got {type(r).__name__}")
+        ids = r.input_ids
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{where}.input_ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{where}.input_ids must be int64 (or int32), got {ids.dtype}")
+        if ids.dim() != 1 or ids.shape[0] < 1:
+            raise ValueError(f"{where}.input_ids must be a non-empty 1-D tensor [L], got shape "
+                             f"{tuple(ids.shape)}")
+        if ids.shape[0] > self.max_length:
+            raise ValueError(f"{where}.input_ids has {ids.shape[0]} tokens, more than the engine's "
+                             f"max_length {self.max_length}")
+        if ids.device.type not in ("cpu", self.device.type):
+            raise ValueError(f"{where}.input_ids is on {ids.device}, the model on {self.device}")
+        vocab = self.model.config.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"{where}.input_ids must lie in [0, {vocab}), got [{lo}, {hi}]")
+        mask = r.attention_mask
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"{where}.attention_mask must be a torch.Tensor or None, got "
+                                f"{type(mask).__name__}")
+            if mask.dtype != torch.bool and mask.dtype not in (torch.int64, torch.int32, torch.uint8):
+                raise TypeError(f"{where}.attention_mask must be bool (or 0/1 integers), got {mask.dtype}")
+            if tuple(mask.shape) != tuple(ids.shape):
+                raise ValueError(f"{where}.attention_mask must have input_ids' shape "
+                                 f"{tuple(ids.shape)}, got {tuple(mask.shape)}")
+            if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"{where}.attention_mask must hold only 0 and 1")
+        if isinstance(r.seed, bool) or not isinstance(r.seed, (int, np.integer)):
+            raise TypeError(f"{where}.seed must be an int, got {type(r.seed).__name__}")
+        if not isinstance(r.strategy, str) or r.strategy not in STRATEGIES:
+            raise ValueError(f"{where}.strategy must be one of {sorted(STRATEGIES)}, got {r.strategy!r}")
+        steps = default_steps(r.strategy) if r.steps is None else r.steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+            raise TypeError(f"{where}.steps must be an int or None, got {type(steps).__name__}")
+        steps = int(steps)
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"{where}.steps must be in [1, {MAX_STEPS}], got {steps}")
+        if r.strategy in ("tlbr", "confidence") and steps > N_CELLS:
+            raise ValueError(f"{where}.steps must be <= {N_CELLS} for strategy {r.strategy!r} "
+                             f"(one cell per step), got {steps}")
+        temp = r.temperature
+        if isinstance(temp, bool) or not isinstance(temp, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{where}.temperature must be a real number, got {type(temp).__name__}")
+        temp = float(temp)
+        if not math.isfinite(temp) or temp < 0:
+            raise ValueError(f"{where}.temperature must be finite and >= 0, got {temp}")
+        sched = schedule(r.strategy, steps, int(r.seed))
+        return _Row(handle=-1, request=r, steps=steps, code=STRATEGIES[r.strategy],
+                    count=sched.count, cell=sched.cell, next_cell=sched.next_cell,
+                    key=seed_key(r.seed), temperature=temp)
+
+    # ---------------------------------------------------------------- admit
+    @torch.no_grad()
+    def admit(self, requests: Sequence[Request]) -> list[int]:
+        """Validate every request first (nothing is admitted if one is bad), place them in free
+        slots (the lowest first), run the language layers for the joiners only. Returns one
+        handle per request."""
+        if isinstance(requests, Request) or not isinstance(requests, (list, tuple)):
+            raise TypeError("requests must be a list or tuple of Request")
+        rows = [self._check(i, r) for i, r in enumerate(requests)]
+        if len(rows) > self.free_slots():
+            raise ValueError(f"requests: {len(rows)} requests but only {self.free_slots()} free "
+                             f"slot(s) of {self.slots}")
+        if not rows:
+            return []
+        free = [s for s, r in enumerate(self._rows) if r is None][:len(rows)]
+        j = len(rows)
+        ids = torch.zeros(j, self.max_length, dtype=torch.int64)
+        mask = torch.zeros(j, self.max_length, dtype=torch.bool)
+        temps = torch.zeros(j, N_CELLS, dtype=torch.float32)
+        for n, row in enumerate(rows):
+            r = row.request
+            length = r.input_ids.shape[0]
+            ids[n, :length] = r.input_ids.cpu()
+            m = r.input_ids.cpu() != 0 if r.attention_mask is None else r.attention_mask.cpu().bool()
+            mask[n, :length] = m
+            temps[n] = row.temperature
+        jb = self._bucket(j) if self.cuda_graph else j
+        self.join_ids.zero_()
+        self.join_mask.zero_()
+        self.join_temps.zero_()
+        self.join_slot.fill_(self.slots)
+        self.join_ids[:j].copy_(ids)
+        self.join_mask[:j].copy_(mask)
+        self.join_temps[:j].copy_(temps)
+        self.join_slot[:j].copy_(torch.tensor(free, dtype=torch.int64))
+        if self.cuda_graph:
+            if jb not in self._lang_graphs:
+                self._lang_graphs[jb] = self._capture(lambda: self._join(jb))
+            self._lang_graphs[jb].replay()
+        else:
+            self._join(jb)
+        handles = []
+        for slot, row in zip(free, rows):
+            row.handle = self._next_handle
+            self._next_handle += 1
+            self._rows[slot] = row
+            self._by_handle[row.handle] = slot
+            handles.append(row.handle)
+        return handles
+
+    def _join(self, j: int) -> None:
+        """Language layers for the first j joiners, written into their slots; their sampler
+        state reset to step 0. Plain tensor ops on static buffers: capturable."""
+        slot = self.join_slot[:j]
+        ext = _extended_mask(self.model, self.join_mask[:j])
+        lang = _language(self.model, self.join_ids[:j], ext)
+        self.lang.index_copy_(0, slot, lang)
+        self.ext.index_copy_(0, slot, ext)
+        self.key_mask.index_copy_(0, slot, self.join_mask[:j])
+        self.temps.index_copy_(0, slot, self.join_temps[:j])
+        st = self.state
+        st.mask.index_fill_(0, slot, True)
+        st.visited.index_fill_(0, slot, False)
+        st.ids.index_fill_(0, slot, -1)
+        st.status.index_fill_(0, slot, 0)
+        st.out.index_copy_(0, slot, self.mask_row.view(1, 1, -1).expand(j, N_CELLS, -1))
+
+    # ---------------------------------------------------------------- cancel
+    def cancel(self, handle: int) -> None:
+        """Free the request's slot at the next step boundary (its Finished has cancelled=True).
+        A handle that already finished is ignored; one never issued is a ValueError."""
+        if isinstance(handle, bool) or not isinstance(handle, int):
+            raise TypeError(f"handle must be an int, got {type(handle).__name__}")
+        if not 0 <= handle < self._next_handle:
+            raise ValueError(f"handle {handle} was never issued by this engine")
+        slot = self._by_handle.get(handle)
+        if slot is not None:
+            self._rows[slot].cancelled = True
+
+    # ---------------------------------------------------------------- step
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _compact(self) -> int:
+        """Move rows into low free slots until the occupied slots fit the smallest bucket;
+        returns that bucket."""
+        b = self._bucket(self.active())
+        high = [s for s in range(b, self.slots) if self._rows[s] is not None]
+        if high:
+            low = [s for s in range(b) if self._rows[s] is None][:len(high)]
+            src = torch.tensor(high, device=self.device)
+            dst = torch.tensor(low, device=self.device)
+            st = self.state
+            for t in (self.key_mask, self.ext, self.lang, st.mask, st.visited,
+                      st.ids, st.out, st.status, self.hist, self.probs, self.temps):
+                t.index_copy_(0, dst, t.index_select(0, src))
+            for s, d in zip(high, low):
+                row = self._rows[s]
+                self._rows[d], self._rows[s] = row, None
+                self._by_handle[row.handle] = d
+        return b
+
+    def _core(self, b: int, sample: bool) -> None:
+        """One forward over the first b rows and the sampler step. Plain tensor ops and the two
+        custom ops on static buffers, no host sync: capturable."""
+        model, st = self.model, self.state
+        ctl = self.ctl[:, :b]
+        self.hist[self.row_index[:b], ctl[_STEP].long()] = st.mask[:b]
+        visual = _vision(model, self.lang[:b], self.ext[:b], st.out[:b] + self.box)
+        h = model.obj_predict_head.transform(visual)
+        if sample:
+            prob, pred_id = codebook_head(h, self.head_weight, self.head_bias,
+                                          temperature=self.temps[:b], seeds=self.cell_seed[:b],
+                                          step=0, check_nan=False)
+        else:
+            prob, pred_id = codebook_head(h, self.head_weight, self.head_bias, check_nan=False)
+        view = SamplerState(st.mask[:b], st.visited[:b], st.ids[:b], st.out[:b], st.status[:b])
+        sampler_step(prob, pred_id, view, self.table, self.mask_row, ctl[_STRAT],
+                     count=ctl[_COUNT], cell=ctl[_CELL], next_cell=ctl[_NEXT])
+        self.probs[:b].copy_(prob)
+
+    def _capture(self, fn):
+        """A CUDA graph of fn (after one eager run on a side stream that also compiles kernels)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        self.captures += 1
+        return graph
+
+    @torch.no_grad()
+    def warmup(self) -> None:
+        """On CUDA: capture every bucket's step (greedy and sampling) and joiner language pass,
+        so that no capture happens during traffic. Must be called while the engine is empty.
+        On CPU: nothing to prepare (a no-op)."""
+        if self.active():
+            raise ValueError("warmup() must run before any request is admitted")
+        if not self.cuda_graph:
+            self._warm = True
+            return
+        self.ctl[_STRAT] = INACTIVE
+        self.ctl[_STEP] = 0
+        for b in self.buckets:
+            for sample in (False, True):
+                if (b, sample) not in self._graphs:
+                    self._graphs[b, sample] = self._capture(lambda b=b, s=sample: self._core(b, s))
+            if b not in self._lang_graphs:
+                self.join_slot.fill_(self.slots)  # warm-up runs write only the scratch row
+                self._lang_graphs[b] = self._capture(lambda b=b: self._join(b))
+        torch.cuda.current_stream(self.device).synchronize()
+        self._warm = True
+
+    def _upload(self, b: int, ctl: np.ndarray, seeds: np.ndarray | None) -> None:
+        if self.device.type != "cuda":
+            self.ctl[:, :b].copy_(torch.from_numpy(ctl))
+            if seeds is not None:
+                self.cell_seed[:b].copy_(torch.from_numpy(seeds))
+            return
+        # pinned ring: the buffer reused now was copied from 4 steps ago (its event is long done)
+        host_ctl, host_seed, event = self._staging[self._stage_i]
+        self._stage_i = (self._stage_i + 1) % len(self._staging)
+        event.synchronize()
+        host_ctl[:, :b].numpy()[:] = ctl
+        self.ctl[:, :b].copy_(host_ctl[:, :b], non_blocking=True)
+        if seeds is not None:
+            host_seed[:b].numpy()[:] = seeds
+            self.cell_seed[:b].copy_(host_seed[:b], non_blocking=True)
+        event.record(torch.cuda.current_stream(self.device))
+
+    @torch.no_grad()
+    def step(self) -> list[Finished]:
+        """One forward over the occupied slots; each row advances by one of ITS steps; rows that
+        finished (or were cancelled) are returned and their slots freed. [] when empty."""
+        out, self._pending = self._pending, []
+        try:
+            return self._step(out)
+        except ValueError:
+            self._pending = out + self._pending  # rows already finished are not lost
+            raise
+
+    def _step(self, out: list) -> list[Finished]:
+        cancelled = [s for s, r in enumerate(self._rows) if r is not None and r.cancelled]
+        if cancelled:
+            out += self._finish(cancelled)
+        if not self.active():
+            return out
+        b = self._compact()
+        ctl = np.zeros((5, b), dtype=np.int32)
+        ctl[_STRAT] = INACTIVE
+        sample = any(r is not None and r.temperature > 0 for r in self._rows[:b])
+        seeds = np.zeros((b, N_CELLS), dtype=np.int64) if sample else None
+        for s, row in enumerate(self._rows[:b]):
+            if row is None:
+                continue
+            i = row.step
+            ctl[:, s] = (row.code, row.count[i] if row.count else 0, row.cell[i] if row.cell else -1,
+                      row.next_cell[i] if row.next_cell else -1, i)
+            if sample and row.temperature > 0:
+                seeds[s] = cell_seeds(row.key, i)
+        self._upload(b, ctl, seeds)
+        if self.cuda_graph:
+            graph = self._graphs.get((b, sample))
+            if graph is None:
+                graph = self._graphs[b, sample] = self._capture(lambda: self._core(b, sample))
+            graph.replay()
+        else:
+            self._core(b, sample)
+        done = []
+        for s, row in enumerate(self._rows[:b]):
+            if row is not None:
+                row.step += 1
+                if row.step == row.steps:
+                    done.append(s)
+        if done:
+            out += self._finish(done)
+        return out
+
+    def _finish(self, slots: list[int]) -> list[Finished]:
+        """Copy the rows' results to the host (the step's one sync) and free their slots."""
+        idx = torch.tensor(slots, device=self.device)
+        st = self.state
+        ids = st.ids.index_select(0, idx)
+        codes = torch.where((ids >= 0).unsqueeze(-1), self.model.centroids[ids.clamp(min=0)],
+                            self.model.mask_feat.to(self.dtype))
+        ids, codes = ids.cpu(), codes.cpu()
+        probs = self.probs.index_select(0, idx).cpu()
+        hist = self.hist.index_select(0, idx).cpu()
+        status = st.status.index_select(0, idx).cpu()
+        finished, bad = [], []
+        for n, s in enumerate(slots):
+            row = self._rows[s]
+            self._rows[s] = None
+            del self._by_handle[row.handle]
+            if int(status[n]):
+                bad.append(f"request {row.handle}: {_describe_code(int(status[n]))}")
+                continue
+            finished.append(Finished(request=row.request, ids=ids[n].clone(), codes=codes[n].clone(),
+                                     probs=probs[n].clone(), masks=hist[n, :row.step].clone(),
+                                     cancelled=row.cancelled))
+        if bad:
+            # the other rows' results are kept for the next step(); the flagged rows are freed
+            self._pending = finished
+            raise ValueError("sampler step flagged " + "; ".join(bad)
+                             + " (check the model's weights for NaN)")
+        return finished
