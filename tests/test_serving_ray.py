@@ -57,8 +57,8 @@ def server():
         first_health = requests.get(f"{base}/b/health", timeout=10)
         first_generate = requests.post(f"{base}/b/v1/images/generations", json={"prompt": "x"},
                                        timeout=10)
-        for prefix in ("/a", "/b"):
-            _wait_ready(f"{base}{prefix}")
+        _wait_ready(f"{base}/a", replicas=1)
+        _wait_ready(f"{base}/b", replicas=2)
         yield {"a": f"{base}/a", "b": f"{base}/b", "first_health": first_health,
                "first_generate": first_generate}
     finally:
@@ -66,13 +66,17 @@ def server():
         ray.shutdown()
 
 
-def _wait_ready(url, timeout=120):
-    t0 = time.monotonic()
+def _wait_ready(url, replicas, timeout=120):
+    """Until ``replicas`` distinct replicas have answered /health with 200."""
+    ready, t0 = set(), time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if requests.get(f"{url}/health", timeout=10).status_code == 200:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{url} never became healthy")
+        r = requests.get(f"{url}/health", timeout=10)
+        if r.status_code == 200:
+            ready.add(r.headers["X-Replica"])
+            if len(ready) == replicas:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{url}: only {len(ready)} of {replicas} replicas became healthy")
 
 
 def post(url, body, headers=AUTH, **kw):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -283,7 +284,13 @@ class Scheduler:
         active = self.engine.active()
         self.metrics.occupancy.observe(active / self.engine.slots)
         t0 = time.perf_counter()
-        finished = await asyncio.to_thread(self.engine.step)
+        try:
+            finished = await asyncio.to_thread(self.engine.step)
+        except ValueError as e:
+            # The engine flagged rows (e.g. NaN from the weights) and freed them; the other rows'
+            # results come with the next step. Fail the flagged rows' jobs, keep serving.
+            self._fail_flagged(e)
+            return
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
         self.steps_run += 1
         self.metrics.engine_steps.inc()
@@ -299,6 +306,15 @@ class Scheduler:
         if complete:
             await self._paint_and_resolve(complete)
         self._update_gauges()
+
+    def _fail_flagged(self, err: ValueError) -> None:
+        flagged = {int(h) for h in re.findall(r"request (\d+):", str(err))}
+        for job in list(self._active):
+            if not flagged or flagged & set(job.handles.values()):
+                for row, h in list(job.handles.items()):
+                    if h in flagged:
+                        del job.handles[row]  # already freed by the engine
+                self._fail(job, RuntimeError(f"the engine failed on this request: {err}"), "error")
 
     async def _paint_and_resolve(self, jobs: list[Job]) -> None:
         rows = [(job, r) for job in jobs for r in range(len(job.requests))]

@@ -116,7 +116,6 @@ class ImageService:
         self.metrics = ServerMetrics()
         self.spec = ModelSpec.from_dict(self.options.model)
         self.model = self.tokenizer = self.engine = self.scheduler = None
-        self.engine_kind = None
         self.load_error: BaseException | None = None
         self._built = threading.Event()
         self._start_lock = asyncio.Lock()
@@ -126,12 +125,10 @@ class ImageService:
 
     def _build(self) -> None:
         try:
-            from .interim_engine import load_engine_class
+            from ..engine import Engine
 
-            engine_cls, self._request_cls = load_engine_class()
-            self.engine_kind = engine_cls.__module__
             self.model, self.tokenizer = self.spec.build()
-            self.engine = engine_cls(self.model, slots=self.options.slots)
+            self.engine = Engine(self.model, slots=self.options.slots)
             self.engine.warmup()
             if self.options.warmup_delay_s > 0:
                 time.sleep(self.options.warmup_delay_s)
@@ -191,7 +188,7 @@ class ImageService:
     async def health(self) -> Reply:
         ready = await self._ready()
         body = {"status": "ok" if ready else ("error" if self.load_error else "warming up"),
-                "replica": self.replica_name, "engine": self.engine_kind}
+                "replica": self.replica_name}
         if self.load_error is not None:
             body["error"] = repr(self.load_error)
         if ready:
@@ -250,7 +247,9 @@ class ImageService:
             raise
 
         ids, mask = self.tokenizer([req.prompt])
-        rows = [self._request_cls(input_ids=ids[0], attention_mask=mask[0], seed=req.seed + k,
+        from ..engine import Request
+
+        rows = [Request(input_ids=ids[0], attention_mask=mask[0], seed=req.seed + k,
                                   steps=steps, strategy=req.strategy, temperature=req.temperature)
                 for k in range(req.n)]
         timeout_ms = req.timeout_ms if req.timeout_ms is not None else self.options.default_timeout_ms
