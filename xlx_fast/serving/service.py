@@ -157,6 +157,11 @@ class ImageService:
                 self.scheduler = sched
         return True
 
+    async def close(self) -> None:
+        """Stop the scheduler loop (pending requests stay unanswered)."""
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+
     def check_health(self) -> None:
         """Raises when the replica cannot serve (Ray Serve then replaces it)."""
         if self.load_error is not None:
@@ -270,15 +275,16 @@ class ImageService:
             raise RequestError(422, f"the engine refused the request: {e}") from None
 
         pngs = await asyncio.to_thread(_encode_all, [r.image for r in results])
+        timing = {"X-Queue-Wait-Ms": f"{1000 * (job.queue_wait or 0.0):.3f}"}
         if req.n == 1 and "image/png" in headers.get("accept", ""):
-            return Reply(200, pngs[0], "image/png", {"X-Seed": str(results[0].seed)})
+            return Reply(200, pngs[0], "image/png", {"X-Seed": str(results[0].seed), **timing})
         data = []
         for r, png in zip(results, pngs):
             item = {"b64_json": base64.b64encode(png).decode(), "seed": r.seed}
             if req.return_ids:
                 item["ids"] = r.ids
             data.append(item)
-        return Reply.json(200, {"created": int(time.time()), "data": data})
+        return Reply.json(200, {"created": int(time.time()), "data": data}, timing)
 
     async def _wait(self, job, is_disconnected):
         """Await the job; a client that disconnects cancels it (the scheduler frees its slots at
