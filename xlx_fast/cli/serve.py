@@ -53,6 +53,8 @@ def app_args(args) -> dict:
     model = {"checkpoint": args.checkpoint, "centroids": args.centroids, "generator": args.generator,
              "vocab": args.vocab, "size": args.size, "device": args.device, "dtype": args.dtype}
     model = {k: v for k, v in model.items() if v is not None}
+    if args.size == "tiny" and args.checkpoint is None:
+        model["image_size"] = 256  # the API's one size; the tiny generator paints it cheaply
     key = args.api_key if args.api_key is not None else os.environ.get("XLX_FAST_API_KEY")
     out = {"model": model, "slots": args.max_batch, "max_queue": args.max_queue,
            "max_steps": args.max_steps, "default_timeout_ms": args.timeout_ms, "api_key": key or "",
