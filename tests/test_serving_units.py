@@ -277,3 +277,21 @@ def test_cli_user_errors(args, msg, capsys):
     assert main(args) == 2  # refused before Ray or a model starts
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], lines
+
+
+def test_a_bad_request_fails_alone(tiny, tok):
+    """The engine refuses one request of an admission batch: only that job fails."""
+    async def go():
+        sched = Scheduler(Engine(tiny, slots=4), tiny, paint_images=False)
+        good = requests_for(tok, [("good one", 1, 3, "mask_predict", 0.0), ("good two", 2, 2, "tlbr", 0.0)])
+        bad = requests_for(tok, [("bad", 3, 3, "mask_predict", 0.0)])[0]
+        bad.steps = 0
+        jobs = [sched.submit([good[0]]), sched.submit([bad]), sched.submit([good[1]])]
+        sched.start()
+        res = await asyncio.gather(*(sched.result(j) for j in jobs), return_exceptions=True)
+        await sched.stop()
+        return res, sched
+    res, sched = asyncio.run(go())
+    assert isinstance(res[1], ValueError) and "steps" in str(res[1])
+    assert len(res[0][0].ids) == 64 and len(res[2][0].ids) == 64
+    assert sched.broken is None and sched.metrics.requests.value("error") == 1

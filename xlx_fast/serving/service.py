@@ -258,7 +258,7 @@ class ImageService:
                                   steps=steps, strategy=req.strategy, temperature=req.temperature)
                 for k in range(req.n)]
         timeout_ms = req.timeout_ms if req.timeout_ms is not None else self.options.default_timeout_ms
-        from .scheduler import DeadlineExceeded, QueueFull
+        from .scheduler import DeadlineExceeded, QueueFull, SchedulerBroken
 
         try:
             job = self.scheduler.submit(rows, None if timeout_ms is None else timeout_ms / 1000)
@@ -266,6 +266,8 @@ class ImageService:
             raise RequestError(429, f"the queue is full ({self.options.max_queue} requests "
                                f"waiting); retry after {e.retry_after_s} s", type_="rate_limit_error",
                                headers={"Retry-After": str(e.retry_after_s)}) from None
+        except SchedulerBroken as e:
+            raise RequestError(500, str(e), type_="server_error") from None
         try:
             results = await self._wait(job, is_disconnected)
         except DeadlineExceeded as e:
@@ -273,6 +275,8 @@ class ImageService:
                                "was cancelled", param="timeout_ms", type_="timeout") from None
         except (ValueError, TypeError) as e:
             raise RequestError(422, f"the engine refused the request: {e}") from None
+        except RuntimeError as e:  # the engine failed on this request (or on all: SchedulerBroken)
+            raise RequestError(500, str(e), type_="server_error") from None
 
         pngs = await asyncio.to_thread(_encode_all, [r.image for r in results])
         timing = {"X-Queue-Wait-Ms": f"{1000 * (job.queue_wait or 0.0):.3f}"}
