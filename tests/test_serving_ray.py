@@ -49,11 +49,11 @@ def server():
         serve.run(build_app({"model": TINY, "slots": 2, "max_queue": 2, "api_key": KEY,
                              "max_steps": MAX_STEPS, "max_body_bytes": 4096, "deployment": no_cpu}),
                   name="a", route_prefix="/a")
-        serve.run(build_app({"model": TINY, "slots": 2, "warmup_delay_s": 4.0,
+        serve.run(build_app({"model": TINY, "slots": 2, "warmup_delay_s": 6.0,
                              "deployment": {**no_cpu, "num_replicas": 2}}),
                   name="b", route_prefix="/b")
         base = f"http://127.0.0.1:{port}"
-        # /b was just deployed: its replicas are still warming up (the delay is 4 s).
+        # /b was just deployed: its replicas are still warming up (the delay is 6 s).
         first_health = requests.get(f"{base}/b/health", timeout=10)
         first_generate = requests.post(f"{base}/b/v1/images/generations", json={"prompt": "x"},
                                        timeout=10)

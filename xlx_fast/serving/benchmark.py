@@ -223,6 +223,8 @@ def summarize_targets(result: dict) -> dict:
             sat = max(r["throughput_rps"] for r in per["step"])
             s["step_saturation_rps"] = sat
             s["step_saturation_vs_static_generate"] = sat / static
+            s["step_saturation_vs_static_generate_paint"] = (
+                sat / result["static_generate"]["generate_paint_images_per_s"])
         if "sequential" in per and "step" in per:
             s["step_vs_sequential_saturation"] = (max(r["throughput_rps"] for r in per["step"])
                                                   / max(r["throughput_rps"] for r in per["sequential"]))
