@@ -295,3 +295,18 @@ def test_a_bad_request_fails_alone(tiny, tok):
     assert isinstance(res[1], ValueError) and "steps" in str(res[1])
     assert len(res[0][0].ids) == 64 and len(res[2][0].ids) == 64
     assert sched.broken is None and sched.metrics.requests.value("error") == 1
+
+
+def test_server_options_from_serve_run_strings():
+    from xlx_fast.serving.service import ServerOptions
+
+    opts = ServerOptions.from_dict({"slots": "16", "batch_wait_ms": "2.5", "policy": "request"})
+    assert (opts.slots, opts.batch_wait_ms, opts.policy) == (16, 2.5, "request")
+    with pytest.raises(ValueError, match="slots"):
+        ServerOptions.from_dict({"slots": "many"})
+    with pytest.raises(ValueError, match="slots"):
+        ServerOptions.from_dict({"slots": 0})
+    with pytest.raises(ValueError, match="unknown field"):
+        ServerOptions.from_dict({"slot": 4})
+    with pytest.raises(ValueError, match="dtype"):
+        ServerOptions.from_dict({"model": {"dtype": "fp8"}})

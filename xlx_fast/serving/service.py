@@ -69,6 +69,15 @@ class ServerOptions:
         if unknown:
             raise ValueError(f"server options: unknown field(s) {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(known))}")
+        # ``serve run xlx_fast.serving:app slots=16`` passes every value as a string
+        numeric = {"slots": int, "max_queue": int, "max_steps": int, "max_body_bytes": int,
+                   "default_timeout_ms": int, "batch_wait_ms": float, "warmup_delay_s": float}
+        for name, kind in numeric.items():
+            if isinstance(d.get(name), str):
+                try:
+                    d[name] = kind(d[name])
+                except ValueError:
+                    raise ValueError(f"server options: {name} must be a number, got {d[name]!r}") from None
         opts = cls(**d)
         opts.check()
         return opts
