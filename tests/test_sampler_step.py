@@ -581,3 +581,80 @@ def test_cuda_torch_compile():
     assert torch.equal(step(eager, prob, pred_id, count),
                        torch.compile(step, fullgraph=True)(compiled, prob, pred_id, count))
     assert torch.equal(eager.out, compiled.out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row strategy codes: one call, each row under its own rule; INACTIVE rows untouched.
+
+def mixed_rows(rng, n, d, dtype, b):
+    """Inputs with a per-row strategy code (every strategy and INACTIVE present) and per-row
+    count/cell/next_cell valid for whichever rule a row has."""
+    codes = [0, 1, 2, 3, S.INACTIVE] + list(rng.integers(0, 5, max(0, b - 5)))
+    codes = i32(codes[:b])
+    st = random_state(rng, b, n, d, dtype)
+    prob = random_probs(rng, b, ties=True)
+    pred_id = torch.from_numpy(rng.integers(0, n, (b, CELLS)))
+    kw = {"count": i32(rng.integers(0, 65, b)), "cell": i32(rng.integers(-1, 64, b)),
+          "next_cell": i32(rng.integers(-1, 64, b))}
+    return codes, st, prob, pred_id, kw
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_row_strategies_equal_one_strategy_per_row(dtype):
+    rng = np.random.default_rng(21)
+    n, d, b = 50, 8, 13
+    table, mask_row = make_table(n, d, dtype), make_mask_row(d, dtype)
+    codes, st, prob, pred_id, kw = mixed_rows(rng, n, d, dtype, b)
+    before = [t.clone() for t in (st.mask, st.visited, st.ids, st.out, st.status)]
+    names = {v: k for k, v in S.STRATEGIES.items()}
+    S.sampler_step(prob, pred_id, st, table, mask_row, codes, **kw)
+    for r in range(b):
+        code = int(codes[r])
+        if code == S.INACTIVE:  # not read, not written: the poisoned output stays
+            for now, old in zip((st.mask, st.visited, st.ids, st.out, st.status), before):
+                assert torch.equal(now[r].view(-1).view(torch.uint8), old[r].view(-1).view(torch.uint8))
+            continue
+        one = S.SamplerState(*(t[r:r + 1].clone() for t in before))
+        S.sampler_step(prob[r:r + 1], pred_id[r:r + 1], one, table, mask_row, names[code],
+                       **{k: v[r:r + 1] for k, v in kw.items()})
+        assert_state_equal(S.SamplerState(st.mask[r:r + 1], st.visited[r:r + 1], st.ids[r:r + 1],
+                                          st.out[r:r + 1], st.status[r:r + 1]),
+                           (one.mask, one.visited, one.ids, one.out), f"row {r} ({names[code]})")
+
+
+def test_per_row_unknown_code_flags_its_row_only():
+    n, d = 10, 4
+    table, mask_row = make_table(n, d, torch.float32), make_mask_row(d, torch.float32)
+    st = S.init_state(3, mask_row)
+    prob, pred_id = torch.rand(3, CELLS), torch.zeros(3, CELLS, dtype=torch.int64)
+    kw = {"count": i32([0, 0, 0]), "cell": i32([0, 0, 0])}
+    with pytest.raises(ValueError, match="unknown strategy code in row 1"):
+        S.sampler_step(prob, pred_id, st, table, mask_row, i32([0, 9, 0]), **kw)
+    assert st.status.tolist() == [0, S.STATUS_BAD_STRATEGY, 0]
+    assert (st.ids == -1).all()  # nothing but status was written
+    with pytest.raises(TypeError, match="strategies"):
+        S.sampler_step(prob, pred_id, st, table, mask_row, torch.zeros(3, dtype=torch.int64), **kw)
+    with pytest.raises(ValueError, match="count is required with per-row"):
+        S.sampler_step(prob, pred_id, st, table, mask_row, i32([0, 0, 0]), cell=kw["cell"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["compiled", "cupy"])
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 3), (torch.bfloat16, 768), (torch.float16, 2048)])
+def test_cuda_per_row_strategies_match_twin(backend, dtype, d):
+    if backend == "cupy":
+        pytest.importorskip("cupy")
+    rng = np.random.default_rng(22)
+    n = 10_000
+    table, mask_row = make_table(n, d, dtype), make_mask_row(d, dtype)
+    for b in (5, 37, 130):
+        codes, st, prob, pred_id, kw = mixed_rows(rng, n, d, dtype, b)
+        gpu = S.SamplerState(*(t.cuda() for t in (st.mask, st.visited, st.ids, st.out, st.status)))
+        S.sampler_step(prob, pred_id, st, table, mask_row, codes, **kw)
+        args = (prob.cuda(), pred_id.cuda(), table.cuda(), mask_row.cuda(), gpu.mask, gpu.visited,
+                gpu.ids, gpu.out, gpu.status, kw["count"].cuda(), kw["cell"].cuda(),
+                kw["next_cell"].cuda(), 0, codes.cuda())
+        S.check_args(*args)
+        S._run_cuda(*args, backend=backend)
+        torch.cuda.synchronize()
+        assert_same(st, gpu, f"per-row ({backend}, D={d}, {dtype}, B={b})")

@@ -19,10 +19,13 @@ The fused forward:
   ``LxmertModel``; the CUDA kernel reads it in place, so it is never converted (the CPU path
   turns it into an fp32 bias per call: B·Lk elements).
 
-The fused matrix is a copy built from the module's own parameters (about +23 % of parameter
-memory at the default config; ``unoptimize`` frees it). It is rebuilt before a call whenever a
-projection parameter changed since it was built (``load_state_dict``, optimizer steps, ``.to()``,
-``.half()``), detected by the parameters' version counters and data pointers.
+The fused matrix is the storage of the projections: ``optimize`` concatenates them once and
+rebinds each projection's ``weight``/``bias`` to a view (row slice) of it, so no copy exists that
+could go stale: ``load_state_dict``, optimizer steps, ``p.data.copy_``, a ``p.detach()`` view
+or a numpy view all write the fused matrix itself. No extra memory. If a parameter stops being
+such a view (``.to()``, ``.half()``, assigning a new ``Parameter`` or ``.data``), which its data
+pointer shows, the next call re-fuses it (one concatenation). Note: ``torch.save`` of a single
+projection tensor writes the whole fused storage (saving the full state dict writes it once).
 
 Eager path, per call: the HF forward runs unchanged when the call has ``output_attentions=True``
 (the fused kernel never forms the probabilities; note that HF's cross layers call their
@@ -81,11 +84,12 @@ def _fused_attention(q, k, v, mask, num_heads):
     return fn(q, k, v, mask, num_heads=num_heads)
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors carry no version counter
-        return -1
+def _is_slice(p: torch.Tensor, fused: torch.Tensor, row: int, n: int) -> bool:
+    """p is rows [row, row + n) of fused (same storage, place, shape, dtype and strides)."""
+    view = fused[row:row + n]
+    return (p.data_ptr() == view.data_ptr() and p.shape == view.shape and p.dtype == view.dtype
+            and p.stride() == view.stride() and p.device == view.device
+            and p.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr())
 
 
 class FusedLxmertAttention(LxmertAttention):
@@ -96,17 +100,25 @@ class FusedLxmertAttention(LxmertAttention):
         qkv = self.query.in_features == self.key.in_features  # else Q cannot share K/V's GEMM
         return (self.query, self.key, self.value) if qkv else (self.key, self.value)
 
-    def _state_key(self):
-        key = []
+    def _aliased(self) -> bool:
+        """Whether every projection parameter is still its row slice of the fused storage."""
+        w, b = getattr(self, "_xlx_weight", None), getattr(self, "_xlx_bias", None)
+        if w is None:
+            return False
+        row = 0
         for lin in self._projections():
-            for p in (lin.weight, lin.bias):
-                key.append(None if p is None else (p.data_ptr(), _version(p), p.dtype))
-        return tuple(key)
+            n = lin.out_features
+            if not _is_slice(lin.weight, w, row, n):
+                return False
+            if lin.bias is not None and (b is None or not _is_slice(lin.bias, b, row, n)):
+                return False
+            row += n
+        return True
 
     def _fused_weights(self):
-        """``[W_q; W_k; W_v]`` (or ``[W_k; W_v]``) and bias, rebuilt when a parameter changed."""
-        key = self._state_key()
-        if getattr(self, "_xlx_key", None) != key:
+        """``[W_q; W_k; W_v]`` (or ``[W_k; W_v]``) and bias: the storage the projections'
+        parameters are views of (re-fused when one stopped being a view)."""
+        if not self._aliased():
             lins = self._projections()
             with torch.no_grad():
                 w = torch.cat([lin.weight for lin in lins])
@@ -114,11 +126,18 @@ class FusedLxmertAttention(LxmertAttention):
                 if any(lin.bias is not None for lin in lins):
                     b = torch.cat([lin.bias if lin.bias is not None
                                    else lin.weight.new_zeros(lin.out_features) for lin in lins])
-            self._xlx_weight, self._xlx_bias, self._xlx_key = w, b, key
+                row = 0
+                for lin in lins:  # the parameters become views: nothing left to go stale
+                    n = lin.out_features
+                    lin.weight.data = w[row:row + n]
+                    if lin.bias is not None:
+                        lin.bias.data = b[row:row + n]
+                    row += n
+            self._xlx_weight, self._xlx_bias = w, b
         return self._xlx_weight, self._xlx_bias
 
     def _drop_fused(self):
-        for name in ("_xlx_weight", "_xlx_bias", "_xlx_key"):
+        for name in ("_xlx_weight", "_xlx_bias"):
             self.__dict__.pop(name, None)
 
     def _apply(self, *args, **kwargs):

@@ -7,7 +7,7 @@ import time
 
 
 def add_parser(p) -> None:
-    p.add_argument("captions", nargs="+", help="one or more captions (one image each)")
+    p.add_argument("captions", nargs="*", help="one or more captions (one image each)")
     p.add_argument("-o", "--out", default="out.png",
                    help="output PNG; with several captions, NAME_0.png, NAME_1.png, ...")
     p.add_argument("--steps", type=int, default=None,
@@ -23,6 +23,9 @@ def add_parser(p) -> None:
     p.add_argument("--centroids", help="cluster centroids .npy [10000, 2048]")
     p.add_argument("--generator", help="generator state dict (e.g. G_60.pth)")
     p.add_argument("--vocab", help="BERT-base-uncased vocab.txt (or a directory holding it)")
+    from xlx_fast import bulk
+
+    bulk.add_arguments(p)
 
 
 def output_paths(out: str, n: int) -> list[str]:
@@ -47,6 +50,15 @@ def load_model(args):
 
 
 def run(args) -> int:
+    if args.captions_file:
+        from xlx_fast import bulk
+
+        try:
+            return bulk.run(args, load_model)
+        except bulk.BulkError as e:
+            raise SystemExit(f"error: {e}")
+    if not args.captions:
+        raise SystemExit("error: give one or more captions, or --captions-file FILE --out-dir DIR")
     import torch
     from PIL import Image
 

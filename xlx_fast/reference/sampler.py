@@ -125,25 +125,37 @@ def check_steps(strategy: str, steps) -> int:
 
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-           steps: int | None = None, strategy: str = "mask_predict", seed: int | None = None,
+           steps: int | None = None, strategy: str = "mask_predict", seed=None,
            progress: bool = False) -> SampleResult:
     """Run the authors' sampler eagerly (see module docstring). ``seed`` fixes the random order
-    (``None`` means 0); the other strategies are deterministic. Runs in the model's dtype."""
+    (``None`` means 0): one int for every row, or a list of one int per row (each row then
+    follows its own seeded order); the other strategies are deterministic. Runs in the model's
+    dtype."""
     check_strategy(strategy)
     check_eager(model)
     attention_mask = check_inputs(model, input_ids, attention_mask)
     steps = check_steps(strategy, steps)
-    seed = 0 if seed is None else seed
+    b = input_ids.shape[0]
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * b
+    if len(seeds) != b:
+        raise ValueError(f"seed must be an int or one int per row ({b}), got {len(seeds)} values")
+    seeds = [0 if x is None else x for x in seeds]
+    for x in seeds:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"seed must be an int, got {type(x).__name__}")
 
     centroids = model.centroids
     dtype, device = centroids.dtype, centroids.device
-    b = input_ids.shape[0]
     visual_pos = box_positions(GRID, dtype, device).expand(b, -1, -1)
     mask_feat = model.mask_feat.to(dtype).view(1, 1, -1)
     rows = torch.arange(b, device=device)
 
-    order = {"tlbr": lambda: tlbr_order(steps), "random": lambda: random_order(steps, seed)}
-    order = order[strategy]() if strategy in order else None
+    # order[i] = the cell each row decides at step i: a [B] tensor (rows differ for ``random``)
+    order = None
+    if strategy == "tlbr":
+        order = torch.tensor(tlbr_order(steps), device=device)[:, None].expand(-1, b)
+    elif strategy == "random":
+        order = torch.tensor([random_order(steps, x) for x in seeds], device=device).T
     counts = mask_counts(steps) if strategy == "mask_predict" else None
 
     code = torch.zeros(b, N_CELLS, model.feat_dim, dtype=dtype, device=device)
@@ -163,7 +175,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
             lowest = torch.sort(pred_prob, dim=1, stable=True).indices[:, :counts[i]]
             vis_mask = torch.zeros_like(vis_mask).scatter_(1, lowest, True)
         elif strategy == "random":
-            vis_mask[:, order[i]] = True
+            vis_mask[rows, order[i]] = True
         masks.append(vis_mask.clone())
 
         code = torch.where(vis_mask.unsqueeze(-1), mask_feat, code)
@@ -182,7 +194,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
             visited |= update
         else:  # tlbr, random
             update = torch.zeros_like(vis_mask)
-            update[:, order[i]] = True
+            update[rows, order[i]] = True
             vis_mask = vis_mask & ~update
 
         code = torch.where(update.unsqueeze(-1), model.vis_emb(pred_id), code)
