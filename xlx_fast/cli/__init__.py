@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "bench": ("xlx_fast.cli.bench", "benchmark xlx_fast against the eager reference"),
     "vocab": ("xlx_fast.cli.vocab", "fit or apply a visual vocabulary (k-means codebook)"),
     "info": ("xlx_fast.cli.info", "show what was built and what is usable here"),
+    "serve": ("xlx_fast.cli.serve", "serve images over HTTP (Ray Serve, step-level batching)"),
+    "bench-serve": ("xlx_fast.cli.bench_serve", "load-test the serving schedulers (latency under load)"),
 }
 
 

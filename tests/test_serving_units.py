@@ -1,0 +1,312 @@
+"""Serving pieces without Ray: the schema's 422s, the metrics text, per-request painting, the
+scheduler's policies, deadlines and queue bound on the real engine, the load generator, and the
+CLIs (bench-serve in-process with Ray, pydantic and aiohttp made unimportable)."""
+import asyncio
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import xlx_fast
+from xlx_fast import reference
+from xlx_fast.engine import Engine, Request
+from xlx_fast.models import XLxmertForImageGeneration
+from xlx_fast.serving.loadgen import check_target, make_trace, poisson_offsets, run_open_loop, summarize, Outcome
+from xlx_fast.serving.metrics import ServerMetrics
+from xlx_fast.serving.painter import paint
+from xlx_fast.serving.scheduler import DeadlineExceeded, QueueFull, Scheduler
+from xlx_fast.text import CaptionTokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Tiny model with a sharpened head (ids robust to rounding, SPEC §4) painting 32x32."""
+    from xlx_fast.serving.model_spec import ModelSpec
+
+    model, _ = ModelSpec.from_dict({"size": "tiny", "seed": 3, "head_scale": 3.0}).build()
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return CaptionTokenizer.fallback()
+
+
+def requests_for(tok, items):
+    out = []
+    for prompt, seed, steps, strategy, temp in items:
+        ids, mask = tok([prompt])
+        out.append(Request(input_ids=ids[0], attention_mask=mask[0], seed=seed, steps=steps,
+                           strategy=strategy, temperature=temp))
+    return out
+
+
+# -- schema -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,field", [({"n": 9}, "n"), ({"temperature": float("nan")}, "temperature"),
+                                        ({"prompt": "   "}, "prompt"), ({"extra": 1}, "extra"),
+                                        ({"seed": 2**63}, "seed"), ({"steps": "four"}, "steps")])
+def test_schema_422_names_the_field(body, field):
+    from pydantic import ValidationError
+
+    from xlx_fast.serving.schema import ImageRequest, validation_error
+
+    with pytest.raises(ValidationError) as e:
+        ImageRequest.model_validate_json(json.dumps({"prompt": "a cat", **body}).replace("NaN", "NaN"))
+    err = validation_error(e.value.errors())
+    assert err.status == 422 and err.param == field and err.message.startswith(field + ":")
+
+
+def test_schema_server_limits():
+    from xlx_fast.serving.schema import ImageRequest, RequestError, check_against_server
+
+    ok = ImageRequest(prompt="x", strategy="confidence")
+    assert check_against_server(ok, image_size=256, max_steps=100) == 64  # AR default: one per cell
+    for req, field in ((ImageRequest(prompt="x", size="32x32"), "size"),
+                       (ImageRequest(prompt="x", steps=101), "steps")):
+        with pytest.raises(RequestError) as e:
+            check_against_server(req, image_size=256, max_steps=100)
+        assert e.value.status == 422 and e.value.param == field
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+def test_metrics_text_parses_with_the_values_recorded():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = ServerMetrics()
+    for v in (0.003, 0.2, 7.0, 100.0):
+        m.e2e.observe(v)
+    m.rejections.inc("queue_full")
+    m.rejections.inc("queue_full")
+    m.queue_depth.set(5)
+    fams = {f.name: f for f in text_string_to_metric_families(m.render())}
+    e2e = {(s.name, s.labels.get("le")): s.value for s in fams["xlx_e2e_seconds"].samples}
+    assert e2e[("xlx_e2e_seconds_bucket", "0.005")] == 1
+    assert e2e[("xlx_e2e_seconds_bucket", "0.25")] == 2
+    assert e2e[("xlx_e2e_seconds_bucket", "10.0")] == 3
+    assert e2e[("xlx_e2e_seconds_bucket", "+Inf")] == 4
+    assert e2e[("xlx_e2e_seconds_count", None)] == 4
+    assert e2e[("xlx_e2e_seconds_sum", None)] == pytest.approx(107.203)
+    rej = {s.labels["reason"]: s.value for s in fams["xlx_rejections"].samples}
+    assert rej["queue_full"] == 2 and rej["too_large"] == 0
+    assert fams["xlx_queue_depth"].samples[0].value == 5
+
+
+# -- painting -----------------------------------------------------------------------------------
+
+def test_batched_painting_gives_each_row_its_own_seeds_noise(tiny):
+    g = torch.Generator().manual_seed(0)
+    codes = tiny.centroids[torch.randint(0, tiny.n_clusters, (3, 64), generator=g)]
+    seeds = [5, 2**40 + 1, 5]
+    batch = paint(tiny, codes, seeds)
+    assert batch.dtype == torch.uint8 and batch.shape == (3, 32, 32, 3)
+    for r, s in enumerate(seeds):
+        alone = reference.paint(tiny, codes[r:r + 1], seed=s)[0]
+        expect = (alone.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+        assert (batch[r].int() - expect.int()).abs().max() <= 1
+    # the whole batch from one generator would mix rows' noise: the noise really is per row
+    shared = (reference.paint(tiny, codes, seed=5)[1].clamp(0, 1) * 255).round().permute(1, 2, 0)
+    assert (batch[1].float() - shared).abs().max() > 1
+
+
+# -- scheduler on the real engine -----------------------------------------------------------------
+
+ITEMS = [("a red bus", 1, 5, "mask_predict", 0.0), ("two dogs", 2, 7, "confidence", 0.0),
+         ("a kitchen", 3, 3, "random", 0.0), ("a giraffe", 4, 6, "tlbr", 0.0),
+         ("snow", 5, 4, "mask_predict", 0.8), ("a train", 6, 9, "mask_predict", 0.0)]
+
+
+def _serve(model, tok, policy, items, slots=2, max_queue=16, paint_images=False, **kw):
+    async def go():
+        sched = Scheduler(Engine(model, slots=slots), model, max_queue=max_queue, policy=policy,
+                          batch_wait_ms=20, paint_images=paint_images, **kw)
+        sched.start()
+        jobs = []
+        for r in requests_for(tok, items):
+            jobs.append(sched.submit([r]))
+            await asyncio.sleep(0.003)  # staggered arrivals: joins at different steps
+        res = await asyncio.gather(*(sched.result(j) for j in jobs))
+        await sched.stop()
+        return [x[0].ids for x in res], sched
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("policy", ["step", "request", "sequential"])
+def test_every_policy_returns_the_requests_own_ids(tiny, tok, policy):
+    fast = copy.deepcopy(tiny)
+    ids, sched = _serve(fast, tok, policy, ITEMS)
+    for got, (prompt, seed, steps, strategy, temp) in zip(ids, ITEMS):
+        x, m = tok([prompt])
+        alone = xlx_fast.generate(fast, x, m, steps=steps, strategy=strategy, seed=seed,
+                                  temperature=temp).ids[0].tolist()
+        assert got == alone, (policy, prompt)
+    occ = sched.metrics.occupancy
+    if policy == "sequential":
+        assert occ.sum == occ.count * 0.5  # one row of two slots, always
+    assert sched.metrics.requests.value("ok") == len(ITEMS)
+
+
+def test_step_policy_joins_between_steps(tiny, tok):
+    # 6 requests on 2 slots: step-level joining keeps both slots busy more of the time than
+    # running each batch to completion, and never exceeds the slots
+    _, step = _serve(copy.deepcopy(tiny), tok, "step", ITEMS)
+    _, batch = _serve(copy.deepcopy(tiny), tok, "request", ITEMS)
+    assert step.metrics.engine_steps.value() < batch.metrics.engine_steps.value()
+    assert step.metrics.occupancy.sum / step.metrics.occupancy.count <= 1.0
+
+
+def test_queue_bound_deadline_and_cancel(tiny, tok):
+    async def go():
+        sched = Scheduler(Engine(tiny, slots=1), tiny, max_queue=2, paint_images=False)
+        long = requests_for(tok, [("long", 1, 300, "mask_predict", 0.0)] * 5)
+        a = sched.submit([long[0]])
+        b = sched.submit([long[1]])  # queue holds a and b before the loop starts
+        with pytest.raises(QueueFull) as e:
+            sched.submit([long[2]])
+        assert e.value.retry_after_s >= 1
+        sched.start()
+        await asyncio.sleep(0.05)      # a admitted, b waiting
+        c = sched.submit([long[3]], timeout_s=0.05)
+        with pytest.raises(DeadlineExceeded):
+            await sched.result(c)      # expired in the queue
+        a.future.cancel()              # the caller of a went away
+        await asyncio.sleep(0.3)
+        assert b.admitted_at is not None  # a's slot went to b at a step boundary
+        steps_at_cancel = sched.steps_run
+        b.future.cancel()
+        d = sched.submit(requests_for(tok, [("short", 2, 2, "mask_predict", 0.0)]))
+        res = await sched.result(d)
+        assert len(res[0].ids) == 64
+        await sched.stop()
+        m = sched.metrics
+        assert m.requests.value("cancelled") == 2 and m.requests.value("timeout") == 1
+        assert m.rejections.value("queue_full") == 1
+        assert sched.steps_run - steps_at_cancel < 300  # b did not run to its end
+    asyncio.run(go())
+
+
+# -- load generator -----------------------------------------------------------------------------
+
+def test_poisson_offsets_and_trace():
+    off = poisson_offsets(50.0, 4000, seed=1)
+    gaps = [b - a for a, b in zip([0.0] + off, off)]
+    assert all(g > 0 for g in gaps)
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 50, rel=0.06)
+    assert make_trace(10, seed=3) == make_trace(10, seed=3) != make_trace(10, seed=4)
+    with pytest.raises(ValueError, match="rate"):
+        poisson_offsets(0, 3)
+
+
+def test_open_loop_is_bounded_by_count_and_time():
+    async def send(body):
+        await asyncio.sleep(0.01)
+        return Outcome(200 if body["seed"] % 2 else 429, 0.0, 0.01)
+
+    trace = [{"seed": i} for i in range(10)]
+    run = asyncio.run(run_open_loop(send, trace, 1000.0, max_requests=7, max_seconds=10))
+    assert len(run["outcomes"]) == 7
+    run = asyncio.run(run_open_loop(send, trace, 20.0, max_requests=10_000, max_seconds=0.3))
+    assert 1 <= len(run["outcomes"]) < 20
+    s = summarize({"outcomes": [Outcome(200, 0, x / 100) for x in range(1, 101)]
+                   + [Outcome(429, 0, 0.0)], "duration_s": 2.0}, 50.0, slo_s=0.5)
+    assert s["ok"] == 100 and s["rejected"] == {"429": 1}
+    assert s["e2e_p50_s"] == pytest.approx(0.5, abs=0.011) and s["e2e_max_s"] == 1.0
+    assert s["goodput_rps"] == 25.0 and s["throughput_rps"] == 50.0
+
+
+def test_load_generator_targets_loopback_only():
+    assert check_target("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    assert check_target("http://localhost:1") == "http://localhost:1"
+    with pytest.raises(ValueError, match="loopback"):
+        check_target("http://10.1.2.3:8000")
+    assert check_target("http://10.1.2.3:8000", allow_remote=True) == "http://10.1.2.3:8000"
+
+
+# -- command lines ------------------------------------------------------------------------------
+
+BLOCK = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("ray", "pydantic", "aiohttp", "fastapi", "prometheus_client"):
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+from xlx_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli(args, block=False, timeout=300):
+    code = BLOCK if block else "import sys; from xlx_fast.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_bench_serve_in_process_without_ray(tmp_path):
+    r = _cli(["bench-serve", "--size", "tiny", "--slots", "2", "--requests", "6", "--max-seconds", "3",
+              "--load", "1,3", "--out-dir", str(tmp_path), "--name", "b"], block=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert set(res["modes"]["inproc"]) == {"sequential", "request", "step"}
+    for rows in res["modes"]["inproc"].values():
+        assert [round(x["offered_rps"] / res["capacity_rps"], 6) for x in rows] == [1.0, 3.0]
+        assert rows[1]["sent"] >= 1  # Poisson arrivals within the time bound (3 s at 3x capacity)
+        assert all(x["sent"] <= 6 and x["ok"] + sum(x["rejected"].values()) == x["sent"] for x in rows)
+        assert all(x["e2e_p50_s"] <= x["e2e_p99_s"] <= x["e2e_max_s"] for x in rows if x["ok"])
+    assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["serve", "--checkpoint", "x.pth"], "centroids"),
+    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--replicas", "0"], "--replicas"),
+    (["bench-serve", "--schedulers", "fifo"], "--schedulers"),
+    (["bench-serve", "--url", "http://8.8.8.8:80", "--rps", "1"], "loopback"),
+    (["bench-serve", "--load", "0.5,-1"], "--load"),
+])
+def test_cli_user_errors(args, msg, capsys):
+    from xlx_fast.cli import main
+
+    assert main(args) == 2  # refused before Ray or a model starts
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], lines
+
+
+def test_a_bad_request_fails_alone(tiny, tok):
+    """The engine refuses one request of an admission batch: only that job fails."""
+    async def go():
+        sched = Scheduler(Engine(tiny, slots=4), tiny, paint_images=False)
+        good = requests_for(tok, [("good one", 1, 3, "mask_predict", 0.0), ("good two", 2, 2, "tlbr", 0.0)])
+        bad = requests_for(tok, [("bad", 3, 3, "mask_predict", 0.0)])[0]
+        bad.steps = 0
+        jobs = [sched.submit([good[0]]), sched.submit([bad]), sched.submit([good[1]])]
+        sched.start()
+        res = await asyncio.gather(*(sched.result(j) for j in jobs), return_exceptions=True)
+        await sched.stop()
+        return res, sched
+    res, sched = asyncio.run(go())
+    assert isinstance(res[1], ValueError) and "steps" in str(res[1])
+    assert len(res[0][0].ids) == 64 and len(res[2][0].ids) == 64
+    assert sched.broken is None and sched.metrics.requests.value("error") == 1
+
+
+def test_server_options_from_serve_run_strings():
+    from xlx_fast.serving.service import ServerOptions
+
+    opts = ServerOptions.from_dict({"slots": "16", "batch_wait_ms": "2.5", "policy": "request"})
+    assert (opts.slots, opts.batch_wait_ms, opts.policy) == (16, 2.5, "request")
+    with pytest.raises(ValueError, match="slots"):
+        ServerOptions.from_dict({"slots": "many"})
+    with pytest.raises(ValueError, match="slots"):
+        ServerOptions.from_dict({"slots": 0})
+    with pytest.raises(ValueError, match="unknown field"):
+        ServerOptions.from_dict({"slot": 4})
+    with pytest.raises(ValueError, match="dtype"):
+        ServerOptions.from_dict({"model": {"dtype": "fp8"}})

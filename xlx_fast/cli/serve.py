@@ -1,0 +1,99 @@
+"""``xlx-fast serve``: start (or join) Ray, deploy the image server, print its URL, serve until
+Ctrl-C. The server binds 127.0.0.1 unless ``--host`` says otherwise."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+def add_parser(p) -> None:
+    p.add_argument("--checkpoint", help="X-LXMERT state dict (e.g. Epoch20_LXRT.pth); default: "
+                   "the embedded default model (random weights, noise pictures)")
+    p.add_argument("--centroids", help="cluster centroids .npy [10000, 2048]")
+    p.add_argument("--generator", help="generator state dict (e.g. G_60.pth)")
+    p.add_argument("--vocab", help="BERT-base-uncased vocab.txt (or a directory holding it)")
+    p.add_argument("--size", default="base", choices=["base", "tiny"],
+                   help="architecture of the embedded default (tiny: the test size)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per replica)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--max-batch", type=int, default=32, help="engine slots per replica")
+    p.add_argument("--max-queue", type=int, default=64, help="queued requests per replica before 429")
+    p.add_argument("--max-steps", type=int, default=256, help="largest 'steps' a request may ask")
+    p.add_argument("--timeout-ms", type=int, default=None,
+                   help="deadline for requests that give no timeout_ms (default: none)")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=None,
+                   help="join an existing Ray cluster (e.g. ray://head:10001 or auto); "
+                        "default: start a local one")
+    p.add_argument("--api-key", default=None,
+                   help="require this key (Authorization: Bearer KEY) on every route but /health; "
+                        "default: $XLX_FAST_API_KEY if set, else no key")
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def app_args(args) -> dict:
+    """The application builder's arguments for these command-line options (ValueError if bad)."""
+    from xlx_fast.serving.service import ServerOptions
+
+    for name in ("max_batch", "max_queue", "max_steps", "replicas"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.timeout_ms is not None and args.timeout_ms < 1:
+        raise ValueError(f"--timeout-ms must be >= 1, got {args.timeout_ms}")
+    model = {"checkpoint": args.checkpoint, "centroids": args.centroids, "generator": args.generator,
+             "vocab": args.vocab, "size": args.size, "device": args.device, "dtype": args.dtype}
+    model = {k: v for k, v in model.items() if v is not None}
+    if args.size == "tiny" and args.checkpoint is None:
+        model["image_size"] = 256  # the API's one size; the tiny generator paints it cheaply
+    key = args.api_key if args.api_key is not None else os.environ.get("XLX_FAST_API_KEY")
+    out = {"model": model, "slots": args.max_batch, "max_queue": args.max_queue,
+           "max_steps": args.max_steps, "default_timeout_ms": args.timeout_ms, "api_key": key or "",
+           "deployment": {"num_replicas": args.replicas,
+                          "ray_actor_options": {"num_cpus": args.cpus_per_replica}}}
+    ServerOptions.from_dict({k: v for k, v in out.items() if k != "deployment"})  # validate now
+    return out
+
+
+def run(args) -> int:
+    try:
+        build = app_args(args)
+    except ValueError as e:
+        return _fail(str(e).removeprefix("model spec: ").removeprefix("server options: "))
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return _fail("--device cuda but no CUDA device is available")
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        return _fail('serving needs Ray Serve: pip install "xlx_fast[serve]"')
+    from xlx_fast.serving import build_app
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(build), name="xlx_fast", route_prefix="/")
+        url = f"http://{args.host}:{args.port}"
+        print(f"serving on {url}  (POST {url}/v1/images/generations, GET {url}/health, "
+              f"GET {url}/metrics); Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

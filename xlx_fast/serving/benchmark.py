@@ -1,0 +1,292 @@
+"""Latency under load for three schedulers on the same model and device, in one run.
+
+Schedulers (:mod:`xlx_fast.serving.scheduler` policies, all on the step-level engine and the
+same painting, so only the scheduling differs):
+
+- ``sequential``: one request at a time;
+- ``request``: request-level batching (wait up to ``batch_wait_ms`` for a full batch, run the
+  static batch to completion);
+- ``step``: step-level joining (the server's scheduler).
+
+Modes: ``inproc`` drives the scheduler directly (tokenizer, engine, painting, PNG encoding; no
+HTTP, no Ray, no pydantic: this runs where they are not installed) and ``http`` deploys one Ray Serve application per scheduler on 127.0.0.1 and sends
+real HTTP requests. Offered loads are fractions of a capacity estimate: static-batch
+``xlx_fast.generate`` throughput at batch = slots and the trace's mean step count (measured in
+the same run; the reference point of the serving targets, SPEC §6).
+
+Per scheduler and rate: p50/p95/p99/max end-to-end latency, queue wait, throughput, goodput at
+the SLO, rejections, mean batch occupancy (from the server's own metrics).
+"""
+from __future__ import annotations
+
+import asyncio
+import platform
+import socket
+import statistics
+import time
+
+import torch
+
+from .loadgen import http_sender, inprocess_sender, make_trace, run_open_loop, summarize
+from .model_spec import ModelSpec
+from .scheduler import POLICIES, Scheduler
+
+DEFAULT_FRACTIONS = (0.3, 0.5, 0.7, 0.9, 1.5)
+
+
+@torch.no_grad()
+def static_generate(model, tokenizer, slots: int, steps: int, repeats: int = 3) -> dict:
+    """Images/s of ``xlx_fast.generate`` on a full static batch (mask_predict, ``steps``), with
+    and without painting; the median of ``repeats`` timed runs after one warm-up."""
+    import xlx_fast
+
+    from .painter import paint
+
+    ids, mask = tokenizer([f"a static batch caption {i}" for i in range(slots)])
+    ids, mask = ids.to(model.centroids.device), mask.to(model.centroids.device)
+    gen_t, paint_t = [], []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        res = xlx_fast.generate(model, ids, mask, steps=steps, seed=i)
+        t1 = time.perf_counter()
+        paint(model, res.codes, list(range(slots)))
+        t2 = time.perf_counter()
+        if i:
+            gen_t.append(t1 - t0)
+            paint_t.append(t2 - t1)
+    g, p = statistics.median(gen_t), statistics.median(paint_t)
+    return {"batch": slots, "steps": steps, "generate_s": g, "paint_s": p,
+            "generate_images_per_s": slots / g, "generate_paint_images_per_s": slots / (g + p)}
+
+
+def _occupancy(metrics_text_or_obj) -> tuple[float, float]:
+    """(sum, count) of the batch-occupancy histogram, from ServerMetrics or /metrics text."""
+    if hasattr(metrics_text_or_obj, "occupancy"):
+        h = metrics_text_or_obj.occupancy
+        return h.sum, h.count
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = c = 0.0
+    for fam in text_string_to_metric_families(metrics_text_or_obj):
+        for sample in fam.samples:
+            if sample.name == "xlx_batch_occupancy_sum":
+                s = sample.value
+            elif sample.name == "xlx_batch_occupancy_count":
+                c = sample.value
+    return s, c
+
+
+def _mean_occ(before, after):
+    dc = after[1] - before[1]
+    return (after[0] - before[0]) / dc if dc else None
+
+
+async def _sweep(send, read_occupancy, trace, rates, *, requests, max_seconds, slo_s, seed):
+    rows = []
+    for k, rate in enumerate(rates):
+        before = await read_occupancy()
+        run = await run_open_loop(send, trace, rate, max_requests=requests, max_seconds=max_seconds,
+                                  drain_seconds=max(60.0, 4 * max_seconds), seed=seed + k)
+        row = summarize(run, rate, slo_s)
+        row["mean_occupancy"] = _mean_occ(before, await read_occupancy())
+        rows.append(row)
+        await asyncio.sleep(0.2)  # let the queue drain of stragglers before the next rate
+    return rows
+
+
+def server_options(spec: dict, slots: int, policy: str, batch_wait_ms: float, max_queue: int) -> dict:
+    return {"model": spec, "slots": slots, "policy": policy, "batch_wait_ms": batch_wait_ms,
+            "max_queue": max_queue, "api_key": ""}
+
+
+async def run_inproc(spec: dict, model, tokenizer, *, slots, policies, rates, trace, requests,
+                     max_seconds, slo_s, batch_wait_ms, max_queue, seed) -> dict:
+    from ..engine import Engine
+
+    out = {}
+    for policy in policies:
+        engine = Engine(model, slots=slots)
+        engine.warmup()
+        sched = Scheduler(engine, model, max_queue=max_queue, policy=policy,
+                          batch_wait_ms=batch_wait_ms)
+        sched.start()
+
+        async def occ(sched=sched):
+            return _occupancy(sched.metrics)
+
+        out[policy] = await _sweep(inprocess_sender(sched, tokenizer), occ, trace, rates,
+                                   requests=requests, max_seconds=max_seconds, slo_s=slo_s, seed=seed)
+        await sched.stop()
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_http(spec: dict, *, slots, policies, rates, trace, requests, max_seconds, slo_s,
+             batch_wait_ms, max_queue, seed, cpus_per_replica: float = 1.0) -> dict:
+    """Deploys one application per scheduler on a local Ray (127.0.0.1) and loads each."""
+    import os
+
+    import aiohttp
+    import ray
+    from ray import serve
+
+    from .deployment import build_app
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    out = {}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for policy in policies:
+            args = server_options(spec, slots, policy, batch_wait_ms, max_queue)
+            args["deployment"] = {"ray_actor_options": {"num_cpus": cpus_per_replica}}
+            serve.run(build_app(args), name=policy, route_prefix=f"/{policy}")
+
+            async def go(url=f"{base}/{policy}"):
+                async with aiohttp.ClientSession() as session:
+                    t0 = time.monotonic()
+                    while True:  # warm-up done?
+                        async with session.get(f"{url}/health") as r:
+                            if r.status == 200:
+                                break
+                        if time.monotonic() - t0 > 300:
+                            raise RuntimeError(f"{url} never became healthy")
+                        await asyncio.sleep(0.2)
+
+                    async def occ():
+                        async with session.get(f"{url}/metrics") as r:
+                            return _occupancy(await r.text())
+
+                    return await _sweep(http_sender(session, url), occ, trace, rates,
+                                        requests=requests, max_seconds=max_seconds, slo_s=slo_s,
+                                        seed=seed)
+
+            out[policy] = asyncio.run(go())
+            serve.delete(policy)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return out
+
+
+def run_benchmark(spec: dict, *, modes=("inproc",), slots: int = 8, policies=POLICIES,
+                  fractions=DEFAULT_FRACTIONS, requests: int = 60, max_seconds: float = 30.0,
+                  slo_s: float | None = None, batch_wait_ms: float = 50.0, max_queue: int = 256,
+                  steps=(2, 4, 6, 8), seed: int = 0) -> dict:
+    """The whole comparison; returns the JSON-able result (see the module docstring)."""
+    mspec = ModelSpec.from_dict(spec)
+    model, tokenizer = mspec.build()
+    mean_steps = max(1, round(sum(steps) / len(steps)))
+    static = static_generate(model, tokenizer, slots, mean_steps)
+    capacity = static["generate_paint_images_per_s"]
+    rates = [f * capacity for f in fractions]
+    slo = slo_s if slo_s is not None else 4 * (static["generate_s"] + static["paint_s"])
+    trace = make_trace(max(requests, 64), seed=seed, steps=steps)
+    common = dict(slots=slots, policies=tuple(policies), rates=rates, trace=trace, requests=requests,
+                  max_seconds=max_seconds, slo_s=slo, batch_wait_ms=batch_wait_ms,
+                  max_queue=max_queue, seed=seed)
+    result = {
+        "meta": {"device": mspec.device, "dtype": mspec.dtype, "model": mspec.to_dict(),
+                 "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                 "threads": torch.get_num_threads(), "slots": slots, "steps": list(steps),
+                 "fractions": list(fractions), "requests_per_rate": requests,
+                 "max_seconds_per_rate": max_seconds, "batch_wait_ms": batch_wait_ms,
+                 "slo_s": slo, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "static_generate": static, "capacity_rps": capacity, "modes": {},
+    }
+    for mode in modes:
+        if mode == "inproc":
+            result["modes"][mode] = asyncio.run(run_inproc(spec, model, tokenizer, **common))
+        elif mode == "http":
+            result["modes"][mode] = run_http(spec, **common)
+        else:
+            raise ValueError(f"modes: unknown mode {mode!r} (inproc, http)")
+    result["summary"] = summarize_targets(result)
+    return result
+
+
+def summarize_targets(result: dict) -> dict:
+    """The serving targets of SPEC §6, as measured (no pass/fail is typed by hand)."""
+    out = {}
+    static = result["static_generate"]["generate_images_per_s"]
+    fr = result["meta"]["fractions"]
+    for mode, per in result["modes"].items():
+        s = {}
+        if "step" in per:
+            sat = max(r["throughput_rps"] for r in per["step"])
+            s["step_saturation_rps"] = sat
+            s["step_saturation_vs_static_generate"] = sat / static
+            s["step_saturation_vs_static_generate_paint"] = (
+                sat / result["static_generate"]["generate_paint_images_per_s"])
+        if "sequential" in per and "step" in per:
+            s["step_vs_sequential_saturation"] = (max(r["throughput_rps"] for r in per["step"])
+                                                  / max(r["throughput_rps"] for r in per["sequential"]))
+        near = min(range(len(fr)), key=lambda i: abs(fr[i] - 0.7))
+        if "step" in per and "request" in per:
+            a, b = per["step"][near]["e2e_p99_s"], per["request"][near]["e2e_p99_s"]
+            s["load_fraction_for_p99"] = fr[near]
+            s["p99_step_over_request"] = a / b if a and b else None
+        out[mode] = s
+    if "inproc" in result["modes"] and "http" in result["modes"]:
+        a = result["modes"]["inproc"].get("step", [{}])[0].get("e2e_p50_s")
+        b = result["modes"]["http"].get("step", [{}])[0].get("e2e_p50_s")
+        out["http_overhead_low_load_p50_s"] = (b - a) if a is not None and b is not None else None
+    return out
+
+
+def plot(result: dict, path: str) -> None:
+    """Latency percentiles and throughput against offered load, one line per scheduler/mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"sequential": "tab:gray", "request": "tab:orange", "step": "tab:blue"}
+    for mode, per in result["modes"].items():
+        style = "-" if mode == "inproc" else "--"
+        for policy, rows in per.items():
+            x = [r["offered_rps"] for r in rows]
+            for key, marker in (("e2e_p50_s", "o"), ("e2e_p99_s", "^")):
+                ax1.plot(x, [r[key] if r[key] is not None else float("nan") for r in rows], style,
+                         marker=marker, color=colors.get(policy), label=f"{policy} {mode} {key[4:7]}")
+            ax2.plot(x, [r["throughput_rps"] for r in rows], style, marker="o",
+                     color=colors.get(policy), label=f"{policy} {mode}")
+    cap = result["capacity_rps"]
+    for ax in (ax1, ax2):
+        ax.axvline(cap, color="k", lw=0.6, ls=":")
+        ax.set_xlabel("offered load (requests/s)")
+    ax1.set_ylabel("end-to-end latency (s)")
+    ax1.set_yscale("log")
+    ax2.set_ylabel("throughput (images/s)")
+    ax2.plot([0, max(cap * 1.6, 1e-9)], [0, cap * 1.6], color="k", lw=0.4)
+    ax1.legend(fontsize=6, ncol=2)
+    ax2.legend(fontsize=7)
+    m = result["meta"]
+    fig.suptitle(f"xlx_fast serving: {m['model'].get('size')} model, {m['device']} {m['dtype']}, "
+                 f"{m['slots']} slots (dotted: static-batch generate capacity)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(result: dict) -> str:
+    """A Markdown table of the sweep."""
+    lines = ["| mode | scheduler | offered rps | throughput | p50 s | p99 s | max s | queue p99 s | "
+             "goodput | rejected | occupancy |", "|" + "---|" * 11]
+    for mode, per in result["modes"].items():
+        for policy, rows in per.items():
+            for r in rows:
+                f = (lambda v: "-" if v is None else f"{v:.3f}")
+                lines.append(f"| {mode} | {policy} | {r['offered_rps']:.2f} | {r['throughput_rps']:.2f} | "
+                             f"{f(r['e2e_p50_s'])} | {f(r['e2e_p99_s'])} | {f(r['e2e_max_s'])} | "
+                             f"{f(r['queue_wait_p99_s'])} | {r['goodput_rps']:.2f} | "
+                             f"{sum(r['rejected'].values())} | {f(r['mean_occupancy'])} |")
+    return "\n".join(lines)

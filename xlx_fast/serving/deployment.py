@@ -1,0 +1,75 @@
+"""The Ray Serve application: a thin deployment over :class:`~xlx_fast.serving.service.ImageService`
+with a FastAPI ingress. Each replica owns one engine driven by one asyncio loop (SPEC §6a).
+
+Deploy from the command line (``xlx-fast serve``), from Python
+(``serve.run(build_app({...}))``) or from a config file::
+
+    applications:
+      - name: xlx_fast
+        import_path: xlx_fast.serving:app          # the builder below
+        args: {slots: 32, model: {device: cuda, dtype: bf16}}
+
+``args`` are :class:`~xlx_fast.serving.service.ServerOptions` fields, plus ``deployment``: Ray
+Serve deployment options (``num_replicas``, ``ray_actor_options``, ``autoscaling_config``, ...)
+passed to ``.options()``. Ray routes at most ``max_ongoing_requests`` to a replica; it is set
+above the replica's own bound (slots + queue) so the replica's queue, not Ray's, answers 429,
+and Ray's own queue (``max_queued_requests``) is bounded too.
+"""
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from ray import serve
+
+from .service import ImageService, Reply, ServerOptions
+
+api = FastAPI(title="xlx_fast", description="X-LXMERT image generation (OpenAI-images-like API)")
+
+
+def _response(reply: Reply, replica: str) -> Response:
+    return Response(reply.body, status_code=reply.status, media_type=reply.media_type,
+                    headers={**reply.headers, "X-Replica": replica})
+
+
+@serve.deployment(name="ImageServer", ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class ImageServer:
+    """One replica: model, engine, scheduler loop, metrics."""
+
+    def __init__(self, options: dict):  # noqa: D107
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a Serve replica (unit use): a fixed name
+            replica = "local"
+        self.service = ImageService(options, replica_name=replica)
+
+    @api.post("/v1/images/generations")
+    async def generations(self, request: Request) -> Response:
+        reply = await self.service.generate(request.headers, request.stream(),
+                                            request.is_disconnected)
+        return _response(reply, self.service.replica_name)
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        return _response(await self.service.health(), self.service.replica_name)
+
+    @api.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        return _response(await self.service.metrics_text(request.headers), self.service.replica_name)
+
+    def check_health(self) -> None:
+        self.service.check_health()
+
+
+def build_app(args: "dict | None" = None):
+    """Application builder (``serve run xlx_fast.serving:app key=value`` / config ``args``)."""
+    args = dict(args or {})
+    deployment = dict(args.pop("deployment", None) or {})
+    options = ServerOptions.from_dict(args)
+    bound = options.slots + options.max_queue
+    deployment.setdefault("max_ongoing_requests", bound + 16)  # + health/metrics probes
+    deployment.setdefault("max_queued_requests", 4 * bound)
+    if options.model.get("device", "cpu").startswith("cuda"):
+        actor = dict(deployment.get("ray_actor_options") or {})
+        actor.setdefault("num_gpus", 1)
+        deployment["ray_actor_options"] = actor
+    return ImageServer.options(**deployment).bind(options.to_dict())

@@ -1,0 +1,350 @@
+"""A replica's scheduler: one asyncio loop drives one engine, step by step.
+
+The loop (``policy="step"``, the server's)::
+
+    forever:
+        expire: queued jobs past their deadline → 504; active ones → engine.cancel (slot freed
+                at this boundary); jobs whose caller went away (future cancelled) → engine.cancel
+        admit:  queued rows, oldest first, into the free slots (a job's rows may span steps)
+        step:   await asyncio.to_thread(engine.step)   one forward; the event loop stays free
+        paint:  rows of jobs that are now complete, all together, per-row seeded noise
+        resolve each complete job's future
+
+Only this loop touches the engine (it is not thread-safe), one call at a time. The queue is
+bounded (``max_queue`` jobs): :meth:`Scheduler.submit` raises :class:`QueueFull` with a
+Retry-After estimate instead of growing it. A request's result depends only on the request
+(the engine's contract, SPEC §6a; painting noise from the request's seed only).
+
+Two baselines share the loop so that benchmarks compare schedulers, not plumbing:
+
+- ``policy="request"``: request-level batching — when the engine is empty, wait until
+  ``slots`` rows are queued or the oldest has waited ``batch_wait_ms``, admit them as one static
+  batch, and step until the whole batch is done (no joining);
+- ``policy="sequential"``: one request at a time, stepped to completion.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .metrics import ServerMetrics
+from .painter import paint
+
+POLICIES = ("step", "request", "sequential")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the queue is full; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class SchedulerBroken(RuntimeError):
+    pass
+
+
+@dataclass
+class RowResult:
+    """One image of a job: the engine's ``Finished`` and the painted uint8 [S, S, 3] image."""
+
+    seed: int
+    ids: list[int]
+    image: object
+
+
+@dataclass(eq=False)  # identity: a job is in the queue or not, whatever its fields
+class Job:
+    requests: list  # engine Requests, one per image (tag = (job, row))
+    arrival: float
+    deadline: float | None
+    future: asyncio.Future
+    pending: deque = field(default_factory=deque)   # row indices not yet admitted
+    handles: dict = field(default_factory=dict)      # row -> engine handle, while active
+    finished: dict = field(default_factory=dict)     # row -> Finished
+    admitted_at: float | None = None
+    done: bool = False
+
+    @property
+    def queue_wait(self) -> float | None:
+        return None if self.admitted_at is None else self.admitted_at - self.arrival
+
+
+class Scheduler:
+    """Owns an engine (and the model whose generator paints); see the module docstring."""
+
+    def __init__(self, engine, model, *, max_queue: int = 64, policy: str = "step",
+                 batch_wait_ms: float = 50.0, paint_images: bool = True,
+                 metrics: ServerMetrics | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.engine, self.model = engine, model
+        self.max_queue, self.policy = max_queue, policy
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.paint_images = paint_images
+        self.metrics = metrics or ServerMetrics()
+        self.metrics.slots.set(engine.slots)
+        self._queue: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.broken: BaseException | None = None
+        self.steps_run = 0
+
+    # -- the caller's side ---------------------------------------------------------------------
+
+    def submit(self, requests: list, timeout_s: float | None = None) -> Job:
+        """Queue one job (its rows are engine ``Request``s); raises :class:`QueueFull`."""
+        if self.broken is not None:
+            raise SchedulerBroken(f"the engine failed: {self.broken!r}")
+        if len(self._queue) >= self.max_queue:
+            self.metrics.rejections.inc("queue_full")
+            raise QueueFull(self.retry_after())
+        now = time.perf_counter()
+        job = Job(requests=list(requests), arrival=now,
+                  deadline=None if timeout_s is None else now + timeout_s,
+                  future=asyncio.get_running_loop().create_future())
+        for row, req in enumerate(job.requests):
+            req.tag = (job, row)
+        job.pending.extend(range(len(job.requests)))
+        self._queue.append(job)
+        self.metrics.queue_depth.set(len(self._queue))
+        self._wake.set()
+        return job
+
+    async def result(self, job: Job) -> list[RowResult]:
+        """Wait for ``job``; if the waiter is cancelled (client gone) the job is cancelled at the
+        next step boundary. Raises :class:`DeadlineExceeded` past the job's deadline."""
+        return await job.future
+
+    def retry_after(self) -> int:
+        """Seconds until a queue slot is likely free: queued rows / slots batches of the mean
+        request time (≥ 1)."""
+        e2e = self.metrics.e2e
+        mean = e2e.sum / e2e.count if e2e.count else 1.0
+        rows = sum(len(j.pending) for j in self._queue)
+        return max(1, math.ceil(mean * (rows / max(1, self.engine.slots) + 1)))
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                self._expire()
+                await self._admit()
+                if self.engine.active() == 0:
+                    self._update_gauges()
+                    await self._idle_wait()
+                    continue
+                await self._step()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # the engine failed: fail every job, refuse new ones
+            self.broken = e
+            for job in list(self._active) + list(self._queue):
+                self._fail(job, SchedulerBroken(f"the engine failed: {e!r}"), "error")
+            self._queue.clear()
+            raise
+
+    async def _idle_wait(self) -> None:
+        timeout = None
+        deadlines = [j.deadline for j in self._queue if j.deadline is not None]
+        if deadlines:
+            timeout = max(0.0, min(deadlines) - time.perf_counter())
+        if self.policy == "request" and self._queue:
+            oldest = self._queue[0].arrival + self.batch_wait_s - time.perf_counter()
+            timeout = max(0.0, oldest if timeout is None else min(timeout, oldest))
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(len(self._queue))
+        self.metrics.active_rows.set(self.engine.active())
+
+    def _fail(self, job: Job, exc: BaseException, outcome: str) -> None:
+        if job.done:
+            return
+        job.done = True
+        for handle in job.handles.values():
+            self.engine.cancel(handle)
+        job.handles.clear()
+        if job in self._active:
+            self._active.remove(job)
+        if not job.future.done():
+            job.future.set_exception(exc)
+            job.future.exception()  # mark retrieved: a caller that left never reads it
+        self.metrics.requests.inc(outcome)
+
+    def _expire(self) -> None:
+        now = time.perf_counter()
+        for job in list(self._queue):
+            if job.future.cancelled():
+                self._queue.remove(job)
+                job.done = True
+                self.metrics.requests.inc("cancelled")
+            elif job.deadline is not None and now >= job.deadline:
+                self._queue.remove(job)
+                self._fail(job, DeadlineExceeded("timeout_ms passed before the request was "
+                                                 "admitted"), "timeout")
+        for job in list(self._active):
+            if job.future.cancelled():
+                self._fail(job, asyncio.CancelledError(), "cancelled")
+            elif job.deadline is not None and now >= job.deadline:
+                self._fail(job, DeadlineExceeded("timeout_ms passed while generating"), "timeout")
+
+    def _may_admit(self) -> int:
+        """How many rows the policy admits at this boundary."""
+        free = self.engine.free_slots()
+        if self.policy == "step":
+            return free
+        if self.engine.active() > 0 or not self._queue:
+            return 0  # the baselines run a batch to completion before taking more
+        if self.policy == "sequential":
+            return min(free, len(self._queue[0].pending))
+        queued = sum(len(j.pending) for j in self._queue)
+        waited = time.perf_counter() - self._queue[0].arrival
+        return free if queued >= free or waited >= self.batch_wait_s else 0
+
+    async def _admit(self) -> None:
+        budget = self._may_admit()
+        picked: list[tuple[Job, int]] = []
+        for job in self._queue:
+            if budget == 0:
+                break
+            while job.pending and budget > 0:
+                picked.append((job, job.pending.popleft()))
+                budget -= 1
+            if self.policy == "sequential":
+                break
+        if not picked:
+            return
+        requests = [job.requests[row] for job, row in picked]
+        try:
+            handles = self.engine.admit(requests)
+        except (ValueError, TypeError):
+            handles = None
+        if handles is None:  # one bad request must not sink the others: admit one by one
+            handles = []
+            for job, row in picked:
+                try:
+                    handles.append(self.engine.admit([job.requests[row]])[0])
+                except (ValueError, TypeError) as e:
+                    handles.append(e)
+        now = time.perf_counter()
+        for (job, row), handle in zip(picked, handles):
+            if isinstance(handle, Exception):
+                if job in self._queue:
+                    self._queue.remove(job)
+                self._fail(job, handle, "error")
+                continue
+            if job.done:  # a sibling row failed: drop this one too
+                self.engine.cancel(handle)
+                continue
+            job.handles[row] = handle
+            if job.admitted_at is None:
+                job.admitted_at = now
+                self.metrics.queue_wait.observe(job.queue_wait)
+            if job not in self._active:
+                self._active.append(job)
+        for job in list(self._queue):
+            if not job.pending:
+                self._queue.remove(job)
+        self._update_gauges()
+
+    async def _step(self) -> None:
+        active = self.engine.active()
+        self.metrics.occupancy.observe(active / self.engine.slots)
+        t0 = time.perf_counter()
+        try:
+            finished = await asyncio.to_thread(self.engine.step)
+        except ValueError as e:
+            # The engine flagged rows (e.g. NaN from the weights) and freed them; the other rows'
+            # results come with the next step. Fail the flagged rows' jobs, keep serving.
+            self._fail_flagged(e)
+            return
+        self.metrics.step_seconds.observe(time.perf_counter() - t0)
+        self.steps_run += 1
+        self.metrics.engine_steps.inc()
+        complete: list[Job] = []
+        for f in finished:
+            job, row = f.request.tag
+            if f.cancelled or job.done:
+                continue
+            job.handles.pop(row, None)
+            job.finished[row] = f
+            if len(job.finished) == len(job.requests):
+                complete.append(job)
+        if complete:
+            await self._paint_and_resolve(complete)
+        self._update_gauges()
+
+    def _fail_flagged(self, err: ValueError) -> None:
+        flagged = {int(h) for h in re.findall(r"request (\d+):", str(err))}
+        for job in list(self._active):
+            if not flagged or flagged & set(job.handles.values()):
+                for row, h in list(job.handles.items()):
+                    if h in flagged:
+                        del job.handles[row]  # already freed by the engine
+                self._fail(job, RuntimeError(f"the engine failed on this request: {err}"), "error")
+
+    async def _paint_and_resolve(self, jobs: list[Job]) -> None:
+        rows = [(job, r) for job in jobs for r in range(len(job.requests))]
+        images = [None] * len(rows)
+        if self.paint_images:
+            import torch
+
+            codes = torch.stack([job.finished[r].codes for job, r in rows])
+            seeds = [job.requests[r].seed for job, r in rows]
+            t0 = time.perf_counter()
+            images = await asyncio.to_thread(paint, self.model, codes, seeds)
+            self.metrics.paint_seconds.observe(time.perf_counter() - t0)
+        now = time.perf_counter()
+        by_job: dict[int, list[RowResult]] = {}
+        for (job, r), image in zip(rows, images):
+            f = job.finished[r]
+            by_job.setdefault(id(job), []).append(
+                RowResult(seed=job.requests[r].seed, ids=f.ids.tolist(), image=image))
+        for job in jobs:
+            if job.done:  # expired or cancelled while painting
+                continue
+            job.done = True
+            self._active.remove(job)
+            if job.future.done():  # cancelled by its caller meanwhile
+                self.metrics.requests.inc("cancelled")
+                continue
+            if job.deadline is not None and now >= job.deadline:
+                job.future.set_exception(DeadlineExceeded("timeout_ms passed while generating"))
+                self.metrics.requests.inc("timeout")
+                continue
+            job.future.set_result(by_job[id(job)])
+            self.metrics.requests.inc("ok")
+            self.metrics.e2e.observe(now - job.arrival)

@@ -1,0 +1,115 @@
+"""The HTTP schema of ``POST /v1/images/generations`` (OpenAI-images-like) and its errors.
+
+Request body (JSON)::
+
+    {"prompt": str (required, 1..MAX_PROMPT_CHARS characters),
+     "n": 1..8 (default 1)            images for the prompt; image k uses seed + k
+     "size": "256x256"                the only size the generator paints
+     "response_format": "b64_json"    the only format (PNG, base64)
+     "seed": int >= 0 (default 0),   "steps": 1..max_steps (default per strategy),
+     "strategy": "mask_predict" | "confidence" | "tlbr" | "random",
+     "temperature": 0..100 (default 0 = greedy), "return_ids": bool,
+     "timeout_ms": 1..600000 (default: the server's)}
+
+Response: ``{"created": unix seconds, "data": [{"b64_json", "seed", "ids"?}]}``.
+
+Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``; a request that
+fails validation answers 422 and ``param`` names the offending field (the message starts with
+it too). Limits that depend on the server (``max_steps``, the image size) are checked by
+:func:`check_against_server` so that they, too, answer 422 naming the field.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..models.xlxmert import N_CELLS
+
+MAX_PROMPT_CHARS = 2000  # captions are cut to 20 tokens anyway; this bounds tokenizer work
+MAX_N = 8
+MAX_TIMEOUT_MS = 600_000
+
+
+class ImageRequest(BaseModel):
+    """One generation request; unknown fields are refused (a typo must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    size: str = "256x256"
+    response_format: Literal["b64_json"] = "b64_json"
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    steps: int | None = Field(default=None, ge=1)
+    strategy: Literal["mask_predict", "confidence", "tlbr", "random"] = "mask_predict"
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    return_ids: bool = False
+    timeout_ms: int | None = Field(default=None, ge=1, le=MAX_TIMEOUT_MS)
+    model: str | None = None  # accepted for OpenAI-client compatibility; one model per server
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must contain non-blank text")
+        return v
+
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int
+    ids: list[int] | None = None
+
+
+class ImageResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP ``status`` with an OpenAI-shaped body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 type_: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type = status, message, param, type_
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.status}}
+
+
+def check_against_server(req: ImageRequest, *, image_size: int, max_steps: int) -> int:
+    """The limits that depend on the server; returns the request's step count.
+
+    Raises :class:`RequestError` (422) naming ``size`` or ``steps``.
+    """
+    want = f"{image_size}x{image_size}"
+    if req.size != want:
+        raise RequestError(422, f"size: only {want!r} is supported, got {req.size!r}", param="size")
+    steps = req.steps if req.steps is not None else (4 if req.strategy == "mask_predict" else N_CELLS)
+    if steps > max_steps:
+        raise RequestError(422, f"steps: must be <= {max_steps} on this server, got {steps}",
+                           param="steps")
+    if req.strategy in ("confidence", "tlbr") and steps > N_CELLS:
+        raise RequestError(422, f"steps: must be <= {N_CELLS} for strategy {req.strategy!r} "
+                           f"(one cell per step), got {steps}", param="steps")
+    return steps
+
+
+def validation_error(errors: list[dict]) -> RequestError:
+    """A pydantic/FastAPI validation error list → one 422 naming the first bad field."""
+    if not errors:
+        return RequestError(422, "invalid request body")
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+    field = ".".join(loc) or "body"
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "json_invalid":
+        return RequestError(422, f"body: not valid JSON ({msg})", param="body")
+    if err.get("type") == "model_attributes_type":
+        return RequestError(422, "body: must be a JSON object", param="body")
+    return RequestError(422, f"{field}: {msg}", param=field)

@@ -1,0 +1,322 @@
+"""What one replica does per HTTP route, independent of Ray: auth, limits, validation, the
+scheduler, the response. The Ray Serve deployment (:mod:`xlx_fast.serving.deployment`) only forwards
+its routes here, so the same logic is used in-process by the benchmark.
+
+Routes and their answers:
+
+- ``POST /v1/images/generations``: 200 with ``{created, data: [{b64_json, seed, ids?}]}`` (or the
+  PNG itself for ``Accept: image/png`` and n = 1); 401 without the API key (when one is set);
+  503 + Retry-After before warm-up is done; 413 for a body over ``max_body_bytes``; 422 naming
+  the field for a malformed or out-of-range one; 429 + Retry-After when the queue is full; 504
+  past ``timeout_ms`` (its slot is freed at the next step boundary); 500 if the engine failed.
+- ``GET /health``: 200 once the model is built and the engine warmed up (every CUDA graph bucket
+  captured), 503 before; never needs the key.
+- ``GET /metrics``: this replica's Prometheus text; needs the key when one is set.
+
+Start-up: the model is built and the engine warmed up on a background thread (the replica's
+constructor returns at once, so ``/health`` can say "warming up"); the scheduler loop starts
+on the replica's event loop at the first request after that.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from pydantic import ValidationError
+
+from .metrics import ServerMetrics
+from .model_spec import ModelSpec
+from .schema import ImageRequest, RequestError, check_against_server, validation_error
+
+API_KEY_ENV = "XLX_FAST_API_KEY"
+
+
+@dataclass
+class ServerOptions:
+    """A replica's configuration (JSON-able: it travels in serve config files).
+
+    model: a :class:`ModelSpec` as a dict. slots: engine batch capacity. max_queue: queued jobs
+    before 429. policy: "step" (the server) | "request" | "sequential" (benchmark baselines).
+    batch_wait_ms: the request-level batcher's wait. max_steps: largest ``steps`` accepted.
+    default_timeout_ms: deadline of requests that give none (None: no deadline).
+    max_body_bytes: larger bodies get 413. api_key: required key (None: read ``$XLX_FAST_API_KEY``
+    in the replica; empty: no key). warmup_delay_s: extra seconds before /health turns ready
+    (staggers replicas; lets tests observe the warming state).
+    """
+
+    model: dict = field(default_factory=dict)
+    slots: int = 8
+    max_queue: int = 64
+    policy: str = "step"
+    batch_wait_ms: float = 50.0
+    max_steps: int = 256
+    default_timeout_ms: int | None = None
+    max_body_bytes: int = 65536
+    api_key: str | None = None
+    warmup_delay_s: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ServerOptions":
+        d = dict(d or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"server options: unknown field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        # ``serve run xlx_fast.serving:app slots=16`` passes every value as a string
+        numeric = {"slots": int, "max_queue": int, "max_steps": int, "max_body_bytes": int,
+                   "default_timeout_ms": int, "batch_wait_ms": float, "warmup_delay_s": float}
+        for name, kind in numeric.items():
+            if isinstance(d.get(name), str):
+                try:
+                    d[name] = kind(d[name])
+                except ValueError:
+                    raise ValueError(f"server options: {name} must be a number, got {d[name]!r}") from None
+        opts = cls(**d)
+        opts.check()
+        return opts
+
+    def check(self) -> None:
+        ModelSpec.from_dict(self.model)
+        for name in ("slots", "max_queue", "max_steps", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"server options: {name} must be >= 1, got {getattr(self, name)}")
+        from .scheduler import POLICIES
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"server options: policy must be one of {', '.join(POLICIES)}, "
+                             f"got {self.policy!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    media_type: str = "application/json"
+    headers: dict = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, status: int, obj, headers: dict | None = None) -> "Reply":
+        return cls(status, json.dumps(obj).encode(), "application/json", headers or {})
+
+    @classmethod
+    def error(cls, err: RequestError) -> "Reply":
+        return cls.json(err.status, err.body(), err.headers)
+
+
+class ImageService:
+    """One replica's state: model, engine, scheduler, metrics. See the module docstring."""
+
+    def __init__(self, options: ServerOptions | dict, *, replica_name: str = "local"):
+        self.options = options if isinstance(options, ServerOptions) else ServerOptions.from_dict(options)
+        self.options.check()
+        key = self.options.api_key
+        self.api_key = os.environ.get(API_KEY_ENV) or None if key is None else (key or None)
+        self.replica_name = replica_name
+        self.metrics = ServerMetrics()
+        self.spec = ModelSpec.from_dict(self.options.model)
+        self.model = self.tokenizer = self.engine = self.scheduler = None
+        self.load_error: BaseException | None = None
+        self._built = threading.Event()
+        self._start_lock = asyncio.Lock()
+        threading.Thread(target=self._build, name="xlx-fast-warmup", daemon=True).start()
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        try:
+            from ..engine import Engine
+
+            self.model, self.tokenizer = self.spec.build()
+            self.engine = Engine(self.model, slots=self.options.slots)
+            self.engine.warmup()
+            if self.options.warmup_delay_s > 0:
+                time.sleep(self.options.warmup_delay_s)
+        except BaseException as e:  # reported by /health and check_health
+            self.load_error = e
+        finally:
+            self._built.set()
+
+    def wait_built(self, timeout: float | None = None) -> bool:
+        return self._built.wait(timeout)
+
+    async def _ready(self) -> bool:
+        """True once warmed up; starts the scheduler loop on this event loop the first time."""
+        if self.scheduler is not None:
+            return True
+        if not self._built.is_set() or self.load_error is not None:
+            return False
+        async with self._start_lock:
+            if self.scheduler is None:
+                from .scheduler import Scheduler
+
+                sched = Scheduler(self.engine, self.model, max_queue=self.options.max_queue,
+                                  policy=self.options.policy, batch_wait_ms=self.options.batch_wait_ms,
+                                  metrics=self.metrics)
+                sched.start()
+                self.scheduler = sched
+        return True
+
+    async def close(self) -> None:
+        """Stop the scheduler loop (pending requests stay unanswered)."""
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+
+    def check_health(self) -> None:
+        """Raises when the replica cannot serve (Ray Serve then replaces it)."""
+        if self.load_error is not None:
+            raise RuntimeError(f"model failed to load: {self.load_error!r}")
+        if self.scheduler is not None and self.scheduler.broken is not None:
+            raise RuntimeError(f"engine failed: {self.scheduler.broken!r}")
+
+    @property
+    def image_size(self) -> int:
+        return self.model.generator.config.target_size
+
+    # -- routes --------------------------------------------------------------------------------
+
+    def _authorized(self, headers) -> bool:
+        if self.api_key is None:
+            return True
+        given = headers.get("x-api-key")
+        auth = headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        return given is not None and hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    def _unauthorized(self) -> Reply:
+        self.metrics.rejections.inc("unauthorized")
+        return Reply.error(RequestError(401, "missing or wrong API key: send 'Authorization: "
+                                        "Bearer KEY' or 'X-API-Key: KEY'", type_="authentication_error",
+                                        headers={"WWW-Authenticate": "Bearer"}))
+
+    async def health(self) -> Reply:
+        ready = await self._ready()
+        body = {"status": "ok" if ready else ("error" if self.load_error else "warming up"),
+                "replica": self.replica_name}
+        if self.load_error is not None:
+            body["error"] = repr(self.load_error)
+        if ready:
+            body["slots"] = self.engine.slots
+        return Reply.json(200 if ready else 503, body, {} if ready else {"Retry-After": "1"})
+
+    async def metrics_text(self, headers) -> Reply:
+        if not self._authorized(headers):
+            return self._unauthorized()
+        return Reply(200, self.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    async def generate(self, headers, body_chunks, is_disconnected=None) -> Reply:
+        """``body_chunks``: an async iterator of the body's bytes (read up to the limit only)."""
+        try:
+            return await self._generate(headers, body_chunks, is_disconnected)
+        except RequestError as e:
+            return Reply.error(e)
+
+    async def _read_body(self, headers, body_chunks) -> bytes:
+        limit = self.options.max_body_bytes
+        too_large = RequestError(413, f"body: larger than the limit of {limit} bytes",
+                                 param="body", headers={"Connection": "close"})
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large
+        buf = bytearray()
+        async for chunk in body_chunks:
+            buf += chunk
+            if len(buf) > limit:
+                raise too_large
+        return bytes(buf)
+
+    async def _generate(self, headers, body_chunks, is_disconnected) -> Reply:
+        if not self._authorized(headers):
+            return self._unauthorized()
+        if not await self._ready():
+            self.metrics.rejections.inc("not_ready")
+            status = 500 if self.load_error else 503
+            return Reply.error(RequestError(status, "the model is still warming up" if status == 503
+                                            else f"the model failed to load: {self.load_error!r}",
+                                            type_="server_error", headers={"Retry-After": "1"}))
+        try:
+            raw = await self._read_body(headers, body_chunks)
+        except RequestError:
+            self.metrics.rejections.inc("too_large")
+            raise
+        try:
+            req = ImageRequest.model_validate_json(raw)
+            steps = check_against_server(req, image_size=self.image_size,
+                                         max_steps=self.options.max_steps)
+        except ValidationError as e:
+            self.metrics.rejections.inc("invalid")
+            raise validation_error(e.errors()) from None
+        except RequestError:
+            self.metrics.rejections.inc("invalid")
+            raise
+
+        ids, mask = self.tokenizer([req.prompt])
+        from ..engine import Request
+
+        rows = [Request(input_ids=ids[0], attention_mask=mask[0], seed=req.seed + k,
+                                  steps=steps, strategy=req.strategy, temperature=req.temperature)
+                for k in range(req.n)]
+        timeout_ms = req.timeout_ms if req.timeout_ms is not None else self.options.default_timeout_ms
+        from .scheduler import DeadlineExceeded, QueueFull, SchedulerBroken
+
+        try:
+            job = self.scheduler.submit(rows, None if timeout_ms is None else timeout_ms / 1000)
+        except QueueFull as e:
+            raise RequestError(429, f"the queue is full ({self.options.max_queue} requests "
+                               f"waiting); retry after {e.retry_after_s} s", type_="rate_limit_error",
+                               headers={"Retry-After": str(e.retry_after_s)}) from None
+        except SchedulerBroken as e:
+            raise RequestError(500, str(e), type_="server_error") from None
+        try:
+            results = await self._wait(job, is_disconnected)
+        except DeadlineExceeded as e:
+            raise RequestError(504, f"timeout_ms: {timeout_ms} ms passed ({e}); the request "
+                               "was cancelled", param="timeout_ms", type_="timeout") from None
+        except (ValueError, TypeError) as e:
+            raise RequestError(422, f"the engine refused the request: {e}") from None
+        except RuntimeError as e:  # the engine failed on this request (or on all: SchedulerBroken)
+            raise RequestError(500, str(e), type_="server_error") from None
+
+        pngs = await asyncio.to_thread(_encode_all, [r.image for r in results])
+        timing = {"X-Queue-Wait-Ms": f"{1000 * (job.queue_wait or 0.0):.3f}"}
+        if req.n == 1 and "image/png" in headers.get("accept", ""):
+            return Reply(200, pngs[0], "image/png", {"X-Seed": str(results[0].seed), **timing})
+        data = []
+        for r, png in zip(results, pngs):
+            item = {"b64_json": base64.b64encode(png).decode(), "seed": r.seed}
+            if req.return_ids:
+                item["ids"] = r.ids
+            data.append(item)
+        return Reply.json(200, {"created": int(time.time()), "data": data}, timing)
+
+    async def _wait(self, job, is_disconnected):
+        """Await the job; a client that disconnects cancels it (the scheduler frees its slots at
+        the next step boundary). Cancellation of this coroutine does the same."""
+        try:
+            if is_disconnected is None:
+                return await job.future
+            while True:
+                done, _ = await asyncio.wait({job.future}, timeout=0.2)
+                if done:
+                    return job.future.result()
+                if await is_disconnected():
+                    raise asyncio.CancelledError("client disconnected")
+        except asyncio.CancelledError:
+            job.future.cancel()
+            raise
+
+
+def _encode_all(images) -> list[bytes]:
+    from .painter import png_bytes
+
+    return [png_bytes(im) for im in images]
