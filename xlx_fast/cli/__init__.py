@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "bench": ("xlx_fast.cli.bench", "benchmark xlx_fast against the eager reference"),
     "vocab": ("xlx_fast.cli.vocab", "fit or apply a visual vocabulary (k-means codebook)"),
     "info": ("xlx_fast.cli.info", "show what was built and what is usable here"),
+    "train": ("xlx_fast.cli.train", "pre-train X-LXMERT (fused losses; torchrun for DDP)"),
 }
 
 

@@ -30,7 +30,7 @@ from xlx_fast.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from . import masking
 
 __all__ = ["TASKS", "Batch", "PretrainingLoss", "task_for_step", "make_batch", "pretrain_loss",
-           "train_step"]
+           "target_count", "train_step"]
 
 TASKS = ("vis_mask", "word_mask", "matched")
 GRID = 8
@@ -148,12 +148,14 @@ def _check_batch(model, batch: Batch) -> None:
 
 
 def train_step(model, optimizer, scheduler, batch: Batch, *, step: int | None = None, clip: float = 1.0,
-               autocast_dtype: torch.dtype | None = None, scaler=None) -> float:
+               autocast_dtype: torch.dtype | None = None, scaler=None, global_count: int | None = None,
+               world: int = 1) -> float:
     """One update with the reference's recipe (clip the global grad norm to ``clip``, AdamW, schedule)
     on the fast loss. ``model``: the model, a :class:`PretrainingLoss`, or a
     ``DistributedDataParallel`` around one (``find_unused_parameters=True``: each task leaves the
     other heads unused). Raises ``FloatingPointError`` naming ``step`` and the task on a non-finite
-    loss, before anything is updated. Returns the loss.
+    loss, before anything is updated. Returns the loss (of the global batch when ``world > 1``;
+    ``global_count``/``world``: see :class:`PretrainingLoss`).
     """
     module = model if isinstance(model, torch.nn.Module) and not hasattr(model, "mask_feat") \
         else PretrainingLoss(model)
@@ -162,8 +164,14 @@ def train_step(model, optimizer, scheduler, batch: Batch, *, step: int | None = 
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with ctx:
-        loss = module(batch)
+        loss = module(batch, global_count, world) if global_count is not None else module(batch)
     value = float(loss.detach())
+    if world > 1:  # the global batch's loss, identical on every rank (so all stop on a NaN)
+        import torch.distributed as dist
+
+        t = loss.detach().clone().float()
+        dist.all_reduce(t)
+        value = float(t) / world
     if value != value or value in (float("inf"), float("-inf")):
         raise FloatingPointError(f"non-finite {batch.task} loss {value} at step {step}")
     if scaler is not None:
@@ -181,13 +189,30 @@ def train_step(model, optimizer, scheduler, batch: Batch, *, step: int | None = 
     return value
 
 
+def target_count(batch: Batch) -> int:
+    """How many targets the batch's loss averages over (masked cells, selected words, examples)."""
+    if batch.task == "matched":
+        return int(batch.labels.shape[0])
+    return int((batch.labels != masking.IGNORE_INDEX).sum())
+
+
 class PretrainingLoss(torch.nn.Module):
     """``forward(batch) = pretrain_loss(model, batch)``: the module DDP wraps (DDP hooks a module's
-    forward; its state dict is the model's under ``model.``)."""
+    forward; its state dict is the model's under ``model.``).
+
+    With ``global_count`` (the targets of the whole global batch, summed over ranks) and ``world``
+    (the number of ranks), the local mean is rescaled to ``sum_local / global_count · world``:
+    DDP averages gradients over ranks, so the update is that of the mean over the *global*
+    batch, as one process would compute it. (Ranks see different numbers of masked cells and
+    words: averaging per-rank means would weight them unequally.)
+    """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return pretrain_loss(self.model, batch)
+    def forward(self, batch: Batch, global_count: int | None = None, world: int = 1) -> torch.Tensor:
+        loss = pretrain_loss(self.model, batch)
+        if global_count is not None:
+            loss = loss * (target_count(batch) * world / global_count)
+        return loss
