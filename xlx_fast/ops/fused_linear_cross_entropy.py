@@ -14,7 +14,9 @@ sweep overwrites the logits with ``g`` in place, then ``g`` feeds the three grad
 backward only scales the stored gradients by the incoming scalar (Liger-Kernel's scheme). Peak
 extra memory is one chunk of fp32 logits, ``chunk_rows × V × 4`` bytes (default chunk: about
 ``N·H`` elements, i.e. the size of ``hidden``), plus the gradients themselves; the eager formula
-holds ``N × V`` logits, their softmax and their gradient. Memory traffic per chunk: the weight
+holds ``N × V`` logits, their softmax and their gradient. The weight gradient is accumulated in
+place (fp32 inputs; half-precision inputs add one half-precision ``V×H`` product per chunk) and
+handed to autograd without a copy when the upstream gradient is 1. Memory traffic per chunk: the weight
 is read three times (forward GEMM, ``∂h`` and ``∂W`` GEMMs) and the chunk logits twice.
 
 Semantics: ``F.cross_entropy(..., ignore_index=-100, reduction="mean")``: the mean over
@@ -180,7 +182,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 torch.mm(g, w, out=grad_h[s:s + rows])
             if need_w:
-                grad_w += (g.T @ hc).float()
+                if dtype == torch.float32:
+                    grad_w.addmm_(g.T, hc)  # in place: no V×H temporary
+                else:  # a half-precision V×H product per chunk, accumulated in fp32
+                    grad_w += g.T @ hc
             if need_b:
                 grad_b += z.sum(0)
             del z, g
@@ -191,6 +196,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
+        # The usual upstream gradient is exactly 1 (the loss is summed into the total): then the
+        # stored gradients are returned as they are, without a V×H copy.
+        if torch.equal(grad_out, torch.ones_like(grad_out)):
+            return grad_h, grad_w, grad_b, None, None, None, None
         scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
         return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None
 

@@ -18,6 +18,7 @@ FAMILIES = {
     "kmeans": "xlx_fast.bench.cases.kmeans",
     "codebook_head": "xlx_fast.bench.cases.codebook_head",
     "sampler": "xlx_fast.bench.cases.sampler",
+    "training": "xlx_fast.bench.cases.training",
 }
 
 
