@@ -247,3 +247,29 @@ def test_bad_batches_raise_clear_errors():
         fast.mask_feat.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="vis_mask loss nan at step 12"):
         training.train_step(fast, opt, sched, b, step=12)
+
+
+@pytest.mark.gpu
+def test_cuda_full_size_step_matches_reference_and_bf16_is_close():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref = no_dropout(XLxmertForImageGeneration.from_default(seed=0, with_generator=False,
+                                                            pretraining_heads=True)).cuda().train()
+    fast = training.prepare_for_training(copy.deepcopy(ref))
+    caps, _ = dataset(16, seed=5)
+    ids = torch.randint(0, ref.n_clusters, (16, 64), generator=torch.Generator().manual_seed(5))
+    for step in (0, 1, 2):
+        rb = rp.make_batch(caps, ids, range(16), step, 3, VOCAB)
+        fb = training.make_batch(caps.cuda(), ids.cuda(), torch.arange(16).cuda(), step, 3, VOCAB)
+        lr_, lf = rp.pretrain_loss(ref, rb), training.pretrain_loss(fast, fb)
+        params_r = [p for p in ref.parameters() if p.requires_grad]
+        params_f = [p for p in fast.parameters() if p.requires_grad]
+        gr = torch.autograd.grad(lr_, params_r, allow_unused=True)
+        gf = torch.autograd.grad(lf, params_f, allow_unused=True)
+        assert [a is None for a in gr] == [b is None for b in gf]
+        flat = lambda gs: torch.cat([g.flatten() for g in gs if g is not None])  # noqa: E731
+        assert rel(lf, lr_) <= 1e-5
+        assert rel(flat(gf), flat(gr)) <= 1e-4  # fp32 SDPA kernels sum in another order
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            l16 = training.pretrain_loss(fast, fb)
+        assert rel(l16, lr_) <= 2e-2
