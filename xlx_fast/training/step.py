@@ -63,8 +63,8 @@ def make_batch(captions: torch.Tensor, cluster_ids: torch.Tensor, indices: torch
     """The batch of dataset examples ``indices`` for ``step``: captions and ids are gathered from the
     dataset tables (host or device), then masks are drawn on ``device`` in a few batched ops.
 
-    Raises ``ValueError`` for indices outside the dataset, cluster ids that are not in
-    ``[0, vocab)``-style ranges are checked by the loss (``fused_linear_cross_entropy``).
+    Raises ``ValueError`` for tables of mismatched sizes and indices outside the dataset (cluster
+    ids and labels out of range are refused by :func:`pretrain_loss`).
     """
     indices = torch.as_tensor(indices, dtype=torch.long)
     n = captions.shape[0]
