@@ -152,7 +152,10 @@ def test_bad_input_raises_naming_the_argument():
         fused_linear_cross_entropy(h, w, t, b, chunk_rows=0)
 
 
-def test_default_chunk_holds_about_as_much_as_hidden():
-    assert default_chunk_rows(512, 30522, 768) * 30522 <= 2 * 512 * 768
+def test_default_chunk_holds_about_as_much_as_hidden_but_at_least_256_rows():
+    n = 256 * 64
+    assert default_chunk_rows(n, 10_000, 2048) * 10_000 <= 2 * n * 2048  # logits ~ hidden's size
+    assert default_chunk_rows(n, 10_000, 2048) >= 256
+    assert default_chunk_rows(512, 30522, 768) == 256  # few rows: the floor (weight-grad traffic)
+    assert default_chunk_rows(35, 30522, 768) == 35
     assert default_chunk_rows(1, 10_000, 2048) == 1
-    assert default_chunk_rows(100, 10, 64) == 100

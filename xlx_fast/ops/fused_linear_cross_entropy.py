@@ -13,7 +13,7 @@ GEMM, then (per row, over the vocabulary) an online max/sum gives the log-sum-ex
 sweep overwrites the logits with ``g`` in place, then ``g`` feeds the three gradient GEMMs. The
 backward only scales the stored gradients by the incoming scalar (Liger-Kernel's scheme). Peak
 extra memory is one chunk of fp32 logits, ``chunk_rows × V × 4`` bytes (default chunk: about
-``N·H`` elements, i.e. the size of ``hidden``), plus the gradients themselves; the eager formula
+``N·H`` elements, i.e. the size of ``hidden``, but at least 256 rows), plus the gradients themselves; the eager formula
 holds ``N × V`` logits, their softmax and their gradient. The weight gradient is accumulated in
 place (fp32 inputs; half-precision inputs add one half-precision ``V×H`` product per chunk) and
 handed to autograd without a copy when the upstream gradient is 1. Memory traffic per chunk: the weight
@@ -109,11 +109,16 @@ def _rows_torch(z: torch.Tensor, target: torch.Tensor, ignore_index: int, scale:
     return loss
 
 
+MIN_CHUNK_ROWS = 256
+
+
 def default_chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
-    """Rows per chunk so that a chunk's logits hold about as many elements as ``hidden`` does
-    (``N·H``), at least 1 row: the logits cost no more memory than the activations already do."""
+    """Rows per chunk: enough that a chunk's logits hold about as many elements as ``hidden`` does
+    (``N·H``: the logits cost no more memory than the activations already do), but at least
+    ``MIN_CHUNK_ROWS`` (or all ``N``): every chunk reads and rewrites the whole ``V×H`` weight
+    gradient, so chunks of a few rows would make the op memory-bound on it."""
     n_chunks = max(1, math.ceil(vocab / max(1, hidden)))
-    return max(1, math.ceil(n_rows / n_chunks))
+    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, math.ceil(n_rows / n_chunks))))
 
 
 def _check(hidden, weight, target, bias, ignore_index):
