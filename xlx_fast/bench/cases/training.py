@@ -162,16 +162,24 @@ def step_case(spec: Spec, dtype: torch.dtype, B: int) -> Case:
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                     else torch.autocast(device.type, enabled=False))
 
+        # Agreement covers the losses and the gradients of the heads, mask_feat and the last cross
+        # layer (the end of every backward path); all 208M gradients, kept for both paths at once
+        # by the harness, would not fit a small CI machine. The timed work is the same either way.
+        checked = [p for n, p in model.named_parameters() if p.requires_grad and (
+            n.startswith(("obj_predict_head.", "cls.", "mask_feat", f"bert.encoder.x_layers.{model.config.x_layers - 1}."))
+            and n != "cls.predictions.decoder.weight")]
+
         def run(switch, loss_fn):
             switch(model)
-            params = [p for p in model.parameters() if p.requires_grad]
             losses, grads = [], []
             for b in batches:
+                model.zero_grad(set_to_none=True)
                 with autocast:
                     loss = loss_fn(model, b)
-                g = torch.autograd.grad(loss, params, allow_unused=True)  # unused heads: None
-                grads.extend(x.flatten().float() for x in g if x is not None)
+                loss.backward()
+                grads.extend(p.grad.flatten().float() for p in checked if p.grad is not None)
                 losses.append(loss.detach().float())
+            model.zero_grad(set_to_none=True)
             return torch.stack(losses), torch.cat(grads)
 
         def compare(ref, out, _name) -> Agreement:
