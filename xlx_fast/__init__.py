@@ -26,6 +26,7 @@ _LAZY = {
     "generate": ("xlx_fast.generation", "generate"),
     "info": ("xlx_fast.native", "info"),
     "vocab": ("xlx_fast.vocab", None),
+    "training": ("xlx_fast.training", None),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "info": ("xlx_fast.cli.info", "show what was built and what is usable here"),
     "serve": ("xlx_fast.cli.serve", "serve images over HTTP (Ray Serve, step-level batching)"),
     "bench-serve": ("xlx_fast.cli.bench_serve", "load-test the serving schedulers (latency under load)"),
+    "train": ("xlx_fast.cli.train", "pre-train X-LXMERT (fused losses; torchrun for DDP)"),
 }
 
 

@@ -2,7 +2,8 @@
 
 - ``Epoch20_LXRT.pth``: a state dict saved from ``nn.DataParallel`` (keys prefixed
   ``module.``), HF ``LxmertModel`` names under ``bert.``, plus ``obj_predict_head.*``,
-  ``mask_feat`` and heads unused for generation (reported, then ignored).
+  ``mask_feat`` and the pre-training heads ``cls.*`` (reported, then ignored, unless the model
+  is built with ``pretraining_heads=True`` to train it further).
 - centroids: ``.npy`` float32 [10000, 2048]; they become ``vis_emb.weight`` and therefore the
   head's ``out_cluster.weight`` (tied), whatever the state dict says for those two keys.
 - ``G_60.pth``: the generator's state dict (spectral-norm keys ``weight_orig/_u/_v``).
@@ -139,11 +140,13 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str
 
 
 def load_xlxmert(cls, lxmert_path, centroids_path, generator_path=None, *, strict: bool = True,
-                 size: str = "base"):
+                 size: str = "base", pretraining_heads: bool = False):
     """Build an ``XLxmertForImageGeneration`` from the authors' files (see module docstring).
 
     The architecture is ``SIZES[size]`` (``"base"``: HF ``LxmertConfig`` defaults, the authors'
     model); the cluster count and feature size come from the centroids file.
+    ``pretraining_heads=True`` builds the model with its ``cls.*`` heads (to resume
+    pre-training); otherwise those keys are reported as unused.
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -156,6 +159,8 @@ def load_xlxmert(cls, lxmert_path, centroids_path, generator_path=None, *, stric
     gen_config = (dataclasses.replace(SIZES[size].generator, emb_dim=feat_dim)
                   if gen_state is not None else None)
     model = cls(config, n_clusters, gen_config)
+    if pretraining_heads:  # then cls.* keys are loaded (and required when strict)
+        model.add_pretraining_heads()
 
     for k in _IGNORED_BUFFERS:
         state.pop(k, None)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from transformers import LxmertConfig, LxmertModel
-from transformers.models.lxmert.modeling_lxmert import LxmertPredictionHeadTransform
+from transformers.models.lxmert.modeling_lxmert import (LxmertPredictionHeadTransform,
+                                                        LxmertPreTrainingHeads)
 
 from .generator import Generator, GeneratorConfig
 
@@ -69,6 +70,10 @@ class XLxmertForImageGeneration(nn.Module):
     - ``mask_feat``: learned F-vector standing in for a masked grid cell
     - ``obj_predict_head``: :class:`ObjPredictHead`, ``out_cluster.weight`` tied to C
     - ``generator``: optional :class:`~xlx_fast.models.generator.Generator`
+    - ``cls``: optional pre-training heads (HF ``LxmertPreTrainingHeads``: ``cls.predictions``,
+      the masked-LM head whose decoder weight is tied to the word embeddings, and
+      ``cls.seq_relationship``, the 2-way image-caption matching classifier), present after
+      :meth:`add_pretraining_heads`; generation never uses them.
     """
 
     def __init__(self, config: LxmertConfig, n_clusters: int,
@@ -85,17 +90,31 @@ class XLxmertForImageGeneration(nn.Module):
         self.vis_emb.weight.requires_grad_(False)
         self.obj_predict_head.out_cluster.weight = self.vis_emb.weight
         self.generator = Generator(generator_config) if generator_config is not None else None
+        self.cls = None
         self.eval()
+
+    def add_pretraining_heads(self) -> "XLxmertForImageGeneration":
+        """Add the authors' pre-training heads (``cls.predictions.*``, ``cls.seq_relationship.*``)
+        if absent; returns ``self``. The LM decoder weight *is* the word-embedding table (tied),
+        so it adds ``2·H² + 5·H + vocab + 2·H + 2`` parameters, not another vocab×H matrix."""
+        if self.cls is None:
+            ref = self.bert.embeddings.word_embeddings.weight
+            heads = LxmertPreTrainingHeads(self.config).to(device=ref.device, dtype=ref.dtype)
+            heads.predictions.decoder.weight = ref
+            heads.train(self.training)
+            self.cls = heads
+        return self
 
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_default(cls, seed: int = 0, size: str = "base", with_generator: bool = True
-                     ) -> "XLxmertForImageGeneration":
+    def from_default(cls, seed: int = 0, size: str = "base", with_generator: bool = True,
+                     pretraining_heads: bool = False) -> "XLxmertForImageGeneration":
         """The embedded default: the real architecture with seeded random weights and centroids.
 
         Its pictures are garbage, but every shape and cost is the real one. ``size="tiny"`` is
-        the same code at test size.
+        the same code at test size. ``pretraining_heads=True`` adds :meth:`add_pretraining_heads`'s
+        heads (HF's initialisation, drawn after everything else so the rest is unchanged).
         """
         if size not in SIZES:
             raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -120,16 +139,27 @@ class XLxmertForImageGeneration(nn.Module):
             model.obj_predict_head.linear_feat.weight.normal_(0, 0.004, generator=gen)
         if model.generator is not None:
             model.generator.reset_parameters(gen)
+        if pretraining_heads:
+            model.add_pretraining_heads()
+            with torch.no_grad():
+                for name, p in model.cls.named_parameters():
+                    if name.endswith("LayerNorm.weight"):
+                        p.fill_(1.0)
+                    elif name.endswith("bias"):
+                        p.zero_()
+                    elif name != "predictions.decoder.weight":  # tied: the word embeddings
+                        p.normal_(0, model.config.initializer_range, generator=gen)
         return model.eval()
 
     @classmethod
     def from_checkpoint(cls, lxmert_path, centroids_path, generator_path=None, *,
-                        strict: bool = True, size: str = "base") -> "XLxmertForImageGeneration":
+                        strict: bool = True, size: str = "base",
+                        pretraining_heads: bool = False) -> "XLxmertForImageGeneration":
         """Load the authors' files; see :func:`xlx_fast.models.checkpoint.load_xlxmert`."""
         from .checkpoint import load_xlxmert
 
         return load_xlxmert(cls, lxmert_path, centroids_path, generator_path, strict=strict,
-                            size=size)
+                            size=size, pretraining_heads=pretraining_heads)
 
     def set_centroids(self, centroids) -> None:
         """Install the centroid table C (also the head's output weight, which is tied to it)."""

@@ -19,6 +19,7 @@ FAMILIES = {
     "codebook_head": "xlx_fast.bench.cases.codebook_head",
     "sampler": "xlx_fast.bench.cases.sampler",
     "engine": "xlx_fast.bench.cases.engine",
+    "training": "xlx_fast.bench.cases.training",
 }
 
 
