@@ -16,7 +16,8 @@
 #                                            compile load, so last), cases spread over workers
 #   bench                   85     10        xlx-fast bench --quick: sampler, codebook_head,
 #                                            nearest, attention, generation (B=1, 64),
-#                                            model_forward, in that order
+#                                            model_forward, engine, training, in that order
+#                                            (the last ones are lost first when time runs out)
 #   profile                 35      5        benchmarks/profile_generate.py at B=1 and B=64
 #   summary                 10      5        stage results and the bench table
 #                          ---    ---
@@ -56,7 +57,8 @@ T0=$SECONDS
 
 # The decisive GPU tests: CUDA sampler vs its C++ twin, the CuPy path vs the twin, graph capture
 # and replay of the sampler, the sampler backend probe, GPU sampling in the codebook head, and
-# generate's graph loop vs its eager loop vs the reference (fp32 and bf16).
+# generate's graph loop vs its eager loop vs the reference (fp32 and bf16), and the engine's
+# buckets all captured at warm-up (none in traffic) with no host sync in a step.
 SMOKE_IDS=(
     tests/test_sampler_step.py::test_cuda_matches_twin
     tests/test_sampler_step.py::test_cuda_cupy_path_matches_twin
@@ -65,11 +67,13 @@ SMOKE_IDS=(
     tests/test_codebook_head.py::test_gpu_sampling_matches_cpu_and_graph_capture
     "tests/test_generation.py::test_cuda_graph_loop_equals_eager_and_reference[mask_predict-dtype0]"
     "tests/test_generation.py::test_cuda_graph_loop_equals_eager_and_reference[mask_predict-dtype1]"
+    tests/test_engine.py::test_cuda_every_bucket_captured_at_warmup_and_none_in_traffic
+    tests/test_engine.py::test_cuda_step_without_finishing_rows_never_syncs
 )
 if [ -n "${XLX_GPU_CHECK_SMOKE_IDS:-}" ]; then
     read -r -a SMOKE_IDS <<<"$XLX_GPU_CHECK_SMOKE_IDS"
 fi
-BENCH_OPS=sampler,codebook_head,nearest,attention,generation,model_forward
+BENCH_OPS=sampler,codebook_head,nearest,attention,generation,model_forward,engine,training
 WORKERS="${XLX_GPU_CHECK_WORKERS:-8}"
 STAGES="${XLX_GPU_CHECK_STAGES:-env build smoke gpu-tests gpu-tests-attention bench profile summary}"
 

@@ -1,7 +1,8 @@
 """Render the latest committed benchmark JSON into README.md's results section.
 
-The README never carries hand-typed numbers: its table lives between the two marker comments
-below and is rewritten from ``benchmarks/results/*.json`` (the newest by the run's date) by
+The README never carries hand-typed numbers: its tables live between the two marker comments
+below and are rewritten from ``benchmarks/results/*.json`` — for each benchmark family and
+device, the newest run of the full-size model (by the run's date) — by
 
     python benchmarks/render_results.py            # rewrite README.md
     python benchmarks/render_results.py --check    # exit 1 if README.md is out of date
@@ -36,8 +37,8 @@ def result_files(results_dir: Path) -> list[Path]:
     return [f for f in files if f.name in tracked]
 
 
-def latest(results_dir: Path):
-    """(path, document) of the newest valid results file, or (None, None)."""
+def _load_all(results_dir: Path) -> list:
+    """[(date, name, path, document)] of the valid results files of the full-size model."""
     from xlx_fast.bench import report
 
     docs = []
@@ -47,11 +48,30 @@ def latest(results_dir: Path):
         except (ValueError, OSError) as e:
             print(f"skipping {path}: {e}", file=sys.stderr)
             continue
+        if doc["settings"].get("size", "base") != "base":
+            continue  # test-size runs say nothing about the model's speed
         docs.append((doc["machine"].get("date", ""), path.name, path, doc))
+    return docs
+
+
+def latest(results_dir: Path):
+    """(path, document) of the newest valid results file, or (None, None)."""
+    docs = _load_all(results_dir)
     if not docs:
         return None, None
     _, _, path, doc = max(docs)
     return path, doc
+
+
+def latest_per_family(results_dir: Path) -> list:
+    """[(path, document)]: the newest run of each (families, device), ordered by family."""
+    newest = {}
+    for entry in _load_all(results_dir):
+        doc = entry[3]
+        key = (tuple(doc["settings"].get("ops") or ()), doc["machine"].get("device", ""))
+        if key not in newest or entry > newest[key]:
+            newest[key] = entry
+    return [(newest[k][2], newest[k][3]) for k in sorted(newest)]
 
 
 def render(path: Path | None, doc: dict | None, root: Path = ROOT) -> str:
@@ -100,9 +120,11 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
     args = p.parse_args(argv)
-    path, doc = latest(args.results)
+    found = latest_per_family(args.results)
+    root = args.readme.resolve().parent
+    body = "\n\n".join(render(path, doc, root) for path, doc in found) if found else render(None, None)
     old = args.readme.read_text(encoding="utf-8")
-    new = splice(old, render(path, doc, args.readme.resolve().parent))
+    new = splice(old, body)
     if args.check:
         if new != old:
             print(f"{args.readme} is out of date: run python benchmarks/render_results.py", file=sys.stderr)
@@ -110,7 +132,8 @@ def main(argv=None) -> int:
         return 0
     if new != old:
         args.readme.write_text(new, encoding="utf-8")
-    print(f"{args.readme}: results from {path if path else '(none committed)'}")
+    shown = ", ".join(str(path) for path, _ in found) or "(none committed)"
+    print(f"{args.readme}: results from {shown}")
     return 0
 
 

@@ -362,6 +362,30 @@ def test_render_results_fills_the_readme_between_markers(tmp_path):
         render.main(["--readme", str(readme), "--results", str(results)])
 
 
+def test_render_results_shows_the_newest_full_size_run_of_each_family(tmp_path):
+    render = _render_module()
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = harness.run_case(toy_case({"good": lambda x: x + x}), CEILINGS, MACHINE, harness.SMOKE)
+
+    def write(name, date, ops, size="base"):
+        info = dict(machine.info(CPU), date=date)
+        settings = {"quick": True, "ops": ops, "size": size}
+        report.write_json(report.document(info, CEILINGS, settings, rows, [], True), results / name)
+
+    write("a-old.json", "2000-01-01T00:00:00", ["generation"])
+    write("a-new.json", "2000-02-01T00:00:00", ["generation"])
+    write("b.json", "2000-01-15T00:00:00", ["engine"])
+    write("c-tiny.json", "2000-03-01T00:00:00", ["engine"], size="tiny")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{render.BEGIN}\nold\n{render.END}\n")
+    assert render.main(["--readme", str(readme), "--results", str(results)]) == 0
+    text = readme.read_text()
+    assert "a-new.json" in text and "b.json" in text
+    assert "a-old.json" not in text and "c-tiny.json" not in text
+    assert text.index("b.json") < text.index("a-new.json")  # ordered by family name
+
+
 def test_committed_readme_is_rendered_from_committed_results():
     render = _render_module()
     assert render.main(["--check"]) == 0, "run: python benchmarks/render_results.py"

@@ -6,6 +6,7 @@ fast; sharpening keeps ids clear of float rounding, so batch composition cannot 
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -136,13 +137,17 @@ def test_bad_captions_file_names_the_line(tmp_path, text, match):
         read_lines(str(path), 0)
 
 
-def test_cli_bad_file_is_one_error_line(files, tmp_path):
+def test_cli_bad_file_is_one_error_line(files, tmp_path, capsys):
     path = tmp_path / "caps.txt"
     path.write_text('a bus\n{"caption": "x", "steps": -1}\n')
-    with pytest.raises(SystemExit, match=r"error: .*caps.txt:2: 'steps'"):
-        main(["generate", "--captions-file", str(path), "--out-dir", str(tmp_path / "o"), *files["args"]])
-    with pytest.raises(SystemExit, match="--out-dir"):
-        main(["generate", "--captions-file", str(path)])
-    with pytest.raises(SystemExit, match="batch-size"):
-        main(["generate", "--captions-file", files["captions"], "--out-dir", str(tmp_path),
-              "--batch-size", "0"])
+    cases = [
+        (["--captions-file", str(path), "--out-dir", str(tmp_path / "o"), *files["args"]],
+         r"error: .*caps.txt:2: 'steps'"),
+        (["--captions-file", str(path)], "--out-dir"),
+        (["--captions-file", files["captions"], "--out-dir", str(tmp_path), "--batch-size", "0"],
+         "batch-size"),
+    ]
+    for args, pattern in cases:
+        assert main(["generate", *args]) == 2  # a user's mistake: argparse's exit status
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(pattern, err[0]), err

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STAGES = ("env", "build", "smoke", "gpu-tests", "gpu-tests-attention", "bench", "profile", "summary")
 FILES = {"env.log", "build.log", "smoke.log", "gpu-tests.log", "bench.log", "profile.txt", "summary.txt"}
-BENCH_ORDER = "sampler, codebook_head, nearest, attention, generation, model_forward"
+BENCH_ORDER = "sampler, codebook_head, nearest, attention, generation, model_forward, engine, training"
 
 
 def run_script(out: Path, **extra) -> subprocess.CompletedProcess:

@@ -209,7 +209,9 @@ def _launches(h, weight, bias, seeds, prob, ids, temperature, step, precision,
     per_row = isinstance(temperature, torch.Tensor)  # float32 [M]: one temperature per row
     sample = per_row or temperature > 0
     fp32 = h.dtype == torch.float32
-    block_k = block_k or (64 if fp32 and sample else 128)
+    # fp32 sampling: half-width class tiles; with per-row temperatures (the engine's mixed
+    # batches) a quarter, the extra per-row scale and noise flags spill at 64 on sm_80
+    block_k = block_k or ((32 if per_row else 64) if fp32 and sample else 128)
     block_h = block_h or (32 if fp32 else 64)
     row_blocks = triton.cdiv(m, block_m)
     k_tiles = triton.cdiv(k, block_k)
