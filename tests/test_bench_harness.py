@@ -274,6 +274,21 @@ def test_cli_dry_run_lists_cases_in_the_order_of_ops(capsys, monkeypatch):
     assert all("|fp32|cpu]" in line for line in lines[1:])
 
 
+def test_quick_sweep_leaves_whole_workloads_out_unless_asked(capsys, monkeypatch):
+    from xlx_fast.cli import main
+
+    monkeypatch.setattr(ceilings, "measure", lambda *a, **k: pytest.fail("dry run measured"))
+    assert main(["bench", "--quick", "--dry-run", "--device", "cpu", "--dtype", "fp32"]) == 0
+    captured = capsys.readouterr()
+    ops = {line.split("[")[0] for line in captured.out.strip().splitlines()[1:]}
+    assert "generate" in ops and not ops & {"engine", "training_step", "training_loss_head"}
+    assert any("engine, training left out" in line for line in captured.err.splitlines())
+    assert main(["bench", "--quick", "--dry-run", "--device", "cpu", "--dtype", "fp32",
+                 "--ops", "engine"]) == 0
+    ops = {line.split("[")[0] for line in capsys.readouterr().out.strip().splitlines()[1:]}
+    assert ops == {"engine"}
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_cli_skips_bf16_by_default_only_where_it_is_emulated(native, capsys, monkeypatch):
     from xlx_fast.cli import main

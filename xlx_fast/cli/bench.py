@@ -26,6 +26,11 @@ def _families():
     return list(FAMILIES)
 
 
+# Whole workloads (minutes each on a CPU): in the full sweep, or asked for by --ops; the quick
+# sweep (the README's main command, about two minutes on a 2-core CPU) leaves them out.
+WORKLOADS = ("engine", "training")
+
+
 class UsageError(ValueError):
     """A bad command line: printed as one ``error:`` line, exit status 2, before any measuring."""
 
@@ -33,7 +38,9 @@ class UsageError(ValueError):
 def add_parser(p: argparse.ArgumentParser) -> None:
     families = _families()
     p.add_argument("--quick", action="store_true",
-                   help="a short sweep (a few shapes per op; under 2 minutes on a 2-core CPU)")
+                   help="a short sweep (a few shapes per op, no whole-workload families "
+                        f"({', '.join(WORKLOADS)}) unless --ops names them; about 2 minutes on a "
+                        "2-core CPU)")
     p.add_argument("--ops", nargs="+", metavar="OP", default=None,
                    help=f"op families to run, in this order (default: all): {', '.join(families)}; "
                         "comma-separated lists work too")
@@ -94,7 +101,7 @@ def parse_selection(args):
         if unknown:
             raise UsageError(f"unknown --ops {', '.join(unknown)}; choose from {', '.join(families)}")
     else:
-        ops = families
+        ops = [f for f in families if not (args.quick and f in WORKLOADS)]
     explicit = args.dtype is not None
     names = _split(args.dtype) if explicit else ["fp32", "bf16"]
     bad = [d for d in names if d not in DTYPES]
@@ -105,6 +112,10 @@ def parse_selection(args):
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device here")
     notes = []
+    left_out = [f for f in families if f not in ops and f in WORKLOADS and args.ops is None]
+    if left_out:
+        notes.append(f"{', '.join(left_out)} left out of the quick sweep (whole workloads: "
+                     f"--ops {' '.join(left_out)} runs them)")
     if device == "cpu" and not explicit and "bf16" in names:
         native, why = machine.native_bf16()
         if not native:
