@@ -14,6 +14,7 @@ the folder counts.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN = "<!-- bench-results:begin (written by benchmarks/render_results.py; do not edit by hand) -->"
 END = "<!-- bench-results:end -->"
+SERVE_BEGIN = "<!-- serve-results:begin (written by benchmarks/render_results.py; do not edit by hand) -->"
+SERVE_END = "<!-- serve-results:end -->"
 
 
 def result_files(results_dir: Path) -> list[Path]:
@@ -104,14 +107,55 @@ def render(path: Path | None, doc: dict | None, root: Path = ROOT) -> str:
     return "\n".join(lines)
 
 
-def splice(readme: str, body: str) -> str:
+def latest_serving(serving_dir: Path):
+    """(path, result) of the newest ``xlx-fast bench-serve`` run of the full-size model, or
+    (None, None)."""
+    found = []
+    for path in result_files(serving_dir) if serving_dir.is_dir() else []:
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+            meta = result["meta"]
+        except (ValueError, OSError, KeyError) as e:
+            print(f"skipping {path}: {e}", file=sys.stderr)
+            continue
+        if meta["model"].get("size", "base") == "base":
+            found.append((meta.get("time", ""), path.name, path, result))
+    if not found:
+        return None, None
+    _, _, path, result = max(found)
+    return path, result
+
+
+def render_serving(path: Path | None, result: dict | None, root: Path = ROOT) -> str:
+    """The Markdown between the serving markers: the sweep table and the measured ratios."""
+    if result is None:
+        return "No full-size serving run is committed yet (`xlx-fast bench-serve --out-dir benchmarks/results/serving`)."
+    from xlx_fast.serving.benchmark import table
+
+    try:
+        shown = path.relative_to(root)
+    except ValueError:
+        shown = path.name
+    m, static = result["meta"], result["static_generate"]
+    lines = [f"From `{shown}`: {m['model'].get('size')} model, {m['device']} {m['dtype']}, "
+             f"{m['slots']} slots, {m['threads']} threads, torch {m['torch']}, {m['time']}; static-batch "
+             f"generate {static['generate_images_per_s']:.2f} images/s, with painting "
+             f"{static['generate_paint_images_per_s']:.2f}.", "", table(result), ""]
+    for mode, summary in result.get("summary", {}).items():
+        if isinstance(summary, dict):
+            ratios = ", ".join(f"{k} {v:.3g}" for k, v in summary.items() if isinstance(v, float))
+            lines.append(f"- {mode}: {ratios}")
+    return "\n".join(lines)
+
+
+def splice(readme: str, body: str, begin: str = BEGIN, end: str = END) -> str:
     """``readme`` with the text between the markers replaced by ``body``."""
-    if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
+    if readme.count(begin) != 1 or readme.count(end) != 1 or readme.index(begin) > readme.index(end):
         raise ValueError("README must hold exactly one results section between the markers:\n"
-                         f"  {BEGIN}\n  {END}")
-    head, rest = readme.split(BEGIN)
-    _, tail = rest.split(END)
-    return f"{head}{BEGIN}\n{body}\n{END}{tail}"
+                         f"  {begin}\n  {end}")
+    head, rest = readme.split(begin)
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
 
 
 def main(argv=None) -> int:
@@ -125,6 +169,9 @@ def main(argv=None) -> int:
     body = "\n\n".join(render(path, doc, root) for path, doc in found) if found else render(None, None)
     old = args.readme.read_text(encoding="utf-8")
     new = splice(old, body)
+    if SERVE_BEGIN in old:  # the serving section is optional (a README of another layout)
+        serve_path, serve_result = latest_serving(args.results / "serving")
+        new = splice(new, render_serving(serve_path, serve_result, root), SERVE_BEGIN, SERVE_END)
     if args.check:
         if new != old:
             print(f"{args.readme} is out of date: run python benchmarks/render_results.py", file=sys.stderr)

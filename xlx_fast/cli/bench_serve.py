@@ -36,7 +36,7 @@ def add_parser(p) -> None:
                    help="goodput SLO (default: 4x a static batch's generate+paint time)")
     p.add_argument("--batch-wait-ms", type=float, default=50.0, help="request-level batcher's wait")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="bench-out", help="where the JSON and plot go (default: ./bench-out)")
     p.add_argument("--name", default=None, help="output file stem (default: serving_<device>_<date>)")
 
 

@@ -131,6 +131,9 @@ def reset_state(state: SamplerState, mask_row: torch.Tensor) -> None:
     state.status.zero_()
 
 
+_REQUIRED = ("pred_prob", "pred_id", "table", "mask_row", "mask", "visited", "ids", "out", "status")
+
+
 def sampler_step(pred_prob: torch.Tensor, pred_id: torch.Tensor, state: SamplerState,
                  table: torch.Tensor, mask_row: torch.Tensor, strategy, *,
                  count: Optional[torch.Tensor] = None, cell: Optional[torch.Tensor] = None,
@@ -140,6 +143,13 @@ def sampler_step(pred_prob: torch.Tensor, pred_id: torch.Tensor, state: SamplerS
     ``random``; ``next_cell`` is optional for ``random`` (None: no cell re-masked); arguments
     a strategy does not use are ignored. All int32 [B] on the tensors' device. ``strategy`` is
     a name, a code, or an int32 [B] tensor of per-row codes (see the module docstring)."""
+    # a non-tensor would reach torch's op-schema check first (a RuntimeError): name it here
+    for name, t in (("pred_prob", pred_prob), ("pred_id", pred_id), ("table", table),
+                    ("mask_row", mask_row), ("mask", state.mask), ("visited", state.visited),
+                    ("ids", state.ids), ("out", state.out), ("status", state.status),
+                    ("count", count), ("cell", cell), ("next_cell", next_cell)):
+        if not isinstance(t, torch.Tensor) and (t is not None or name in _REQUIRED):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if isinstance(strategy, torch.Tensor):
         strategies, code = strategy, 0  # the scalar is ignored when per-row codes are given
     else:
