@@ -258,6 +258,13 @@ def train_step(model, optimizer, scheduler, batch: Batch, *, clip: float = 1.0,
         loss = pretrain_loss(model, batch)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite {batch.task} loss {loss.item()}")
+    apply_update(loss, model, optimizer, scheduler, scaler, clip)
+    return loss.item()
+
+
+def apply_update(loss, model, optimizer, scheduler, scaler, clip: float) -> None:
+    """The authors' update after a loss: backward (through the fp16 loss scaler if any), clip the
+    global gradient norm of the trainable parameters at ``clip``, optimizer and schedule steps."""
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -270,4 +277,3 @@ def train_step(model, optimizer, scheduler, batch: Batch, *, clip: float = 1.0,
     else:
         optimizer.step()
     scheduler.step()
-    return loss.item()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from xlx_fast.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from xlx_fast.reference.pretrain import apply_update
 
 from . import masking
 
@@ -174,18 +175,7 @@ def train_step(model, optimizer, scheduler, batch: Batch, *, step: int | None = 
         value = float(t) / world
     if value != value or value in (float("inf"), float("-inf")):
         raise FloatingPointError(f"non-finite {batch.task} loss {value} at step {step}")
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    scheduler.step()
+    apply_update(loss, module, optimizer, scheduler, scaler, clip)  # the reference's own update
     return value
 
 
