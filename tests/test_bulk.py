@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from xlx_fast.bulk import read_lines, BulkError
 from xlx_fast.cli import main

@@ -9,10 +9,8 @@ applications of a tiny sharpened model that paints 256×256:
 """
 import base64
 import io
-import json
 import os
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

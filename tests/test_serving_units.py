@@ -14,7 +14,6 @@ import torch
 import xlx_fast
 from xlx_fast import reference
 from xlx_fast.engine import Engine, Request
-from xlx_fast.models import XLxmertForImageGeneration
 from xlx_fast.serving.loadgen import check_target, make_trace, poisson_offsets, run_open_loop, summarize, Outcome
 from xlx_fast.serving.metrics import ServerMetrics
 from xlx_fast.serving.painter import paint

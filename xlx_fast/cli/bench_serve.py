@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
+
+from . import UserError
+from .model_args import add_model_arguments
 
 
 def add_parser(p) -> None:
@@ -17,14 +19,7 @@ def add_parser(p) -> None:
     p.add_argument("--allow-remote", action="store_true",
                    help="let --url name a non-loopback host (default: 127.0.0.1/localhost only)")
     p.add_argument("--api-key", default=None, help="key for --url (default: $XLX_FAST_API_KEY)")
-    p.add_argument("--size", default="base", choices=["base", "tiny"],
-                   help="embedded default model size (tiny: a quick, small-size run)")
-    p.add_argument("--checkpoint")
-    p.add_argument("--centroids")
-    p.add_argument("--generator")
-    p.add_argument("--vocab")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_model_arguments(p)
     p.add_argument("--slots", type=int, default=8, help="engine batch capacity")
     p.add_argument("--schedulers", default="sequential,request,step")
     p.add_argument("--load", default="0.3,0.5,0.7,0.9,1.5",
@@ -38,11 +33,6 @@ def add_parser(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="bench-out", help="where the JSON and plot go (default: ./bench-out)")
     p.add_argument("--name", default=None, help="output file stem (default: serving_<device>_<date>)")
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -122,7 +112,7 @@ def run(args) -> int:
                 slo_s=None if args.slo_ms is None else args.slo_ms / 1000,
                 batch_wait_ms=args.batch_wait_ms, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
-        return _fail(str(e).removeprefix("model spec: "))
+        raise UserError(str(e).removeprefix("model spec: ")) from None
 
     os.makedirs(args.out_dir, exist_ok=True)
     stem = args.name or f"serving_{args.device.replace(':', '')}_{time.strftime('%Y%m%d')}"

@@ -14,6 +14,7 @@ import sys
 import time
 
 from . import UserError
+from .model_args import add_model_arguments, choices_help
 from .paths import check_input, check_output, makedirs_for
 
 MAX_STEPS = 1024  # each step is one full forward: beyond this a run takes hours
@@ -27,15 +28,7 @@ STRATEGIES = {
     "tlbr": "one cell per step, top-left to bottom-right; at most 64 steps",
     "random": "one cell per step in a seeded random order (more than 64 steps revisit cells)",
 }
-DTYPES = {"fp32": "float32 (the reference's precision)", "bf16": "bfloat16 weights and activations",
-          "fp16": "float16 weights and activations"}
 IMPLS = {"fast": "xlx_fast.generate, the fused loop", "reference": "the authors' eager loop"}
-SIZES = {"base": "the X-LXMERT architecture", "tiny": "the same code at test size (small layers, "
-         "97 clusters, 32x32 images), for quick checks of a setup"}
-
-
-def _choices_help(what: str, choices: dict, default: str) -> str:
-    return f"{what} (default {default}): " + "; ".join(f"{k}: {v}" for k, v in choices.items())
 
 
 def add_parser(p) -> None:
@@ -47,25 +40,17 @@ def add_parser(p) -> None:
                    help=f"sampling steps, 1 to {MAX_STEPS} (default: 4 for mask_predict, 64 for the "
                         "one-cell-per-step orders; confidence and tlbr allow at most 64)")
     p.add_argument("--strategy", default="mask_predict", choices=list(STRATEGIES),
-                   help=_choices_help("which cells each step decides", STRATEGIES, "mask_predict"))
+                   help=choices_help("which cells each step decides", STRATEGIES, "mask_predict"))
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 (default): each cell takes its most probable id, as the reference does; "
                         "> 0: sample from softmax(logits / temperature), seeded (fast impl only)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the random order, the temperature sampling and the generator noise; "
-                        f"any integer (outside [0, 2**31) it is hashed into that range, see the note "
+                        "any integer (outside [0, 2**31) it is hashed into that range, see the note "
                         "it prints)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
-                   help=_choices_help("compute precision", DTYPES, "fp32"))
     p.add_argument("--impl", default="fast", choices=list(IMPLS),
-                   help=_choices_help("which sampler runs", IMPLS, "fast"))
-    p.add_argument("--size", default="base", choices=list(SIZES),
-                   help=_choices_help("model architecture", SIZES, "base"))
-    p.add_argument("--checkpoint", help="X-LXMERT state dict (e.g. Epoch20_LXRT.pth)")
-    p.add_argument("--centroids", help="cluster centroids .npy [10000, 2048]")
-    p.add_argument("--generator", help="generator state dict (e.g. G_60.pth)")
-    p.add_argument("--vocab", help="BERT-base-uncased vocab.txt (or a directory holding it)")
+                   help=choices_help("which sampler runs", IMPLS, "fast"))
+    add_model_arguments(p)
     from xlx_fast import bulk
 
     bulk.add_arguments(p)

@@ -6,17 +6,12 @@ import os
 import sys
 import time
 
+from . import UserError
+from .model_args import add_model_arguments
+
 
 def add_parser(p) -> None:
-    p.add_argument("--checkpoint", help="X-LXMERT state dict (e.g. Epoch20_LXRT.pth); default: "
-                   "the embedded default model (random weights, noise pictures)")
-    p.add_argument("--centroids", help="cluster centroids .npy [10000, 2048]")
-    p.add_argument("--generator", help="generator state dict (e.g. G_60.pth)")
-    p.add_argument("--vocab", help="BERT-base-uncased vocab.txt (or a directory holding it)")
-    p.add_argument("--size", default="base", choices=["base", "tiny"],
-                   help="architecture of the embedded default (tiny: the test size)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per replica)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_model_arguments(p, device_help="cpu or cuda (one GPU per replica; default cpu)")
     p.add_argument("--max-batch", type=int, default=32, help="engine slots per replica")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests per replica before 429")
     p.add_argument("--max-steps", type=int, default=256, help="largest 'steps' a request may ask")
@@ -32,11 +27,6 @@ def add_parser(p) -> None:
     p.add_argument("--api-key", default=None,
                    help="require this key (Authorization: Bearer KEY) on every route but /health; "
                         "default: $XLX_FAST_API_KEY if set, else no key")
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 def app_args(args) -> dict:
@@ -68,17 +58,17 @@ def run(args) -> int:
     try:
         build = app_args(args)
     except ValueError as e:
-        return _fail(str(e).removeprefix("model spec: ").removeprefix("server options: "))
+        raise UserError(str(e).removeprefix("model spec: ").removeprefix("server options: ")) from None
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            return _fail("--device cuda but no CUDA device is available")
+            raise UserError("--device cuda but no CUDA device is available")
     try:
         import ray
         from ray import serve
     except ImportError:
-        return _fail('serving needs Ray Serve: pip install "xlx_fast[serve]"')
+        raise UserError('serving needs Ray Serve: pip install "xlx_fast[serve]"') from None
     from xlx_fast.serving import build_app
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

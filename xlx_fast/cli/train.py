@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from . import UserError
+
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", nargs="?", help="data directory (captions.txt + cluster_ids.npy or features.npy)")
@@ -49,16 +51,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (ValueError, FileNotFoundError) as e:
-        return _fail(str(e))
+        raise UserError(str(e)) from None
 
 
 def _build_model(args, torch):

@@ -1,0 +1,27 @@
+"""The options that say which model to run and where, shared by the subcommands that build one
+(``generate``, ``serve``, ``bench-serve``): the checkpoint files, the embedded default's size,
+the device and the compute precision."""
+from __future__ import annotations
+
+DTYPES = {"fp32": "float32 (the reference's precision)", "bf16": "bfloat16 weights and activations",
+          "fp16": "float16 weights and activations"}
+SIZES = {"base": "the X-LXMERT architecture", "tiny": "the same code at test size (small layers, "
+         "97 clusters, 32x32 images), for quick checks of a setup"}
+
+
+def choices_help(what: str, choices: dict, default: str) -> str:
+    """Help text that says what each choice means."""
+    return f"{what} (default {default}): " + "; ".join(f"{k}: {v}" for k, v in choices.items())
+
+
+def add_model_arguments(p, *, device_help: str = "cpu or cuda[:N] (default cpu)") -> None:
+    p.add_argument("--checkpoint", help="X-LXMERT state dict (e.g. Epoch20_LXRT.pth); default: "
+                   "the embedded default model (random weights, noise pictures)")
+    p.add_argument("--centroids", help="cluster centroids .npy [10000, 2048]")
+    p.add_argument("--generator", help="generator state dict (e.g. G_60.pth)")
+    p.add_argument("--vocab", help="BERT-base-uncased vocab.txt (or a directory holding it)")
+    p.add_argument("--size", default="base", choices=list(SIZES),
+                   help=choices_help("model architecture", SIZES, "base"))
+    p.add_argument("--device", default="cpu", help=device_help)
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                   help=choices_help("compute precision", DTYPES, "fp32"))
