@@ -52,3 +52,42 @@ def test_gamma_grows_with_n_and_refuses_unknown_precision():
     assert gamma(2048, "tf32") > 2e-3  # tf32 dots carry about 3 decimal digits
     with pytest.raises(ValueError, match="precision"):
         gamma(8, "bf16")
+
+
+def round_tf32(x):
+    """fp32 -> tf32 rounded to nearest, ties away from zero (PTX ``cvt.rna.tf32.f32``)."""
+    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def simulated_tf32x3_dot_error(a, b, split):
+    """|a_S' b_B + a_B b_S' + a_B b_B - a·b| / sum |a_i b_i|: each operand split into a tf32 part
+    (``split``: round_tf32 as Triton 3.6 does, or truncate_tf32) and its exact fp32 remainder,
+    which the MMA truncates to tf32 again; products and sums in float64."""
+    def parts(x):
+        big = split(x)
+        return big.double(), truncate_tf32(x - big).double()  # x - big is exact in fp32
+    (ab, as_), (bb, bs) = parts(a), parts(b)
+    got = (as_ * bb + ab * bs + ab * bb).sum(-1)
+    exact = (a.double() * b.double()).sum(-1)
+    return (got - exact).abs() / (a.double() * b.double()).abs().sum(-1)
+
+
+@pytest.mark.parametrize("split", [round_tf32, truncate_tf32])
+@pytest.mark.parametrize("n", [1, 7, 768, 2048])
+def test_tf32x3_products_are_fp32_accurate(split, n):
+    """The three-product split loses at most 3·2^-20 per product: within gamma(n, "tf32x3") on
+    random operands and on operands whose low bits are all set (the worst case of both splits),
+    and far below plain tf32's error on the latter."""
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.randn(256, n, generator=g), torch.randn(256, n, generator=g)
+    assert torch.all(simulated_tf32x3_dot_error(a, b, split) <= 3 * 2.0 ** -20)
+    worst = torch.full((1, n), 1.0 + (2.0 ** 13 - 1) * 2.0 ** -23)
+    err = simulated_tf32x3_dot_error(worst, worst, split).item()
+    assert err <= 3 * 2.0 ** -20 <= gamma(n, "tf32x3") - 3 * n * 2.0 ** -23
+    assert err < simulated_tf32_dot_error(worst, worst).item() / 100
+
+
+def test_tf32x3_bound_sits_between_ieee_and_tf32():
+    for n in (1, 768, 2048):
+        assert gamma(n, "ieee") < gamma(n, "tf32x3") < gamma(n, "tf32")

@@ -436,7 +436,7 @@ def test_cuda_engine_graph_equals_eager_and_reference(dtype):
     model = base.to("cuda", dtype).eval()
     ref_model = copy.deepcopy(model)
     specs = [MIX[0], MIX[1], MIX[2], MIX[3], MIX[5], MIX[7]]
-    joins = {0: [0, 1, 2], 2: [3], 3: [4, 5]}
+    joins = {0: [0, 1, 2], 2: [3], 4: [4, 5]}  # 4 slots: two free after step 3 (3 and 4 steps)
     graphed = Engine(copy.deepcopy(model), slots=4, max_length=MAXLEN)
     graphed.warmup()
     captured = graphed.captures

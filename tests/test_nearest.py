@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from xlx_fast.ops.dot_error import gamma
 from xlx_fast.ops.nearest import codebook_norms, error_bound, nearest, nearest_torch, nearest_triton
 
 U32 = 2.0 ** -24
@@ -26,27 +27,26 @@ def exact_scores(x, c):
     return (c * c).sum(1)[None, :] - 2 * x @ c.T
 
 
-def bound(x, c, tf32=False):
-    """Per-row worst-case score error of the fp32-accumulated expansion (see nearest.py): tf32
-    truncates each operand to 10 bits (relative 2^-10), accumulation rounds toward zero (2^-23)."""
+def bound(x, c, precision="ieee"):
+    """Per-row worst-case score error of the fp32-accumulated expansion (see nearest.py), with
+    gamma(D, precision) of the rounding model (checked by simulation in test_dot_error.py)."""
     x, c = x.double(), c.double()
     d = x.shape[1]
-    t = 2.0 ** -10 if tf32 else 0.0
-    g = 2 * t + t * t + d * 2 * U32
+    g = gamma(d, precision)  # the rounding model, checked by simulation in test_dot_error.py
     cn = c.norm(dim=1)
     e = 2 * (g + U32) * x.norm(dim=1)[:, None] * cn[None, :] + (d + 1) * U32 * cn[None, :] ** 2
     return e.max(1).values
 
 
-def distance_bound(x, c, tf32=False):
+def distance_bound(x, c, precision="ieee"):
     """Per-row bound on |dist - ||x - c_id||^2| for the returned id: ||x||^2 summed in fp32, the
     score's error, and the final addition."""
     x, c = x.double(), c.double()
     xn2 = (x * x).sum(1)
-    return x.shape[1] * U32 * xn2 + bound(x, c, tf32) + 2 * U32 * (xn2 + (c * c).sum(1).max())
+    return x.shape[1] * U32 * xn2 + bound(x, c, precision) + 2 * U32 * (xn2 + (c * c).sum(1).max())
 
 
-def check_ids(ids, scores, x, c, tf32=False, min_share=0.5):
+def check_ids(ids, scores, x, c, precision="ieee", min_share=0.5):
     """ids must equal the exact argmin on every row whose top-2 gap exceeds twice the bound."""
     s = exact_scores(x, c)
     ref = s.argmin(1)
@@ -55,16 +55,16 @@ def check_ids(ids, scores, x, c, tf32=False, min_share=0.5):
         gap = top2[:, 1] - top2[:, 0]
     else:
         gap = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
-    ok = gap > 2 * bound(x, c, tf32)
+    ok = gap > 2 * bound(x, c, precision)
     assert ok.double().mean() >= min_share, f"only {ok.double().mean():.2f} of rows have a clear gap"
     assert torch.equal(ids[ok].cpu(), ref[ok]), "ids differ from the float64 argmin on clear rows"
     if scores is not None:
         best = s.min(1).values
         # the score of the returned id must be within the bound of the true minimum on every row
         got = s.gather(1, ids.cpu().clamp_min(0)[:, None])[:, 0]
-        assert torch.all(got - best <= 2 * bound(x, c, tf32) + 1e-12)
+        assert torch.all(got - best <= 2 * bound(x, c, precision) + 1e-12)
         err = (scores.cpu().double() - best).abs()
-        assert torch.all(err <= bound(x, c, tf32) + 1e-6)
+        assert torch.all(err <= bound(x, c, precision) + 1e-6)
 
 
 # --- Triton kernel under the interpreter ------------------------------------------------------
@@ -74,7 +74,8 @@ INTERP_SHAPES = [(1, 1, 1), (3, 3, 3), (37, 127, 19), (127, 1000, 3), (33, 61, 1
 
 @pytest.mark.parametrize("n,k,d", INTERP_SHAPES)
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "tf32"),
-                                             (torch.float16, "ieee"), (torch.bfloat16, "ieee")])
+                                             (torch.float32, "tf32x3"), (torch.float16, "ieee"),
+                                             (torch.bfloat16, "ieee")])
 def test_triton_matches_fp64(n, k, d, dtype, precision, kernel_device):
     x, c = make_data(n, k, d, dtype, seed=n + k + d)
     x, c = x.to(kernel_device), c.to(kernel_device)
@@ -84,8 +85,9 @@ def test_triton_matches_fp64(n, k, d, dtype, precision, kernel_device):
     nearest_triton(x, c, precision=precision, block_n=16, block_k=64, block_d=16, out=(ids, scores))
     assert (ids >= 0).all() and (ids < k).all()
     assert not torch.isnan(scores).any()
-    # the interpreter computes tf32 as IEEE fp32: there it must meet the IEEE bound
-    check_ids(ids, scores, x.cpu(), c.cpu(), tf32=precision == "tf32" and x.is_cuda)
+    # the interpreter computes tf32 and tf32x3 as IEEE fp32: there it must meet the IEEE bound
+    check_ids(ids, scores, x.cpu(), c.cpu(),
+              precision if x.is_cuda and dtype == torch.float32 else "ieee")
 
 
 @pytest.mark.parametrize("splits", [1, 2, None])
@@ -207,8 +209,9 @@ def test_norm_cache_follows_in_place_updates():
 
 def test_error_bound_helper_matches_docstring_formula():
     x, c = make_data(10, 20, 9, torch.float32)
-    assert torch.allclose(error_bound(x, c), bound(x, c))
-    assert torch.allclose(error_bound(x, c, precision="tf32"), bound(x, c, tf32=True))
+    for precision in ("ieee", "tf32", "tf32x3"):
+        assert torch.allclose(error_bound(x, c, precision=precision), bound(x, c, precision))
+    assert torch.allclose(error_bound(x, c), bound(x, c, "tf32x3"))  # the default
 
 
 def test_cpu_path_function_directly():
@@ -260,7 +263,8 @@ def test_bad_precision_and_norms():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "tf32"),
-                                             (torch.float16, "ieee"), (torch.bfloat16, "ieee")])
+                                             (torch.float32, "tf32x3"), (torch.float16, "ieee"),
+                                             (torch.bfloat16, "ieee")])
 def test_gpu_realistic(dtype, precision):
     n, k, d = 8192 + 3, 10000, 2048
     x, c = make_data(n, k, d, dtype, noise=0.2)
@@ -270,11 +274,12 @@ def test_gpu_realistic(dtype, precision):
     s = (cs * cs).sum(1)[None, :] - 2 * xs @ cs.T
     top2 = s.topk(2, dim=1, largest=False)
     gap = top2.values[:, 1] - top2.values[:, 0]
-    ok = gap > 2 * bound(x, c, precision == "tf32")
+    prec = precision if dtype == torch.float32 else "ieee"
+    ok = gap > 2 * bound(x, c, prec)
     assert ok.double().mean() > 0.9
     assert torch.equal(ids[ok], top2.indices[ok, 0])
     ref = ((xs - cs[ids]) ** 2).sum(1)
-    assert torch.all((dist.double() - ref).abs().cpu() <= distance_bound(x.cpu(), c.cpu(), precision == "tf32"))
+    assert torch.all((dist.double() - ref).abs().cpu() <= distance_bound(x.cpu(), c.cpu(), prec))
     # and the same ids as torch's own mm + argmin where the gap is clear
     t = torch.addmm((c.float() ** 2).sum(1), x.float(), c.float().T, alpha=-2).argmin(1)
     assert torch.equal(ids[ok], t[ok])

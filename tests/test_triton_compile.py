@@ -53,15 +53,19 @@ def _variants():
 
     out = []
     t = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype)  # noqa: E731
-    # (dtype, precision): fp32 IEEE and tf32 differ (FMA loop vs tensor cores). fp16 stands for
-    # both 16-bit types: same tiles, same MMA shapes; 196 pairs of variants compiled with each
-    # gave identical registers, stack, spills and shared memory, pair by pair.
-    modes = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "tf32")]
+    # (dtype, precision): fp32 IEEE, tf32 and tf32x3 differ (FMA loop, tensor cores, three
+    # products with the operand split in registers). fp16 stands for both 16-bit types: same
+    # tiles, same MMA shapes; 196 pairs of variants compiled with each gave identical registers,
+    # stack, spills and shared memory, pair by pair.
+    modes = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float32, "tf32x3"),
+             (torch.float16, "tf32")]
 
     # -- attention: every config the autotuner may pick for each head dim and dtype ------------
     B, L, H = 4, 4096, 2  # large shapes: the size rules prune nothing
     for hd in attn.SUPPORTED_HEAD_DIMS:
         for dtype, prec in modes:
+            if prec == "tf32x3":  # attention takes ieee or tf32 only (torch's matmul switch)
+                continue
             w = H * hd
             q = t(B, L, 3 * w, dtype=dtype)  # fused QKV layout, row stride 3·H·d
             configs = attn._prune(attn._CONFIGS, {"Q": q, "Lq": L, "Lk": L, "BH": 4096},

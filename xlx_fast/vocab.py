@@ -143,7 +143,7 @@ def _split_clusters(centroids: torch.Tensor, counts: np.ndarray, n: int, rng: np
 def kmeans(features, k: int = 10000, n_iter: int = 20, seed: int = 0,
            max_points_per_centroid: int = 256, progress: bool = True, *,
            device: str | torch.device | None = None,
-           init_centroids=None, chunk: int = 65536, precision: str = "ieee") -> KMeansResult:
+           init_centroids=None, chunk: int = 65536, precision: str = "tf32x3") -> KMeansResult:
     """Lloyd k-means with FAISS semantics (module docstring).
 
     Args:
@@ -158,7 +158,7 @@ def kmeans(features, k: int = 10000, n_iter: int = 20, seed: int = 0,
         device: where to train; default the tensor's device, CPU for arrays and paths.
         init_centroids: [k, D] starting centroids instead of the random draw.
         chunk: rows per index_add_ step in the centroid update.
-        precision: "ieee" or "tf32" for the assignment GEMM on CUDA (see ``nearest``).
+        precision: "tf32x3", "ieee" or "tf32" for the assignment GEMM on CUDA (see ``nearest``).
 
     Returns:
         :class:`KMeansResult`.
@@ -232,7 +232,7 @@ def kmeans(features, k: int = 10000, n_iter: int = 20, seed: int = 0,
 
 
 def assign(path_or_array, centroids, *, chunk: int = 65536, device: str | torch.device | None = None,
-           return_distance: bool = False, progress: bool = True, precision: str = "ieee"):
+           return_distance: bool = False, progress: bool = True, precision: str = "tf32x3"):
     """Nearest-centroid id of every row of a features array, chunk by chunk.
 
     Args:
@@ -243,7 +243,7 @@ def assign(path_or_array, centroids, *, chunk: int = 65536, device: str | torch.
             tensor, else the CPU.
         return_distance: also return squared distances.
         progress: tqdm bar over chunks.
-        precision: "ieee" or "tf32" (float32 on CUDA only).
+        precision: "tf32x3", "ieee" or "tf32" (float32 on CUDA only; see ``nearest``).
 
     Returns:
         int64 numpy ids [N] (and float32 distances [N]).

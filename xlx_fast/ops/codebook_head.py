@@ -24,9 +24,11 @@ leave registers. Limits: H and K any size (tiles are masked); M·S partials in f
 
 Precision (rounding model in :mod:`xlx_fast.ops.dot_error`): a logit errs by at most
 gamma(H)·sum_d |h_d w_kd| + 2^-23 |b_k|, with gamma(H, "ieee") = H·2^-23 for fp32 (FMA) and
-fp16/bf16 inputs (exact products) and gamma(H, "tf32") = 2·2^-10 + 2^-20 + H·2^-23 for fp32 with
-``precision="tf32"``: Triton gives the raw fp32 registers to the tf32 MMA, which truncates each
-operand to 10 significand bits. With logit errors <= e the returned probability is within a
+fp16/bf16 inputs (exact products), gamma(H, "tf32x3") = 3·2^-20 + 3H·2^-23·(1 + 2^-9) for fp32
+with ``precision="tf32x3"`` (the default: three tf32 tensor-core products carrying fp32's
+accuracy; the FMA loop of "ieee" ran at a fifth of cuBLAS's fp32 rate on an H200), and
+gamma(H, "tf32") = 2·2^-10 + 2^-20 + H·2^-23 for fp32 with ``precision="tf32"``: Triton gives
+the raw fp32 registers to the tf32 MMA, which truncates each operand to 10 significand bits. With logit errors <= e the returned probability is within a
 factor e^(±4e) of the exact one (numerator and sum each move by at most e^(±2e)); the id is the
 exact argmax wherever the top-2 gap exceeds 2e.
 
@@ -64,11 +66,11 @@ except ImportError:  # pragma: no cover
     triton = None
 
 from .codebook_tile import interpreter_widen
+from .dot_error import PRECISIONS
 
 __all__ = ["codebook_head", "codebook_head_triton", "codebook_head_torch", "fold_head", "gumbel_noise"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_PRECISIONS = ("ieee", "tf32")
 
 if triton is not None:
     from .codebook_tile import rows_dot_entries
@@ -273,7 +275,7 @@ def compile_variants(h, weight, *, sample, precision, sms):
 
 def codebook_head_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
                          temperature=0.0, seeds: torch.Tensor | None = None, step: int = 0,
-                         precision: str = "ieee", block_m: int | None = None,
+                         precision: str = "tf32x3", block_m: int | None = None,
                          block_k: int | None = None, block_h: int | None = None,
                          splits: int | None = None,
                          out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -430,7 +432,7 @@ def _raise_nan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, prob: 
 
 def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   temperature=0.0, seeds: torch.Tensor | None = None, step: int = 0,
-                  precision: str = "ieee", check_nan: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  precision: str = "tf32x3", check_nan: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(prob, id) of softmax(h·Wᵀ + b) per row, the logits never stored.
 
     Args:
@@ -444,7 +446,8 @@ def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             checked here, which would sync; the caller validates them).
         seeds: int64, h.shape[:-1] (or [M]) per-row seeds; required when temperature > 0.
         step: sampling step, part of the RNG counter (0 ≤ step < 2^31).
-        precision: "ieee" or "tf32" for float32 inputs on CUDA (CPU is IEEE).
+        precision: for float32 inputs on CUDA (the CPU is IEEE): "tf32x3" (default; fp32-level
+            error, tensor cores), "ieee" (FMA units, slower) or "tf32" (fastest, ~3 digits).
         check_nan: look for NaN in the [M] output and raise (one small host sync on CUDA);
             a hot loop that validates its inputs elsewhere may turn it off.
 
@@ -481,8 +484,8 @@ def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"bias must have shape [{k}], got {tuple(bias.shape)}")
     if bias.device != h.device:
         raise ValueError(f"bias is on {bias.device} but h is on {h.device}")
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     per_row = isinstance(temperature, torch.Tensor)
     if per_row:
         if temperature.dtype != torch.float32:

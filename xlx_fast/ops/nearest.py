@@ -39,7 +39,8 @@ to the first copy, wherever the tile and split boundaries fall.
 
 Error bound (rounding model in :mod:`xlx_fast.ops.dot_error`). The dot product x·c_k of D terms
 has error at most gamma(D) ||x|| ||c_k|| (Cauchy-Schwarz on sum |x_i c_ki|), with
-gamma(D, "ieee") = D·2^-23 (products exact; fp32, fp16, bf16 inputs) and gamma(D, "tf32") =
+gamma(D, "ieee") = D·2^-23 (products exact; fp32, fp16, bf16 inputs), gamma(D, "tf32x3") =
+3·2^-20 + 3D·2^-23·(1 + 2^-9) (fp32 through three tf32 products; the default) and gamma(D, "tf32") =
 2·2^-10 + 2^-20 + D·2^-23 (Triton passes raw fp32 to the tf32 MMA, which TRUNCATES each operand
 to 10 significand bits). With u = 2^-24, the norms ||c_k||^2 summed in fp32 by torch and one
 rounding of ``cnorm - 2 acc``, the computed score s_k of each centroid obeys::
@@ -49,7 +50,8 @@ rounding of ``cnorm - 2 acc``, the computed score s_k of each centroid obeys::
 (a worst-case, not probabilistic, bound; typical errors are ~sqrt(D) smaller). The returned id is
 therefore the exact float64 argmin of the given inputs whenever the gap between the best and the
 second-best exact score exceeds e_best + e_second. :func:`error_bound` computes max_k e_k per row.
-At D = 2048 and unit-norm rows and centroids, e is 6.1e-4 with IEEE fp32 and 4.5e-3 with tf32.
+At D = 2048 and unit-norm rows and centroids, e is 6.1e-4 with IEEE fp32, 1.5e-3 with tf32x3 (the
+worst case of its 3D additions; its products are fp32-accurate) and 4.5e-3 with tf32.
 
 NaN. A NaN centroid is refused when its norms are computed (once per codebook, K values checked).
 A NaN in x is detected inside the kernel (a per-row flag, no extra pass over x) and raised as a
@@ -69,12 +71,11 @@ except ImportError:  # pragma: no cover - the CPU path works without triton
     triton = None
 
 from .codebook_tile import interpreter_widen
-from .dot_error import gamma
+from .dot_error import PRECISIONS, gamma
 
 __all__ = ["nearest", "nearest_triton", "nearest_torch", "codebook_norms", "error_bound"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_PRECISIONS = ("ieee", "tf32")
 
 
 if triton is not None:
@@ -194,7 +195,7 @@ def codebook_norms(codebook: torch.Tensor) -> torch.Tensor:
     return norms
 
 
-def error_bound(x, codebook, *, precision: str = "ieee") -> torch.Tensor:
+def error_bound(x, codebook, *, precision: str = "tf32x3") -> torch.Tensor:
     """Per-row bound max_k e_k on the score error (module docstring), float64, shape [N]."""
     x = torch.as_tensor(x).double()
     c = torch.as_tensor(codebook).double()
@@ -266,7 +267,7 @@ def compile_variants(x, codebook, precision):
 # --------------------------------------------------------------------------------------------
 
 def nearest_triton(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor | None = None, *,
-                   precision: str = "ieee", block_n: int | None = None, block_k: int | None = None,
+                   precision: str = "tf32x3", block_n: int | None = None, block_k: int | None = None,
                    block_d: int | None = None, splits: int | None = None,
                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel on already-validated 2-D x [N, D] and codebook [K, D].
@@ -329,7 +330,7 @@ def _check_numpy(name: str, a: np.ndarray) -> None:
         raise TypeError(f"{name} must be float32 or float16, got numpy {a.dtype}")
 
 
-def nearest(x, codebook, *, return_distance: bool = False, precision: str = "ieee",
+def nearest(x, codebook, *, return_distance: bool = False, precision: str = "tf32x3",
             norms: torch.Tensor | None = None, chunk: int | None = None, progress: bool = False):
     """Index of the nearest codebook entry (squared L2) for every row of x.
 
@@ -340,8 +341,9 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "iee
             or be numpy); a numpy codebook goes to the device of x (CPU for numpy x).
         return_distance: also return squared L2 distances (float32: ||x||^2 in fp32 plus the
             score, clamped at 0).
-        precision: "ieee" or "tf32", used for float32 inputs on CUDA (the CPU path is always
-            IEEE). Explicit: no global torch flag is read.
+        precision: "tf32x3" (default; fp32-level error on tensor cores), "ieee" (FMA units,
+            slower) or "tf32" (fastest, ~3 digits), used for float32 inputs on CUDA (the CPU
+            path is always IEEE). Explicit: no global torch flag is read.
         norms: precomputed ||c_k||^2 (float32 [K]); by default computed once per codebook
             tensor and cached (see :func:`codebook_norms`).
         chunk: rows per step. Numpy rows are converted (and copied to CUDA) chunk by chunk; the
@@ -374,8 +376,8 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "iee
     else:
         raise TypeError(f"codebook must be a torch.Tensor or numpy.ndarray, got {type(codebook).__name__}")
     x_dtype = torch.from_numpy(np.empty(0, x.dtype)).dtype if was_numpy else x.dtype
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
     if ct.dim() != 2:
