@@ -107,10 +107,10 @@ def render(path: Path | None, doc: dict | None, root: Path = ROOT) -> str:
     return "\n".join(lines)
 
 
-def latest_serving(serving_dir: Path):
-    """(path, result) of the newest ``xlx-fast bench-serve`` run of the full-size model, or
-    (None, None)."""
-    found = []
+def latest_serving(serving_dir: Path) -> list:
+    """[(path, result)]: the newest ``xlx-fast bench-serve`` run of the full-size model on each
+    device (cpu, cuda), [] when there is none."""
+    newest = {}
     for path in result_files(serving_dir) if serving_dir.is_dir() else []:
         try:
             result = json.loads(path.read_text(encoding="utf-8"))
@@ -119,11 +119,11 @@ def latest_serving(serving_dir: Path):
             print(f"skipping {path}: {e}", file=sys.stderr)
             continue
         if meta["model"].get("size", "base") == "base":
-            found.append((meta.get("time", ""), path.name, path, result))
-    if not found:
-        return None, None
-    _, _, path, result = max(found)
-    return path, result
+            entry = (meta.get("time", ""), path.name, path, result)
+            device = meta.get("device", "")
+            if device not in newest or entry > newest[device]:
+                newest[device] = entry
+    return [(newest[d][2], newest[d][3]) for d in sorted(newest)]
 
 
 def render_serving(path: Path | None, result: dict | None, root: Path = ROOT) -> str:
@@ -170,8 +170,10 @@ def main(argv=None) -> int:
     old = args.readme.read_text(encoding="utf-8")
     new = splice(old, body)
     if SERVE_BEGIN in old:  # the serving section is optional (a README of another layout)
-        serve_path, serve_result = latest_serving(args.results / "serving")
-        new = splice(new, render_serving(serve_path, serve_result, root), SERVE_BEGIN, SERVE_END)
+        runs = latest_serving(args.results / "serving")
+        serve_body = ("\n\n".join(render_serving(path, result, root) for path, result in runs)
+                      if runs else render_serving(None, None))
+        new = splice(new, serve_body, SERVE_BEGIN, SERVE_END)
     if args.check:
         if new != old:
             print(f"{args.readme} is out of date: run python benchmarks/render_results.py", file=sys.stderr)

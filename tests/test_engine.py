@@ -446,9 +446,11 @@ def test_cuda_engine_graph_equals_eager_and_reference(dtype):
     out_e = _drive(eager, specs, joins, "cuda")
     agree = []
     for i, spec in enumerate(specs):
-        # the same kernels on the same buckets: bit for bit
+        # the same ids and masks; the probabilities to rounding: the eager engine runs a joiners'
+        # language pass at the joiners' count, the graphed one at their bucket's, and cuBLAS picks
+        # another fp32 GEMM kernel for another row count (seen on an H200: last bits differ)
         assert torch.equal(out_g[i].ids, out_e[i].ids) and torch.equal(out_g[i].masks, out_e[i].masks)
-        assert torch.equal(out_g[i].probs, out_e[i].probs)
+        torch.testing.assert_close(out_g[i].probs, out_e[i].probs, rtol=1e-4, atol=1e-6)
         if spec.get("temperature", 0.0) == 0.0:
             ref = reference.sample(ref_model, request(spec).input_ids[None].cuda(), steps=spec["steps"],
                                    strategy=spec["strategy"], seed=spec["seed"])
