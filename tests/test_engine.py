@@ -163,6 +163,23 @@ def test_bucket_padding_never_changes_an_active_row(fast, alone_results):
             assert_same_finished(out[i], alone_results[i])
 
 
+def test_cpu_steps_run_exactly_the_occupied_rows(fast, alone_results, monkeypatch):
+    """Without graphs every size is a bucket: 3, then 2, then 1 occupied rows are stepped as 3,
+    2 and 1 rows (a padded row costs a CPU as much as a real one), with the same results."""
+    e = Engine(fast, slots=8, max_length=MAXLEN)
+    assert e.buckets == list(range(1, 9))
+    sizes = []
+    core = e._core
+    monkeypatch.setattr(e, "_core", lambda b, sample: (sizes.append(b), core(b, sample)))
+    specs = [dict(MIX[0], steps=2), dict(MIX[2], steps=4), dict(MIX[3], steps=6)]
+    e.admit([request(spec, i) for i, spec in enumerate(specs)])
+    out = run_all(e, {})
+    assert sizes == [3, 3, 2, 2, 1, 1]
+    assert Engine(fast, slots=8, max_length=MAXLEN, cuda_graph=False).buckets == list(range(1, 9))
+    for i, spec in enumerate(specs):
+        assert torch.equal(out[i].ids, alone(fast, spec).ids)
+
+
 def test_compaction_moves_rows_into_a_smaller_bucket(fast, alone_results):
     e = Engine(fast, slots=8, max_length=MAXLEN)
     # slots 0..6 hold 1-step requests, slot 7 a long one: after step 1 only slot 7 is left

@@ -191,6 +191,74 @@ def test_queue_bound_deadline_and_cancel(tiny, tok):
     asyncio.run(go())
 
 
+def _gated_painter(monkeypatch, sched_module):
+    """Real painting behind a gate the test opens: [calls] and the threading.Event to open it."""
+    import threading
+
+    gate, calls = threading.Event(), []
+
+    def gated(model, codes, seeds):
+        calls.append(len(seeds))
+        assert gate.wait(30), "the test never opened the gate"
+        return paint(model, codes, seeds)
+
+    monkeypatch.setattr(sched_module, "paint", gated)
+    return calls, gate
+
+
+def test_painting_overlaps_the_next_steps(tiny, tok, monkeypatch):
+    """A finished request is painted while the loop goes on stepping the others: with painting
+    held, a long request still advances, and the short one's image arrives once released."""
+    from xlx_fast.serving import scheduler as sched_module
+
+    calls, gate = _gated_painter(monkeypatch, sched_module)
+
+    async def go():
+        sched = Scheduler(Engine(tiny, slots=2), tiny, paint_images=True)
+        short, long = requests_for(tok, [("short", 1, 1, "mask_predict", 0.0),
+                                          ("long", 2, 40, "mask_predict", 0.0)])
+        a, b = sched.submit([short]), sched.submit([long])
+        sched.start()
+        while not calls:  # the short request reached the painter
+            await asyncio.sleep(0.01)
+        held_at = sched.steps_run
+        while sched.steps_run < held_at + 5:  # inline painting would stop the steps here
+            await asyncio.sleep(0.01)
+        assert not a.future.done()
+        gate.set()
+        (row,) = await sched.result(a)
+        assert row.image.shape == (32, 32, 3) and row.image.dtype == torch.uint8
+        (row_b,) = await sched.result(b)
+        await sched.stop()
+        x, m = tok(["short"])
+        alone = reference.paint(tiny, xlx_fast.generate(tiny, x, m, steps=1, seed=1).codes, seed=1)[0]
+        expect = (alone.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+        assert (row.image.int() - expect.int()).abs().max() <= 1  # its own seed's noise
+    asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_painting_backlog_is_bounded(tiny, tok, monkeypatch):
+    """With the painter held and a backlog of one batch, the loop stops after three finished
+    steps (one painting, one waiting, one blocked handing over) instead of piling rows up."""
+    from xlx_fast.serving import scheduler as sched_module
+
+    calls, gate = _gated_painter(monkeypatch, sched_module)
+
+    async def go():
+        sched = Scheduler(Engine(tiny, slots=1), tiny, paint_images=True, max_paint_backlog=1)
+        jobs = [sched.submit([r]) for r in requests_for(tok, [("one step", i, 1, "mask_predict", 0.0)
+                                                             for i in range(6)])]
+        sched.start()
+        await asyncio.sleep(1.0)
+        assert sched.steps_run == 3 and calls == [1]
+        gate.set()
+        results = await asyncio.gather(*(sched.result(j) for j in jobs))
+        await sched.stop()
+        assert len(results) == 6 and sched.steps_run == 6
+        assert sum(calls) == 6
+    asyncio.run(asyncio.wait_for(go(), 60))
+
+
 # -- load generator -----------------------------------------------------------------------------
 
 def test_poisson_offsets_and_trace():
@@ -253,12 +321,22 @@ def test_bench_serve_in_process_without_ray(tmp_path):
               "--load", "1,3", "--out-dir", str(tmp_path), "--name", "b"], block=True)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "b.json").read_text())
-    assert set(res["modes"]["inproc"]) == {"sequential", "request", "step"}
-    for rows in res["modes"]["inproc"].values():
-        assert [round(x["offered_rps"] / res["capacity_rps"], 6) for x in rows] == [1.0, 3.0]
-        assert rows[1]["sent"] >= 1  # Poisson arrivals within the time bound (3 s at 3x capacity)
+    inproc = res["modes"]["inproc"]
+    assert set(inproc) == {"sequential", "request", "step"}
+    # the step scheduler's saturation, measured first at 2x the static estimate, is the basis
+    probe, *step_rows = inproc["step"]
+    assert probe["probe"] and probe["offered_rps"] == pytest.approx(2 * res["capacity_rps"])
+    basis = res["load_basis"]["inproc"]
+    assert basis["rps"] == probe["throughput_rps"] > 0 and "measured" in basis["what"]
+    for rows in (step_rows, inproc["request"], inproc["sequential"]):
+        assert [round(x["offered_rps"] / basis["rps"], 6) for x in rows] == [1.0, 3.0]
+    for rows in inproc.values():
         assert all(x["sent"] <= 6 and x["ok"] + sum(x["rejected"].values()) == x["sent"] for x in rows)
         assert all(x["e2e_p50_s"] <= x["e2e_p99_s"] <= x["e2e_max_s"] for x in rows if x["ok"])
+        # where the time went: steps run, their mean time, the share of the run spent stepping
+        assert all(x["engine_steps"] >= 1 and 0 < x["stepping_share"] <= 1 for x in rows if x["ok"])
+    assert "saturation probe" in r.stdout and "loads are fractions of" in r.stdout
+    assert "inproc step saturation probe at" in r.stderr  # progress, one line per load level
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 

@@ -28,7 +28,10 @@ as alone.
 
 Batch buckets. The forward runs over the first ``b`` slots, b the smallest bucket holding every
 occupied slot (rows are moved down into free low slots first when that makes b smaller: a copy
-of the row's cached state). On CUDA each bucket's step is a CUDA graph (two per bucket: all rows
+of the row's cached state). With CUDA graphs the buckets are powers of two up to ``slots`` (a
+graph per bucket); without them (the CPU, ``cuda_graph=False``) every size is a bucket, so the
+forward covers exactly the occupied rows: on a CPU a padded row costs as much as a real one (6 of
+8 slots busy would run 8 rows, a third more work). On CUDA each bucket's step is a CUDA graph (two per bucket: all rows
 greedy, or some sampling), and each bucket's joiner language pass too, all captured by
 ``warmup()`` and replayed with the per-row data as inputs; after ``warmup`` nothing is captured.
 The host uploads this step's per-row data (int32 [b, 5], and int64 [b, 64] seeds when a row
@@ -116,7 +119,10 @@ class _Row:
     cancelled: bool = False
 
 
-def _default_buckets(slots: int) -> list[int]:
+def _default_buckets(slots: int, cuda_graph: bool) -> list[int]:
+    """Powers of two up to ``slots`` for graphs (few captures); every size 1..slots without."""
+    if not cuda_graph:
+        return list(range(1, slots + 1))
     out, b = [], 1
     while b < slots:
         out.append(b)
@@ -149,7 +155,7 @@ class Engine:
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs a model on a CUDA device")
         if buckets is None:
-            buckets = _default_buckets(slots)
+            buckets = _default_buckets(slots, bool(cuda_graph))
         buckets = sorted(set(buckets))
         if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
                 or buckets[-1] != slots:

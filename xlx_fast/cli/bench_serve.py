@@ -23,7 +23,8 @@ def add_parser(p) -> None:
     p.add_argument("--slots", type=int, default=8, help="engine batch capacity")
     p.add_argument("--schedulers", default="sequential,request,step")
     p.add_argument("--load", default="0.3,0.5,0.7,0.9,1.5",
-                   help="offered loads as fractions of the static-batch capacity")
+                   help="offered loads as fractions of the step scheduler's saturation, measured "
+                        "first (of the static-batch estimate when --schedulers leaves step out)")
     p.add_argument("--rps", default=None, help="with --url: offered loads in requests/s")
     p.add_argument("--requests", type=int, default=60, help="requests per load level (a bound)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="sending time per load level (a bound)")
@@ -126,6 +127,8 @@ def run(args) -> int:
         print(f"static-batch generate: {result['static_generate']['generate_images_per_s']:.2f} images/s "
               f"(batch {result['static_generate']['batch']}); capacity estimate "
               f"{result['capacity_rps']:.2f} rps; SLO {result['meta']['slo_s']:.3f} s")
+        for mode, basis in result.get("load_basis", {}).items():
+            print(f"{mode}: loads are fractions of {basis['rps']:.2f} rps, {basis['what']}")
     print(table(result))
     if "summary" in result:
         print(json.dumps(result["summary"], indent=1))

@@ -10,12 +10,21 @@ same painting, so only the scheduling differs):
 
 Modes: ``inproc`` drives the scheduler directly (tokenizer, engine, painting, PNG encoding; no
 HTTP, no Ray, no pydantic: this runs where they are not installed) and ``http`` deploys one Ray Serve application per scheduler on 127.0.0.1 and sends
-real HTTP requests. Offered loads are fractions of a capacity estimate: static-batch
-``xlx_fast.generate`` throughput at batch = slots and the trace's mean step count (measured in
-the same run; the reference point of the serving targets, SPEC §6).
+real HTTP requests.
+
+Offered loads are fractions of the step-level scheduler's capacity, measured first in each mode:
+the step scheduler is loaded at twice the static-batch estimate (``xlx_fast.generate`` plus
+painting at batch = slots and the trace's mean step count) and its throughput there is its
+saturation; every scheduler is then swept at ``fractions`` of it. (A fraction of the static
+estimate would overload a server that reaches only part of it, and "p99 at 70% load" would then
+compare queues, not schedulers.) Without the step scheduler in the run, the static estimate is the
+basis. Static-batch ``generate`` throughput is measured in the same run: the reference point of
+the serving targets (SPEC §6).
 
 Per scheduler and rate: p50/p95/p99/max end-to-end latency, queue wait, throughput, goodput at
-the SLO, rejections, mean batch occupancy (from the server's own metrics).
+the SLO, rejections, mean batch occupancy (from the server's own metrics), and in process where
+the time went: engine steps run, mean step and painting wall time, and the share of the run the
+engine was stepping (a low share at saturation means the loop, not the model, is the limit).
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import asyncio
 import platform
 import socket
 import statistics
+import sys
 import time
 
 import torch
@@ -32,6 +42,7 @@ from .model_spec import ModelSpec
 from .scheduler import POLICIES, Scheduler
 
 DEFAULT_FRACTIONS = (0.3, 0.5, 0.7, 0.9, 1.5)
+PROBE_FACTOR = 2.0  # the step scheduler's saturation is measured at this × the static estimate
 
 
 @torch.no_grad()
@@ -81,17 +92,78 @@ def _mean_occ(before, after):
     return (after[0] - before[0]) / dc if dc else None
 
 
-async def _sweep(send, read_occupancy, trace, rates, *, requests, max_seconds, slo_s, seed):
+def _time_split(metrics) -> tuple:
+    """(steps, step seconds, paintings, paint seconds) so far, from a replica's ServerMetrics."""
+    return (metrics.step_seconds.count, metrics.step_seconds.sum,
+            metrics.paint_seconds.count, metrics.paint_seconds.sum)
+
+
+def _split_row(before, after, duration_s: float) -> dict:
+    steps, step_s, paints, paint_s = (a - b for a, b in zip(after, before))
+    return {"engine_steps": steps, "step_s_mean": step_s / steps if steps else None,
+            "paint_s_mean": paint_s / paints if paints else None,
+            "stepping_share": step_s / duration_s if duration_s > 0 else None}
+
+
+class LoadPlan:
+    """The offered rates of a mode: ``fractions`` of the step scheduler's measured saturation
+    (see the module docstring), or of the static estimate when no step scheduler runs."""
+
+    def __init__(self, fractions, static_capacity: float):
+        self.fractions, self.static_capacity = tuple(fractions), static_capacity
+        self.step_capacity: float | None = None
+
+    @property
+    def probe_rate(self) -> float:
+        return PROBE_FACTOR * self.static_capacity
+
+    @property
+    def basis(self) -> float:
+        return self.step_capacity if self.step_capacity else self.static_capacity
+
+    def rates(self) -> list[float]:
+        return [f * self.basis for f in self.fractions]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+async def _sweep(send, read_occupancy, trace, rates, *, requests, max_seconds, slo_s, seed,
+                 label="", read_split=None, probe=False):
     rows = []
     for k, rate in enumerate(rates):
         before = await read_occupancy()
+        split0 = read_split() if read_split else None
+        t0 = time.perf_counter()
         run = await run_open_loop(send, trace, rate, max_requests=requests, max_seconds=max_seconds,
                                   drain_seconds=max(60.0, 4 * max_seconds), seed=seed + k)
         row = summarize(run, rate, slo_s)
         row["mean_occupancy"] = _mean_occ(before, await read_occupancy())
+        if read_split:
+            row.update(_split_row(split0, read_split(), row["duration_s"]))
+        if probe:
+            row["probe"] = True
         rows.append(row)
+        p99 = row["e2e_p99_s"]
+        _say(f"  {label} {'saturation probe ' if probe else ''}at {rate:.3g} rps: {row['ok']}/"
+             f"{row['sent']} ok, {row['throughput_rps']:.3g} images/s, p99 "
+             f"{'-' if p99 is None else f'{p99:.3g} s'} ({time.perf_counter() - t0:.0f} s)")
         await asyncio.sleep(0.2)  # let the queue drain of stragglers before the next rate
     return rows
+
+
+async def _sweep_policy(policy, plan: LoadPlan, send, read_occupancy, trace, **kw) -> list:
+    """One scheduler's rows; the step scheduler first measures its saturation for ``plan``."""
+    rows = []
+    if policy == "step" and plan.step_capacity is None:
+        rows = await _sweep(send, read_occupancy, trace, [plan.probe_rate], probe=True, **kw)
+        plan.step_capacity = rows[0]["throughput_rps"]
+    return rows + await _sweep(send, read_occupancy, trace, plan.rates(), **kw)
+
+
+def _step_first(policies) -> list:
+    return sorted(policies, key=lambda p: p != "step")
 
 
 def server_options(spec: dict, slots: int, policy: str, batch_wait_ms: float, max_queue: int) -> dict:
@@ -99,12 +171,12 @@ def server_options(spec: dict, slots: int, policy: str, batch_wait_ms: float, ma
             "max_queue": max_queue, "api_key": ""}
 
 
-async def run_inproc(spec: dict, model, tokenizer, *, slots, policies, rates, trace, requests,
+async def run_inproc(spec: dict, model, tokenizer, *, slots, policies, plan, trace, requests,
                      max_seconds, slo_s, batch_wait_ms, max_queue, seed) -> dict:
     from ..engine import Engine
 
     out = {}
-    for policy in policies:
+    for policy in _step_first(policies):
         engine = Engine(model, slots=slots)
         engine.warmup()
         sched = Scheduler(engine, model, max_queue=max_queue, policy=policy,
@@ -114,8 +186,10 @@ async def run_inproc(spec: dict, model, tokenizer, *, slots, policies, rates, tr
         async def occ(sched=sched):
             return _occupancy(sched.metrics)
 
-        out[policy] = await _sweep(inprocess_sender(sched, tokenizer), occ, trace, rates,
-                                   requests=requests, max_seconds=max_seconds, slo_s=slo_s, seed=seed)
+        out[policy] = await _sweep_policy(
+            policy, plan, inprocess_sender(sched, tokenizer), occ, trace, requests=requests,
+            max_seconds=max_seconds, slo_s=slo_s, seed=seed, label=f"inproc {policy}",
+            read_split=lambda sched=sched: _time_split(sched.metrics))
         await sched.stop()
     return out
 
@@ -126,7 +200,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_http(spec: dict, *, slots, policies, rates, trace, requests, max_seconds, slo_s,
+def run_http(spec: dict, *, slots, policies, plan, trace, requests, max_seconds, slo_s,
              batch_wait_ms, max_queue, seed, cpus_per_replica: float = 1.0) -> dict:
     """Deploys one application per scheduler on a local Ray (127.0.0.1) and loads each."""
     import os
@@ -144,7 +218,7 @@ def run_http(spec: dict, *, slots, policies, rates, trace, requests, max_seconds
     out = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for policy in policies:
+        for policy in _step_first(policies):
             args = server_options(spec, slots, policy, batch_wait_ms, max_queue)
             args["deployment"] = {"ray_actor_options": {"num_cpus": cpus_per_replica}}
             serve.run(build_app(args), name=policy, route_prefix=f"/{policy}")
@@ -164,9 +238,9 @@ def run_http(spec: dict, *, slots, policies, rates, trace, requests, max_seconds
                         async with session.get(f"{url}/metrics") as r:
                             return _occupancy(await r.text())
 
-                    return await _sweep(http_sender(session, url), occ, trace, rates,
-                                        requests=requests, max_seconds=max_seconds, slo_s=slo_s,
-                                        seed=seed)
+                    return await _sweep_policy(
+                        policy, plan, http_sender(session, url), occ, trace, requests=requests,
+                        max_seconds=max_seconds, slo_s=slo_s, seed=seed, label=f"http {policy}")
 
             out[policy] = asyncio.run(go())
             serve.delete(policy)
@@ -186,10 +260,11 @@ def run_benchmark(spec: dict, *, modes=("inproc",), slots: int = 8, policies=POL
     mean_steps = max(1, round(sum(steps) / len(steps)))
     static = static_generate(model, tokenizer, slots, mean_steps)
     capacity = static["generate_paint_images_per_s"]
-    rates = [f * capacity for f in fractions]
+    _say(f"static-batch generate: {static['generate_images_per_s']:.3g} images/s, with painting "
+         f"{capacity:.3g} (batch {slots}, {mean_steps} steps)")
     slo = slo_s if slo_s is not None else 4 * (static["generate_s"] + static["paint_s"])
     trace = make_trace(max(requests, 64), seed=seed, steps=steps)
-    common = dict(slots=slots, policies=tuple(policies), rates=rates, trace=trace, requests=requests,
+    common = dict(slots=slots, policies=tuple(policies), trace=trace, requests=requests,
                   max_seconds=max_seconds, slo_s=slo, batch_wait_ms=batch_wait_ms,
                   max_queue=max_queue, seed=seed)
     result = {
@@ -199,15 +274,19 @@ def run_benchmark(spec: dict, *, modes=("inproc",), slots: int = 8, policies=POL
                  "fractions": list(fractions), "requests_per_rate": requests,
                  "max_seconds_per_rate": max_seconds, "batch_wait_ms": batch_wait_ms,
                  "slo_s": slo, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-        "static_generate": static, "capacity_rps": capacity, "modes": {},
+        "static_generate": static, "capacity_rps": capacity, "modes": {}, "load_basis": {},
     }
     for mode in modes:
+        plan = LoadPlan(fractions, capacity)
         if mode == "inproc":
-            result["modes"][mode] = asyncio.run(run_inproc(spec, model, tokenizer, **common))
+            result["modes"][mode] = asyncio.run(run_inproc(spec, model, tokenizer, plan=plan, **common))
         elif mode == "http":
-            result["modes"][mode] = run_http(spec, **common)
+            result["modes"][mode] = run_http(spec, plan=plan, **common)
         else:
             raise ValueError(f"modes: unknown mode {mode!r} (inproc, http)")
+        result["load_basis"][mode] = {
+            "rps": plan.basis, "what": ("step-level saturation (measured)" if plan.step_capacity
+                                        else "static-batch generate + paint (estimate)")}
     result["summary"] = summarize_targets(result)
     return result
 
@@ -230,13 +309,16 @@ def summarize_targets(result: dict) -> dict:
                                                   / max(r["throughput_rps"] for r in per["sequential"]))
         near = min(range(len(fr)), key=lambda i: abs(fr[i] - 0.7))
         if "step" in per and "request" in per:
-            a, b = per["step"][near]["e2e_p99_s"], per["request"][near]["e2e_p99_s"]
+            step, request = ([r for r in per[p] if not r.get("probe")] for p in ("step", "request"))
+            a, b = step[near]["e2e_p99_s"], request[near]["e2e_p99_s"]
             s["load_fraction_for_p99"] = fr[near]
             s["p99_step_over_request"] = a / b if a and b else None
         out[mode] = s
     if "inproc" in result["modes"] and "http" in result["modes"]:
-        a = result["modes"]["inproc"].get("step", [{}])[0].get("e2e_p50_s")
-        b = result["modes"]["http"].get("step", [{}])[0].get("e2e_p50_s")
+        def low_load_p50(mode):
+            rows = [r for r in result["modes"][mode].get("step", []) if not r.get("probe")]
+            return rows[0].get("e2e_p50_s") if rows else None
+        a, b = low_load_p50("inproc"), low_load_p50("http")
         out["http_overhead_low_load_p50_s"] = (b - a) if a is not None and b is not None else None
     return out
 
@@ -280,13 +362,17 @@ def plot(result: dict, path: str) -> None:
 def table(result: dict) -> str:
     """A Markdown table of the sweep."""
     lines = ["| mode | scheduler | offered rps | throughput | p50 s | p99 s | max s | queue p99 s | "
-             "goodput | rejected | occupancy |", "|" + "---|" * 11]
+             "goodput | rejected | occupancy | step ms | stepping |", "|" + "---|" * 13]
     for mode, per in result["modes"].items():
         for policy, rows in per.items():
             for r in rows:
                 f = (lambda v: "-" if v is None else f"{v:.3f}")
-                lines.append(f"| {mode} | {policy} | {r['offered_rps']:.2f} | {r['throughput_rps']:.2f} | "
+                ms = (lambda v: "-" if v is None else f"{1000 * v:.1f}")
+                pct = (lambda v: "-" if v is None else f"{100 * v:.0f}%")
+                name = f"{policy} (saturation probe)" if r.get("probe") else policy
+                lines.append(f"| {mode} | {name} | {r['offered_rps']:.2f} | {r['throughput_rps']:.2f} | "
                              f"{f(r['e2e_p50_s'])} | {f(r['e2e_p99_s'])} | {f(r['e2e_max_s'])} | "
                              f"{f(r['queue_wait_p99_s'])} | {r['goodput_rps']:.2f} | "
-                             f"{sum(r['rejected'].values())} | {f(r['mean_occupancy'])} |")
+                             f"{sum(r['rejected'].values())} | {f(r['mean_occupancy'])} | "
+                             f"{ms(r.get('step_s_mean'))} | {pct(r.get('stepping_share'))} |")
     return "\n".join(lines)

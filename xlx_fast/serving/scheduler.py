@@ -7,8 +7,16 @@ The loop (``policy="step"``, the server's)::
                 at this boundary); jobs whose caller went away (future cancelled) → engine.cancel
         admit:  queued rows, oldest first, into the free slots (a job's rows may span steps)
         step:   await asyncio.to_thread(engine.step)   one forward; the event loop stays free
-        paint:  rows of jobs that are now complete, all together, per-row seeded noise
-        resolve each complete job's future
+        hand the jobs that are now complete to the painter, and go on stepping
+
+    the painter (a second task, one at a time, so one generator call in flight):
+        paint:  the rows of every complete job handed over so far, together, per-row seeded
+        resolve each job's future
+
+Painting overlaps the next steps (both run in worker threads; on a GPU both queue kernels, on a
+CPU they share the cores), so a step never waits for another request's picture. The hand-over
+is bounded: at most ``max_paint_backlog`` batches wait for the painter, then the loop waits too
+(painting slower than generation slows admission instead of piling up finished rows).
 
 Only this loop touches the engine (it is not thread-safe), one call at a time. The queue is
 bounded (``max_queue`` jobs): :meth:`Scheduler.submit` raises :class:`QueueFull` with a
@@ -82,11 +90,13 @@ class Scheduler:
 
     def __init__(self, engine, model, *, max_queue: int = 64, policy: str = "step",
                  batch_wait_ms: float = 50.0, paint_images: bool = True,
-                 metrics: ServerMetrics | None = None):
+                 metrics: ServerMetrics | None = None, max_paint_backlog: int = 2):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if max_paint_backlog < 1:
+            raise ValueError(f"max_paint_backlog must be >= 1, got {max_paint_backlog}")
         self.engine, self.model = engine, model
         self.max_queue, self.policy = max_queue, policy
         self.batch_wait_s = batch_wait_ms / 1000.0
@@ -97,6 +107,8 @@ class Scheduler:
         self._active: list[Job] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._painter: asyncio.Task | None = None
+        self._to_paint: asyncio.Queue[list[Job]] = asyncio.Queue(max_paint_backlog)
         self.broken: BaseException | None = None
         self.steps_run = 0
 
@@ -142,16 +154,19 @@ class Scheduler:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            loop = asyncio.get_running_loop()
+            self._painter = loop.create_task(self._paint_loop())
+            self._task = loop.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        for task in (self._task, self._painter):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._task = self._painter = None
 
     async def _run(self) -> None:
         try:
@@ -304,7 +319,7 @@ class Scheduler:
             if len(job.finished) == len(job.requests):
                 complete.append(job)
         if complete:
-            await self._paint_and_resolve(complete)
+            await self._to_paint.put(complete)  # waits only when the painter is behind
         self._update_gauges()
 
     def _fail_flagged(self, err: ValueError) -> None:
@@ -316,8 +331,25 @@ class Scheduler:
                         del job.handles[row]  # already freed by the engine
                 self._fail(job, RuntimeError(f"the engine failed on this request: {err}"), "error")
 
+    async def _paint_loop(self) -> None:
+        """The painter task: every batch handed over since its last call, painted together."""
+        while True:
+            jobs = await self._to_paint.get()
+            while not self._to_paint.empty():
+                jobs += self._to_paint.get_nowait()
+            try:
+                await self._paint_and_resolve(jobs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a failed painting fails its jobs, not the replica
+                for job in jobs:
+                    self._fail(job, RuntimeError(f"painting failed: {e!r}"), "error")
+
     async def _paint_and_resolve(self, jobs: list[Job]) -> None:
+        jobs = [job for job in jobs if not job.done]  # expired or cancelled while waiting
         rows = [(job, r) for job in jobs for r in range(len(job.requests))]
+        if not rows:
+            return
         images = [None] * len(rows)
         if self.paint_images:
             import torch
