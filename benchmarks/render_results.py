@@ -108,8 +108,8 @@ def render(path: Path | None, doc: dict | None, root: Path = ROOT) -> str:
 
 
 def latest_serving(serving_dir: Path) -> list:
-    """[(path, result)]: the newest ``xlx-fast bench-serve`` run of the full-size model on each
-    device (cpu, cuda), [] when there is none."""
+    """[(path, result)]: the newest ``xlx-fast bench-serve`` run of the full-size model for each
+    device (cpu, cuda) and set of modes (in-process, HTTP, both), [] when there is none."""
     newest = {}
     for path in result_files(serving_dir) if serving_dir.is_dir() else []:
         try:
@@ -120,10 +120,10 @@ def latest_serving(serving_dir: Path) -> list:
             continue
         if meta["model"].get("size", "base") == "base":
             entry = (meta.get("time", ""), path.name, path, result)
-            device = meta.get("device", "")
-            if device not in newest or entry > newest[device]:
-                newest[device] = entry
-    return [(newest[d][2], newest[d][3]) for d in sorted(newest)]
+            key = (meta.get("device", ""), tuple(sorted(result.get("modes", {}))))
+            if key not in newest or entry > newest[key]:
+                newest[key] = entry
+    return [(newest[k][2], newest[k][3]) for k in sorted(newest)]
 
 
 def render_serving(path: Path | None, result: dict | None, root: Path = ROOT) -> str:

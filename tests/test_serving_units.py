@@ -387,3 +387,26 @@ def test_server_options_from_serve_run_strings():
         ServerOptions.from_dict({"slot": 4})
     with pytest.raises(ValueError, match="dtype"):
         ServerOptions.from_dict({"model": {"dtype": "fp8"}})
+
+
+def test_serve_cpu_replicas_get_the_cores_as_threads():
+    """Ray hands a replica's CPU count to torch as its thread count: a CPU replica gets this
+    machine's cores shared among the replicas (one CPU would halve a 2-core server), a GPU
+    replica one CPU, and an explicit count is kept."""
+    import argparse
+
+    from xlx_fast.cli import serve as serve_cli
+
+    def num_cpus(*argv):
+        p = argparse.ArgumentParser()
+        serve_cli.add_parser(p)
+        return serve_cli.app_args(p.parse_args(list(argv)))["deployment"]["ray_actor_options"]["num_cpus"]
+
+    cores = os.cpu_count()
+    assert num_cpus() == cores
+    assert num_cpus("--replicas", "2") == max(1, cores // 2)
+    assert num_cpus("--replicas", str(4 * cores)) == 1
+    assert num_cpus("--device", "cuda") == 1
+    assert num_cpus("--cpus-per-replica", "0.5") == 0.5
+    with pytest.raises(ValueError, match="--cpus-per-replica"):
+        num_cpus("--cpus-per-replica", "-1")

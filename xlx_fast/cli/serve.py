@@ -18,7 +18,10 @@ def add_parser(p) -> None:
     p.add_argument("--timeout-ms", type=int, default=None,
                    help="deadline for requests that give no timeout_ms (default: none)")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="Ray CPUs per replica, which Ray also gives torch as its thread count "
+                        "(default: 1 with --device cuda; with a CPU model, this machine's cores "
+                        "shared among the replicas)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None,
@@ -38,6 +41,11 @@ def app_args(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    cpus = args.cpus_per_replica
+    if cpus is not None and not cpus >= 0:
+        raise ValueError(f"--cpus-per-replica must be >= 0, got {cpus}")
+    if cpus is None:
+        cpus = 1 if args.device.startswith("cuda") else max(1, (os.cpu_count() or 1) // args.replicas)
     if args.timeout_ms is not None and args.timeout_ms < 1:
         raise ValueError(f"--timeout-ms must be >= 1, got {args.timeout_ms}")
     model = {"checkpoint": args.checkpoint, "centroids": args.centroids, "generator": args.generator,
@@ -49,7 +57,7 @@ def app_args(args) -> dict:
     out = {"model": model, "slots": args.max_batch, "max_queue": args.max_queue,
            "max_steps": args.max_steps, "default_timeout_ms": args.timeout_ms, "api_key": key or "",
            "deployment": {"num_replicas": args.replicas,
-                          "ray_actor_options": {"num_cpus": args.cpus_per_replica}}}
+                          "ray_actor_options": {"num_cpus": cpus}}}
     ServerOptions.from_dict({k: v for k, v in out.items() if k != "deployment"})  # validate now
     return out
 

@@ -201,8 +201,12 @@ def _free_port() -> int:
 
 
 def run_http(spec: dict, *, slots, policies, plan, trace, requests, max_seconds, slo_s,
-             batch_wait_ms, max_queue, seed, cpus_per_replica: float = 1.0) -> dict:
-    """Deploys one application per scheduler on a local Ray (127.0.0.1) and loads each."""
+             batch_wait_ms, max_queue, seed, cpus_per_replica: float | None = None) -> dict:
+    """Deploys one application per scheduler on a local Ray (127.0.0.1) and loads each. The
+    replica gets as many CPUs as the in-process run has torch threads (Ray hands its CPU count to
+    torch as the thread count), so the two modes differ by HTTP and Ray, not by threads."""
+    if cpus_per_replica is None:
+        cpus_per_replica = torch.get_num_threads()
     import os
 
     import aiohttp
