@@ -109,3 +109,20 @@ def test_attention_projections_are_views_of_the_fused_matrix():
     w2, _ = att._fused_weights()
     assert torch.equal(w2[2 * h:], torch.full_like(att.value.weight, 2.0))
     assert att.value.weight.data_ptr() == w2[2 * h:].data_ptr()
+
+
+@pytest.mark.parametrize("one_sync", [False, True])
+def test_bitwise_comparison_both_ways(one_sync):
+    """The staleness check's two forms (torch.equal per source on a CPU, one flag read back on a
+    GPU) agree: equal bits pass, one flipped value, a -0 for a +0 fail, NaN equals itself."""
+    from xlx_fast.generation import _bits, _same_bits
+
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(37, 5, generator=g), torch.randn(11, generator=g).to(torch.bfloat16),
+         torch.tensor([float("nan"), 0.0, 1.0])]
+    snap = [_bits(t).clone() for t in a]  # as prepare() stores it
+    assert _same_bits(list(zip(a, snap)), one_sync)
+    for i, idx in ((0, (36, 4)), (1, (3,)), (2, (1,))):
+        edited = [t.clone() for t in a]
+        edited[i][idx] = -0.0 if i == 2 else edited[i][idx] + 1  # -0 differs from +0 in bits
+        assert not _same_bits(list(zip(edited, snap)), one_sync), i

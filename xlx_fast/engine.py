@@ -115,6 +115,8 @@ class _Row:
     next_cell: list | None
     key: int
     temperature: float
+    ids: torch.Tensor      # the caption on the host [L] (read once, validated there)
+    mask: torch.Tensor     # its attention mask on the host, bool [L]
     step: int = 0
     cancelled: bool = False
 
@@ -239,6 +241,7 @@ class Engine:
         if ids.device.type not in ("cpu", self.device.type):
             raise ValueError(f"{where}.input_ids is on {ids.device}, the model on {self.device}")
         vocab = self.model.config.vocab_size
+        ids = ids.cpu()  # one copy per caption; every check below reads the host copy (no syncs)
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"{where}.input_ids must lie in [0, {vocab}), got [{lo}, {hi}]")
@@ -252,8 +255,12 @@ class Engine:
             if tuple(mask.shape) != tuple(ids.shape):
                 raise ValueError(f"{where}.attention_mask must have input_ids' shape "
                                  f"{tuple(ids.shape)}, got {tuple(mask.shape)}")
+            mask = mask.cpu()
             if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
                 raise ValueError(f"{where}.attention_mask must hold only 0 and 1")
+            mask = mask.bool()
+        else:
+            mask = ids != 0
         if isinstance(r.seed, bool) or not isinstance(r.seed, (int, np.integer)):
             raise TypeError(f"{where}.seed must be an int, got {type(r.seed).__name__}")
         if not isinstance(r.strategy, str) or r.strategy not in STRATEGIES:
@@ -276,7 +283,7 @@ class Engine:
         sched = schedule(r.strategy, steps, int(r.seed))
         return _Row(handle=-1, request=r, steps=steps, code=STRATEGIES[r.strategy],
                     count=sched.count, cell=sched.cell, next_cell=sched.next_cell,
-                    key=seed_key(r.seed), temperature=temp)
+                    key=seed_key(r.seed), temperature=temp, ids=ids, mask=mask)
 
     # ---------------------------------------------------------------- admit
     @torch.no_grad()
@@ -298,11 +305,9 @@ class Engine:
         mask = torch.zeros(j, self.max_length, dtype=torch.bool)
         temps = torch.zeros(j, N_CELLS, dtype=torch.float32)
         for n, row in enumerate(rows):
-            r = row.request
-            length = r.input_ids.shape[0]
-            ids[n, :length] = r.input_ids.cpu()
-            m = r.input_ids.cpu() != 0 if r.attention_mask is None else r.attention_mask.cpu().bool()
-            mask[n, :length] = m
+            length = row.ids.shape[0]
+            ids[n, :length] = row.ids
+            mask[n, :length] = row.mask
             temps[n] = row.temperature
         jb = self._bucket(j) if self.cuda_graph else j
         self.join_ids.zero_()
@@ -511,10 +516,11 @@ class Engine:
         ids = st.ids.index_select(0, idx)
         codes = torch.where((ids >= 0).unsqueeze(-1), self.model.centroids[ids.clamp(min=0)],
                             self.model.mask_feat.to(self.dtype))
-        ids = ids.cpu()
-        probs = self.probs.index_select(0, idx).cpu()
-        hist = self.hist.index_select(0, idx).cpu()
-        status = st.status.index_select(0, idx).cpu()
+        # four copies queued (into pinned memory on CUDA), then one wait for all of them
+        ids, probs, hist, status = (t.index_select(0, idx).to("cpu", non_blocking=True)
+                                    for t in (st.ids, self.probs, self.hist, st.status))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         finished, bad = [], []
         for n, s in enumerate(slots):
             row = self._rows[s]

@@ -102,7 +102,18 @@ def _unchanged(tables: FastTables, model) -> bool:
         return False  # a new tensor, a dtype/device/shape change or a version bump: rebuild
     # same storage and version: compare contents, which routes that bypass the version counter
     # (p.data.copy_, a detached view, a numpy view) do change
-    return all(torch.equal(_bits(p), snap) for p, snap in zip(_sources(model), tables.snapshot))
+    return _same_bits(list(zip(_sources(model), tables.snapshot)),
+                      one_sync=model.centroids.device.type == "cuda")
+
+
+def _same_bits(pairs, one_sync: bool) -> bool:
+    """Whether each (tensor, snapshot) pair holds the same bits (shapes already equal).
+    ``one_sync``: one "any difference" flag per pair, read back once -- on a GPU each
+    ``torch.equal`` would wait for it; on a CPU ``torch.equal`` is faster (4.8 ms against 8 ms
+    at the base size)."""
+    if not one_sync:
+        return all(torch.equal(_bits(p), snap) for p, snap in pairs)
+    return not bool(torch.stack([(_bits(p) != snap).any() for p, snap in pairs]).any())
 
 
 @torch.no_grad()
@@ -283,7 +294,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     engine = _engine(model, b, length, cuda_graph)
     if engine._tables is not prepare(model):
         engine.reload()
-    requests = [Request(input_ids=input_ids[r].to(torch.int64), attention_mask=attention_mask[r].bool(),
+    # the captions go to the host once, as a batch (the engine reads them there: per-row copies
+    # from a GPU would each wait for it)
+    input_ids, attention_mask = input_ids.to("cpu", torch.int64), attention_mask.to("cpu", torch.bool)
+    requests = [Request(input_ids=input_ids[r], attention_mask=attention_mask[r],
                         seed=seeds[r], steps=steps_[r], strategy=strategies[r],
                         temperature=float(temps[r])) for r in range(b)]
     handles = engine.admit(requests)
