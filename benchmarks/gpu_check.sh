@@ -3,32 +3,35 @@
 # the most evidence about xlx_fast on a GPU, the most decisive first. Stages:
 #
 #   stage                 limit  kill grace  what
-#   env                     25      5        python/python3, nvcc, driver, GPU, torch, triton,
+#   env                     20      5        python/python3, nvcc, driver, GPU, torch, triton,
 #                                            cupy, transformers, pytest plugins; "no GPU" if none
 #   build                   90      5        pip install -v -e . ; asserts the CUDA kernels were
 #                                            built (when nvcc is here); xlx-fast info
-#   smoke                   60     10        the decisive GPU tests, by id (SMOKE_IDS below);
+#   smoke                   55     10        the decisive GPU tests, by id (SMOKE_IDS below);
 #                                            the ids are collected first, everywhere: a missing
 #                                            id FAILS the stage, GPU or not
-#   gpu-tests               75     10        pytest -m gpu, all files but test_attention.py,
+#   gpu-tests               65     10        pytest -m gpu, all files but test_attention.py,
 #                                            in parallel (xdist, one file per worker)
 #   gpu-tests-attention     45     10        pytest -m gpu tests/test_attention.py (the heaviest
 #                                            compile load, so last), cases spread over workers
-#   bench                   85     10        xlx-fast bench --quick: sampler, codebook_head,
+#   bench                   75     10        xlx-fast bench --quick: sampler, codebook_head,
 #                                            nearest, attention, generation (B=1, 64),
 #                                            model_forward, engine, training, in that order
 #                                            (the last ones are lost first when time runs out)
-#   profile                 25      5        benchmarks/profile_generate.py at B=1 and B=64
-#   summary                 10      5        stage results and the bench table
+#   profile                 20      5        benchmarks/profile_generate.py at B=1 and B=64
+#   serving                 40      5        xlx-fast bench-serve in process, 16 slots, step and
+#                                            request schedulers at 70% of the step scheduler's
+#                                            saturation: latency, and where the time goes
+#   summary                  5      5        stage results and the bench table
 #                          ---    ---
-#                          415  + 60 = 475 s at most (under 8 minutes)
+#                          415  + 65 = 480 s at most (8 minutes)
 #
 # The clock starts before the first interpreter start: on a cold machine the two torch imports
 # that find the interpreter and probe CUDA take about 10 s, which env's limit allows for.
 #
 # A stage that ends early passes its unused seconds on to the next one (each stage's deadline
 # is the sum of the limits and graces before it plus its own limit), so the total stays
-# within 475 s while a slow first compile can borrow what a fast build left over.
+# within 480 s while a slow first compile can borrow what a fast build left over.
 # Stages are stopped with SIGINT (pytest then prints its summary: failures, durations), and
 # killed 5-10 s later if still running. A stage that fails or times out does not stop the later
 # ones; the script exits 1 if any stage failed, 0 otherwise (stages skipped for want of a GPU
@@ -37,8 +40,8 @@
 # script runs on the tiny model on the CPU).
 #
 # Everything lands flat in $OUT (default ./bench-out/gpu), at most 8 files:
-#   env.log build.log smoke.log gpu-tests.log bench.log <gpu>-<date>-quick.json profile.txt
-#   summary.txt
+#   build.log (env too) smoke.log gpu-tests.log bench.log (serving's log too)
+#   <gpu>-<date>-quick.json serving.json profile.txt summary.txt
 # The bench JSON is rewritten after every case, so a sweep cut short still leaves its rows.
 # Compile caches stay where Triton, torch and the build keep them (~/.triton, /tmp, build/), not
 # in $OUT: a second run on the same warm machine reuses them. To publish: copy the JSON and
@@ -80,10 +83,10 @@ if [ -n "${XLX_GPU_CHECK_SMOKE_IDS:-}" ]; then
 fi
 BENCH_OPS=${XLX_GPU_CHECK_BENCH_OPS:-sampler,codebook_head,nearest,attention,generation,model_forward,engine,training}
 WORKERS="${XLX_GPU_CHECK_WORKERS:-8}"
-STAGES="${XLX_GPU_CHECK_STAGES:-env build smoke gpu-tests gpu-tests-attention bench profile summary}"
+STAGES="${XLX_GPU_CHECK_STAGES:-env build smoke gpu-tests gpu-tests-attention bench profile serving summary}"
 
 # Our own files only (a rerun into the same folder must not pile up past 8 files).
-rm -f "$OUT"/env.log "$OUT"/build.log "$OUT"/smoke.log "$OUT"/gpu-tests.log "$OUT"/bench.log \
+rm -f "$OUT"/serving.json "$OUT"/build.log "$OUT"/smoke.log "$OUT"/gpu-tests.log "$OUT"/bench.log \
       "$OUT"/profile.txt "$OUT"/summary.txt "$OUT"/*-quick.json
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
@@ -294,6 +297,17 @@ profile() {
     "$PY" benchmarks/profile_generate.py --device cuda --batches 1 64 --out "$OUT/profile.txt"
 }
 
+serving() {
+    local args=(bench-serve --mode inproc --schedulers step,request --load 0.7 --out-dir "$OUT"
+                --name serving --no-plot)
+    if [ "$HAVE_GPU" = 0 ]; then
+        echo "no GPU: the serving benchmark runs at the tiny size on the CPU (a check that it runs)"
+        "$PY" -m xlx_fast.cli "${args[@]}" --size tiny --slots 2 --requests 3 --max-seconds 1
+        return
+    fi
+    "$PY" -m xlx_fast.cli "${args[@]}" --device cuda --slots 16 --requests 32 --max-seconds 3
+}
+
 summary() {
     "$PY" - "$OUT" <<'EOF'
 import sys
@@ -302,6 +316,16 @@ from pathlib import Path
 from xlx_fast.bench import report
 
 out = Path(sys.argv[1])
+serving = out / "serving.json"
+if serving.is_file():  # first: the bench table below is the last thing printed
+    import json
+
+    from xlx_fast.serving.benchmark import table
+
+    result = json.loads(serving.read_text())
+    print(f"serving ({result['meta']['device']}, {result['meta']['slots']} slots):")
+    print(table(result))
+    print(json.dumps(result.get("summary", {})))
 files = sorted(out.glob("*-quick.json"), key=lambda p: p.stat().st_mtime)
 if not files:
     print("no benchmark JSON was written (no GPU, or see bench.log)")
@@ -318,7 +342,7 @@ EOF
 
 PRELUDE="set -uo pipefail
 $(declare -p PY HAVE_GPU GPU_WHY OUT PYTEST TIMEOUT_ARGS XDIST_OK WORKERS SMOKE_IDS BENCH_OPS)
-$(declare -f env_report build_and_check smoke gpu_tests bench profile summary)"
+$(declare -f env_report build_and_check smoke gpu_tests bench profile serving summary)"
 
 # stage NAME LIMIT GRACE LOG CMD...: run_stage unless XLX_GPU_CHECK_STAGES leaves it out
 stage() {
@@ -329,18 +353,19 @@ stage() {
     fi
 }
 
-stage env 25 5 "$OUT/env.log" env_report
+stage env 20 5 "$OUT/build.log" env_report
 stage build 90 5 "$OUT/build.log" build_and_check
-stage smoke 60 10 "$OUT/smoke.log" smoke
+stage smoke 55 10 "$OUT/smoke.log" smoke
 deselect=()
 for id in "${SMOKE_IDS[@]}"; do deselect+=(--deselect "$id"); done
-stage gpu-tests 75 10 "$OUT/gpu-tests.log" \
+stage gpu-tests 65 10 "$OUT/gpu-tests.log" \
     gpu_tests loadfile tests --ignore=tests/test_attention.py "${deselect[@]}"
 stage gpu-tests-attention 45 10 "$OUT/gpu-tests.log" gpu_tests load tests/test_attention.py
-stage bench 85 10 "$OUT/bench.log" bench
-stage profile 25 5 "$OUT/bench.log" profile
+stage bench 75 10 "$OUT/bench.log" bench
+stage profile 20 5 "$OUT/bench.log" profile
+stage serving 40 5 "$OUT/bench.log" serving
 rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temporary behind: not a 9th file
-stage summary 10 5 "$SUMMARY" summary
+stage summary 5 5 "$SUMMARY" summary
 [ "$HAVE_GPU" = 0 ] && note "result" "no GPU here ($GPU_WHY): nothing was run on a GPU"
 note "done" "$([ "$FAILED" = 0 ] && echo "every stage passed" || echo "SOME STAGES FAILED") in $((SECONDS - T0)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit "$FAILED"

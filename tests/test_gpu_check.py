@@ -8,6 +8,7 @@ The script runs with CUDA_VISIBLE_DEVICES="" so that it takes its no-GPU path on
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,8 +19,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STAGES = ("env", "build", "smoke", "gpu-tests", "gpu-tests-attention", "bench", "profile", "summary")
-FILES = {"env.log", "build.log", "smoke.log", "gpu-tests.log", "bench.log", "profile.txt", "summary.txt"}
+STAGES = ("env", "build", "smoke", "gpu-tests", "gpu-tests-attention", "bench", "profile", "serving",
+          "summary")
+FILES = {"build.log", "smoke.log", "gpu-tests.log", "bench.log", "profile.txt", "serving.json",
+         "summary.txt"}
 BENCH_ORDER = "sampler, codebook_head, nearest, attention, generation, model_forward, engine, training"
 
 
@@ -93,9 +96,13 @@ def test_cpu_run_checked_its_plumbing(cpu_run):
     assert "generate[B=1 MP-4|fp32|cpu]" in bench
     profile = (out / "profile.txt").read_text()
     assert "B=1 eager" in profile and "B=2 eager" in profile and "CPU ops per step" in profile
-    env = (out / "env.log").read_text()
+    env = (out / "build.log").read_text()  # env's report opens the build log
     for name in ("python3", "nvcc", "torch", "triton", "transformers", "GPU: none"):
         assert name in env, name
+    assert "no GPU: the serving benchmark runs at the tiny size" in bench
+    serving = json.loads((out / "serving.json").read_text())
+    assert set(serving["modes"]["inproc"]) == {"step", "request"}
+    assert "serving (cpu, 2 slots):" in (out / "summary.txt").read_text()
 
 
 def test_a_missing_smoke_id_fails_loudly(tmp_path):

@@ -34,6 +34,7 @@ def add_parser(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="bench-out", help="where the JSON and plot go (default: ./bench-out)")
     p.add_argument("--name", default=None, help="output file stem (default: serving_<device>_<date>)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -123,7 +124,8 @@ def run(args) -> int:
     from xlx_fast.serving.benchmark import plot, table
 
     if "capacity_rps" in result:
-        plot(result, os.path.join(args.out_dir, stem + ".png"))
+        if not args.no_plot:
+            plot(result, os.path.join(args.out_dir, stem + ".png"))
         print(f"static-batch generate: {result['static_generate']['generate_images_per_s']:.2f} images/s "
               f"(batch {result['static_generate']['batch']}); capacity estimate "
               f"{result['capacity_rps']:.2f} rps; SLO {result['meta']['slo_s']:.3f} s")
