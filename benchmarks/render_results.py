@@ -109,7 +109,8 @@ def render(path: Path | None, doc: dict | None, root: Path = ROOT) -> str:
 
 def latest_serving(serving_dir: Path) -> list:
     """[(path, result)]: the newest ``xlx-fast bench-serve`` run of the full-size model for each
-    device (cpu, cuda) and set of modes (in-process, HTTP, both), [] when there is none."""
+    device (cpu, cuda), set of modes (in-process, HTTP) and set of schedulers, [] when there is
+    none."""
     newest = {}
     for path in result_files(serving_dir) if serving_dir.is_dir() else []:
         try:
@@ -120,7 +121,9 @@ def latest_serving(serving_dir: Path) -> list:
             continue
         if meta["model"].get("size", "base") == "base":
             entry = (meta.get("time", ""), path.name, path, result)
-            key = (meta.get("device", ""), tuple(sorted(result.get("modes", {}))))
+            modes = result.get("modes", {})
+            schedulers = sorted({p for per in modes.values() for p in per})
+            key = (meta.get("device", ""), tuple(sorted(modes)), tuple(schedulers))
             if key not in newest or entry > newest[key]:
                 newest[key] = entry
     return [(newest[k][2], newest[k][3]) for k in sorted(newest)]

@@ -401,23 +401,26 @@ def test_render_results_shows_the_newest_full_size_run_of_each_family(tmp_path):
     assert text.index("b.json") < text.index("a-new.json")  # ordered by family name
 
 
-def test_render_results_shows_the_newest_serving_run_of_each_device_and_modes(tmp_path):
+def test_render_results_shows_the_newest_serving_run_of_each_kind(tmp_path):
     render = _render_module()
     serving = tmp_path / "serving"
     serving.mkdir()
 
-    def write(name, device, time, size="base", modes=("inproc",)):
+    def write(name, device, time, size="base", modes=("inproc",), schedulers=("step", "request")):
         meta = {"device": device, "time": time, "model": {"size": size}}
-        (serving / name).write_text(json.dumps({"meta": meta, "modes": {m: {} for m in modes}}))
+        per = {p: [] for p in schedulers}
+        (serving / name).write_text(json.dumps({"meta": meta, "modes": {m: per for m in modes}}))
 
     write("cpu-old.json", "cpu", "2000-01-01T00:00:00Z")
     write("cpu-new.json", "cpu", "2000-02-01T00:00:00Z")
     write("cuda.json", "cuda", "2000-01-15T00:00:00Z")
     write("cuda-tiny.json", "cuda", "2000-03-01T00:00:00Z", size="tiny")
     write("cpu-both.json", "cpu", "2000-01-10T00:00:00Z", modes=("http", "inproc"))
+    write("cpu-three.json", "cpu", "2000-01-05T00:00:00Z", schedulers=("step", "request", "sequential"))
     (serving / "broken.json").write_text("{")
     shown = [path.name for path, _ in render.latest_serving(serving)]
-    assert shown == ["cpu-both.json", "cpu-new.json", "cuda.json"]  # one per device and modes
+    # one per device, modes and schedulers
+    assert shown == ["cpu-both.json", "cpu-three.json", "cpu-new.json", "cuda.json"]
     assert render.latest_serving(tmp_path / "none") == []
 
 
