@@ -244,9 +244,22 @@ def test_client_disconnect_cancels_and_frees_the_slot(server):
     url = server["a"]
     _settle(url)
     before = metrics(url)
-    with pytest.raises(requests.exceptions.Timeout):  # the client gives up and closes
-        requests.post(f"{url}/v1/images/generations", headers=AUTH, timeout=0.4,
-                      json={"prompt": "abandoned", "steps": MAX_STEPS, "strategy": "random"})
+    # a raw connection, closed once the request holds a slot: a client timeout alone could
+    # expire before a loaded machine routed the request to the replica, and then nothing ran
+    import json
+    from urllib.parse import urlparse
+
+    host = urlparse(url)
+    body = json.dumps({"prompt": "abandoned", "steps": MAX_STEPS, "strategy": "random"}).encode()
+    conn = socket.create_connection((host.hostname, host.port), timeout=10)
+    conn.sendall((f"POST {host.path}/v1/images/generations HTTP/1.1\r\nHost: {host.netloc}\r\n"
+                  f"Authorization: {AUTH['Authorization']}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    t0 = time.monotonic()
+    while metrics(url)["xlx_active_rows"] < 1:
+        assert time.monotonic() - t0 < 60, "the request never reached a slot"
+        time.sleep(0.05)
+    conn.close()  # the client goes away mid-generation
     t0 = time.monotonic()
     while time.monotonic() - t0 < 30:
         m = metrics(url)

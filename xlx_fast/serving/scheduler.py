@@ -5,7 +5,8 @@ The loop (``policy="step"``, the server's)::
     forever:
         expire: queued jobs past their deadline → 504; active ones → engine.cancel (slot freed
                 at this boundary); jobs whose caller went away (future cancelled) → engine.cancel
-        admit:  queued rows, oldest first, into the free slots (a job's rows may span steps)
+        admit:  queued rows, oldest first, into the free slots (a job's rows may span steps),
+                in a worker thread (await asyncio.to_thread(engine.admit))
         step:   await asyncio.to_thread(engine.step)   one forward; the event loop stays free
         hand the jobs that are now complete to the painter, and go on stepping
 
@@ -263,15 +264,17 @@ class Scheduler:
         if not picked:
             return
         requests = [job.requests[row] for job, row in picked]
+        # in a worker thread like the step: on a GPU admit's copies wait for the step in flight,
+        # and the event loop (arrivals, replies) must not wait with them
         try:
-            handles = self.engine.admit(requests)
+            handles = await asyncio.to_thread(self.engine.admit, requests)
         except (ValueError, TypeError):
             handles = None
         if handles is None:  # one bad request must not sink the others: admit one by one
             handles = []
             for job, row in picked:
                 try:
-                    handles.append(self.engine.admit([job.requests[row]])[0])
+                    handles.append((await asyncio.to_thread(self.engine.admit, [job.requests[row]]))[0])
                 except (ValueError, TypeError) as e:
                     handles.append(e)
         now = time.perf_counter()
