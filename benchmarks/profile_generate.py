@@ -9,7 +9,10 @@ build and ``optimize`` the model, run ``xlx_fast.generate`` once to compile, tun
   number of launches per step a graph saves (and a fused kernel would remove).
 
 For each trace it writes the top kernels by device time with their call counts, the total
-device time, the wall time of the call, and kernel launches per step. On a machine without a
+device time, the wall time of the call, kernel launches per step, and on a GPU the host's side:
+the operators and runtime calls that took the most CPU time themselves (a ``cudaStreamSynchronize``
+or a blocking ``cudaMemcpyAsync`` there is the host waiting for the device; the wall time minus
+the device time is what the host adds at this batch size). On a machine without a
 GPU the same code traces CPU operators instead (self CPU time), which is only a check that this
 module works: ``benchmarks/gpu_check.sh`` runs it that way with ``--size tiny`` on CPUs.
 
@@ -87,6 +90,19 @@ def summarize(events, on_gpu: bool, steps: int, top: int) -> list[str]:
         n = sum(calls.values())
         lines.append(f"  host launch calls {n} ({', '.join(f'{k} {v}' for k, v in sorted(calls.items()))}"
                      f"): {n / steps:.1f} per step")
+        lines += host_lines(events, top=12)
+    return lines
+
+
+def host_lines(events, top: int) -> list[str]:
+    """The ``top`` host-side entries (operators, runtime calls) by self CPU time."""
+    rows = [e for e in events if not _is_kernel(e) and e.self_cpu_time_total > 0]
+    rows.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows)
+    lines = [f"  host: {total / 1e3:.3f} ms of self CPU time in {len(rows)} kinds of call; the most:"]
+    for e in rows[:top]:
+        name = e.key if len(e.key) <= 70 else e.key[:67] + "..."
+        lines.append(f"    {e.self_cpu_time_total / 1e3:8.3f} ms {e.count:6d} calls  {name}")
     return lines
 
 

@@ -113,3 +113,21 @@ def test_a_missing_smoke_id_fails_loudly(tmp_path):
     assert re.search(r"^== smoke: FAILED", r.stdout, flags=re.M)
     assert "SMOKE IDS DO NOT COLLECT" in r.stdout and "SOME STAGES FAILED" in r.stdout
     assert "not found" in (tmp_path / "out" / "smoke.log").read_text()
+
+
+def test_profile_lists_the_host_side_by_self_time():
+    """The profile's host table (printed for GPU traces) ranks calls by self CPU time: a large
+    matrix product outranks a small addition traced with it."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("profile_generate", ROOT / "benchmarks" / "profile_generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a, b = torch.randn(512, 512), torch.randn(3)
+    events, wall_ms = mod.trace(lambda: (a @ a @ a, b + 1), on_gpu=False)
+    lines = mod.host_lines(events, top=50)
+    assert lines[0].startswith("  host: ") and wall_ms > 0
+    names = [line.split("calls  ")[1] for line in lines[1:]]
+    assert names.index("aten::mm") < names.index("aten::add")
