@@ -20,7 +20,7 @@ def test_serve_command_round_trip():
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "XLX_FAST_API_KEY": "k1"}
     proc = subprocess.Popen([sys.executable, "-m", "xlx_fast.cli", "serve", "--size", "tiny",
                              "--max-batch", "2", "--port", str(port), "--cpus-per-replica", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()  # printed once the app is deployed
         url = f"http://127.0.0.1:{port}"
@@ -36,9 +36,12 @@ def test_serve_command_round_trip():
         assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # impatient: a second Ctrl-C during the shutdown
         try:
-            rc = proc.wait(timeout=60)
+            _, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    assert rc == 0
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopping" in err and "Traceback" not in err, err[-2000:]

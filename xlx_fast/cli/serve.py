@@ -3,6 +3,7 @@ Ctrl-C. The server binds 127.0.0.1 unless ``--host`` says otherwise."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -92,6 +93,13 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("stopping", file=sys.stderr)
     finally:
-        serve.shutdown()
+        # a second Ctrl-C (or one sent to the whole process group) must not cut the shutdown
+        # short with a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            serve.shutdown()
+        except Exception as e:  # Ray's own processes may be gone already
+            print(f"Ray Serve did not shut down cleanly ({type(e).__name__}); its processes end "
+                  "with this one", file=sys.stderr)
         ray.shutdown()
     return 0
