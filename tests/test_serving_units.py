@@ -241,6 +241,33 @@ def test_painting_overlaps_the_next_steps(tiny, tok, monkeypatch):
     asyncio.run(asyncio.wait_for(go(), 60))
 
 
+def test_a_failed_painting_fails_its_jobs_not_the_replica(tiny, tok, monkeypatch):
+    from xlx_fast.serving import scheduler as sched_module
+
+    calls = []
+
+    def flaky(model, codes, seeds):
+        calls.append(len(seeds))
+        if len(calls) == 1:
+            raise RuntimeError("generator out of memory")
+        return paint(model, codes, seeds)
+
+    monkeypatch.setattr(sched_module, "paint", flaky)
+
+    async def go():
+        sched = Scheduler(Engine(tiny, slots=1), tiny, paint_images=True)
+        sched.start()
+        first = sched.submit(requests_for(tok, [("first", 1, 1, "mask_predict", 0.0)]))
+        with pytest.raises(RuntimeError, match="painting failed.*out of memory"):
+            await sched.result(first)
+        second = sched.submit(requests_for(tok, [("second", 2, 1, "mask_predict", 0.0)]))
+        (row,) = await sched.result(second)
+        await sched.stop()
+        assert row.image.shape == (32, 32, 3) and sched.broken is None
+        assert sched.metrics.requests.value("error") == 1 and sched.metrics.requests.value("ok") == 1
+    asyncio.run(asyncio.wait_for(go(), 60))
+
+
 def test_painting_backlog_is_bounded(tiny, tok, monkeypatch):
     """With the painter held and a backlog of one batch, the loop stops after three finished
     steps (one painting, one waiting, one blocked handing over) instead of piling rows up."""
