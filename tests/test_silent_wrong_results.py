@@ -8,11 +8,11 @@ ValueError/TypeError naming the argument.
 - ``reference.sample`` ran a model in train mode (dropout on);
 - a vocabulary whose ``[PAD]`` is not id 0 got ``attention_mask = input_ids > 0``, attending padding.
 """
-import math
 
 import numpy as np
 import pytest
 import torch
+from test_bad_inputs import attention_reference
 
 import xlx_fast
 from xlx_fast import reference
@@ -100,17 +100,6 @@ def test_assign_refuses_nan_centroids_by_name():
 
 # -- attention: NaN in q ---------------------------------------------------------------------------
 
-def formula(q, k, v, heads):
-    """softmax(q·kᵀ/√d)·v per head, in float64, NaN propagating as the math says."""
-    b, lq, w = q.shape
-    d = w // heads
-    qh = q.double().view(b, lq, heads, d).transpose(1, 2)
-    kh = k.double().view(b, -1, heads, d).transpose(1, 2)
-    vh = v.double().view(b, -1, heads, d).transpose(1, 2)
-    s = qh @ kh.transpose(-1, -2) / math.sqrt(d)
-    return (torch.softmax(s, -1) @ vh).transpose(1, 2).reshape(b, lq, w)
-
-
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_nan_in_q_gives_nan_like_the_formula(masked):
     g = torch.Generator().manual_seed(0)
@@ -118,7 +107,7 @@ def test_attention_nan_in_q_gives_nan_like_the_formula(masked):
     q[1, 3, 40] = float("nan")  # head 1 of row (1, 3)
     mask = torch.ones(2, 7, dtype=torch.bool) if masked else None
     out = attention(q, k, v, mask, num_heads=2)
-    ref = formula(q, k, v, 2)
+    ref = attention_reference(q, k, v, mask, 2)  # float64, NaN propagating as the math says
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.isnan(out[1, 3, 32:]).all() and not torch.isnan(out[1, 3, :32]).any()
     finite = ~torch.isnan(ref)
