@@ -66,15 +66,21 @@ def latest(results_dir: Path):
     return path, doc
 
 
+def _newest_per(entries, key) -> list:
+    """[(path, document)] of the newest (date, name, path, document) entry for each ``key(doc)``,
+    ordered by key."""
+    newest = {}
+    for entry in entries:
+        k = key(entry[3])
+        if k not in newest or entry > newest[k]:
+            newest[k] = entry
+    return [(newest[k][2], newest[k][3]) for k in sorted(newest)]
+
+
 def latest_per_family(results_dir: Path) -> list:
     """[(path, document)]: the newest run of each (families, device), ordered by family."""
-    newest = {}
-    for entry in _load_all(results_dir):
-        doc = entry[3]
-        key = (tuple(doc["settings"].get("ops") or ()), doc["machine"].get("device", ""))
-        if key not in newest or entry > newest[key]:
-            newest[key] = entry
-    return [(newest[k][2], newest[k][3]) for k in sorted(newest)]
+    return _newest_per(_load_all(results_dir), lambda doc: (
+        tuple(doc["settings"].get("ops") or ()), doc["machine"].get("device", "")))
 
 
 def render(path: Path | None, doc: dict | None, root: Path = ROOT) -> str:
@@ -111,7 +117,7 @@ def latest_serving(serving_dir: Path) -> list:
     """[(path, result)]: the newest ``xlx-fast bench-serve`` run of the full-size model for each
     device (cpu, cuda), set of modes (in-process, HTTP) and set of schedulers, [] when there is
     none."""
-    newest = {}
+    found = []
     for path in result_files(serving_dir) if serving_dir.is_dir() else []:
         try:
             result = json.loads(path.read_text(encoding="utf-8"))
@@ -120,13 +126,14 @@ def latest_serving(serving_dir: Path) -> list:
             print(f"skipping {path}: {e}", file=sys.stderr)
             continue
         if meta["model"].get("size", "base") == "base":
-            entry = (meta.get("time", ""), path.name, path, result)
-            modes = result.get("modes", {})
-            schedulers = sorted({p for per in modes.values() for p in per})
-            key = (meta.get("device", ""), tuple(sorted(modes)), tuple(schedulers))
-            if key not in newest or entry > newest[key]:
-                newest[key] = entry
-    return [(newest[k][2], newest[k][3]) for k in sorted(newest)]
+            found.append((meta.get("time", ""), path.name, path, result))
+
+    def kind(result):
+        modes = result.get("modes", {})
+        schedulers = sorted({p for per in modes.values() for p in per})
+        return result["meta"].get("device", ""), tuple(sorted(modes)), tuple(schedulers)
+
+    return _newest_per(found, kind)
 
 
 def render_serving(path: Path | None, result: dict | None, root: Path = ROOT) -> str:
