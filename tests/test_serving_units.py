@@ -109,10 +109,24 @@ def test_batched_painting_gives_each_row_its_own_seeds_noise(tiny):
     for r, s in enumerate(seeds):
         alone = reference.paint(tiny, codes[r:r + 1], seed=s)[0]
         expect = (alone.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-        assert (batch[r].int() - expect.int()).abs().max() <= 1
+        assert torch.equal(batch[r], expect)  # a CPU paints row by row: exactly the image alone
     # the whole batch from one generator would mix rows' noise: the noise really is per row
     shared = (reference.paint(tiny, codes, seed=5)[1].clamp(0, 1) * 255).round().permute(1, 2, 0)
     assert (batch[1].float() - shared).abs().max() > 1
+
+
+def test_a_cpu_paints_one_row_per_generator_call(tiny, monkeypatch):
+    """Batched painting costs more per image than painting alone on a CPU (the activations leave
+    the cache), so each row gets its own generator call there, whatever the batch."""
+    from xlx_fast.serving.painter import rows_per_call
+
+    assert rows_per_call(torch.device("cpu")) == 1 and rows_per_call(torch.device("cuda")) is None
+    sizes = []
+    forward = tiny.generator.forward
+    monkeypatch.setattr(tiny.generator, "forward", lambda grid, g: sizes.append(len(grid)) or forward(grid, g))
+    codes = tiny.centroids[torch.randint(0, tiny.n_clusters, (5, 64), generator=torch.Generator().manual_seed(1))]
+    assert paint(tiny, codes, [0, 1, 2, 3, 4]).shape[0] == 5
+    assert sizes == [1] * 5
 
 
 # -- scheduler on the real engine -----------------------------------------------------------------

@@ -6,10 +6,18 @@ batch and on its neighbours. Here every row draws its maps from its own generato
 its request's seed, in the order painting that row alone would draw them, so row r of a batch
 gets exactly the noise of ``reference.paint(model, codes[r:r+1], seed=seed_r)``. The rest of
 the generator is per-sample already (convolutions, instance norm), so a request's image does not
-depend on what it was painted with (up to float rounding of batched convolutions).
+depend on what it was painted with: exactly on a CPU, which paints one row per generator call
+(below), and up to the float rounding of batched convolutions on a GPU.
 
-Memory: one [B, 3, S, S] image batch plus the generator's activations (≈ B · 32 · S² values
-per live layer at base width 32); the per-row noise maps are B · S² floats per injection.
+Rows per generator call (:func:`rows_per_call`): one on a CPU, the whole batch on a GPU. On a
+CPU the base generator's SPADE layers hold B · 128 · 256² floats (32 MB an image at 256×256):
+one image's activations stay near the cache, a batch's do not, and a batch costs more per image
+than one image alone (measured on a 2-core AMD EPYC, fp32: 0.096 s an image alone, 0.123 s in a
+batch of 4, 0.154 s in a batch of 8). A GPU is under-filled by one 8×8 grid, so it paints batches.
+
+Memory: one [B, 3, S, S] image batch plus the generator's activations (≈ C · 32 · S² values
+per live layer at base width 32, C the rows per call); the per-row noise maps are C · S² floats
+per injection.
 """
 from __future__ import annotations
 
@@ -43,9 +51,16 @@ def _per_row_noise(model, generators: list[torch.Generator]):
             del m.forward
 
 
+def rows_per_call(device: torch.device) -> int | None:
+    """How many rows one generator call paints on ``device``: 1 on a CPU, all (None) elsewhere
+    (see the module docstring)."""
+    return 1 if torch.device(device).type == "cpu" else None
+
+
 @torch.no_grad()
 def paint(model, codes: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    """``codes`` [B, 64, F] with one seed per row → uint8 images [B, S, S, 3] on the CPU.
+    """``codes`` [B, 64, F] with one seed per row → uint8 images [B, S, S, 3] on the CPU, painted
+    :func:`rows_per_call` rows at a time.
 
     Not thread-safe for one model (the noise override is per model): one painter per replica.
     """
@@ -57,9 +72,14 @@ def paint(model, codes: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     param = next(model.generator.parameters())
     gens = [torch.Generator(device=param.device).manual_seed(int(s)) for s in seeds]
     grid = codes.to(device=param.device, dtype=param.dtype).reshape(codes.shape[0], 8, 8, -1)
-    with _per_row_noise(model, gens):
-        images = model.generator(grid, gens[0])  # a non-None generator switches the noise on
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    step = rows_per_call(param.device) or len(seeds)
+    out = []
+    for i in range(0, len(seeds), step):
+        with _per_row_noise(model, gens[i:i + step]):
+            # a non-None generator switches the noise on; the override draws it row by row
+            images = model.generator(grid[i:i + step], gens[i])
+        out.append((images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+    return torch.cat(out)
 
 
 def png_bytes(image) -> bytes:
