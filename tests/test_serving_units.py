@@ -225,14 +225,16 @@ def _gated_painter(monkeypatch, sched_module):
 
 
 def test_painting_overlaps_the_next_steps(tiny, tok, monkeypatch):
-    """A finished request is painted while the loop goes on stepping the others: with painting
-    held, a long request still advances, and the short one's image arrives once released."""
+    """Overlapping (a GPU's default), a finished request is painted while the loop goes on
+    stepping the others: with painting held, a long request still advances, and the short one's
+    image arrives once released."""
     from xlx_fast.serving import scheduler as sched_module
 
     calls, gate = _gated_painter(monkeypatch, sched_module)
 
     async def go():
-        sched = Scheduler(Engine(tiny, slots=2), tiny, paint_images=True)
+        sched = Scheduler(Engine(tiny, slots=2), tiny, paint_images=True,
+                          overlap_painting=True)
         short, long = requests_for(tok, [("short", 1, 1, "mask_predict", 0.0),
                                           ("long", 2, 40, "mask_predict", 0.0)])
         a, b = sched.submit([short]), sched.submit([long])
@@ -251,8 +253,88 @@ def test_painting_overlaps_the_next_steps(tiny, tok, monkeypatch):
         x, m = tok(["short"])
         alone = reference.paint(tiny, xlx_fast.generate(tiny, x, m, steps=1, seed=1).codes, seed=1)[0]
         expect = (alone.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-        assert (row.image.int() - expect.int()).abs().max() <= 1  # its own seed's noise
+        assert torch.equal(row.image, expect)  # its own seed's noise, painted alone
     asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_a_cpu_scheduler_steps_and_paints_in_turn_in_one_thread(tiny, tok, monkeypatch):
+    """On a CPU the engine and the painter share the cores: one worker thread runs both, and a
+    finished job is painted before the next step."""
+    import threading
+
+    from xlx_fast.serving import scheduler as sched_module
+
+    calls = []
+
+    def spy_paint(model, codes, seeds):
+        calls.append(("paint", threading.get_ident()))
+        return paint(model, codes, seeds)
+
+    monkeypatch.setattr(sched_module, "paint", spy_paint)
+    engine = Engine(tiny, slots=2)
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: calls.append(("step", threading.get_ident())) or step())
+
+    async def go():
+        sched = Scheduler(engine, tiny, paint_images=True)
+        jobs = [sched.submit([r]) for r in requests_for(
+            tok, [("short", 1, 2, "mask_predict", 0.0), ("long", 2, 5, "mask_predict", 0.0)])]
+        sched.start()
+        await asyncio.gather(*(sched.result(j) for j in jobs))
+        await sched.stop()
+    asyncio.run(asyncio.wait_for(go(), 60))
+    assert [c for c, _ in calls] == ["step"] * 2 + ["paint"] + ["step"] * 3 + ["paint"]
+    assert len({t for _, t in calls}) == 1 and calls[0][1] != threading.get_ident()
+
+
+def _steps_at_answer(model, tok, policy, items) -> list[int]:
+    """The loop's step count when each job (all queued before the loop starts) was answered."""
+    async def go():
+        sched = Scheduler(Engine(model, slots=len(items)), model, policy=policy, batch_wait_ms=20,
+                          paint_images=False)
+        jobs = [sched.submit([r]) for r in requests_for(tok, items)]
+        at = {}
+        for i, j in enumerate(jobs):
+            j.future.add_done_callback(lambda _, i=i: at.setdefault(i, sched.steps_run))
+        sched.start()
+        await asyncio.gather(*(sched.result(j) for j in jobs))
+        await sched.stop()
+        return [at[i] for i in range(len(jobs))]
+    return asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_request_policy_answers_its_static_batch_together(tiny, tok):
+    """The request-level baseline is a static batch: a 2-step row of a batch with a 12-step row
+    is answered when the batch is done; the step scheduler answers it after its own 2 steps."""
+    items = [("short", 1, 2, "mask_predict", 0.0), ("long", 2, 12, "mask_predict", 0.0)]
+    assert _steps_at_answer(tiny, tok, "request", items) == [12, 12]
+    assert _steps_at_answer(tiny, tok, "step", items) == [2, 12]
+
+
+def test_a_cpu_painter_answers_job_by_job(tiny, tok, monkeypatch):
+    """Two jobs finishing at the same step are painted one after the other on a CPU, and the
+    first is answered before the second's painting starts."""
+    from xlx_fast.serving import scheduler as sched_module
+
+    calls, answered_before = [], []
+
+    def spy(model, codes, seeds):
+        calls.append(len(seeds))
+        answered_before.append([j.future.done() for j in jobs])
+        return paint(model, codes, seeds)
+
+    monkeypatch.setattr(sched_module, "paint", spy)
+    jobs = []
+
+    async def go():
+        sched = Scheduler(Engine(tiny, slots=2), tiny, paint_images=True)
+        jobs.extend(sched.submit([r]) for r in requests_for(
+            tok, [("first", 1, 3, "mask_predict", 0.0), ("second", 2, 3, "mask_predict", 0.0)]))
+        sched.start()
+        await asyncio.gather(*(sched.result(j) for j in jobs))
+        await sched.stop()
+    asyncio.run(asyncio.wait_for(go(), 60))
+    assert calls == [1, 1] and answered_before == [[False, False], [True, False]]
 
 
 def test_a_failed_painting_fails_its_jobs_not_the_replica(tiny, tok, monkeypatch):
@@ -283,14 +365,16 @@ def test_a_failed_painting_fails_its_jobs_not_the_replica(tiny, tok, monkeypatch
 
 
 def test_painting_backlog_is_bounded(tiny, tok, monkeypatch):
-    """With the painter held and a backlog of one batch, the loop stops after three finished
-    steps (one painting, one waiting, one blocked handing over) instead of piling rows up."""
+    """Overlapping, with the painter held and a backlog of one batch, the loop stops after three
+    finished steps (one painting, one waiting, one blocked handing over) instead of piling rows
+    up."""
     from xlx_fast.serving import scheduler as sched_module
 
     calls, gate = _gated_painter(monkeypatch, sched_module)
 
     async def go():
-        sched = Scheduler(Engine(tiny, slots=1), tiny, paint_images=True, max_paint_backlog=1)
+        sched = Scheduler(Engine(tiny, slots=1), tiny, paint_images=True,
+                          overlap_painting=True, max_paint_backlog=1)
         jobs = [sched.submit([r]) for r in requests_for(tok, [("one step", i, 1, "mask_predict", 0.0)
                                                              for i in range(6)])]
         sched.start()

@@ -5,7 +5,8 @@ same painting, so only the scheduling differs):
 
 - ``sequential``: one request at a time;
 - ``request``: request-level batching (wait up to ``batch_wait_ms`` for a full batch, run the
-  static batch to completion);
+  static batch to completion, paint and answer it: a ``@serve.batch`` deployment over
+  ``generate``);
 - ``step``: step-level joining (the server's scheduler).
 
 Modes: ``inproc`` drives the scheduler directly (tokenizer, engine, painting, PNG encoding; no
