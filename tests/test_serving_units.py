@@ -464,6 +464,12 @@ def test_bench_serve_in_process_without_ray(tmp_path):
         assert all(x["e2e_p50_s"] <= x["e2e_p99_s"] <= x["e2e_max_s"] for x in rows if x["ok"])
         # where the time went: steps run, their mean time, the share of the run spent stepping
         assert all(x["engine_steps"] >= 1 and 0 < x["stepping_share"] <= 1 for x in rows if x["ok"])
+    # painting on the same device bounds the saturation against generate alone
+    s, st = res["summary"]["inproc"], res["static_generate"]
+    bound = s["painting_bound_vs_static_generate"]
+    assert bound < 1 and bound == pytest.approx(st["generate_paint_images_per_s"] / st["generate_images_per_s"])
+    assert s["step_saturation_vs_static_generate"] == pytest.approx(
+        bound * s["step_saturation_vs_static_generate_paint"])
     assert "saturation probe" in r.stdout and "loads are fractions of" in r.stdout
     assert "inproc step saturation probe at" in r.stderr  # progress, one line per load level
     assert (tmp_path / "b.png").stat().st_size > 1000
