@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -268,6 +269,7 @@ def test_a_cpu_scheduler_steps_and_paints_in_turn_in_one_thread(tiny, tok, monke
 
     def spy_paint(model, codes, seeds):
         calls.append(("paint", threading.get_ident()))
+        time.sleep(0.3)  # a slow painting: the step queued behind it must not count the wait
         return paint(model, codes, seeds)
 
     monkeypatch.setattr(sched_module, "paint", spy_paint)
@@ -282,7 +284,10 @@ def test_a_cpu_scheduler_steps_and_paints_in_turn_in_one_thread(tiny, tok, monke
         sched.start()
         await asyncio.gather(*(sched.result(j) for j in jobs))
         await sched.stop()
-    asyncio.run(asyncio.wait_for(go(), 60))
+        return sched.metrics
+    metrics = asyncio.run(asyncio.wait_for(go(), 60))
+    assert metrics.step_seconds.count == 5 and metrics.step_seconds.sum < 0.3
+    assert metrics.paint_seconds.count == 2 and metrics.paint_seconds.sum >= 0.6
     assert [c for c, _ in calls] == ["step"] * 2 + ["paint"] + ["step"] * 3 + ["paint"]
     assert len({t for _, t in calls}) == 1 and calls[0][1] != threading.get_ident()
 

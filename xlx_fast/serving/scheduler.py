@@ -71,6 +71,14 @@ class SchedulerBroken(RuntimeError):
     pass
 
 
+def _clocked(fn, *args):
+    """``(fn(*args), its wall time)``, timed in the thread that runs it: a wait for the shared
+    worker (a step queued behind a painting) is not the step's time."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
 @dataclass
 class RowResult:
     """One image of a job: the engine's ``Finished`` and the painted uint8 [S, S, 3] image."""
@@ -333,15 +341,14 @@ class Scheduler:
     async def _step(self) -> None:
         active = self.engine.active()
         self.metrics.occupancy.observe(active / self.engine.slots)
-        t0 = time.perf_counter()
         try:
-            finished = await self._work(self.engine.step)
+            finished, seconds = await self._work(_clocked, self.engine.step)
         except ValueError as e:
             # The engine flagged rows (e.g. NaN from the weights) and freed them; the other rows'
             # results come with the next step. Fail the flagged rows' jobs, keep serving.
             self._fail_flagged(e)
             return
-        self.metrics.step_seconds.observe(time.perf_counter() - t0)
+        self.metrics.step_seconds.observe(seconds)
         self.steps_run += 1
         self.metrics.engine_steps.inc()
         complete: list[Job] = []
@@ -410,9 +417,8 @@ class Scheduler:
 
             codes = torch.stack([job.finished[r].codes for job, r in rows])
             seeds = [job.requests[r].seed for job, r in rows]
-            t0 = time.perf_counter()
-            images = await self._work(paint, self.model, codes, seeds)
-            self.metrics.paint_seconds.observe(time.perf_counter() - t0)
+            images, seconds = await self._work(_clocked, paint, self.model, codes, seeds)
+            self.metrics.paint_seconds.observe(seconds)
         now = time.perf_counter()
         by_job: dict[int, list[RowResult]] = {}
         for (job, r), image in zip(rows, images):
