@@ -349,6 +349,7 @@ def plot(result: dict, path: str) -> None:
     for mode, per in result["modes"].items():
         style = "-" if mode == "inproc" else "--"
         for policy, rows in per.items():
+            rows = sorted(rows, key=lambda r: r["offered_rps"])  # the probe was run first
             x = [r["offered_rps"] for r in rows]
             for key, marker in (("e2e_p50_s", "o"), ("e2e_p99_s", "^")):
                 ax1.plot(x, [r[key] if r[key] is not None else float("nan") for r in rows], style,
