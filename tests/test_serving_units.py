@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -226,16 +225,14 @@ def _gated_painter(monkeypatch, sched_module):
 
 
 def test_painting_overlaps_the_next_steps(tiny, tok, monkeypatch):
-    """Overlapping (a GPU's default), a finished request is painted while the loop goes on
-    stepping the others: with painting held, a long request still advances, and the short one's
-    image arrives once released."""
+    """A finished request is painted while the loop goes on stepping the others: with painting
+    held, a long request still advances, and the short one's image arrives once released."""
     from xlx_fast.serving import scheduler as sched_module
 
     calls, gate = _gated_painter(monkeypatch, sched_module)
 
     async def go():
-        sched = Scheduler(Engine(tiny, slots=2), tiny, paint_images=True,
-                          overlap_painting=True)
+        sched = Scheduler(Engine(tiny, slots=2), tiny, paint_images=True)
         short, long = requests_for(tok, [("short", 1, 1, "mask_predict", 0.0),
                                           ("long", 2, 40, "mask_predict", 0.0)])
         a, b = sched.submit([short]), sched.submit([long])
@@ -256,40 +253,6 @@ def test_painting_overlaps_the_next_steps(tiny, tok, monkeypatch):
         expect = (alone.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
         assert torch.equal(row.image, expect)  # its own seed's noise, painted alone
     asyncio.run(asyncio.wait_for(go(), 60))
-
-
-def test_a_cpu_scheduler_steps_and_paints_in_turn_in_one_thread(tiny, tok, monkeypatch):
-    """On a CPU the engine and the painter share the cores: one worker thread runs both, and a
-    finished job is painted before the next step."""
-    import threading
-
-    from xlx_fast.serving import scheduler as sched_module
-
-    calls = []
-
-    def spy_paint(model, codes, seeds):
-        calls.append(("paint", threading.get_ident()))
-        time.sleep(0.3)  # a slow painting: the step queued behind it must not count the wait
-        return paint(model, codes, seeds)
-
-    monkeypatch.setattr(sched_module, "paint", spy_paint)
-    engine = Engine(tiny, slots=2)
-    step = engine.step
-    monkeypatch.setattr(engine, "step", lambda: calls.append(("step", threading.get_ident())) or step())
-
-    async def go():
-        sched = Scheduler(engine, tiny, paint_images=True)
-        jobs = [sched.submit([r]) for r in requests_for(
-            tok, [("short", 1, 2, "mask_predict", 0.0), ("long", 2, 5, "mask_predict", 0.0)])]
-        sched.start()
-        await asyncio.gather(*(sched.result(j) for j in jobs))
-        await sched.stop()
-        return sched.metrics
-    metrics = asyncio.run(asyncio.wait_for(go(), 60))
-    assert metrics.step_seconds.count == 5 and metrics.step_seconds.sum < 0.3
-    assert metrics.paint_seconds.count == 2 and metrics.paint_seconds.sum >= 0.6
-    assert [c for c, _ in calls] == ["step"] * 2 + ["paint"] + ["step"] * 3 + ["paint"]
-    assert len({t for _, t in calls}) == 1 and calls[0][1] != threading.get_ident()
 
 
 def _steps_at_answer(model, tok, policy, items) -> list[int]:
@@ -370,16 +333,14 @@ def test_a_failed_painting_fails_its_jobs_not_the_replica(tiny, tok, monkeypatch
 
 
 def test_painting_backlog_is_bounded(tiny, tok, monkeypatch):
-    """Overlapping, with the painter held and a backlog of one batch, the loop stops after three
-    finished steps (one painting, one waiting, one blocked handing over) instead of piling rows
-    up."""
+    """With the painter held and a backlog of one batch, the loop stops after three finished
+    steps (one painting, one waiting, one blocked handing over) instead of piling rows up."""
     from xlx_fast.serving import scheduler as sched_module
 
     calls, gate = _gated_painter(monkeypatch, sched_module)
 
     async def go():
-        sched = Scheduler(Engine(tiny, slots=1), tiny, paint_images=True,
-                          overlap_painting=True, max_paint_backlog=1)
+        sched = Scheduler(Engine(tiny, slots=1), tiny, paint_images=True, max_paint_backlog=1)
         jobs = [sched.submit([r]) for r in requests_for(tok, [("one step", i, 1, "mask_predict", 0.0)
                                                              for i in range(6)])]
         sched.start()

@@ -6,8 +6,8 @@ The loop (``policy="step"``, the server's)::
         expire: queued jobs past their deadline → 504; active ones → engine.cancel (slot freed
                 at this boundary); jobs whose caller went away (future cancelled) → engine.cancel
         admit:  queued rows, oldest first, into the free slots (a job's rows may span steps),
-                in a worker thread (await self._work(engine.admit, ...))
-        step:   await self._work(engine.step)   one forward; the event loop stays free
+                in a worker thread (await asyncio.to_thread(engine.admit))
+        step:   await asyncio.to_thread(engine.step)   one forward; the event loop stays free
         hand the jobs that are now complete to the painter, and go on stepping
 
     the painter (a second task, one at a time, so one generator call in flight):
@@ -16,13 +16,11 @@ The loop (``policy="step"``, the server's)::
                 all together
         resolve each job's future as soon as its rows are painted
 
-On a GPU painting overlaps the next steps (each in a worker thread of its own, both queueing
-kernels), so a step never waits for another request's picture. On a CPU there is nothing to
-overlap: both compute on the same cores (measured on a 2-core AMD EPYC, base model: 8 full steps
-and 16 paintings took 6.26 s in two threads, 6.42 s one after the other). There the engine and
-the painter take turns in one worker thread, and a job handed over is painted before the next
-step: its picture is all it still needs (shortest remaining work first), and one thread team
-owns the cores. The hand-over is bounded: at most ``max_paint_backlog`` batches wait for the
+Painting overlaps the next steps (both run in worker threads; on a GPU both queue kernels, on a
+CPU they share the cores), so a step never waits for another request's picture. On a CPU the
+sharing costs nothing measurable (2-core AMD EPYC, base model: 8 full steps and 16 paintings
+took 6.26 s in two threads, 6.42 s one after the other; p99 under load within run-to-run noise
+either way). The hand-over is bounded: at most ``max_paint_backlog`` batches wait for the
 painter, then the loop waits too (painting slower than generation slows admission instead of
 piling up finished rows).
 
@@ -48,7 +46,6 @@ import math
 import re
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .metrics import ServerMetrics
@@ -72,8 +69,8 @@ class SchedulerBroken(RuntimeError):
 
 
 def _clocked(fn, *args):
-    """``(fn(*args), its wall time)``, timed in the thread that runs it: a wait for the shared
-    worker (a step queued behind a painting) is not the step's time."""
+    """``(fn(*args), its wall time)``, timed in the worker thread that runs it: the event loop's
+    delay in noticing the end (a reply being written, a request parsed) is not the step's time."""
     t0 = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - t0
@@ -110,10 +107,7 @@ class Scheduler:
 
     def __init__(self, engine, model, *, max_queue: int = 64, policy: str = "step",
                  batch_wait_ms: float = 50.0, paint_images: bool = True,
-                 metrics: ServerMetrics | None = None, max_paint_backlog: int = 2,
-                 overlap_painting: bool | None = None):
-        """``overlap_painting``: paint in a thread of its own while the engine steps (default: on
-        a GPU only; see the module docstring)."""
+                 metrics: ServerMetrics | None = None, max_paint_backlog: int = 2):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if max_queue < 1:
@@ -132,9 +126,6 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._painter: asyncio.Task | None = None
         self._to_paint: asyncio.Queue[list[Job]] = asyncio.Queue(max_paint_backlog)
-        self.overlap_painting = (engine.device.type != "cpu" if overlap_painting is None
-                                 else overlap_painting)
-        self._worker: ThreadPoolExecutor | None = None
         self._batch_done: list[Job] = []  # request policy: complete jobs of the running batch
         self.broken: BaseException | None = None
         self.steps_run = 0
@@ -182,8 +173,6 @@ class Scheduler:
     def start(self) -> None:
         if self._task is None:
             loop = asyncio.get_running_loop()
-            if not self.overlap_painting:
-                self._worker = ThreadPoolExecutor(1, thread_name_prefix="xlx-cpu-worker")
             self._painter = loop.create_task(self._paint_loop())
             self._task = loop.create_task(self._run())
 
@@ -196,16 +185,6 @@ class Scheduler:
                 except asyncio.CancelledError:
                     pass
         self._task = self._painter = None
-        if self._worker is not None:  # a call in flight (a step, a painting) ends first
-            await asyncio.to_thread(self._worker.shutdown)
-            self._worker = None
-
-    async def _work(self, fn, *args):
-        """``fn(*args)`` off the event loop: in the one worker thread the engine and the painter
-        take turns in (in the order they asked), or, overlapping, a thread of its own."""
-        if self._worker is None:
-            return await asyncio.to_thread(fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     async def _run(self) -> None:
         try:
@@ -307,14 +286,14 @@ class Scheduler:
         # in a worker thread like the step: on a GPU admit's copies wait for the step in flight,
         # and the event loop (arrivals, replies) must not wait with them
         try:
-            handles = await self._work(self.engine.admit, requests)
+            handles = await asyncio.to_thread(self.engine.admit, requests)
         except (ValueError, TypeError):
             handles = None
         if handles is None:  # one bad request must not sink the others: admit one by one
             handles = []
             for job, row in picked:
                 try:
-                    handles.append((await self._work(self.engine.admit, [job.requests[row]]))[0])
+                    handles.append((await asyncio.to_thread(self.engine.admit, [job.requests[row]]))[0])
                 except (ValueError, TypeError) as e:
                     handles.append(e)
         now = time.perf_counter()
@@ -342,7 +321,7 @@ class Scheduler:
         active = self.engine.active()
         self.metrics.occupancy.observe(active / self.engine.slots)
         try:
-            finished, seconds = await self._work(_clocked, self.engine.step)
+            finished, seconds = await asyncio.to_thread(_clocked, self.engine.step)
         except ValueError as e:
             # The engine flagged rows (e.g. NaN from the weights) and freed them; the other rows'
             # results come with the next step. Fail the flagged rows' jobs, keep serving.
@@ -373,7 +352,6 @@ class Scheduler:
             complete, self._batch_done = self._batch_done, []
         if complete:
             await self._to_paint.put(complete)
-            await asyncio.sleep(0)  # the painter queues its work before our next step does
 
     def _fail_flagged(self, err: ValueError) -> None:
         flagged = {int(h) for h in re.findall(r"request (\d+):", str(err))}
@@ -417,7 +395,7 @@ class Scheduler:
 
             codes = torch.stack([job.finished[r].codes for job, r in rows])
             seeds = [job.requests[r].seed for job, r in rows]
-            images, seconds = await self._work(_clocked, paint, self.model, codes, seeds)
+            images, seconds = await asyncio.to_thread(_clocked, paint, self.model, codes, seeds)
             self.metrics.paint_seconds.observe(seconds)
         now = time.perf_counter()
         by_job: dict[int, list[RowResult]] = {}
