@@ -151,6 +151,9 @@ def render_serving(path: Path | None, result: dict | None, root: Path = ROOT) ->
              f"{m['slots']} slots, {m['threads']} threads, torch {m['torch']}, {m['time']}; static-batch "
              f"generate {static['generate_images_per_s']:.2f} images/s, with painting "
              f"{static['generate_paint_images_per_s']:.2f}.", "", table(result), ""]
+    if path is not None and path.with_suffix(".png").is_file():  # the plot bench-serve wrote
+        lines[1:1] = ["", f"![latency and throughput against offered load]"
+                          f"({Path(shown).with_suffix('.png')})"]
     for mode, summary in result.get("summary", {}).items():
         if isinstance(summary, dict):
             ratios = ", ".join(f"{k} {v:.3g}" for k, v in summary.items() if isinstance(v, float))

@@ -424,6 +424,22 @@ def test_render_results_shows_the_newest_serving_run_of_each_kind(tmp_path):
     assert render.latest_serving(tmp_path / "none") == []
 
 
+def test_render_serving_links_the_plot_beside_the_results(tmp_path):
+    render = _render_module()
+    committed = sorted((render.ROOT / "benchmarks/results/serving").glob("cpu-*-serving.json"))[-1]
+    path = tmp_path / "run.json"
+    path.write_text(committed.read_text())
+    result = json.loads(path.read_text())
+    assert "![" not in render.render_serving(path, result, root=tmp_path)
+    path.with_suffix(".png").write_bytes(b"png")
+    assert "![latency and throughput against offered load](run.png)" in render.render_serving(
+        path, result, root=tmp_path)
+    # and every committed full-size serving run has its plot committed beside it
+    for run in (render.ROOT / "benchmarks/results/serving").glob("*.json"):
+        if json.loads(run.read_text())["meta"]["model"].get("size", "base") == "base":
+            assert run.with_suffix(".png").is_file(), run.name
+
+
 def test_committed_readme_is_rendered_from_committed_results():
     render = _render_module()
     assert render.main(["--check"]) == 0, "run: python benchmarks/render_results.py"
