@@ -296,6 +296,11 @@ def run_benchmark(spec: dict, *, modes=("inproc",), slots: int = 8, policies=POL
     return result
 
 
+def _swept(rows: list) -> list:
+    """A scheduler's rows at the swept fractions (without the saturation probe's)."""
+    return [r for r in rows if not r.get("probe")]
+
+
 def summarize_targets(result: dict) -> dict:
     """The serving targets of SPEC §6, as measured (no pass/fail is typed by hand).
 
@@ -307,7 +312,7 @@ def summarize_targets(result: dict) -> dict:
     """
     out = {}
     static = result["static_generate"]["generate_images_per_s"]
-    bound = result["static_generate"]["generate_paint_images_per_s"] / static
+    with_paint = result["static_generate"]["generate_paint_images_per_s"]
     fr = result["meta"]["fractions"]
     for mode, per in result["modes"].items():
         s = {}
@@ -315,22 +320,20 @@ def summarize_targets(result: dict) -> dict:
             sat = max(r["throughput_rps"] for r in per["step"])
             s["step_saturation_rps"] = sat
             s["step_saturation_vs_static_generate"] = sat / static
-            s["painting_bound_vs_static_generate"] = bound
-            s["step_saturation_vs_static_generate_paint"] = (
-                sat / result["static_generate"]["generate_paint_images_per_s"])
+            s["painting_bound_vs_static_generate"] = with_paint / static
+            s["step_saturation_vs_static_generate_paint"] = sat / with_paint
         if "sequential" in per and "step" in per:
             s["step_vs_sequential_saturation"] = (max(r["throughput_rps"] for r in per["step"])
                                                   / max(r["throughput_rps"] for r in per["sequential"]))
         near = min(range(len(fr)), key=lambda i: abs(fr[i] - 0.7))
         if "step" in per and "request" in per:
-            step, request = ([r for r in per[p] if not r.get("probe")] for p in ("step", "request"))
-            a, b = step[near]["e2e_p99_s"], request[near]["e2e_p99_s"]
+            a, b = (_swept(per[p])[near]["e2e_p99_s"] for p in ("step", "request"))
             s["load_fraction_for_p99"] = fr[near]
             s["p99_step_over_request"] = a / b if a and b else None
         out[mode] = s
     if "inproc" in result["modes"] and "http" in result["modes"]:
         def low_load_p50(mode):
-            rows = [r for r in result["modes"][mode].get("step", []) if not r.get("probe")]
+            rows = _swept(result["modes"][mode].get("step", []))
             return rows[0].get("e2e_p50_s") if rows else None
         a, b = low_load_p50("inproc"), low_load_p50("http")
         out["http_overhead_low_load_p50_s"] = (b - a) if a is not None and b is not None else None
@@ -378,12 +381,12 @@ def table(result: dict) -> str:
     """A Markdown table of the sweep."""
     lines = ["| mode | scheduler | offered rps | throughput | p50 s | p99 s | max s | queue p99 s | "
              "goodput | rejected | occupancy | step ms | stepping |", "|" + "---|" * 13]
+    f = (lambda v: "-" if v is None else f"{v:.3f}")
+    ms = (lambda v: "-" if v is None else f"{1000 * v:.1f}")
+    pct = (lambda v: "-" if v is None else f"{100 * v:.0f}%")
     for mode, per in result["modes"].items():
         for policy, rows in per.items():
             for r in rows:
-                f = (lambda v: "-" if v is None else f"{v:.3f}")
-                ms = (lambda v: "-" if v is None else f"{1000 * v:.1f}")
-                pct = (lambda v: "-" if v is None else f"{100 * v:.0f}%")
                 name = f"{policy} (saturation probe)" if r.get("probe") else policy
                 lines.append(f"| {mode} | {name} | {r['offered_rps']:.2f} | {r['throughput_rps']:.2f} | "
                              f"{f(r['e2e_p50_s'])} | {f(r['e2e_p99_s'])} | {f(r['e2e_max_s'])} | "

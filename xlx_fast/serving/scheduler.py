@@ -127,6 +127,10 @@ class Scheduler:
         self._painter: asyncio.Task | None = None
         self._to_paint: asyncio.Queue[list[Job]] = asyncio.Queue(max_paint_backlog)
         self._batch_done: list[Job] = []  # request policy: complete jobs of the running batch
+        # a static batch is answered together, and a GPU paints batches; a CPU paints a row per
+        # call anyway, so it answers job by job (the first job need not wait for the last's image)
+        self._paint_together = (policy == "request" or not paint_images
+                                or rows_per_call(engine.device) is None)
         self.broken: BaseException | None = None
         self.steps_run = 0
 
@@ -363,7 +367,8 @@ class Scheduler:
                 self._fail(job, RuntimeError(f"the engine failed on this request: {err}"), "error")
 
     async def _paint_loop(self) -> None:
-        """The painter task: every batch handed over since its last call, painted together."""
+        """The painter task: every batch handed over since its last call, painted and answered
+        (together or job by job, see ``_paint_together``)."""
         while True:
             jobs = await self._to_paint.get()
             while not self._to_paint.empty():
@@ -377,11 +382,7 @@ class Scheduler:
                     self._fail(job, RuntimeError(f"painting failed: {e!r}"), "error")
 
     async def _paint_and_resolve(self, jobs: list[Job]) -> None:
-        """Paint and answer ``jobs``: a static batch (request policy) or a GPU's rows together,
-        otherwise job by job so that the first job's answer does not wait for the last's image."""
-        device = next(self.model.generator.parameters()).device if self.paint_images else None
-        together = self.policy == "request" or device is None or rows_per_call(device) is None
-        for group in [jobs] if together else [[job] for job in jobs]:
+        for group in [jobs] if self._paint_together else [[job] for job in jobs]:
             await self._paint_group(group)
 
     async def _paint_group(self, jobs: list[Job]) -> None:
