@@ -446,7 +446,7 @@ def test_bench_serve_in_process_without_ray(tmp_path):
     (["serve", "--port", "70000"], "--port"),
     (["serve", "--replicas", "0"], "--replicas"),
     (["bench-serve", "--schedulers", "fifo"], "--schedulers"),
-    (["bench-serve", "--url", "http://8.8.8.8:80", "--rps", "1"], "loopback"),
+    (["bench-serve", "--url", "http://8.8.8.8:80", "--rps", "1"], "--allow-remote"),
     (["bench-serve", "--load", "0.5,-1"], "--load"),
 ])
 def test_cli_user_errors(args, msg, capsys):

@@ -131,7 +131,8 @@ def check_target(url: str, allow_remote: bool = False) -> str:
             pass
         if not loopback:
             raise ValueError(f"url: {host} is not a loopback address; the load generator only "
-                             "targets this machine unless allow_remote is set")
+                             "targets this machine unless told otherwise (--allow-remote, or "
+                             "allow_remote=True)")
     return url.rstrip("/")
 
 
