@@ -10,7 +10,7 @@ import torch
 
 import xlx_fast
 from xlx_fast import reference
-from xlx_fast.generation import _extended_mask, _language, _vision, _visual_half, prepare
+from xlx_fast.step_plan import extended_mask, language, prepare, vision, visual_half
 from xlx_fast.models import XLxmertForImageGeneration
 
 
@@ -121,7 +121,7 @@ def test_language_layers_once_equal_hf_language_stream(tiny):
     feats = torch.randn(2, 64, tiny.feat_dim)
     out = hf_forward(tiny, ids, feats)
     n_l = tiny.config.l_layers
-    lang = _language(tiny, ids, _extended_mask(tiny, ids > 0))
+    lang = language(tiny, ids, extended_mask(tiny, ids > 0))
     torch.testing.assert_close(lang, out.language_hidden_states[n_l - 1], rtol=1e-5, atol=1e-5)
 
 
@@ -158,13 +158,13 @@ def test_last_cross_layer_visual_half_and_vision_stream(tiny):
     ids = captions(2)
     feats = torch.randn(2, 64, tiny.feat_dim)
     out = hf_forward(tiny, ids, feats)
-    ext = _extended_mask(tiny, ids > 0)
-    lang = _language(tiny, ids, ext)
+    ext = extended_mask(tiny, ids > 0)
+    lang = language(tiny, ids, ext)
     x_last = tiny.bert.encoder.x_layers[-1]
     v_in = torch.randn(2, 64, tiny.config.hidden_size)
-    assert torch.equal(_visual_half(x_last, lang, ext, v_in), x_last(lang, ext, v_in, None)[1])
+    assert torch.equal(visual_half(x_last, lang, ext, v_in), x_last(lang, ext, v_in, None)[1])
     emb = tiny.bert.encoder.visn_fc(feats, reference.box_positions(8).expand(2, -1, -1))
-    torch.testing.assert_close(_vision(tiny, lang, ext, emb), out.vision_output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vision(tiny, lang, ext, emb), out.vision_output, rtol=1e-5, atol=1e-5)
 
 
 # -- sampling mode, dtypes, errors --------------------------------------------------------------

@@ -59,7 +59,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .generation import _extended_mask, _language, _vision, prepare
 from .models.xlxmert import N_CELLS
 from .ops.codebook_head import codebook_head
 from .ops.sampler_step import (INACTIVE, STRATEGIES, SamplerState, _describe_code, init_state,
@@ -67,6 +66,7 @@ from .ops.sampler_step import (INACTIVE, STRATEGIES, SamplerState, _describe_cod
 from .patching import optimize
 from .reference.sampler import default_steps
 from .seeds import cell_seeds, seed_key
+from .step_plan import extended_mask, language, prepare, vision
 
 __all__ = ["Engine", "Request", "Finished", "MAX_STEPS"]
 
@@ -174,7 +174,7 @@ class Engine:
         rows = slots + 1  # row `slots` is scratch: padded joiners write there, no step reads it
         hidden = model.config.hidden_size
         self.key_mask = torch.zeros(rows, max_length, dtype=torch.bool, device=dev)
-        self.ext = _extended_mask(model, self.key_mask).contiguous()
+        self.ext = extended_mask(model, self.key_mask).contiguous()
         self.lang = torch.zeros(rows, max_length, hidden, dtype=self.dtype, device=dev)
         self.state = init_state(rows, self.mask_row)
         self.hist = torch.zeros(rows, MAX_STEPS, N_CELLS, dtype=torch.bool, device=dev)
@@ -337,8 +337,8 @@ class Engine:
         """Language layers for the first j joiners, written into their slots; their sampler
         state reset to step 0. Plain tensor ops on static buffers: capturable."""
         slot = self.join_slot[:j]
-        ext = _extended_mask(self.model, self.join_mask[:j])
-        lang = _language(self.model, self.join_ids[:j], ext)
+        ext = extended_mask(self.model, self.join_mask[:j])
+        lang = language(self.model, self.join_ids[:j], ext)
         self.lang.index_copy_(0, slot, lang)
         self.ext.index_copy_(0, slot, ext)
         self.key_mask.index_copy_(0, slot, self.join_mask[:j])
@@ -391,7 +391,7 @@ class Engine:
         model, st = self.model, self.state
         ctl = self.ctl[:, :b]
         self.hist[self.row_index[:b], ctl[_STEP].long()] = st.mask[:b]
-        visual = _vision(model, self.lang[:b], self.ext[:b], st.out[:b] + self.box)
+        visual = vision(model, self.lang[:b], self.ext[:b], st.out[:b] + self.box)
         h = model.obj_predict_head.transform(visual)
         if sample:
             prob, pred_id = codebook_head(h, self.head_weight, self.head_bias,

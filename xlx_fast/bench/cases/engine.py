@@ -57,18 +57,18 @@ def _mixed_requests(n: int):
 
 def _static_loop(fast_model, ids, mask, steps, strategy):
     """The pre-engine loop: one schedule and one strategy for the whole batch."""
-    from xlx_fast.generation import _extended_mask, _language, _vision, prepare
+    from xlx_fast.step_plan import extended_mask, language, prepare, vision
     from xlx_fast.ops.codebook_head import codebook_head
     from xlx_fast.ops.sampler_step import init_state, sampler_step, schedule
 
     t = prepare(fast_model)
     b = ids.shape[0]
-    ext = _extended_mask(fast_model, mask)
-    lang = _language(fast_model, ids, ext)
+    ext = extended_mask(fast_model, mask)
+    lang = language(fast_model, ids, ext)
     state = init_state(b, t.mask_row)
     sched = schedule(strategy, steps, 0).tensors(b, ids.device)
     for i in range(steps):
-        visual = _vision(fast_model, lang, ext, state.out + t.box)
+        visual = vision(fast_model, lang, ext, state.out + t.box)
         prob, pred = codebook_head(fast_model.obj_predict_head.transform(visual), t.head_weight,
                                    t.head_bias, check_nan=False)
         sampler_step(prob, pred, state, t.table, t.mask_row, strategy,
