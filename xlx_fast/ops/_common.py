@@ -1,0 +1,99 @@
+"""What every op module shares: the one Triton import, the dtypes the kernels take, and the
+argument checks that turn bad input into a ``TypeError``/``ValueError`` naming the argument.
+
+Triton is optional (a CPU-only install runs the torch paths): ``HAS_TRITON`` says whether it
+imported, and ``triton``/``tl`` are None without it. Kernels are defined under
+``if HAS_TRITON:`` in their own modules. ``interpreting()`` is true under ``TRITON_INTERPRET=1``
+(set before triton's first import), where kernels run on CPU tensors, slowly: tests only.
+
+The checks read metadata only (type, dtype, rank, shape, device, strides): none of them looks
+at values, so none syncs with a GPU, and they trace under ``torch.compile`` without a break.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Iterable, Sequence
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch paths work without it
+    triton = None
+    tl = None
+
+__all__ = ["triton", "tl", "HAS_TRITON", "interpreting", "FLOAT_DTYPES", "INDEX_DTYPES",
+           "dtype_names", "check_tensor", "check_same_dtype", "check_choice", "check_int"]
+
+HAS_TRITON = triton is not None
+
+# what the kernels take as data (fp32 accumulation for all three) and as indices
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return HAS_TRITON and bool(triton.knobs.runtime.interpret)
+
+
+def dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    """(float32, float16, bfloat16) -> 'float32, float16 or bfloat16'."""
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_tensor(name: str, t, *, dtypes: Sequence[torch.dtype] | None = None,
+                 dim: int | None = None, layout: str | None = None,
+                 shape: Sequence[int | None] | None = None, device: torch.device | None = None,
+                 device_of: str | None = None, contiguous: bool = False) -> torch.Tensor:
+    """Check one tensor argument; returns it. Raises ``TypeError`` (not a tensor, wrong dtype)
+    or ``ValueError`` (rank, shape, device, contiguity), the message starting with ``name``.
+
+    ``dtypes``: the accepted dtypes. ``dim``: the rank; ``layout`` (e.g. ``"(B, L, H·d)"``)
+    words the rank error as "must have shape <layout>". ``shape``: the exact shape, None
+    entries free. ``device``: where it must be, named ``device_of`` (another argument) in the
+    message. ``contiguous``: a dense row-major layout is required.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {dtype_names(dtypes)}, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        if layout is not None:
+            raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and (t.dim() != len(shape)
+                              or any(s is not None and s != n for s, n in zip(shape, t.shape))):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        where = f"{device_of} is on {device}" if device_of else f"expected {device}"
+        raise ValueError(f"{name} is on {t.device} but {where}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+    return t
+
+
+def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``TypeError`` unless ``t`` has the dtype of ``ref``."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} dtype {t.dtype} differs from {ref_name} dtype {ref.dtype}")
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    """``ValueError`` unless ``value`` is one of ``choices``."""
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_int(name: str, value, lo: int, hi: int, *, hi_text: str | None = None) -> int:
+    """``value`` as an int in [lo, hi); ``TypeError`` for a non-integer (bool included),
+    ``ValueError`` out of range. ``hi_text`` words the bound (e.g. ``"2^31"``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not lo <= value < hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi_text or hi}), got {value}")
+    return value
