@@ -23,7 +23,7 @@ import torch
 
 from .models.xlxmert import GRID
 from .ops.codebook_head import fold_head
-from .reference.grid import box_positions
+from .grid import box_positions
 
 __all__ = ["FastTables", "prepare", "extended_mask", "language", "visual_half", "vision"]
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import LxmertConfig
 
-from .xlxmert import SIZES
+from .sizes import SIZES
 
 # Filled from the centroids file, not the state dict.
 _FROM_CENTROIDS = {"vis_emb.weight", "obj_predict_head.out_cluster.weight"}
