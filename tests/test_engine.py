@@ -262,6 +262,8 @@ def _bad(field, value):
     (_bad("temperature", -0.5), ValueError, r"requests\[0\]\.temperature"),
     (_bad("temperature", float("nan")), ValueError, r"requests\[0\]\.temperature"),
     (_bad("temperature", float("inf")), ValueError, r"requests\[0\]\.temperature"),
+    (_bad("temperature", 1e308), ValueError, r"requests\[0\]\.temperature.*float32"),  # inf there
+    (_bad("temperature", 10**400), ValueError, r"requests\[0\]\.temperature"),  # past a double
     (_bad("temperature", "hot"), TypeError, r"requests\[0\]\.temperature"),
     (_bad("seed", 1.5), TypeError, r"requests\[0\]\.seed"),
     (_bad("seed", True), TypeError, r"requests\[0\]\.seed"),
@@ -278,6 +280,45 @@ def test_tlbr_steps_over_64_rejected(fast):
     e = Engine(fast, slots=1, max_length=MAXLEN)
     with pytest.raises(ValueError, match=r"requests\[0\]\.steps"):
         e.admit([request(dict(MIX[3], steps=65))])
+
+
+POISON = 777  # a token id no MIX caption holds (theirs are >= 1000)
+
+
+@pytest.fixture(scope="module")
+def poisoned(tiny):
+    """NaN weights that one caption reaches and the others do not: its word embedding row."""
+    model = copy.deepcopy(tiny)
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight[POISON] = float("nan")
+    return model
+
+
+def test_a_nan_row_fails_alone_and_its_slot_is_freed(poisoned):
+    """On a CPU the sampler refuses a whole step for one row with NaN probabilities: that row
+    comes back at once with an error naming it and its slot is freed, the step still advances
+    the other rows exactly as alone, and later steps and joiners work."""
+    e = Engine(poisoned, slots=2, max_length=MAXLEN)
+    bad = Request(input_ids=torch.tensor([101, POISON, 2000, 102]), steps=5, tag="bad")
+    handles = e.admit([bad, request(MIX[5], "sampled")])  # a sampling neighbour: seeds per step
+    (f,) = e.step()
+    assert f.request.tag == "bad" and f.error is not None
+    assert f"request {handles[0]}" in f.error and "NaN" in f.error
+    assert e.active() == 1 and e.free_slots() == 1
+    e.admit([request(MIX[2], "joiner")])
+    out = run_all(e, {})
+    assert sorted(out) == ["joiner", "sampled"] and e.active() == 0
+    for tag, spec in (("sampled", MIX[5]), ("joiner", MIX[2])):
+        assert out[tag].error is None
+        assert_same_finished(out[tag], alone(poisoned, spec))
+
+
+def test_generate_raises_for_a_flagged_row(poisoned):
+    ids = torch.stack([torch.tensor([101, 2000, 2001, 102]), torch.tensor([101, 2000, POISON, 102])])
+    with pytest.raises(ValueError, match=r"row 1: sampler step flagged request \d+: NaN"):
+        xlx_fast.generate(poisoned, ids, steps=3)
+    # the cached engine was left empty: the good row alone still generates
+    assert xlx_fast.generate(poisoned, ids[:1], steps=3).ids.shape == (1, 64)
 
 
 @pytest.mark.parametrize("kwargs,match", [

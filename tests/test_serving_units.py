@@ -475,6 +475,33 @@ def test_a_bad_request_fails_alone(tiny, tok):
     assert sched.broken is None and sched.metrics.requests.value("error") == 1
 
 
+def test_a_nan_request_fails_alone(tiny, tok):
+    """NaN weights that one caption reaches: the engine returns that row with an error, its job
+    fails naming the engine, the job sharing its step is answered with its own ids, and the
+    replica serves on."""
+    model = copy.deepcopy(tiny)
+    poison = 777
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight[poison] = float("nan")
+    good = requests_for(tok, [("good", 1, 3, "mask_predict", 0.0), ("after", 2, 2, "tlbr", 0.0)])
+    bad = Request(input_ids=torch.tensor([101, poison, 102]), seed=3, steps=3)
+
+    async def go():
+        sched = Scheduler(Engine(model, slots=2), model, paint_images=False)
+        jobs = [sched.submit([bad]), sched.submit([good[0]])]
+        sched.start()
+        res = await asyncio.gather(*(sched.result(j) for j in jobs), return_exceptions=True)
+        later = await sched.result(sched.submit([good[1]]))
+        await sched.stop()
+        return res, later, sched
+    (failed, (row,)), (later,), sched = asyncio.run(asyncio.wait_for(go(), 60))
+    assert isinstance(failed, RuntimeError) and "flagged request" in str(failed) and "NaN" in str(failed)
+    x, m = tok(["good"])
+    assert row.ids == xlx_fast.generate(model, x, m, steps=3, seed=1).ids[0].tolist()
+    assert len(later.ids) == 64 and sched.broken is None
+    assert sched.metrics.requests.value("error") == 1 and sched.metrics.requests.value("ok") == 2
+
+
 def test_server_options_from_serve_run_strings():
     from xlx_fast.serving.service import ServerOptions
 

@@ -72,6 +72,8 @@ __all__ = ["Engine", "Request", "Finished", "MAX_STEPS"]
 
 MAX_STEPS = 1024  # cap on a request's steps (mask history per slot: MAX_STEPS x 64 bools)
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
 # rows of the per-row control array (int32 [5, rows]: each field contiguous over rows)
 _STRAT, _COUNT, _CELL, _NEXT, _STEP = range(5)
 
@@ -89,7 +91,10 @@ class Request:
 
 @dataclass
 class Finished:
-    """A finished row. ``ids`` [64], ``probs`` [64] and ``masks`` [steps, 64] are on the host;
+    """A finished row. ``error`` is None for a good row; a row the sampler flagged (NaN in its
+    probabilities, e.g. from bad weights) finishes with the reason instead, and its ids, codes and
+    probs mean nothing: it fails alone, its neighbours' results are unaffected.
+    ``ids`` [64], ``probs`` [64] and ``masks`` [steps, 64] are on the host;
     ``codes`` [64, feat_dim] stays on the engine's device: it is what the generator paints from
     there, and at feat_dim 2048 it is by far the largest part (512 KB a row in fp32), so a
     round trip through host memory would cost more than the step itself at batch 64."""
@@ -100,6 +105,7 @@ class Finished:
     probs: torch.Tensor
     masks: torch.Tensor
     cancelled: bool
+    error: str | None = None  # why the row failed (the sampler flagged it); its results are void
 
 
 @dataclass
@@ -277,9 +283,15 @@ class Engine:
         temp = r.temperature
         if isinstance(temp, bool) or not isinstance(temp, (int, float, np.integer, np.floating)):
             raise TypeError(f"{where}.temperature must be a real number, got {type(temp).__name__}")
-        temp = float(temp)
+        try:
+            temp = float(temp)
+        except OverflowError:  # an int past float range
+            temp = math.inf
         if not math.isfinite(temp) or temp < 0:
             raise ValueError(f"{where}.temperature must be finite and >= 0, got {temp}")
+        if temp > _F32_MAX:  # the kernels read it as float32, where it would be inf
+            raise ValueError(f"{where}.temperature must be at most {_F32_MAX:.7g} (float32), "
+                             f"got {temp}")
         sched = schedule(r.strategy, steps, int(r.seed))
         return _Row(handle=-1, request=r, steps=steps, code=STRATEGIES[r.strategy],
                     count=sched.count, cell=sched.cell, next_cell=sched.next_cell,
@@ -385,9 +397,10 @@ class Engine:
                 self._by_handle[row.handle] = d
         return b
 
-    def _core(self, b: int, sample: bool) -> None:
+    def _core(self, b: int, sample: bool) -> list[int]:
         """One forward over the first b rows and the sampler step. Plain tensor ops and the two
-        custom ops on static buffers, no host sync: capturable."""
+        custom ops on static buffers, no host sync: capturable. Returns the slots the sampler
+        flagged on a CPU ([] elsewhere: a GPU's flags are read when the row finishes)."""
         model, st = self.model, self.state
         ctl = self.ctl[:, :b]
         self.hist[self.row_index[:b], ctl[_STEP].long()] = st.mask[:b]
@@ -400,9 +413,29 @@ class Engine:
         else:
             prob, pred_id = codebook_head(h, self.head_weight, self.head_bias, check_nan=False)
         view = SamplerState(st.mask[:b], st.visited[:b], st.ids[:b], st.out[:b], st.status[:b])
-        sampler_step(prob, pred_id, view, self.table, self.mask_row, ctl[_STRAT],
-                     count=ctl[_COUNT], cell=ctl[_CELL], next_cell=ctl[_NEXT])
+
+        def sample_step():
+            sampler_step(prob, pred_id, view, self.table, self.mask_row, ctl[_STRAT],
+                         count=ctl[_COUNT], cell=ctl[_CELL], next_cell=ctl[_NEXT])
+
+        flagged = []
+        try:
+            sample_step()
+        except ValueError:
+            # The C++ twin refuses the whole batch for one bad row, writing only the bad rows'
+            # status: those rows stop here (the caller frees them with their error) and the step
+            # is rerun for the others on the same probabilities, so they advance as if alone.
+            if self.device.type != "cpu":
+                raise
+            status = st.status[:b].tolist()
+            flagged = [s for s in range(b) if self._rows[s] is not None and status[s]]
+            if not flagged:
+                raise
+            ctl[_STRAT, flagged] = INACTIVE
+            if len(flagged) < sum(r is not None for r in self._rows[:b]):
+                sample_step()
         self.probs[:b].copy_(prob)
+        return flagged
 
     def _capture(self, fn):
         """A CUDA graph of fn (after one eager run on a side stream that also compiles kernels)."""
@@ -464,7 +497,11 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Finished]:
         """One forward over the occupied slots; each row advances by one of ITS steps; rows that
-        finished (or were cancelled) are returned and their slots freed. [] when empty."""
+        finished (or were cancelled) are returned and their slots freed. [] when empty.
+
+        A row the sampler flags (NaN probabilities) is returned with ``error`` set, never raised:
+        on a CPU at the step that flagged it, on a GPU when it finishes (its flag is read then,
+        with the results: no extra sync). The other rows go on as if it had never been there."""
         out, self._pending = self._pending, []
         try:
             return self._step(out)
@@ -492,16 +529,20 @@ class Engine:
             if sample and row.temperature > 0:
                 seeds[s] = cell_seeds(row.key, i)
         self._upload(b, ctl, seeds)
+        flagged = []
         if self.cuda_graph:
             graph = self._graphs.get((b, sample))
             if graph is None:
                 graph = self._graphs[b, sample] = self._capture(lambda: self._core(b, sample))
             graph.replay()
         else:
-            self._core(b, sample)
+            flagged = self._core(b, sample)
         done = []
         for s, row in enumerate(self._rows[:b]):
             if row is not None:
+                if s in flagged:
+                    done.append(s)
+                    continue
                 row.step += 1
                 if row.step == row.steps:
                     done.append(s)
@@ -521,20 +562,15 @@ class Engine:
                                     for t in (st.ids, self.probs, self.hist, st.status))
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        finished, bad = [], []
+        finished = []
         for n, s in enumerate(slots):
             row = self._rows[s]
             self._rows[s] = None
             del self._by_handle[row.handle]
-            if int(status[n]):
-                bad.append(f"request {row.handle}: {_describe_code(int(status[n]))}")
-                continue
+            code = int(status[n])
+            error = None if not code else (f"sampler step flagged request {row.handle}: "
+                                           f"{_describe_code(code)} (check the model's weights for NaN)")
             finished.append(Finished(request=row.request, ids=ids[n].clone(), codes=codes[n].clone(),
                                      probs=probs[n].clone(), masks=hist[n, :row.step].clone(),
-                                     cancelled=row.cancelled))
-        if bad:
-            # the other rows' results are kept for the next step(); the flagged rows are freed
-            self._pending = finished
-            raise ValueError("sampler step flagged " + "; ".join(bad)
-                             + " (check the model's weights for NaN)")
+                                     cancelled=row.cancelled, error=error))
         return finished

@@ -138,6 +138,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     Weights: the derived tables are checked against the weights they came from on every call
     (an exact comparison, see :func:`prepare`), so no edit of a weight is ever missed.
+
+    Raises ValueError naming the row when the sampler flags one (NaN probabilities, e.g. from
+    NaN weights) rather than return its meaningless ids.
     """
     attention_mask = check_inputs(model, input_ids, attention_mask)
     if model.training:
@@ -196,6 +199,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             engine.cancel(h)
         while engine.active():
             engine.step()
+    for r, f in enumerate(results):
+        if f.error is not None:  # a flagged row has no result to return
+            raise ValueError(f"row {r}: {f.error}")
     k = max(steps_)
     masks = torch.zeros(k, b, N_CELLS, dtype=torch.bool)
     for r, f in enumerate(results):

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -324,13 +323,7 @@ class Scheduler:
     async def _step(self) -> None:
         active = self.engine.active()
         self.metrics.occupancy.observe(active / self.engine.slots)
-        try:
-            finished, seconds = await asyncio.to_thread(_clocked, self.engine.step)
-        except ValueError as e:
-            # The engine flagged rows (e.g. NaN from the weights) and freed them; the other rows'
-            # results come with the next step. Fail the flagged rows' jobs, keep serving.
-            self._fail_flagged(e)
-            return
+        finished, seconds = await asyncio.to_thread(_clocked, self.engine.step)
         self.metrics.step_seconds.observe(seconds)
         self.steps_run += 1
         self.metrics.engine_steps.inc()
@@ -339,7 +332,10 @@ class Scheduler:
             job, row = f.request.tag
             if f.cancelled or job.done:
                 continue
-            job.handles.pop(row, None)
+            job.handles.pop(row, None)  # the engine freed the row's slot
+            if f.error is not None:  # e.g. NaN from the weights: this job fails, the replica serves on
+                self._fail(job, RuntimeError(f"the engine failed on this request: {f.error}"), "error")
+                continue
             job.finished[row] = f
             if len(job.finished) == len(job.requests):
                 complete.append(job)
@@ -356,15 +352,6 @@ class Scheduler:
             complete, self._batch_done = self._batch_done, []
         if complete:
             await self._to_paint.put(complete)
-
-    def _fail_flagged(self, err: ValueError) -> None:
-        flagged = {int(h) for h in re.findall(r"request (\d+):", str(err))}
-        for job in list(self._active):
-            if not flagged or flagged & set(job.handles.values()):
-                for row, h in list(job.handles.items()):
-                    if h in flagged:
-                        del job.handles[row]  # already freed by the engine
-                self._fail(job, RuntimeError(f"the engine failed on this request: {err}"), "error")
 
     async def _paint_loop(self) -> None:
         """The painter task: every batch handed over since its last call, painted and answered
