@@ -7,8 +7,28 @@ with fused loss heads, on-device per-example masking and SDPA attention with a b
     batch = xlx_fast.training.make_batch(captions, cluster_ids, indices, step, seed, vocab_size)
     loss = xlx_fast.training.train_step(model, opt, sched, batch, step=step)
 """
-from .attention import TrainingLxmertAttention, prepare_for_training, unprepare
-from .step import TASKS, Batch, PretrainingLoss, make_batch, pretrain_loss, task_for_step, train_step
+from __future__ import annotations
+
+import importlib
+
+# Loaded on first use: the step and the attention import the model code (transformers), which
+# the run-file and data helpers (``checkpoint``, ``data``) do not need, so a command line can
+# check its arguments and its run directory before paying for it.
+_LAZY = {
+    "TrainingLxmertAttention": "attention", "prepare_for_training": "attention", "unprepare": "attention",
+    "TASKS": "step", "Batch": "step", "PretrainingLoss": "step", "make_batch": "step",
+    "pretrain_loss": "step", "task_for_step": "step", "train_step": "step",
+}
+_SUBMODULES = ("attention", "checkpoint", "data", "masking", "step")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["TASKS", "Batch", "PretrainingLoss", "TrainingLxmertAttention", "make_batch",
            "make_optimizer", "prepare_for_training", "pretrain_loss", "task_for_step", "train_step",
