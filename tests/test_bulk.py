@@ -4,6 +4,7 @@
 A tiny sharpened model is written as a test checkpoint (``--size tiny``) so the runs stay
 fast; sharpening keeps ids clear of float rounding, so batch composition cannot move them.
 """
+import hashlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 
 from xlx_fast.bulk import read_lines, BulkError
 from xlx_fast.cli import main
+from xlx_fast.cli.generate import engine_seed
 from xlx_fast.models import XLxmertForImageGeneration
 from xlx_fast.models.checkpoint import save_authors_format
 
@@ -58,7 +60,8 @@ def bulk_args(files, out, batch=3):
 
 
 def listing(out):
-    return {name: (out / name).read_bytes() for name in sorted(os.listdir(out))}
+    """Every file a run leaves, the lock file aside (it holds the pid of the last run)."""
+    return {name: (out / name).read_bytes() for name in sorted(os.listdir(out)) if name != ".xlx-fast.lock"}
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +79,16 @@ def test_manifest_and_files(one_process):
                               strategy="mask_predict", file="000001.png")
     assert by_line[2]["seed"] == 123 and by_line[2]["steps"] == 3
     assert by_line[4]["strategy"] == "confidence" and by_line[4]["seed"] == 7 + 4
-    assert by_line[6]["seed"] == 18446744073709551621
+    # outside [0, 2**31): hashed by single mode's rule, and the seed used is the one recorded
+    assert by_line[6]["seed"] == engine_seed(18446744073709551621) != 18446744073709551621
+    assert by_line[6]["given_seed"] == 18446744073709551621
+    assert "given_seed" not in by_line[1]
     for e in lines:
         assert len(e["ids"]) == 64
-        assert (one_process / e["file"]).exists()
-    assert sorted(os.listdir(one_process)) == sorted([e["file"] for e in lines] + ["manifest.jsonl"])
+        assert e["temperature"] == 0.0
+        assert hashlib.sha256((one_process / e["file"]).read_bytes()).hexdigest() == e["sha256"]
+    assert sorted(os.listdir(one_process)) == sorted([e["file"] for e in lines] + [
+        "manifest.jsonl", "settings.json", ".xlx-fast.lock"])
     # the confidence line decided 5 cells; the others every cell
     assert sum(i >= 0 for i in by_line[4]["ids"]) == 5
     assert all(i >= 0 for i in by_line[1]["ids"])

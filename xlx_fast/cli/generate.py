@@ -81,23 +81,34 @@ def _image_extensions() -> set[str]:
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
 
 
-def check_args(args):
-    """Every check that needs no model: raises :class:`UserError` naming the argument. Returns
-    the caption tokenizer (reading the vocabulary is one of the checks)."""
-    for i, caption in enumerate(args.captions):
-        try:
-            caption.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise UserError(f"caption {i + 1} is not valid text: it holds undecodable bytes at "
-                            f"character {e.start} ({caption[e.start:e.end]!r}); pass UTF-8 text") from None
-    default_steps = 4 if args.strategy == "mask_predict" else N_CELLS
-    steps = default_steps if args.steps is None else args.steps
+def default_steps(strategy: str) -> int:
+    return 4 if strategy == "mask_predict" else N_CELLS
+
+
+def steps_problem(strategy: str, steps: int) -> str | None:
+    """Why ``steps`` is not allowed for ``strategy`` (None when it is): the one rule both the
+    single-caption and the bulk mode check, before any model is built."""
     if not 1 <= steps <= MAX_STEPS:
-        raise UserError(f"--steps {steps}: must be between 1 and {MAX_STEPS}")
-    if args.strategy in ("confidence", "tlbr") and steps > N_CELLS:
-        raise UserError(f"--steps {steps}: --strategy {args.strategy} decides one of the {N_CELLS} "
-                        f"cells per step, so at most {N_CELLS} steps; use mask_predict or random "
-                        "for more")
+        return f"must be between 1 and {MAX_STEPS}"
+    if strategy in ("confidence", "tlbr") and steps > N_CELLS:
+        return (f"--strategy {strategy} decides one of the {N_CELLS} cells per step, so at most "
+                f"{N_CELLS} steps; use mask_predict or random for more")
+    return None
+
+
+def blank(caption: str) -> bool:
+    """A caption with no text (empty or whitespace only): the server refuses it, single mode
+    refuses it, bulk mode skips its line (the line number, and so the seeds, stay)."""
+    return not caption.strip()
+
+
+def check_sampling(args) -> None:
+    """The sampling options (``--steps``, ``--strategy``, ``--temperature``, ``--impl``,
+    ``--device``), checked the same way in both modes; raises :class:`UserError`."""
+    steps = default_steps(args.strategy) if args.steps is None else args.steps
+    problem = steps_problem(args.strategy, steps)
+    if problem:
+        raise UserError(f"--steps {steps}: {problem}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0")
     if args.temperature > 0 and args.impl == "reference":
@@ -105,6 +116,10 @@ def check_args(args):
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise UserError(f"--device {args.device}: use cpu, cuda or cuda:N")
 
+
+def check_model(args):
+    """The model options: the checkpoint files exist and look like what they should be, the
+    vocabulary reads. Returns the caption tokenizer."""
     if args.checkpoint is None:
         if args.centroids or args.generator:
             raise UserError("--centroids/--generator need --checkpoint (the X-LXMERT state dict)")
@@ -131,7 +146,22 @@ def check_args(args):
                                 "not a torch.save zip archive or pickle)")
     if args.vocab is not None:
         check_input(args.vocab, "--vocab", directory_ok=True)
-    tokenizer = _tokenizer(args)
+    return _tokenizer(args)
+
+
+def check_args(args):
+    """Every check of single-caption mode that needs no model: raises :class:`UserError` naming
+    the argument. Returns the caption tokenizer (reading the vocabulary is one of the checks)."""
+    for i, caption in enumerate(args.captions):
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"caption {i + 1} is not valid text: it holds undecodable bytes at "
+                            f"character {e.start} ({caption[e.start:e.end]!r}); pass UTF-8 text") from None
+        if blank(caption):
+            raise UserError(f"caption {i + 1} is blank; give some text to paint")
+    check_sampling(args)
+    tokenizer = check_model(args)
 
     if os.path.isdir(args.out):  # before a default extension turns it into a file name
         raise UserError(f"-o {args.out} is a directory; give a file name, e.g. "
@@ -172,16 +202,36 @@ def _tokenizer(args):
         raise UserError(f"--vocab {args.vocab}: {e}") from None
 
 
+def long_caption_note(tokenizer, captions, names) -> None:
+    """A note naming the captions the model cannot read whole (``names[i]`` says which)."""
+    from xlx_fast.text import MAX_LENGTH
+
+    long = [(name, n) for name, n in zip(names, tokenizer.token_counts(captions)) if n > MAX_LENGTH]
+    if long:
+        which = ", ".join(f"{name} ({n} tokens)" for name, n in long[:10])
+        more = f" and {len(long) - 10} more" if len(long) > 10 else ""
+        print(f"note: the model reads {MAX_LENGTH} tokens ([CLS], {MAX_LENGTH - 2} words or "
+              f"word pieces, [SEP]); cut: {which}{more}", file=sys.stderr)
+
+
+def noise_note(tokenizer) -> None:
+    if tokenizer.is_fallback:
+        print("note: embedded default model (random weights) with the built-in fallback "
+              "tokenizer: the pictures are noise; bring a checkpoint to paint for real",
+              file=sys.stderr)
+
+
 def _tokenize(args, tokenizer):
     from xlx_fast.text import MAX_LENGTH
 
-    long = [(i, n) for i, n in enumerate(tokenizer.token_counts(args.captions)) if n > MAX_LENGTH]
-    if long:
-        which = ", ".join(f"caption {i + 1} ({n} tokens)" for i, n in long)
-        print(f"note: the model reads {MAX_LENGTH} tokens ([CLS], {MAX_LENGTH - 2} words or "
-              f"word pieces, [SEP]); cut: {which}", file=sys.stderr)
+    long_caption_note(tokenizer, args.captions, [f"caption {i + 1}" for i in range(len(args.captions))])
     input_ids, attention_mask = tokenizer(args.captions, MAX_LENGTH)
     return tokenizer, input_ids, attention_mask
+
+
+def model_description(args) -> str:
+    what = "embedded default" if args.checkpoint is None else os.path.basename(args.checkpoint)
+    return f"{what}, {args.size}, {args.dtype}, {args.device}"
 
 
 def load_model(args):
@@ -201,10 +251,7 @@ def run(args) -> int:
     if args.captions_file:
         from xlx_fast import bulk
 
-        try:
-            return bulk.run(args, load_model)
-        except bulk.BulkError as e:
-            raise UserError(str(e)) from None
+        return bulk.run(args, load_model)
     if not args.captions:
         raise UserError("give one or more captions, or --captions-file FILE --out-dir DIR")
     tokenizer = check_args(args)
@@ -217,30 +264,32 @@ def run(args) -> int:
               f"seed={seed} to reproduce this run from Python)", file=sys.stderr)
     t0 = time.perf_counter()
     tokenizer, input_ids, attention_mask = _tokenize(args, tokenizer)
-    if tokenizer.is_fallback:
-        print("note: embedded default model (random weights) with the built-in fallback "
-              "tokenizer: the pictures are noise; bring a checkpoint to paint for real",
-              file=sys.stderr)
+    noise_note(tokenizer)
 
     from PIL import Image
 
     from xlx_fast import reference
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    print(f"building the model ({model_description(args)}) ...", file=sys.stderr, flush=True)
     model = load_model(args)
     model = model.to(device=device, dtype=dtype)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-
     if args.impl == "fast":
         import xlx_fast
 
         xlx_fast.optimize(model)
+    t_built = time.perf_counter()
+    print(f"sampling ({args.strategy}, {args.impl}) ...", file=sys.stderr, flush=True)
+    if args.impl == "fast":
         result = xlx_fast.generate(model, input_ids, attention_mask, steps=args.steps,
                                    strategy=args.strategy, temperature=args.temperature, seed=seed,
                                    progress=True)
     else:
         result = reference.sample(model, input_ids, attention_mask, steps=args.steps,
                                   strategy=args.strategy, seed=seed, progress=True)
+    t_sampled = time.perf_counter()
+    print("painting ...", file=sys.stderr, flush=True)
     images = reference.paint(model, result.codes, seed=seed).float().cpu()
 
     for path, img in zip(output_paths(args.out, len(args.captions)), images):
@@ -251,5 +300,7 @@ def run(args) -> int:
         except OSError as e:
             raise UserError(f"-o {args.out}: could not write {path} ({e})") from None
         print(f"wrote {path}")
-    print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    t_end = time.perf_counter()
+    print(f"done in {t_end - t0:.1f} s: model {t_built - t0:.1f} s, sampling {t_sampled - t_built:.1f} s, "
+          f"painting {t_end - t_sampled:.1f} s", file=sys.stderr)
     return 0

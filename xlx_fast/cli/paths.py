@@ -39,6 +39,28 @@ def check_output(path: str, option: str) -> str:
     return path
 
 
+def check_output_dir(path: str, option: str) -> str:
+    """``path`` is, or can be created as, a folder that files can be written in (probed as in
+    :func:`check_output`). Returns ``path``."""
+    full = os.path.abspath(path)
+    existing = full
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing == full and not os.path.isdir(full):
+        raise UserError(f"{option} {path} is a file; give a folder (it is created if missing)")
+    if not os.path.isdir(existing):
+        raise UserError(f"{option} {path}: cannot create it, because {existing} is a file; "
+                        "choose another location")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".xlx-fast-probe-")
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot write in {existing} ({e.strerror}); choose a "
+                        "writable location") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
 def check_input(path: str, option: str, *, directory_ok: bool = False) -> str:
     """``path`` exists, is a file (or a folder when ``directory_ok``) and is readable."""
     if not os.path.exists(path):
