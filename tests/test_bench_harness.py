@@ -211,11 +211,35 @@ def test_generation_case_at_tiny_size():
     try:
         found = bench_cases.cases("generation", spec)
         for case in (found[0], found[1]):  # B=1 fp32, then bf16 (compared with the fp32 ids too)
-            (row,) = harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE)
+            rows = harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE)
+            (row,) = [r for r in rows if r["backend"] == "xlx_fast.generate"]
             assert row["id_agreement"] is not None or row["note"].startswith("n/a")
         assert "fp32-ref agree" in row["agreement_extra"] or row["note"]
     finally:
         bench_cases.release("generation")
+
+
+@pytest.mark.parametrize("family", ["model_forward", "generation"])
+def test_the_compiled_reference_is_a_timed_peer_of_whole_model_rows(family):
+    # the full sweep times the reference under torch.compile beside xlx_fast, and the fast row
+    # names it as the best peer; --quick on a CPU lists it with the reason it was not run
+    spec = harness.Spec(device=CPU, dtypes=(torch.float32,), quick=False, size="tiny")
+    quick = harness.Spec(device=CPU, dtypes=(torch.float32,), quick=True, size="tiny")
+    try:
+        case = bench_cases.cases(family, spec)[0]
+        rows = {r["backend"]: r for r in harness.add_comparisons(
+            harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE))}
+        peer = rows["torch.compile(reference)"]
+        assert peer["kind"] == harness.PEER and peer["fast_ms"] > 0
+        assert "first call (compile + run)" in peer["note"]
+        (fast,) = [r for r in rows.values() if r["kind"] == harness.FAST]
+        assert fast["best_peer"] == "torch.compile(reference)" and fast["speedup_vs_best_peer"] > 0
+        quick_case = bench_cases.cases(family, quick)[0]
+        assert "torch.compile(reference)" in quick_case.backends
+        skipped = quick_case.prepare().backends["torch.compile(reference)"]
+        assert isinstance(skipped, harness.NotAvailable) and "--quick" in skipped.reason
+    finally:
+        bench_cases.release(family)
 
 
 def test_cli_quick_tiny_writes_json_and_png(tmp_path, capsys):

@@ -80,6 +80,8 @@ class Prepared:
     same_gemm: optional callable running the plain torch GEMM this op contains, timed so that a
         row can say what share of torch.matmul's rate on the same GEMM the op reaches.
     release: optional callable dropping cached inputs once the case is done.
+    notes: backend name -> callable returning text added to that row's note after the run
+        (e.g. a compiled peer's compile time, known only once it has run).
     """
 
     reference: Callable[[], Any]
@@ -87,6 +89,7 @@ class Prepared:
     compare: Callable[[Any, Any, str], Agreement]
     same_gemm: Callable[[], Any] | None = None
     release: Callable[[], None] | None = None
+    notes: dict = field(default_factory=dict)  # backend name -> callable giving text for its row
 
 
 @dataclass
@@ -340,6 +343,10 @@ def run_case(case: Case, ceilings: dict, machine: dict, plan: TimingPlan = FULL,
                 fast_ms = time_ms(prepared.backends[name], case.device, plan)
             rows.append(make_row(case, name, kind, ref_ms, fast_ms, status, ceilings, machine,
                                  gemm_tflops))
+        for row in rows:
+            note = prepared.notes.get(row["backend"])
+            if note is not None:
+                row["note"] = "; ".join(t for t in (row["note"], note()) if t)
         return rows
     finally:
         if prepared.release is not None:

@@ -10,6 +10,9 @@ head's softmax is nearly flat, so a cell whose two best clusters are closer than
 may flip, and Mask-Predict's re-masking carries a flip into later steps: the bound is a share,
 not equality (the tests in tests/ sharpen the head and require equality). Rows in a dtype other
 than fp32 also report the share of ids equal to the fp32 reference, as SPEC §6 asks.
+
+The peer is the same reference loop with its transformer under ``torch.compile`` (see
+:mod:`.compiled`); the fast row reports its speed-up over it (``speedup_vs_best_peer``).
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import copy
 
 import torch
 
-from ..harness import FAST, Agreement, Case, Prepared, Spec, fast_module, id_share, not_implemented
+from ..harness import FAST, PEER, Agreement, Case, Prepared, Spec, fast_module, id_share, not_implemented
+from . import compiled
 
 STEPS = 4
 CAPTIONS = (
@@ -125,10 +129,20 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
             return Agreement("id agree", share, limit, ok,
                              detail="" if ok else "ids differ from the same-dtype reference", extra=extra)
 
-        return Prepared(reference=run_reference, backends={"xlx_fast.generate": fast}, compare=compare)
+        peer = compiled.unavailable(spec)
+        notes = {}
+        if peer is None:
+            # the authors' loop unchanged; only its transformer is compiled
+            compiled_model = compiled.compiled_copy(ref_model, "bert")
+            peer = compiled.FirstCallTimer(
+                lambda: reference.sample(compiled_model, ids, mask, steps=STEPS).ids)
+            notes[compiled.NAME] = peer.note
+        return Prepared(reference=run_reference,
+                        backends={"xlx_fast.generate": fast, compiled.NAME: peer},
+                        compare=compare, notes=notes)
 
     return Case(op="generate", shape=f"B={batch} MP-{STEPS}", dtype=dtype, device=device,
-                backends={"xlx_fast.generate": FAST}, build=build)
+                backends={"xlx_fast.generate": FAST, compiled.NAME: PEER}, build=build)
 
 
 def cases(spec: Spec):

@@ -10,7 +10,7 @@ additive key mask), and the 64 grid cells: random visual features and the 8×8 b
 Reference (the timed baseline): the plain HF model in the row's dtype ("same dtype", SPEC §6).
 Fast: a deep copy of it after ``xlx_fast.optimize`` (every ``LxmertAttention`` fused; on the CPU
 the attention itself runs through SDPA). Both run under ``torch.no_grad()``, which the fused path
-requires.
+requires. Peer: a deep copy of the reference under ``torch.compile`` (see :mod:`.compiled`).
 
 Agreement: the norm-wise relative error (SPEC §4 bound for the dtype) of each of the three
 outputs — vision output, language output, pooled output — against the reference's; the row shows
@@ -28,7 +28,8 @@ import copy
 
 import torch
 
-from ..harness import FAST, Agreement, Case, Prepared, Spec, TOLERANCE, rel_error
+from ..harness import FAST, PEER, Agreement, Case, Prepared, Spec, TOLERANCE, rel_error
+from . import compiled
 
 TEXT_LENGTH, CELLS, GRID = 20, 64, 8
 MIN_TOKENS, MAX_TOKENS = 5, 16  # caption lengths: every caption has some padding
@@ -139,14 +140,22 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
                              detail=f"{', '.join(bad)} outside the bound" if bad else "",
                              extra={f"{name.split('_')[0]} err": e for name, e in errors.items()})
 
+        peer = compiled.unavailable(spec)
+        notes = {}
+        if peer is None:
+            compiled_model = compiled.compiled_copy(ref_model)
+            peer = compiled.FirstCallTimer(lambda: forward(compiled_model, inputs))
+            notes[compiled.NAME] = peer.note
         return Prepared(reference=lambda: forward(ref_model, inputs),
-                        backends={"xlx_fast.optimize": lambda: forward(fast_model, inputs)},
-                        compare=compare)
+                        backends={"xlx_fast.optimize": lambda: forward(fast_model, inputs),
+                                  compiled.NAME: peer},
+                        compare=compare, notes=notes)
 
     return Case(op="model_forward",
                 shape=f"B={batch} Lt={TEXT_LENGTH} Lv={CELLS} H={cfg.hidden_size} "
                       f"layers={cfg.l_layers}/{cfg.r_layers}/{cfg.x_layers}",
-                dtype=dtype, device=device, backends={"xlx_fast.optimize": FAST}, build=build,
+                dtype=dtype, device=device,
+                backends={"xlx_fast.optimize": FAST, compiled.NAME: PEER}, build=build,
                 flops=forward_flops(cfg, batch), bound="compute")
 
 
