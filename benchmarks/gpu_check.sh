@@ -320,7 +320,7 @@ serving = out / "serving.json"
 if serving.is_file():  # first: the bench table below is the last thing printed
     import json
 
-    from xlx_fast.serving.benchmark import table
+    from xlx_fast.bench.serving import table
 
     result = json.loads(serving.read_text())
     print(f"serving ({result['meta']['device']}, {result['meta']['slots']} slots):")

@@ -140,7 +140,7 @@ def render_serving(path: Path | None, result: dict | None, root: Path = ROOT) ->
     """The Markdown between the serving markers: the sweep table and the measured ratios."""
     if result is None:
         return "No full-size serving run is committed yet (`xlx-fast bench-serve --out-dir benchmarks/results/serving`)."
-    from xlx_fast.serving.benchmark import table
+    from xlx_fast.bench.serving import table
 
     try:
         shown = path.relative_to(root)

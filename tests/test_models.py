@@ -60,6 +60,25 @@ def test_generator_parameter_count_shape_and_range():
         g(torch.randn(2, 8, 8, 100))
 
 
+def test_generator_per_row_noise_is_each_rows_own():
+    """One generator per row: row r's picture is exactly row r painted alone from its generator,
+    whatever it is batched with (the serving painter's guarantee); one for the batch differs."""
+    m = XLxmertForImageGeneration.from_default(seed=3, size="tiny").eval()
+    codes = m.centroids[torch.randint(0, m.n_clusters, (3, 64), generator=torch.Generator().manual_seed(0))]
+    grid = codes.reshape(3, 8, 8, -1)
+    seeds = [5, 2**40 + 1, 5]
+    with torch.no_grad():
+        rows = m.generator(grid, [torch.Generator().manual_seed(s) for s in seeds])
+        for r, s in enumerate(seeds):
+            alone = m.generator(grid[r:r + 1], torch.Generator().manual_seed(s))[0]
+            torch.testing.assert_close(rows[r], alone, rtol=0, atol=1e-6)  # conv batch rounding
+            assert torch.equal(alone, reference.paint(m, codes[r:r + 1], seed=s)[0])
+        shared = m.generator(grid, torch.Generator().manual_seed(5))
+        assert not torch.equal(shared[1], rows[1])
+        with pytest.raises(ValueError, match="one per row"):
+            m.generator(grid, [torch.Generator()] * 2)
+
+
 def test_default_is_seeded():
     a = XLxmertForImageGeneration.from_default(seed=0, size="tiny").state_dict()
     b = XLxmertForImageGeneration.from_default(seed=0, size="tiny").state_dict()

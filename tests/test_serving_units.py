@@ -14,7 +14,7 @@ import torch
 import xlx_fast
 from xlx_fast import reference
 from xlx_fast.engine import Engine, Request
-from xlx_fast.serving.loadgen import check_target, make_trace, poisson_offsets, run_open_loop, summarize, Outcome
+from xlx_fast.bench.loadgen import check_target, make_trace, poisson_offsets, run_open_loop, summarize, Outcome
 from xlx_fast.serving.metrics import ServerMetrics
 from xlx_fast.serving.painter import paint
 from xlx_fast.serving.scheduler import DeadlineExceeded, QueueFull, Scheduler
@@ -167,6 +167,23 @@ def test_every_policy_returns_the_requests_own_ids(tiny, tok, policy):
     if policy == "sequential":
         assert occ.sum == occ.count * 0.5  # one row of two slots, always
     assert sched.metrics.requests.value("ok") == len(ITEMS)
+
+
+def test_policies_by_name_or_object(tiny, tok):
+    """The scheduler takes a policy object or a name from one table; an unknown name is refused
+    naming the choices."""
+    from xlx_fast.serving.policies import POLICIES, Sequential, StaticBatch, policy_named
+
+    assert list(POLICIES) == ["step", "request", "sequential"]
+    assert policy_named("request", batch_wait_ms=20).batch_wait_s == 0.02
+    with pytest.raises(ValueError, match="policy must be one of step, request, sequential"):
+        Scheduler(Engine(tiny, slots=2), tiny, policy="fifo")
+    assert isinstance(Scheduler(Engine(tiny, slots=2), tiny, policy=StaticBatch(5)).policy, StaticBatch)
+    fast = copy.deepcopy(tiny)
+    ids, sched = _serve(fast, tok, Sequential(), ITEMS[:3])
+    assert sched.metrics.occupancy.sum == sched.metrics.occupancy.count * 0.5
+    x, m = tok([ITEMS[0][0]])
+    assert ids[0] == xlx_fast.generate(fast, x, m, steps=5, seed=1).ids[0].tolist()
 
 
 def test_step_policy_joins_between_steps(tiny, tok):

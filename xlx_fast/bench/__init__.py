@@ -5,4 +5,6 @@
 - :mod:`.machine`: what ran it (CPU/GPU, versions, native build, commit)
 - :mod:`.report`: table, JSON, plot
 - :mod:`.cases`: one module per op family; shared by ``xlx-fast bench`` and ``benchmarks/``
+- :mod:`.loadgen`: open-loop Poisson load on a server (HTTP) or a scheduler (in process)
+- :mod:`.serving`: latency under load of the serving schedulers (``xlx-fast bench-serve``)
 """

@@ -163,8 +163,8 @@ def inprocess_sender(scheduler, tokenizer):
     engine, painting and PNG encoding, as a replica does, without HTTP, Ray or the pydantic
     schema (machines without them run this)."""
     from ..engine import Request
-    from .painter import png_bytes
-    from .scheduler import QueueFull
+    from ..serving.painter import png_bytes
+    from ..serving.scheduler import QueueFull
 
     async def send(body: dict) -> Outcome:
         t = time.perf_counter()

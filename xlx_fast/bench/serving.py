@@ -1,6 +1,6 @@
 """Latency under load for three schedulers on the same model and device, in one run.
 
-Schedulers (:mod:`xlx_fast.serving.scheduler` policies, all on the step-level engine and the
+Schedulers (:mod:`xlx_fast.serving.policies`, all on the step-level engine and the
 same painting, so only the scheduling differs):
 
 - ``sequential``: one request at a time;
@@ -39,8 +39,9 @@ import time
 import torch
 
 from .loadgen import http_sender, inprocess_sender, make_trace, run_open_loop, summarize
-from .model_spec import ModelSpec
-from .scheduler import POLICIES, Scheduler
+from ..serving.model_spec import ModelSpec
+from ..serving.policies import POLICIES
+from ..serving.scheduler import Scheduler
 
 DEFAULT_FRACTIONS = (0.3, 0.5, 0.7, 0.9, 1.5)
 PROBE_FACTOR = 2.0  # the step scheduler's saturation is measured at this × the static estimate
@@ -52,7 +53,7 @@ def static_generate(model, tokenizer, slots: int, steps: int, repeats: int = 3) 
     and without painting; the median of ``repeats`` timed runs after one warm-up."""
     import xlx_fast
 
-    from .painter import paint
+    from ..serving.painter import paint
 
     ids, mask = tokenizer([f"a static batch caption {i}" for i in range(slots)])
     ids, mask = ids.to(model.centroids.device), mask.to(model.centroids.device)
@@ -214,7 +215,7 @@ def run_http(spec: dict, *, slots, policies, plan, trace, requests, max_seconds,
     import ray
     from ray import serve
 
-    from .deployment import build_app
+    from ..serving.deployment import build_app
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(include_dashboard=False, log_to_driver=False)

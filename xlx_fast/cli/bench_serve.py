@@ -52,7 +52,7 @@ def _run_url(args) -> dict:
 
     import aiohttp
 
-    from xlx_fast.serving.loadgen import check_target, http_sender, make_trace, run_open_loop, summarize
+    from xlx_fast.bench.loadgen import check_target, http_sender, make_trace, run_open_loop, summarize
 
     url = check_target(args.url, args.allow_remote)
     if args.rps is None:
@@ -78,7 +78,7 @@ def _run_url(args) -> dict:
 
 
 def run(args) -> int:
-    from xlx_fast.serving.scheduler import POLICIES
+    from xlx_fast.serving.policies import POLICIES
 
     try:
         if args.slots < 1 or args.requests < 1 or not args.max_seconds > 0:
@@ -86,7 +86,7 @@ def run(args) -> int:
         if args.url is not None:
             result = _run_url(args)
         else:
-            from xlx_fast.serving import benchmark
+            from xlx_fast.bench import serving as benchmark
             from xlx_fast.serving.model_spec import ModelSpec
 
             policies = [s.strip() for s in args.schedulers.split(",") if s.strip()]
@@ -121,7 +121,7 @@ def run(args) -> int:
     path = os.path.join(args.out_dir, stem + ".json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    from xlx_fast.serving.benchmark import plot, table
+    from xlx_fast.bench.serving import plot, table
 
     if "capacity_rps" in result:
         if not args.no_plot:

@@ -19,14 +19,18 @@ conv + ReLU (hidden 128) of ``y`` resized bilinearly to ``x``'s size.
 
 Noise injection adds ``weight · N(0, 1)`` per pixel (one noise map per sample, shared over
 channels). The authors' sampler paints with noise on; here the noise comes from an explicit
-``torch.Generator`` so a seed reproduces an image. Spectral norm uses ``torch.nn.utils.
-spectral_norm`` so the state-dict keys (``weight_orig``, ``weight_u``, ``weight_v``) are the
-authors'; in eval mode it applies the stored ``u, v`` without a power iteration.
+``torch.Generator`` so a seed reproduces an image: one for the whole batch (its maps drawn for
+all rows at once), or one per row (row r's maps drawn from its own, in the order painting it
+alone would draw them, so a row's noise does not depend on its batch). Spectral norm uses
+``torch.nn.utils.spectral_norm`` so the state-dict keys (``weight_orig``, ``weight_u``,
+``weight_v``) are the authors'; in eval mode it applies the stored ``u, v`` without a power
+iteration.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -65,20 +69,28 @@ class SPADE(nn.Module):
         return self.param_free_norm(x) * (1 + self.gamma(actv)) + self.beta(actv)
 
 
+Noise = torch.Generator | Sequence[torch.Generator] | None
+
+
 class NoiseInjection(nn.Module):
-    """``x + weight · noise`` with one N(0, 1) map per sample, drawn from ``generator``."""
+    """``x + weight · noise`` with one N(0, 1) map per sample, drawn from ``generator`` (one
+    for the batch, or one per row: see the module docstring)."""
 
     def __init__(self):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: Noise) -> torch.Tensor:
         if generator is None:
             return x
         b, _, h, w = x.shape
-        noise = torch.randn(b, 1, h, w, generator=generator, device=generator.device,
-                            dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-        return x + self.weight * noise
+        if isinstance(generator, torch.Generator):
+            noise = torch.randn(b, 1, h, w, generator=generator, device=generator.device,
+                                dtype=torch.float32)
+        else:
+            noise = torch.cat([torch.randn(1, 1, h, w, generator=g, device=g.device,
+                                           dtype=torch.float32) for g in generator])
+        return x + self.weight * noise.to(device=x.device, dtype=x.dtype)
 
 
 class GeneratorResidualBlock(nn.Module):
@@ -162,9 +174,14 @@ class Generator(nn.Module):
                         _power_iterate(m)
         self.eval()
 
-    def forward(self, codes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Paint ``codes``; noise injection is on iff a ``generator`` is given (seeded noise)."""
+    def forward(self, codes: torch.Tensor, generator: Noise = None) -> torch.Tensor:
+        """Paint ``codes``; noise injection is on iff ``generator`` is given: a
+        ``torch.Generator`` for the batch, or a sequence of them, one per row (seeded noise)."""
         c = self.config
+        if not (generator is None or isinstance(generator, torch.Generator)
+                or len(generator) == codes.shape[0]):
+            raise ValueError(f"generator: one per row ({codes.shape[0]}) or one for the batch, "
+                             f"got {len(generator)}")
         if codes.dim() != 4:
             raise ValueError(f"codes must be [B, {c.init_size}, {c.init_size}, {c.emb_dim}] or "
                              f"[B, {c.emb_dim}, {c.init_size}, {c.init_size}], got {tuple(codes.shape)}")

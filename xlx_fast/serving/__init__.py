@@ -6,12 +6,14 @@ One idea per module:
 - :mod:`.schema`: the HTTP request/response models and the 4xx error shape;
 - :mod:`.model_spec`: the serialisable description a replica builds its model from;
 - :mod:`.scheduler`: the replica's loop (admit at step boundaries, step, paint, resolve);
+- :mod:`.policies`: what the loop admits when (step-level joining; the baselines it is compared with);
 - :mod:`.painter`: batched painting with per-request noise;
 - :mod:`.metrics`: the Prometheus text exposition;
 - :mod:`.service`: what each route does (auth, limits, validation), independent of Ray;
-- :mod:`.deployment`: the Ray Serve deployment + FastAPI ingress and the application builder;
-- :mod:`.loadgen`: the open-loop Poisson load generator;
-- :mod:`.benchmark`: the scheduler comparison behind ``xlx-fast bench-serve``.
+- :mod:`.deployment`: the Ray Serve deployment + FastAPI ingress and the application builder.
+
+The load generator and the scheduler comparison behind ``xlx-fast bench-serve`` are benchmark
+code: :mod:`xlx_fast.bench.loadgen`, :mod:`xlx_fast.bench.serving`.
 
 ``xlx_fast.serving:app`` is the application builder for ``serve run`` / ``serve deploy``. Ray is
 imported only when the app is (``import xlx_fast.serving`` does not need it).

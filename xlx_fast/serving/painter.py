@@ -2,9 +2,10 @@
 
 The generator adds one N(0, 1) noise map per sample at every noise injection (SPEC §1). Painted
 in a batch from one ``torch.Generator``, a sample's noise would depend on its position in the
-batch and on its neighbours. Here every row draws its maps from its own generator seeded with
-its request's seed, in the order painting that row alone would draw them, so row r of a batch
-gets exactly the noise of ``reference.paint(model, codes[r:r+1], seed=seed_r)``. The rest of
+batch and on its neighbours. Here every row gets its own generator seeded with its request's
+seed (the generator takes one per row and draws row r's maps from it, in the order painting
+that row alone would draw them), so row r of a batch gets exactly the noise of
+``reference.paint(model, codes[r:r+1], seed=seed_r)``. The rest of
 the generator is per-sample already (convolutions, instance norm), so a request's image does not
 depend on what it was painted with: exactly on a CPU, which paints one row per generator call
 (below), and up to the float rounding of batched convolutions on a GPU.
@@ -21,34 +22,7 @@ per injection.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
-
-from ..models.generator import NoiseInjection
-
-
-@contextmanager
-def _per_row_noise(model, generators: list[torch.Generator]):
-    """Make every ``NoiseInjection`` of ``model.generator`` draw row r's map from
-    ``generators[r]`` (instance-level ``forward`` override, restored on exit)."""
-    injections = [m for m in model.generator.modules() if isinstance(m, NoiseInjection)]
-
-    def make(module):
-        def forward(x, _generator):
-            b, _, h, w = x.shape
-            noise = torch.cat([torch.randn(1, 1, h, w, generator=g, device=g.device,
-                                           dtype=torch.float32) for g in generators])
-            return x + module.weight * noise.to(device=x.device, dtype=x.dtype)
-        return forward
-
-    for m in injections:
-        m.forward = make(m)
-    try:
-        yield
-    finally:
-        for m in injections:
-            del m.forward
 
 
 def rows_per_call(device: torch.device) -> int | None:
@@ -60,10 +34,7 @@ def rows_per_call(device: torch.device) -> int | None:
 @torch.no_grad()
 def paint(model, codes: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """``codes`` [B, 64, F] with one seed per row → uint8 images [B, S, S, 3] on the CPU, painted
-    :func:`rows_per_call` rows at a time.
-
-    Not thread-safe for one model (the noise override is per model): one painter per replica.
-    """
+    :func:`rows_per_call` rows at a time."""
     if model.generator is None:
         raise ValueError("the model has no generator: the server needs one to paint")
     if codes.dim() != 3 or codes.shape[0] != len(seeds):
@@ -75,9 +46,7 @@ def paint(model, codes: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     step = rows_per_call(param.device) or len(seeds)
     out = []
     for i in range(0, len(seeds), step):
-        with _per_row_noise(model, gens[i:i + step]):
-            # a non-None generator switches the noise on; the override draws it row by row
-            images = model.generator(grid[i:i + step], gens[i])
+        images = model.generator(grid[i:i + step], gens[i:i + step])
         out.append((images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
     return torch.cat(out)
 

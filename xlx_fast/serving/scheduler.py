@@ -1,12 +1,12 @@
 """A replica's scheduler: one asyncio loop drives one engine, step by step.
 
-The loop (``policy="step"``, the server's)::
+The loop (with the server's admission policy, :class:`~xlx_fast.serving.policies.StepLevel`)::
 
     forever:
         expire: queued jobs past their deadline → 504; active ones → engine.cancel (slot freed
                 at this boundary); jobs whose caller went away (future cancelled) → engine.cancel
-        admit:  queued rows, oldest first, into the free slots (a job's rows may span steps),
-                in a worker thread (await asyncio.to_thread(engine.admit))
+        admit:  queued rows, oldest first, as many as the policy admits (every free slot) (a
+                job's rows may span steps), in a worker thread (await asyncio.to_thread(engine.admit))
         step:   await asyncio.to_thread(engine.step)   one forward; the event loop stays free
         hand the jobs that are now complete to the painter, and go on stepping
 
@@ -29,15 +29,9 @@ bounded (``max_queue`` jobs): :meth:`Scheduler.submit` raises :class:`QueueFull`
 Retry-After estimate instead of growing it. A request's result depends only on the request
 (the engine's contract, SPEC §6a; painting noise from the request's seed only).
 
-Two baselines share the loop so that benchmarks compare schedulers, not plumbing:
-
-- ``policy="request"``: request-level batching, what a ``@serve.batch`` deployment over
-  ``generate`` + painting does — when the engine is empty, wait until ``slots`` rows are queued
-  or the oldest has waited ``batch_wait_ms``, admit them as one static batch, step until the
-  whole batch is done (no joining), then paint and answer the batch. Rows of fewer steps stop
-  stepping early (the engine's advantage, kept), but their answers wait for the batch, as a
-  static batch's do;
-- ``policy="sequential"``: one request at a time, stepped to completion.
+What to admit at a boundary, and when to answer a complete job, is the admission policy's
+(:mod:`xlx_fast.serving.policies`: the server's step-level joining, and the static-batch and
+sequential baselines that benchmarks compare it with on this same loop).
 """
 from __future__ import annotations
 
@@ -49,8 +43,10 @@ from dataclasses import dataclass, field
 
 from .metrics import ServerMetrics
 from .painter import paint, rows_per_call
+from .policies import POLICIES, AdmissionPolicy, policy_named
 
-POLICIES = ("step", "request", "sequential")
+__all__ = ["Scheduler", "Job", "RowResult", "QueueFull", "DeadlineExceeded", "SchedulerBroken",
+           "POLICIES"]
 
 
 class QueueFull(Exception):
@@ -102,20 +98,20 @@ class Job:
 
 
 class Scheduler:
-    """Owns an engine (and the model whose generator paints); see the module docstring."""
+    """Owns an engine (and the model whose generator paints); see the module docstring.
+    ``policy``: an :class:`~xlx_fast.serving.policies.AdmissionPolicy`, or its name (``POLICIES``;
+    ``batch_wait_ms`` then configures the static batch's wait)."""
 
-    def __init__(self, engine, model, *, max_queue: int = 64, policy: str = "step",
+    def __init__(self, engine, model, *, max_queue: int = 64, policy: str | AdmissionPolicy = "step",
                  batch_wait_ms: float = 50.0, paint_images: bool = True,
                  metrics: ServerMetrics | None = None, max_paint_backlog: int = 2):
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        policy = policy_named(policy, batch_wait_ms=batch_wait_ms)
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if max_paint_backlog < 1:
             raise ValueError(f"max_paint_backlog must be >= 1, got {max_paint_backlog}")
         self.engine, self.model = engine, model
         self.max_queue, self.policy = max_queue, policy
-        self.batch_wait_s = batch_wait_ms / 1000.0
         self.paint_images = paint_images
         self.metrics = metrics or ServerMetrics()
         self.metrics.slots.set(engine.slots)
@@ -125,10 +121,9 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._painter: asyncio.Task | None = None
         self._to_paint: asyncio.Queue[list[Job]] = asyncio.Queue(max_paint_backlog)
-        self._batch_done: list[Job] = []  # request policy: complete jobs of the running batch
         # a static batch is answered together, and a GPU paints batches; a CPU paints a row per
         # call anyway, so it answers job by job (the first job need not wait for the last's image)
-        self._paint_together = (policy == "request" or not paint_images
+        self._paint_together = (policy.answers_together or not paint_images
                                 or rows_per_call(engine.device) is None)
         self.broken: BaseException | None = None
         self.steps_run = 0
@@ -213,11 +208,11 @@ class Scheduler:
     async def _idle_wait(self) -> None:
         timeout = None
         deadlines = [j.deadline for j in self._queue if j.deadline is not None]
+        wake = self.policy.wake_at(self._queue)
+        if wake is not None:
+            deadlines.append(wake)
         if deadlines:
             timeout = max(0.0, min(deadlines) - time.perf_counter())
-        if self.policy == "request" and self._queue:
-            oldest = self._queue[0].arrival + self.batch_wait_s - time.perf_counter()
-            timeout = max(0.0, oldest if timeout is None else min(timeout, oldest))
         self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
@@ -259,30 +254,16 @@ class Scheduler:
             elif job.deadline is not None and now >= job.deadline:
                 self._fail(job, DeadlineExceeded("timeout_ms passed while generating"), "timeout")
 
-    def _may_admit(self) -> int:
-        """How many rows the policy admits at this boundary."""
-        free = self.engine.free_slots()
-        if self.policy == "step":
-            return free
-        if self.engine.active() > 0 or not self._queue:
-            return 0  # the baselines run a batch to completion before taking more
-        if self.policy == "sequential":
-            return min(free, len(self._queue[0].pending))
-        queued = sum(len(j.pending) for j in self._queue)
-        waited = time.perf_counter() - self._queue[0].arrival
-        return free if queued >= free or waited >= self.batch_wait_s else 0
-
     async def _admit(self) -> None:
-        budget = self._may_admit()
+        budget = self.policy.admissible(self.engine.free_slots(), self.engine.active(),
+                                        self._queue, time.perf_counter())
         picked: list[tuple[Job, int]] = []
-        for job in self._queue:
+        for job in self._queue:  # oldest first: the policy's count, from the head of the queue
             if budget == 0:
                 break
             while job.pending and budget > 0:
                 picked.append((job, job.pending.popleft()))
                 budget -= 1
-            if self.policy == "sequential":
-                break
         if not picked:
             return
         requests = [job.requests[row] for job, row in picked]
@@ -343,13 +324,9 @@ class Scheduler:
         self._update_gauges()
 
     async def _hand_over(self, complete: list[Job]) -> None:
-        """Give complete jobs to the painter; the request policy holds them until its static
-        batch is done. Waits only when the painter is behind (bounded backlog)."""
-        if self.policy == "request":
-            self._batch_done += complete
-            if self.engine.active() > 0:
-                return
-            complete, self._batch_done = self._batch_done, []
+        """Give the complete jobs the policy releases to the painter. Waits only when the painter
+        is behind (bounded backlog)."""
+        complete = self.policy.release(complete, self.engine.active())
         if complete:
             await self._to_paint.put(complete)
 
