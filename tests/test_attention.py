@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
+from xlx_fast.ops import _common
 from xlx_fast.ops import attention as attn_mod
+from xlx_fast.ops.registry import select_impl
 from xlx_fast.ops.attention import attention, attention_sdpa, attention_triton
 from xlx_fast.ops.dot_error import gamma, truncate_tf32
 
@@ -214,20 +216,20 @@ def test_cpu_dispatch_never_uses_the_interpreter(monkeypatch):
 
 
 def test_dispatch_rules(monkeypatch):
-    assert attn_mod._backend_for(torch.device("cpu")) == "sdpa"
-    assert attn_mod._backend_for(torch.device("cuda", 0)) == "triton"
+    assert select_impl("attention", torch.device("cpu")).backend == "sdpa"
+    assert select_impl("attention", torch.device("cuda", 0)).backend == "triton"
     with pytest.raises(ValueError, match="CUDA and CPU"):
-        attn_mod._backend_for(torch.device("meta"))
-    monkeypatch.setattr(attn_mod, "triton", None)
+        select_impl("attention", torch.device("meta"))
+    monkeypatch.setattr(_common, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match="triton"):
-        attn_mod._backend_for(torch.device("cuda", 0))
+        select_impl("attention", torch.device("cuda", 0))
     q, k, v, _ = make_inputs(1, 1, 32, 2, 2, torch.float32, fused=True, mask_kind=None)
     with pytest.raises(RuntimeError, match="triton"):
         attention_triton(q, k, v, num_heads=1)
 
 
 def test_triton_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
-    monkeypatch.setattr(attn_mod, "_interpreting", lambda: False)
+    monkeypatch.setattr(attn_mod, "interpreting", lambda: False)
     q, k, v, _ = make_inputs(1, 1, 32, 2, 2, torch.float32, fused=True, mask_kind=None)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         attention_triton(q, k, v, num_heads=1)

@@ -24,13 +24,16 @@ except ImportError:  # CPU-only installs: the torch paths work without it
     tl = None
 
 __all__ = ["triton", "tl", "HAS_TRITON", "interpreting", "FLOAT_DTYPES", "INDEX_DTYPES",
-           "dtype_names", "check_tensor", "check_same_dtype", "check_choice", "check_int"]
+           "DEVICE_TYPES", "dtype_names", "check_tensor", "check_dtype", "check_device", "check_same_dtype", "check_choice", "check_int"]
 
 HAS_TRITON = triton is not None
 
 # what the kernels take as data (fp32 accumulation for all three) and as indices
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32)
+# where some backend of every op runs (the registry says which); anything else is refused
+# before an op is called, since a custom op on meta tensors would run its fake implementation
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 def interpreting() -> bool:
@@ -58,8 +61,8 @@ def check_tensor(name: str, t, *, dtypes: Sequence[torch.dtype] | None = None,
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name} must be {dtype_names(dtypes)}, got {t.dtype}")
+    if dtypes is not None:
+        check_dtype(name, t.dtype, dtypes)
     if dim is not None and t.dim() != dim:
         if layout is not None:
             raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
@@ -76,10 +79,23 @@ def check_tensor(name: str, t, *, dtypes: Sequence[torch.dtype] | None = None,
     return t
 
 
-def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    """``TypeError`` unless ``t`` has the dtype of ``ref``."""
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name} dtype {t.dtype} differs from {ref_name} dtype {ref.dtype}")
+def check_dtype(name: str, dtype: torch.dtype, dtypes: Sequence[torch.dtype]) -> None:
+    """``TypeError`` unless ``dtype`` (of argument ``name``) is one of ``dtypes``."""
+    if dtype not in dtypes:
+        raise TypeError(f"{name} must be {dtype_names(dtypes)}, got {dtype}")
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """``ValueError`` unless ``t`` is on a device type the ops run on (CPU or CUDA)."""
+    if t.device.type not in DEVICE_TYPES:
+        raise ValueError(f"unsupported device {t.device} for {name}")
+
+
+def check_same_dtype(name: str, t, ref_name: str, ref) -> None:
+    """``TypeError`` unless ``t`` has the dtype of ``ref`` (tensors or dtypes)."""
+    a, b = getattr(t, "dtype", t), getattr(ref, "dtype", ref)
+    if a != b:
+        raise TypeError(f"{name} dtype {a} differs from {ref_name} dtype {b}")
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:

@@ -24,14 +24,15 @@ softmax gives, and never NaN. (An fp16 extended mask holds only -65504: its full
 get the softmax of the scores shifted by that constant, as the formula says.) The Triton kernel reads the mask in place, in any of these dtypes
 and with any strides, so HF's extended mask is never converted, neither per layer nor per forward.
 
-Backends (``attention`` dispatches on the device, explicitly):
+Backends (registered in :mod:`xlx_fast.ops.registry`, which picks one per device, explicitly):
 
 - CUDA tensors: ``attention_triton``, a FlashAttention-style forward kernel (online softmax in
   base 2, fp32 accumulation). Without Triton installed this raises instead of falling back.
 - CPU tensors: ``attention_sdpa``, i.e. ``torch.nn.functional.scaled_dot_product_attention``
   with the mask turned into an fp32 additive ``[B, 1, 1, Lk]`` bias (B·Lk elements per call).
   fp16 inputs are computed in fp32 there.
-  The Triton kernel runs on the CPU only under ``TRITON_INTERPRET=1``, i.e. in tests.
+  The Triton kernel runs on the CPU only under ``TRITON_INTERPRET=1`` and when named, i.e. in
+  tests; SDPA runs CUDA tensors only when named (benchmarks).
 
 Precision. fp16/bf16 inputs: both products run on the tensor cores in the input dtype with fp32
 accumulation, the probabilities are rounded to the input dtype before ``P·V`` (as in
@@ -74,20 +75,18 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: attention() still works through SDPA
-    triton = None
+from . import _common
+from ._common import FLOAT_DTYPES, HAS_TRITON, check_tensor, interpreting, tl, triton
+from .registry import Capability, register_op, select_impl, triton_capability
 
 __all__ = ["attention", "attention_triton", "attention_sdpa", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FP32_MIN = torch.finfo(torch.float32).min
 _LOG2E = 1.4426950408889634
 
@@ -95,11 +94,7 @@ _LOG2E = 1.4426950408889634
 _NO_MASK, _KEEP_MASK, _ADDITIVE_MASK = 0, 1, 2
 
 
-def _interpreting() -> bool:
-    return triton is not None and bool(triton.knobs.runtime.interpret)
-
-
-if triton is not None:
+if HAS_TRITON:
 
     @triton.jit
     def _mma(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -245,12 +240,8 @@ def tuning() -> str:
 def _check_inputs(q, k, v, key_padding_mask, num_heads, out):
     """Validates arguments; returns (B, Lq, Lk, H, head_dim)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have shape (B, L, num_heads*head_dim), got {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        check_tensor(name, t, dim=3, layout="(B, L, num_heads*head_dim)")
+        check_tensor(name, t, dtypes=FLOAT_DTYPES)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -313,9 +304,9 @@ def attention_triton(q, k, v, key_padding_mask=None, *, num_heads, out=None):
     under ``TRITON_INTERPRET=1`` (tests); anything else raises.
     """
     B, Lq, Lk, H, head_dim = _check_inputs(q, k, v, key_padding_mask, num_heads, out)
-    if triton is None:
+    if not _common.HAS_TRITON:
         raise RuntimeError("attention_triton needs the 'triton' package (pip install xlx_fast[triton])")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"attention_triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
                          f"got q on {q.device}; use attention() to dispatch")
     if out is None:
@@ -355,12 +346,12 @@ def _launch(q, k, v, mask, out, num_heads, head_dim, config=None):
         triton.next_power_of_2(BH),
     )
     consts = dict(MASK_KIND=mask_kind, HEAD_DIM=head_dim, INPUT_PRECISION=precision,
-                  UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16)
+                  UPCAST_DOT=interpreting() and q.dtype == torch.bfloat16)
 
     def grid(meta):
         return (triton.cdiv(BH, meta["ROWS"]), triton.cdiv(Lq, meta["BLOCK_M"]))
 
-    if config is None and _interpreting():
+    if config is None and interpreting():
         config = _INTERPRET_CONFIG
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if config is None:
@@ -410,27 +401,61 @@ def attention_sdpa(q, k, v, key_padding_mask=None, *, num_heads, out=None):
     return out.copy_(o)
 
 
-def _backend_for(device: torch.device) -> str:
-    """'triton' for CUDA, 'sdpa' for CPU; raises for a CUDA device without Triton and for others."""
-    if device.type == "cuda":
-        if triton is None:
-            raise RuntimeError("CUDA tensors need the 'triton' package for xlx_fast attention "
-                               "(pip install xlx_fast[triton]); refusing to fall back silently")
-        return "triton"
-    if device.type == "cpu":
-        return "sdpa"
-    raise ValueError(f"attention supports CUDA and CPU tensors, got q on {device}")
+# ||out - ref|| / ||ref|| against HF's formula in float64 (SPEC §4); fp32 through tf32 products
+# (torch's matmul precision not "highest") is held to the elementwise bound of the docstring instead
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+register_op("attention", "triton", impl=attention_triton, capability=triton_capability(dtypes=FLOAT_DTYPES),
+            preference_rank=0, tolerances=TOLERANCES)
+# on CUDA only when named: there the Triton kernel is the op, and a missing triton is an error
+register_op("attention", "sdpa", impl=attention_sdpa,
+            capability=Capability(devices=("cpu",), on_request=("cuda",), dtypes=FLOAT_DTYPES),
+            preference_rank=1, tolerances=TOLERANCES)
 
 
-def attention(q, k, v, key_padding_mask=None, *, num_heads, out=None):
+def _run(q, k, v, key_padding_mask, num_heads, backend, out=None):
+    impl = select_impl("attention", q.device, q.dtype, force=backend or None).impl
+    return impl(q, k, v, key_padding_mask, num_heads=num_heads, out=out)
+
+
+@torch.library.custom_op("xlx_fast::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  key_padding_mask: Optional[torch.Tensor], num_heads: int, backend: str) -> torch.Tensor:
+    """A new (B, Lq, H·d) output of validated inputs; backend "" = the registry's choice."""
+    return _run(q, k, v, key_padding_mask, num_heads, backend)
+
+
+@_attention_op.register_fake
+def _(q, k, v, key_padding_mask, num_heads, backend):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2])
+
+
+@torch.library.custom_op("xlx_fast::attention_out", mutates_args=("out",))
+def _attention_out_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, num_heads: int,
+                      backend: str) -> None:
+    """The same, written into ``out`` (any strides): no allocation."""
+    _run(q, k, v, key_padding_mask, num_heads, backend, out=out)
+
+
+@_attention_out_op.register_fake
+def _(q, k, v, key_padding_mask, out, num_heads, backend):
+    return None
+
+
+def attention(q, k, v, key_padding_mask=None, *, num_heads, out=None, backend=None):
     """Multi-head attention ``softmax(q·kᵀ/√d + mask)·v`` on ``(B, L, H·d)`` projections.
 
-    CUDA tensors run ``attention_triton``, CPU tensors ``attention_sdpa`` (never the interpreter).
-    Arguments, mask semantics and limits: see the module docstring and ``attention_triton``.
-    Returns ``(B, Lq, H·d)`` in q's dtype (written into ``out`` when given).
+    The backend is the registry's choice for the device (CUDA: ``attention_triton``, CPU:
+    ``attention_sdpa``, never the interpreter; ``xlx-fast info`` shows it), or the one named by
+    ``backend`` ("triton": CPU tensors only under ``TRITON_INTERPRET=1``; "sdpa"), which raises
+    naming why if it cannot run here. Runs the custom op ``torch.ops.xlx_fast.attention`` (or
+    ``attention_out`` with ``out``). Arguments, mask semantics and limits: see the module
+    docstring and ``attention_triton``. Returns ``(B, Lq, H·d)`` in q's dtype (``out`` when given).
     """
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    if _backend_for(q.device) == "triton":
-        return attention_triton(q, k, v, key_padding_mask, num_heads=num_heads, out=out)
-    return attention_sdpa(q, k, v, key_padding_mask, num_heads=num_heads, out=out)
+    _check_inputs(q, k, v, key_padding_mask, num_heads, out)
+    if q.device.type not in _common.DEVICE_TYPES:
+        raise ValueError(f"attention supports CUDA and CPU tensors, got q on {q.device}")
+    if out is None:
+        return torch.ops.xlx_fast.attention(q, k, v, key_padding_mask, num_heads, backend or "")
+    torch.ops.xlx_fast.attention_out(q, k, v, key_padding_mask, out, num_heads, backend or "")
+    return out

@@ -54,26 +54,24 @@ during CUDA graph capture) and raises a ValueError naming h, weight or bias.
 from __future__ import annotations
 
 import math
-import numbers
-import weakref
+from typing import Optional
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-
+from . import split_scan
+from ._common import (FLOAT_DTYPES, HAS_TRITON, INDEX_DTYPES, check_choice, check_device, check_int,
+                      check_same_dtype, check_tensor, tl, triton)
 from .codebook_tile import interpreter_widen
+from .derived import widened
 from .dot_error import PRECISIONS
+from .registry import select_impl
 
 __all__ = ["codebook_head", "codebook_head_triton", "codebook_head_torch", "fold_head", "gumbel_noise"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-if triton is not None:
+if HAS_TRITON:
     from .codebook_tile import rows_dot_entries
+    from .split_scan import (best_slice, first_index, keep_better, row_block, running_best, slice_bounds,
+                             slice_chunk)
 
     @triton.jit
     def _gumbel(seed, cols, step, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -98,12 +96,9 @@ if triton is not None:
         SAMPLE: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
         PER_ROW: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
         split = tl.program_id(1)
-        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        k_begin = split * K_PER_SPLIT
-        k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+        rows, row_ok = row_block(tl.program_id(0), M, BLOCK_M)
+        k_begin, k_end = slice_bounds(split, K_PER_SPLIT, K)
         if SAMPLE:
             seed = tl.load(SEEDS + rows, mask=row_ok, other=0)
         if PER_ROW:  # tau_m per row; tau_m = 0: greedy row (scale 1, no noise)
@@ -112,15 +107,12 @@ if triton is not None:
             noisy = tau > 0
         m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
         s_run = tl.zeros([BLOCK_M], tl.float32)
-        best = tl.full([BLOCK_M], float("-inf"), tl.float32)
         best_z = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        best_id = tl.zeros([BLOCK_M], tl.int32)
+        best, best_id = running_best(BLOCK_M, False)
         has_nan = tl.zeros([BLOCK_M], tl.int32)
         for k0 in range(k_begin, k_end, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < k_end
-            acc = rows_dot_entries(H, stride_hm, stride_hd, rows, row_ok, W, stride_wk, stride_wd,
-                                   cols, col_ok, HD, BLOCK_M, BLOCK_K, BLOCK_H, INPUT_PRECISION, WIDEN)
+            cols, col_ok, acc = rows_dot_entries(H, stride_hm, stride_hd, rows, row_ok, W, stride_wk, stride_wd,
+                                               k0, k_end, HD, BLOCK_M, BLOCK_K, BLOCK_H, INPUT_PRECISION, WIDEN)
             bias = tl.load(B + cols, mask=col_ok, other=0.0)
             if PER_ROW:
                 z = (acc + bias[None, :]) * row_scale[:, None]
@@ -140,15 +132,14 @@ if triton is not None:
             else:
                 key = z
             tile_best = tl.max(key, axis=1)
-            tile_id = tl.min(tl.where(key == tile_best[:, None], cols[None, :], K), axis=1)
+            tile_id = first_index(key, tile_best, cols, K)
             if SAMPLE:
                 tile_z = tl.sum(tl.where(cols[None, :] == tile_id[:, None], z, 0.0), axis=1)
             else:
                 tile_z = tile_best
-            better = tile_best > best  # strict: equal keys keep the lower class index
-            best = tl.where(better, tile_best, best)
+            # strict: equal keys keep the lower class index
+            better, best, best_id = keep_better(tile_best, tile_id, best, best_id, False)
             best_z = tl.where(better, tile_z, best_z)
-            best_id = tl.where(better, tile_id, best_id)
         s_run = tl.where(has_nan > 0, float("nan"), s_run)
         out = rows * NSPLIT + split
         tl.store(P_M + out, m_run, mask=row_ok)
@@ -163,17 +154,14 @@ if triton is not None:
         # Walks the slices in chunks of BLOCK_S (any NSPLIT, bounded registers): the running max
         # and rescaled sum as in the partial kernel, and the best key by a strict '>' over the
         # chunks in class order, so the first slice holding the best key wins.
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
+        rows, row_ok = row_block(tl.program_id(0), M, BLOCK_M)
         m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
         s_all = tl.zeros([BLOCK_M], tl.float32)
         key_best = tl.full([BLOCK_M], float("-inf"), tl.float32)
         z_best = tl.zeros([BLOCK_M], tl.float32)
         id_best = tl.zeros([BLOCK_M], tl.int32)
         for s0 in range(0, NSPLIT, BLOCK_S):
-            sp = s0 + tl.arange(0, BLOCK_S)
-            ok = row_ok[:, None] & (sp < NSPLIT)[None, :]
-            idx = rows[:, None] * NSPLIT + sp[None, :]
+            sp, ok, idx = slice_chunk(rows, row_ok, s0, NSPLIT, BLOCK_S)
             m = tl.load(P_M + idx, mask=ok, other=float("-inf"))
             s = tl.load(P_S + idx, mask=ok, other=0.0)
             key = tl.load(P_KEY + idx, mask=ok, other=float("-inf"))
@@ -181,8 +169,7 @@ if triton is not None:
             s_all = s_all * tl.exp(m_all - m_new) + tl.sum(
                 tl.where(ok, s * tl.exp(m - m_new[:, None]), 0.0), axis=1)
             m_all = m_new
-            chunk_best = tl.max(key, axis=1)
-            first = tl.min(tl.where(key == chunk_best[:, None], sp[None, :], NSPLIT), axis=1)
+            chunk_best, first = best_slice(key, sp, NSPLIT, False)
             better = chunk_best > key_best
             pick = rows * NSPLIT + first
             z = tl.load(P_Z + pick, mask=row_ok & better, other=0.0)
@@ -216,12 +203,9 @@ def _launches(h, weight, bias, seeds, prob, ids, temperature, step, precision,
     block_k = block_k or ((32 if per_row else 64) if fp32 and sample else 128)
     block_h = block_h or (32 if fp32 else 64)
     row_blocks = triton.cdiv(m, block_m)
-    k_tiles = triton.cdiv(k, block_k)
-    if splits is None:
-        splits = max(1, min(k_tiles, triton.cdiv(2 * sms, row_blocks)))
-    # whole tiles per slice, and no empty slice
-    k_per = triton.cdiv(k_tiles, max(1, min(splits, k_tiles))) * block_k
-    nsplit = triton.cdiv(k, k_per)
+    if splits is None:  # about two waves of programs on the GPU
+        splits = max(1, triton.cdiv(2 * sms, row_blocks))
+    k_per, nsplit = split_scan.slices(k, block_k, splits)
     part = torch.empty(5, m, nsplit, dtype=torch.float32, device=h.device)
     part_id = torch.empty(m, nsplit, dtype=torch.int32, device=h.device)
     if seeds is None:
@@ -247,7 +231,7 @@ def _launches(h, weight, bias, seeds, prob, ids, temperature, step, precision,
     merge = (
         _head_merge_kernel, (triton.cdiv(m, merge_block),),
         (part[0], part[1], part[2], part[3], part_id, prob, ids, m, nsplit),
-        dict(BLOCK_M=merge_block, BLOCK_S=min(32, max(2, triton.next_power_of_2(nsplit))),
+        dict(BLOCK_M=merge_block, BLOCK_S=split_scan.merge_chunk(nsplit),
              **({"num_warps": 4, "num_stages": 1} if cuda else {})))
     return [partial, merge]
 
@@ -261,16 +245,9 @@ def compile_variants(h, weight, *, sample, precision, sms):
     prob = torch.empty(m, dtype=torch.float32)
     # sampling: one temperature for the batch, or one per row (the engine's mixed batches)
     temperatures = [1.0, torch.ones(m, dtype=torch.float32)] if sample else [0.0]
-    out = []
-    for temperature in temperatures:
-        for kernel, _grid, args, kwargs in _launches(h, weight, bias, seeds, prob, ids, temperature,
-                                                     5, precision, sms=sms, cuda=True):
-            if "WIDEN" in kwargs:
-                kwargs["WIDEN"] = False  # the interpreter's bf16 workaround; never on a GPU
-            label = f"{kernel.fn.__name__} {kwargs}"
-            if all(label != seen[0] for seen in out):  # the merge kernel is the same for both
-                out.append((label, kernel, args, kwargs))
-    return out
+    return split_scan.compile_variants(
+        [_launches(h, weight, bias, seeds, prob, ids, t, 5, precision, sms=sms, cuda=True)
+         for t in temperatures])
 
 
 def codebook_head_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
@@ -286,21 +263,11 @@ def codebook_head_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     results do not depend on it. ``out`` = preallocated (prob, ids) to write into. Runs on
     CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
     """
-    if triton is None:  # pragma: no cover
-        raise RuntimeError("triton is not installed")
-    m = h.shape[0]
-    if out is None:
-        prob = torch.empty(m, dtype=torch.float32, device=h.device)
-        ids = torch.empty(m, dtype=torch.int64, device=h.device)
-    else:
-        prob, ids = out
-    if m == 0:
-        return prob, ids
     sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 1
-    for kernel, grid, args, kwargs in _launches(h, weight, bias, seeds, prob, ids, temperature, step,
-                                                precision, block_m, block_k, block_h, splits, sms):
-        kernel[grid](*args, **kwargs)
-    return prob, ids
+    return split_scan.scan(
+        h.shape[0], h.device, (torch.float32, torch.int64), out,
+        lambda prob, ids: _launches(h, weight, bias, seeds, prob, ids, temperature, step, precision,
+                                    block_m, block_k, block_h, splits, sms))
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,24 +316,6 @@ def gumbel_noise(seeds: torch.Tensor, cols: torch.Tensor, step: int) -> torch.Te
 
 _EXP_FLOOR = -80.0
 
-# id(weight) -> (weakref, signature, fp32 copy): a half weight is widened once, not every step
-_WIDE_CACHE: dict[int, tuple] = {}
-
-
-def _widened(weight: torch.Tensor) -> torch.Tensor:
-    """fp32 copy of a half-precision weight, cached per tensor (checked against its data
-    pointer, shape, dtype and version counter; dropped when the tensor dies)."""
-    if weight.dtype == torch.float32:
-        return weight
-    key = id(weight)
-    sig = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), weight.dtype)
-    hit = _WIDE_CACHE.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == sig:
-        return hit[2]
-    wide = weight.float()
-    _WIDE_CACHE[key] = (weakref.ref(weight, lambda _r, k=key: _WIDE_CACHE.pop(k, None)), sig, wide)
-    return wide
-
 
 def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
                         temperature=0.0, seeds: torch.Tensor | None = None, step: int = 0,
@@ -377,7 +326,7 @@ def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     torch.max returns the first maximal index, so ties go to the lowest class.
     """
     m = h.shape[0]
-    w = _widened(weight)
+    w = widened(weight)
     prob = torch.empty(m, dtype=torch.float32, device=h.device)
     ids = torch.empty(m, dtype=torch.int64, device=h.device)
     per_row = isinstance(temperature, torch.Tensor)
@@ -415,8 +364,42 @@ def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 # --------------------------------------------------------------------------------------------
-# public entry points
+# backends, the custom op, the public entry point
 # --------------------------------------------------------------------------------------------
+
+def _run_triton(h, weight, bias, *, temperature, seeds, step, precision):
+    return codebook_head_triton(h, weight, bias, temperature=temperature, seeds=seeds, step=step,
+                                precision=precision)
+
+
+def _run_torch(h, weight, bias, *, temperature, seeds, step, precision):
+    return codebook_head_torch(h, weight, bias, temperature=temperature, seeds=seeds, step=step)
+
+
+# ||prob - ref|| / ||ref|| against the float64 head on the same (rounded) inputs: half inputs
+# multiply exactly in fp32, so every dtype is held to fp32's bound (the "tf32" precision is not:
+# its logits carry ~3 digits, see the module docstring)
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+split_scan.register_backends("codebook_head", triton_impl=_run_triton, torch_impl=_run_torch,
+                             tolerances=TOLERANCES)
+
+
+@torch.library.custom_op("xlx_fast::codebook_head", mutates_args=())
+def _codebook_head_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      temperatures: Optional[torch.Tensor], temperature: float,
+                      seeds: Optional[torch.Tensor], step: int, precision: str,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prob, ids) of validated h [M, H], weight [K, H], fp32 bias [K]; per-row temperatures
+    [M] when given, else the scalar; backend "" = the registry's choice."""
+    impl = select_impl("codebook_head", h.device, h.dtype, force=backend or None).impl
+    return impl(h, weight, bias, temperature=temperature if temperatures is None else temperatures,
+                seeds=seeds, step=step, precision=precision)
+
+
+@_codebook_head_op.register_fake
+def _(h, weight, bias, temperatures, temperature, seeds, step, precision, backend):
+    return h.new_empty(h.shape[0], dtype=torch.float32), h.new_empty(h.shape[0], dtype=torch.int64)
+
 
 def _raise_nan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, prob: torch.Tensor):
     """Error path only: find which argument holds the NaN (full scans are fine here)."""
@@ -432,7 +415,8 @@ def _raise_nan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, prob: 
 
 def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   temperature=0.0, seeds: torch.Tensor | None = None, step: int = 0,
-                  precision: str = "tf32x3", check_nan: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  precision: str = "tf32x3", check_nan: bool = True,
+                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(prob, id) of softmax(h·Wᵀ + b) per row, the logits never stored.
 
     Args:
@@ -450,73 +434,54 @@ def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             error, tensor cores), "ieee" (FMA units, slower) or "tf32" (fastest, ~3 digits).
         check_nan: look for NaN in the [M] output and raise (one small host sync on CUDA);
             a hot loop that validates its inputs elsewhere may turn it off.
+        backend: None (the registry's choice for the device: CUDA → "triton", CPU → "torch";
+            see ``xlx-fast info``) or a backend by name ("triton" runs CPU tensors only under
+            ``TRITON_INTERPRET=1``); one that cannot run here raises naming why.
 
     Returns:
         prob float32 h.shape[:-1], ids int64 h.shape[:-1]. Ties go to the lowest class.
 
-    Dispatch is explicit by device: CUDA → :func:`codebook_head_triton`, CPU →
-    :func:`codebook_head_torch`. NaN in h, weight or bias raises ValueError (checked on the
-    [M] output unless ``check_nan`` is False; skipped while a CUDA graph is being captured).
+    Runs the custom op ``torch.ops.xlx_fast.codebook_head``. NaN in h, weight or bias raises
+    ValueError (checked on the [M] output unless ``check_nan`` is False; skipped while a CUDA
+    graph is captured or torch.compile traces, where a value cannot be read without a sync).
     """
-    for name, t in (("h", h), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if weight.dtype != h.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from h dtype {h.dtype}")
+    check_tensor("h", h, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
+    check_same_dtype("weight", weight, "h", h)
     if h.dim() < 1:
         raise ValueError("h must have shape [..., H]")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [K, H], got shape {tuple(weight.shape)}")
-    if weight.shape[0] < 1:
+    check_tensor("weight", weight, dim=2)
+    k = weight.shape[0]
+    if k < 1:
         raise ValueError("weight has no classes (K = 0)")
     if weight.shape[1] != h.shape[-1]:
         raise ValueError(f"h has hidden size {h.shape[-1]} but weight has H = {weight.shape[1]}")
-    if weight.device != h.device:
-        raise ValueError(f"weight is on {weight.device} but h is on {h.device}")
-    k = weight.shape[0]
+    check_tensor("weight", weight, device=h.device, device_of="h")
     if bias is None:
         bias = torch.zeros(k, dtype=torch.float32, device=h.device)
     if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
         raise TypeError("bias must be a floating-point torch.Tensor or None")
-    if bias.shape != (k,):
-        raise ValueError(f"bias must have shape [{k}], got {tuple(bias.shape)}")
-    if bias.device != h.device:
-        raise ValueError(f"bias is on {bias.device} but h is on {h.device}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    per_row = isinstance(temperature, torch.Tensor)
-    if per_row:
-        if temperature.dtype != torch.float32:
-            raise TypeError(f"temperature tensor must be float32, got {temperature.dtype}")
-        if temperature.device != h.device:
-            raise ValueError(f"temperature is on {temperature.device} but h is on {h.device}")
+    check_tensor("bias", bias, shape=(k,), device=h.device, device_of="h")
+    check_choice("precision", precision, PRECISIONS)
+    step = check_int("step", step, 0, 2 ** 31, hi_text="2^31")
+    check_device("h", h)
+    h2 = h.reshape(-1, h.shape[-1])
+    m = h2.shape[0]
+    temperatures = None
+    if isinstance(temperature, torch.Tensor):
+        check_tensor("temperature", temperature, dtypes=(torch.float32,), device=h.device, device_of="h")
+        if temperature.numel() != m:
+            raise ValueError(f"temperature must have one entry per row ({m}), got shape "
+                             f"{tuple(temperature.shape)}")
+        temperatures, temperature = temperature.reshape(m).contiguous(), 0.0
     else:
         temperature = float(temperature)
         if not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
-    step = int(step)
-    if not 0 <= step < 2 ** 31:
-        raise ValueError(f"step must be in [0, 2^31), got {step}")
-    if h.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {h.device} for h")
-
-    lead = tuple(h.shape[:-1])
-    h2 = h.reshape(-1, h.shape[-1])
-    m = h2.shape[0]
-    if per_row:
-        if temperature.numel() != m:
-            raise ValueError(f"temperature must have one entry per row ({m}), got shape "
-                             f"{tuple(temperature.shape)}")
-        temperature = temperature.reshape(m).contiguous()
-    if per_row or temperature > 0:
+    if temperatures is not None or temperature > 0:
         if seeds is None:
             raise ValueError("seeds (one int64 per row) are required when temperature > 0")
-        if not isinstance(seeds, torch.Tensor) or seeds.dtype not in (torch.int64, torch.int32):
-            raise TypeError("seeds must be an int64 (or int32) torch.Tensor")
+        check_tensor("seeds", seeds, dtypes=INDEX_DTYPES)
         if seeds.numel() != m:
             raise ValueError(f"seeds must have one entry per row ({m}), got shape {tuple(seeds.shape)}")
         seeds = seeds.reshape(m).to(h.device, torch.int64).contiguous()
@@ -526,16 +491,13 @@ def codebook_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
 
-    if h.device.type == "cuda":
-        prob, ids = codebook_head_triton(h2, weight, bias, temperature=temperature, seeds=seeds,
-                                         step=step, precision=precision)
-    else:
-        prob, ids = codebook_head_torch(h2, weight, bias, temperature=temperature, seeds=seeds,
-                                        step=step)
-    capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
-    if check_nan and m and not capturing and bool(torch.isnan(prob).any()):
+    prob, ids = torch.ops.xlx_fast.codebook_head(h2, weight, bias, temperatures, temperature, seeds,
+                                                 step, precision, backend or "")
+    if check_nan and m and not torch.compiler.is_compiling() \
+            and not (h.is_cuda and torch.cuda.is_current_stream_capturing()) \
+            and bool(torch.isnan(prob).any()):
         _raise_nan(h2, weight, bias, prob)
-    return prob.reshape(lead), ids.reshape(lead)
+    return prob.reshape(h.shape[:-1]), ids.reshape(h.shape[:-1])
 
 
 @torch.no_grad()

@@ -59,27 +59,26 @@ ValueError by the wrapper after the launch.
 """
 from __future__ import annotations
 
-import weakref
+from typing import Optional
 
 import numpy as np
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the CPU path works without triton
-    triton = None
-
+from . import split_scan
+from ._common import (FLOAT_DTYPES, HAS_TRITON, check_choice, check_device, check_dtype, check_same_dtype,
+                      check_tensor, tl, triton)
 from .codebook_tile import interpreter_widen
+from .derived import derived, widened
 from .dot_error import PRECISIONS, gamma
+from .registry import select_impl
 
 __all__ = ["nearest", "nearest_triton", "nearest_torch", "codebook_norms", "error_bound"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-if triton is not None:
+if HAS_TRITON:
     from .codebook_tile import rows_dot_entries
+    from .split_scan import (best_slice, first_index, keep_better, row_block, running_best, slice_bounds,
+                             slice_chunk)
 
     @triton.jit
     def _nearest_partial_kernel(
@@ -98,30 +97,23 @@ if triton is not None:
         tile = first_tile + (pid % per_group) % group_size
         split = (pid % per_group) // group_size
 
-        rows = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        k_begin = split * K_PER_SPLIT
-        k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
-        best = tl.full([BLOCK_N], float("inf"), tl.float32)
-        best_id = tl.zeros([BLOCK_N], tl.int32)
+        rows, row_ok = row_block(tile, N, BLOCK_N)
+        k_begin, k_end = slice_bounds(split, K_PER_SPLIT, K)
+        best, best_id = running_best(BLOCK_N, True)
         has_nan = tl.zeros([BLOCK_N], tl.int32)
         for k0 in range(k_begin, k_end, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < k_end
             # acc[n, k] = x_n · c_k, fp32 accumulation over D
-            acc = rows_dot_entries(X, stride_xn, stride_xd, rows, row_ok, C, stride_ck, stride_cd,
-                                   cols, col_ok, D, BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, WIDEN)
+            cols, col_ok, acc = rows_dot_entries(X, stride_xn, stride_xd, rows, row_ok, C, stride_ck, stride_cd,
+                                               k0, k_end, D, BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, WIDEN)
             # padded columns get +inf so they never win
             cnorm = tl.load(CNORM + cols, mask=col_ok, other=float("inf"))
             score = cnorm[None, :] - 2.0 * acc
             has_nan = tl.maximum(has_nan, tl.max((score != score).to(tl.int32), axis=1))
             tile_min = tl.min(score, axis=1)
             # lowest column attaining the tile minimum (explicit, not left to the reduction)
-            tile_id = tl.min(tl.where(score == tile_min[:, None], cols[None, :], K), axis=1)
+            tile_id = first_index(score, tile_min, cols, K)
             # strict '<': an equal score in a later tile keeps the earlier (lower) index
-            better = tile_min < best
-            best = tl.where(better, tile_min, best)
-            best_id = tl.where(better, tile_id, best_id)
+            _, best, best_id = keep_better(tile_min, tile_id, best, best_id, True)
         out = rows * NSPLIT + split
         tl.store(P_SCORE + out, best, mask=row_ok)
         tl.store(P_ID + out, tl.where(has_nan > 0, -1, best_id), mask=row_ok)
@@ -130,25 +122,18 @@ if triton is not None:
     def _nearest_merge_kernel(P_SCORE, P_ID, OUT_ID, OUT_SCORE, N, NSPLIT,
                               BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
         # splits in class order, chunks of BLOCK_S; strict '<' keeps the lowest index on ties
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        best = tl.full([BLOCK_N], float("inf"), tl.float32)
-        best_id = tl.zeros([BLOCK_N], tl.int32)
+        rows, row_ok = row_block(tl.program_id(0), N, BLOCK_N)
+        best, best_id = running_best(BLOCK_N, True)
         has_nan = tl.zeros([BLOCK_N], tl.int32)
         for s0 in range(0, NSPLIT, BLOCK_S):
-            sp = s0 + tl.arange(0, BLOCK_S)
-            ok = row_ok[:, None] & (sp < NSPLIT)[None, :]
-            idx = rows[:, None] * NSPLIT + sp[None, :]
-            score = tl.load(P_SCORE + idx, mask=ok, other=float("inf"))
+            sp, ok, idx = slice_chunk(rows, row_ok, s0, NSPLIT, BLOCK_S)
+            # the first split holding the chunk minimum: its id is the lowest among them
+            chunk_min, first = best_slice(tl.load(P_SCORE + idx, mask=ok, other=float("inf")),
+                                          sp, NSPLIT, True)
             ids = tl.load(P_ID + idx, mask=ok, other=0)
             has_nan = tl.maximum(has_nan, tl.max((ids < 0).to(tl.int32), axis=1))
-            chunk_min = tl.min(score, axis=1)
-            # the first split holding the chunk minimum: its id is the lowest among them
-            first = tl.min(tl.where(score == chunk_min[:, None], sp[None, :], NSPLIT), axis=1)
             chunk_id = tl.sum(tl.where(sp[None, :] == first[:, None], ids, 0), axis=1)
-            better = chunk_min < best
-            best = tl.where(better, chunk_min, best)
-            best_id = tl.where(better, chunk_id, best_id)
+            _, best, best_id = keep_better(chunk_min, chunk_id, best, best_id, True)
         best_id = tl.where(has_nan > 0, -1, best_id)
         tl.store(OUT_ID + rows, best_id.to(tl.int64), mask=row_ok)
         tl.store(OUT_SCORE + rows, best, mask=row_ok)
@@ -158,41 +143,19 @@ if triton is not None:
 # centroid norms, cached per codebook tensor
 # --------------------------------------------------------------------------------------------
 
-# id(codebook) -> (weakref, data_ptr, version, shape, stride, dtype, norms). The weakref guards
-# against a freed tensor whose address is reused; _version against in-place edits.
-_NORM_CACHE: dict[int, tuple] = {}
-
-
-def _forget(key: int):
-    def callback(_ref):
-        _NORM_CACHE.pop(key, None)
-    return callback
-
-
-def codebook_norms(codebook: torch.Tensor) -> torch.Tensor:
-    """||c_k||^2 in float32 (computed in fp32 from the codebook's values), cached per tensor.
-
-    The cache entry is keyed on the tensor object (weak reference) and checked against its
-    data pointer, shape, strides, dtype and version counter, so an in-place update of the
-    codebook or a new tensor at a recycled address recomputes the norms. Raises ValueError if
-    a centroid contains NaN or inf.
-    """
-    key = id(codebook)
-    sig = (codebook.data_ptr(), codebook._version, tuple(codebook.shape), codebook.stride(),
-           codebook.dtype, codebook.device)
-    hit = _NORM_CACHE.get(key)
-    if hit is not None and hit[0]() is codebook and hit[1] == sig:
-        return hit[2]
+def _norms(codebook: torch.Tensor) -> torch.Tensor:
     norms = codebook.float().square().sum(1)
     if not bool(torch.isfinite(norms).all()):
         bad = torch.nonzero(~torch.isfinite(norms)).flatten()[:8].tolist()
         raise ValueError(f"codebook contains NaN or inf (centroids {bad}...)")
-    try:
-        ref = weakref.ref(codebook, _forget(key))
-    except TypeError:  # pragma: no cover
-        return norms
-    _NORM_CACHE[key] = (ref, sig, norms)
     return norms
+
+
+def codebook_norms(codebook: torch.Tensor) -> torch.Tensor:
+    """||c_k||^2 in float32 (computed in fp32 from the codebook's values), computed once per
+    codebook tensor and reused until it is edited in place (:mod:`xlx_fast.ops.derived`).
+    Raises ValueError if a centroid contains NaN or inf."""
+    return derived(codebook, "sq_norms", _norms)
 
 
 def error_bound(x, codebook, *, precision: str = "tf32x3") -> torch.Tensor:
@@ -223,11 +186,9 @@ def _launches(x, codebook, norms, ids, scores, precision, block_n=None, block_k=
         block_k = 128 if x.dtype != torch.float32 else 64
     if block_d is None:
         block_d = 64 if x.dtype != torch.float32 else 32
-    k_tiles = triton.cdiv(k, block_k)
     if splits is None:  # at most 32 splits: partials of 8·N·S bytes, one merge chunk
-        splits = min(k_tiles, 32)
-    k_per = triton.cdiv(k_tiles, max(1, min(splits, k_tiles))) * block_k  # whole tiles per split
-    nsplit = triton.cdiv(k, k_per)  # no empty split
+        splits = split_scan.MAX_MERGE_CHUNK
+    k_per, nsplit = split_scan.slices(k, block_k, splits)
     row_tiles = triton.cdiv(n, block_n)
     part_score = torch.empty(n, nsplit, dtype=torch.float32, device=x.device)
     part_id = torch.empty(n, nsplit, dtype=torch.int32, device=x.device)
@@ -246,7 +207,7 @@ def _launches(x, codebook, norms, ids, scores, precision, block_n=None, block_k=
     merge = (
         _nearest_merge_kernel, (triton.cdiv(n, merge_block),),
         (part_score, part_id, ids, scores, n, nsplit),
-        dict(BLOCK_N=merge_block, BLOCK_S=min(32, max(2, triton.next_power_of_2(nsplit))),
+        dict(BLOCK_N=merge_block, BLOCK_S=split_scan.merge_chunk(nsplit),
              **({"num_warps": 4, "num_stages": 1} if cuda else {})))
     return [partial, merge]
 
@@ -257,12 +218,7 @@ def compile_variants(x, codebook, precision):
     n, k = x.shape[0], codebook.shape[0]
     norms = torch.empty(k, dtype=torch.float32)
     ids, scores = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.float32)
-    out = []
-    for kernel, _grid, args, kwargs in _launches(x, codebook, norms, ids, scores, precision, cuda=True):
-        if "WIDEN" in kwargs:
-            kwargs["WIDEN"] = False  # the interpreter's bf16 workaround; never on a GPU
-        out.append((f"{kernel.fn.__name__} {kwargs}", kernel, args, kwargs))
-    return out
+    return split_scan.compile_variants([_launches(x, codebook, norms, ids, scores, precision, cuda=True)])
 
 # --------------------------------------------------------------------------------------------
 
@@ -278,22 +234,12 @@ def nearest_triton(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor 
     codebook splits (default min(K / block_k, 32)); results do not depend on it. Runs on CUDA,
     or on the CPU under ``TRITON_INTERPRET=1`` (tests pass small block sizes there).
     """
-    if triton is None:  # pragma: no cover
-        raise RuntimeError("triton is not installed")
-    n = x.shape[0]
     if norms is None:
         norms = codebook_norms(codebook)
-    if out is None:
-        ids = torch.empty(n, dtype=torch.int64, device=x.device)
-        scores = torch.empty(n, dtype=torch.float32, device=x.device)
-    else:
-        ids, scores = out
-    if n == 0:
-        return ids, scores
-    for kernel, grid, args, kwargs in _launches(x, codebook, norms, ids, scores, precision,
-                                                block_n, block_k, block_d, splits):
-        kernel[grid](*args, **kwargs)
-    return ids, scores
+    return split_scan.scan(
+        x.shape[0], x.device, (torch.int64, torch.float32), out,
+        lambda ids, scores: _launches(x, codebook, norms, ids, scores, precision,
+                                      block_n, block_k, block_d, splits))
 
 
 def nearest_torch(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor | None = None, *,
@@ -306,7 +252,7 @@ def nearest_torch(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor |
     """
     if norms is None:
         norms = codebook_norms(codebook)
-    c = codebook if codebook.dtype == torch.float32 else codebook.float()
+    c = widened(codebook)
     n = x.shape[0]
     ids = torch.empty(n, dtype=torch.int64, device=x.device)
     scores = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -322,16 +268,58 @@ def nearest_torch(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor |
 
 
 # --------------------------------------------------------------------------------------------
-# public entry point
+# backends, the custom op, the public entry point
 # --------------------------------------------------------------------------------------------
+
+def _run_triton(x, codebook, norms, *, precision, chunk):
+    return nearest_triton(x, codebook, norms, precision=precision)
+
+
+def _run_torch(x, codebook, norms, *, precision, chunk):
+    return nearest_torch(x, codebook, norms, chunk=chunk)
+
+
+# ||scores - ref|| / ||ref|| against the float64 scores ||c||^2 - 2 x·c of the same (rounded)
+# inputs: products of half inputs are exact in fp32, so every dtype is held to fp32's bound (the
+# ids are exact wherever the top-2 gap exceeds error_bound; the "tf32" precision is not held to it)
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+split_scan.register_backends("nearest", triton_impl=_run_triton, torch_impl=_run_torch,
+                             tolerances=TOLERANCES)
+
+
+@torch.library.custom_op("xlx_fast::nearest", mutates_args=())
+def _nearest_op(x: torch.Tensor, codebook: torch.Tensor, norms: Optional[torch.Tensor],
+                precision: str, chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, scores) of validated x [N, D] and codebook [K, D] (norms None: cached per codebook;
+    chunk: rows per CPU GEMM); backend "" = the registry's choice."""
+    impl = select_impl("nearest", x.device, x.dtype, force=backend or None).impl
+    return impl(x, codebook, norms, precision=precision, chunk=chunk)
+
+
+@_nearest_op.register_fake
+def _(x, codebook, norms, precision, chunk, backend):
+    return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0], dtype=torch.float32)
+
 
 def _check_numpy(name: str, a: np.ndarray) -> None:
     if a.dtype not in (np.float32, np.float16):
         raise TypeError(f"{name} must be float32 or float16, got numpy {a.dtype}")
 
 
+def _raise_non_finite(ids: torch.Tensor, scores: torch.Tensor) -> None:
+    """One host sync per call: the kernel marks NaN rows with id -1 instead of a second pass; an
+    inf in x (or a product overflowing fp32) leaves a non-finite best score instead."""
+    if ids.numel() and bool(((ids < 0) | ~torch.isfinite(scores)).any()):
+        bad = torch.nonzero(ids < 0).flatten()[:8].tolist()
+        if bad:
+            raise ValueError(f"x contains NaN (rows {bad})")
+        bad = torch.nonzero(~torch.isfinite(scores)).flatten()[:8].tolist()
+        raise ValueError(f"x contains inf, or values whose distances overflow float32 (rows {bad})")
+
+
 def nearest(x, codebook, *, return_distance: bool = False, precision: str = "tf32x3",
-            norms: torch.Tensor | None = None, chunk: int | None = None, progress: bool = False):
+            norms: torch.Tensor | None = None, chunk: int | None = None, progress: bool = False,
+            backend: str | None = None):
     """Index of the nearest codebook entry (squared L2) for every row of x.
 
     Args:
@@ -351,12 +339,15 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "tf3
             to 8 · chunk · splits bytes (splits <= 32). Default 2048 on the CPU, 262144 for host
             rows to CUDA, 2^20 for CUDA-resident x (partials <= 256 MB).
         progress: show a tqdm bar over chunks.
+        backend: None (the registry's choice: CUDA → "triton", CPU → "torch"; see
+            ``xlx-fast info``) or a backend by name; one that cannot run here raises naming why.
 
     Returns:
         ids int64 of shape x.shape[:-1] (numpy if x is numpy, else a tensor on the compute
         device); with ``return_distance`` the pair (ids, distances). Ties go to the lowest index.
 
-    Dispatch is explicit by device: CUDA → :func:`nearest_triton`, CPU → :func:`nearest_torch`.
+    Each chunk runs the custom op ``torch.ops.xlx_fast.nearest``. NaN or inf in x raises a
+    ValueError after the last chunk (one host sync; skipped while torch.compile traces).
     """
     was_numpy = isinstance(x, np.ndarray)
     if was_numpy:
@@ -366,22 +357,19 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "tf3
     if isinstance(codebook, np.ndarray):
         _check_numpy("codebook", codebook)
         ct = torch.from_numpy(np.ascontiguousarray(codebook))
-        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-        ct = ct.to(device)
+        ct = ct.to(x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
     elif isinstance(codebook, torch.Tensor):
         ct = codebook
-        device = ct.device
-        if isinstance(x, torch.Tensor) and x.device != device:
-            raise ValueError(f"x is on {x.device} but codebook is on {device}")
+        if isinstance(x, torch.Tensor):
+            check_tensor("x", x, device=ct.device, device_of="codebook")
     else:
         raise TypeError(f"codebook must be a torch.Tensor or numpy.ndarray, got {type(codebook).__name__}")
+    device = ct.device
     x_dtype = torch.from_numpy(np.empty(0, x.dtype)).dtype if was_numpy else x.dtype
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
-    if ct.dim() != 2:
-        raise ValueError(f"codebook must be 2-D [K, D], got shape {tuple(ct.shape)}")
+    check_tensor("codebook", ct, dim=2)
     if ct.shape[0] < 1:
         raise ValueError("codebook is empty (K = 0)")
     if ct.shape[1] < 1:
@@ -390,20 +378,16 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "tf3
         raise ValueError("x must have at least one dimension [..., D]")
     if x.shape[-1] != ct.shape[1]:
         raise ValueError(f"x has feature dim {x.shape[-1]} but codebook has D = {ct.shape[1]}")
-    if x_dtype not in _DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x_dtype}")
-    if ct.dtype != x_dtype:
-        raise TypeError(f"codebook dtype {ct.dtype} differs from x dtype {x_dtype}")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device} for codebook")
+    check_dtype("x", x_dtype, FLOAT_DTYPES)
+    check_same_dtype("codebook", ct, "x", x_dtype)
+    check_device("codebook", ct)
     if ct.stride(-1) != 1:
         ct = ct.contiguous()
-    if norms is None:
-        norms = codebook_norms(ct)
-    else:
+    if norms is not None:
         norms = torch.as_tensor(norms).to(device, torch.float32)
-        if norms.shape != (ct.shape[0],):
-            raise ValueError(f"norms must have shape [{ct.shape[0]}], got {tuple(norms.shape)}")
+        check_tensor("norms", norms, shape=(ct.shape[0],))
+    elif not torch.compiler.is_compiling():  # a NaN centroid raises here, whatever x holds
+        norms = codebook_norms(ct)
 
     lead = tuple(x.shape[:-1])
     xf = x.reshape(-1, x.shape[-1])
@@ -412,13 +396,10 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "tf3
         step = chunk or (262144 if was_numpy else 1 << 20)
     else:
         step = chunk or 2048
-    step = max(1, step)
     ids = torch.empty(n, dtype=torch.int64, device=device)
     scores = torch.empty(n, dtype=torch.float32, device=device)
     xnorm = torch.empty(n, dtype=torch.float32, device=device) if return_distance else None
 
-    # the CPU GEMM runs in fp32 (exact products, fp32 accumulation): widen a half codebook once
-    c_cpu = ct.float() if device.type == "cpu" else None
     starts = range(0, n, step)
     if progress:
         from tqdm.auto import tqdm
@@ -431,22 +412,13 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "tf3
         xs = xs.to(device, non_blocking=True)
         if xs.stride(-1) != 1:
             xs = xs.contiguous()
-        if device.type == "cuda":
-            i, s = nearest_triton(xs, ct, norms, precision=precision)
-        else:
-            i, s = nearest_torch(xs, c_cpu, norms, chunk=step)
+        i, s = torch.ops.xlx_fast.nearest(xs, ct, norms, precision, step, backend or "")
         ids[r0:r0 + step] = i
         scores[r0:r0 + step] = s
         if return_distance:
             xnorm[r0:r0 + step] = xs.float().square().sum(1)
-    # one host sync per call: the kernel marks NaN rows with id -1 instead of a second pass; an
-    # inf in x (or a product overflowing fp32) leaves a non-finite best score instead
-    if n and bool(((ids < 0) | ~torch.isfinite(scores)).any()):
-        bad = torch.nonzero(ids < 0).flatten()[:8].tolist()
-        if bad:
-            raise ValueError(f"x contains NaN (rows {bad})")
-        bad = torch.nonzero(~torch.isfinite(scores)).flatten()[:8].tolist()
-        raise ValueError(f"x contains inf, or values whose distances overflow float32 (rows {bad})")
+    if not torch.compiler.is_compiling():
+        _raise_non_finite(ids, scores)
 
     ids = ids.reshape(lead)
     if was_numpy:
