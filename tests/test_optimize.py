@@ -9,6 +9,7 @@ from transformers.models.lxmert.modeling_lxmert import LxmertAttention
 
 import xlx_fast
 from xlx_fast import patching
+from xlx_fast.ops import _common
 from xlx_fast.patching import FusedLxmertAttention, force_backend, unoptimize
 
 pytestmark = [
@@ -412,7 +413,7 @@ def test_cuda_model_without_triton_is_refused(monkeypatch):
         def parameters(self, recurse=True):
             return iter([FakeCudaParam()])
 
-    monkeypatch.setattr(patching._attn, "triton", None)
+    monkeypatch.setattr(_common, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match="triton"):
         xlx_fast.optimize(Holder())
 

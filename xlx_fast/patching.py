@@ -37,7 +37,8 @@ rule as torch's ``nn.MultiheadAttention`` fast path: wrap inference in ``torch.n
 not a ``[B, 1, 1, Lk]`` key padding mask). Modules with a head dim other than 32/64/128 are not
 patched (a warning names them).
 
-Backend: CUDA tensors run the Triton kernel, CPU tensors SDPA (see ``xlx_fast.ops.attention``).
+Backend: the registry's choice for the device (CUDA: the Triton kernel, CPU: SDPA; see
+``xlx_fast.ops.attention`` and ``xlx-fast info``).
 ``force_backend("triton")`` runs the Triton kernel on CPU tensors too, for tests under
 ``TRITON_INTERPRET=1``.
 
@@ -55,10 +56,10 @@ from torch import nn
 from transformers.models.lxmert.modeling_lxmert import LxmertAttention
 
 from xlx_fast.ops import attention as _attn
+from xlx_fast.ops import registry as _registry
 
 __all__ = ["optimize", "unoptimize", "FusedLxmertAttention", "force_backend"]
 
-_BACKENDS = {"triton": _attn.attention_triton, "sdpa": _attn.attention_sdpa}
 _forced_backend: contextvars.ContextVar = contextvars.ContextVar("xlx_fast_attention_backend", default=None)
 
 
@@ -69,8 +70,8 @@ def force_backend(name: str):
     ``with force_backend("triton"): model(...)`` runs the Triton kernel on CPU tensors under
     ``TRITON_INTERPRET=1``. Outside the block the device decides (CUDA: Triton, CPU: SDPA).
     """
-    if name not in _BACKENDS:
-        raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {name!r}")
+    if name not in _registry.backend_names("attention"):
+        raise ValueError(f"backend must be one of {sorted(_registry.backend_names('attention'))}, got {name!r}")
     token = _forced_backend.set(name)
     try:
         yield
@@ -79,9 +80,7 @@ def force_backend(name: str):
 
 
 def _fused_attention(q, k, v, mask, num_heads):
-    forced = _forced_backend.get()
-    fn = _attn.attention if forced is None else _BACKENDS[forced]
-    return fn(q, k, v, mask, num_heads=num_heads)
+    return _attn.attention(q, k, v, mask, num_heads=num_heads, backend=_forced_backend.get())
 
 
 def _is_slice(p: torch.Tensor, fused: torch.Tensor, row: int, n: int) -> bool:
@@ -174,9 +173,10 @@ class FusedLxmertAttention(LxmertAttention):
 
 
 def _check_backend_available(model: nn.Module):
-    if _attn.triton is None and any(p.is_cuda for p in model.parameters()):
-        raise RuntimeError("the model is on CUDA but 'triton' is not installed: the fused attention "
-                           "kernel needs it (pip install xlx_fast[triton])")
+    """A CUDA model needs an attention backend that runs there (the registry says which, or why
+    none does): refused now, not at the first forward."""
+    if any(p.is_cuda for p in model.parameters()):
+        _registry.select_impl("attention", "cuda")
 
 
 def optimize(model: nn.Module) -> nn.Module:

@@ -1,1 +1,50 @@
-"""Fast operators, one module per op: each holds its kernel, its dispatch and its CPU path."""
+"""Fast operators, one module per op: each holds its kernel, its dispatch and its CPU path.
+
+Each op module registers its backends with :mod:`xlx_fast.ops.registry` when imported;
+:func:`backends_report` imports them all and says, per op and device here, which backend runs
+and why the others do not (``xlx-fast info``).
+"""
+from __future__ import annotations
+
+import importlib
+
+# the modules that register public ops (sampler_step registers from its backends module)
+OP_MODULES = ("attention", "codebook_head", "nearest", "sampler_backends", "sampler_step",
+              "fused_linear_cross_entropy")
+
+
+def load_all() -> list[str]:
+    """Import every op module (registering its backends); returns the registered op names."""
+    from . import registry
+
+    for name in OP_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:  # a module of the list that this tree does not have
+            if e.name != f"{__name__}.{name}":
+                raise
+    return registry.registered_ops()
+
+
+def backends_report() -> list[dict]:
+    """Per registered op and device here (the CPU, and CUDA when torch sees a GPU):
+    :func:`xlx_fast.ops.registry.explain`'s answer."""
+    import torch
+
+    from . import registry
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [registry.explain(op, device) for op in load_all() for device in devices]
+
+
+def backends_lines(rows: list[dict]) -> list[str]:
+    """``backends_report()`` as text: one line per op and device, the faster backends' reasons."""
+    lines = []
+    for r in rows:
+        runs = r["runs"] or f"none ({r['error']})"
+        skipped = [f"{b['backend']}: {b['why_not']}" for b in r["backends"]
+                   if b["backend"] != r["runs"] and not b["usable"]]
+        lines.append(f"{r['op'] + ' on ' + r['device']:<38} : {runs}"
+                     + (f" (not {'; '.join(skipped)})" if skipped else "")
+                     + f"  [registered: {', '.join(b['backend'] for b in r['backends'])}]")
+    return lines

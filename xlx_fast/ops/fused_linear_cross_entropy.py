@@ -33,9 +33,12 @@ accumulation), the logits are upcast to fp32 before the log-sum-exp, the gradien
 the input dtype for the ``∂h``/``∂W`` GEMMs, ``∂W`` and ``∂b`` accumulate in fp32 across chunks.
 Under ``torch.autocast`` the inputs are first cast to the autocast dtype (as ``F.linear`` would).
 
-Backends: CUDA tensors run the per-row softmax-gradient sweep as a Triton kernel
-(``_ce_rows_kernel``), CPU tensors as torch ops; ``backend="triton"`` forces the kernel on CPU
-tensors under ``TRITON_INTERPRET=1`` (tests).
+Backends (of the per-row softmax-gradient sweep, registered in :mod:`xlx_fast.ops.registry`):
+CUDA tensors run it as a Triton kernel (``_ce_rows_kernel``), CPU tensors as torch ops;
+``backend="triton"`` forces the kernel on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+The GEMMs are torch's either way. It is an autograd.Function, not a custom op: its forward
+computes the gradients as well (up to three optional outputs kept for the backward) after a
+host-synchronising check of the targets, and training runs eagerly.
 """
 from __future__ import annotations
 
@@ -43,18 +46,13 @@ import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
+from ._common import FLOAT_DTYPES, HAS_TRITON, INDEX_DTYPES, check_dtype, check_tensor, tl, triton
+from .registry import Capability, register_op, select_impl, triton_capability
 
 __all__ = ["fused_linear_cross_entropy", "default_chunk_rows"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-if triton is not None:
+if HAS_TRITON:
 
     @triton.jit
     def _ce_rows_kernel(Z, stride_z, T, Loss, n_cols, ignore_index, scale, BLOCK: tl.constexpr):
@@ -109,6 +107,14 @@ def _rows_torch(z: torch.Tensor, target: torch.Tensor, ignore_index: int, scale:
     return loss
 
 
+# the loss against F.cross_entropy in float64 (fp32 logits either way: the GEMM dtype decides)
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+register_op("fused_linear_cross_entropy", "triton", impl=_rows_triton,
+            capability=triton_capability(dtypes=FLOAT_DTYPES), preference_rank=0, tolerances=TOLERANCES)
+register_op("fused_linear_cross_entropy", "torch", impl=_rows_torch,
+            capability=Capability(devices=("cpu",), dtypes=FLOAT_DTYPES), preference_rank=1,
+            tolerances=TOLERANCES)
+
 MIN_CHUNK_ROWS = 256
 
 
@@ -123,13 +129,8 @@ def default_chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
 
 def _check(hidden, weight, target, bias, ignore_index):
     for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, dim=2)
+    if not isinstance(target, torch.Tensor) or target.dtype not in INDEX_DTYPES:
         raise TypeError(f"target must be an int64/int32 tensor, got "
                         f"{getattr(target, 'dtype', type(target).__name__)}")
     n, h = hidden.shape
@@ -142,8 +143,7 @@ def _check(hidden, weight, target, bias, ignore_index):
         if not isinstance(bias, torch.Tensor) or bias.shape != (v,):
             raise ValueError(f"bias must be a tensor of shape ({v},), got "
                              f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-        if bias.dtype not in _DTYPES:
-            raise TypeError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
+        check_dtype("bias", bias.dtype, FLOAT_DTYPES)
     devices = {t.device for t in (hidden, weight, target) + ((bias,) if bias is not None else ())}
     if len(devices) != 1:
         raise ValueError(f"hidden, weight, target and bias must be on one device, got {sorted(map(str, devices))}")
@@ -158,7 +158,7 @@ def _check(hidden, weight, target, bias, ignore_index):
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, ignore_index, chunk_rows, use_triton):
+    def forward(ctx, hidden, weight, bias, target, ignore_index, chunk_rows, rows_fn):
         n, h = hidden.shape
         v = weight.shape[0]
         dtype = hidden.dtype
@@ -178,10 +178,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             hc, tc = hidden[s:s + rows], target[s:s + rows]
             z = hc @ w.T if b is None else torch.addmm(b, hc, w.T)
             z = z.float() if z.dtype != torch.float32 else z
-            if use_triton:
-                loss_rows = _rows_triton(z, tc.contiguous(), ignore_index, scale)
-            else:
-                loss_rows = _rows_torch(z, tc, ignore_index, scale)
+            loss_rows = rows_fn(z, tc.contiguous(), ignore_index, scale)
             total += loss_rows.sum()
             g = z if dtype == torch.float32 else z.to(dtype)  # now ∂loss/∂logits of the chunk
             if need_h:
@@ -220,20 +217,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     Args:
         hidden: ``[N, H]``; weight: ``[V, H]``; target: ``[N]`` int; bias: ``[V]`` or None.
         chunk_rows: rows per chunk (default :func:`default_chunk_rows`).
-        backend: None (CUDA: Triton, CPU: torch), ``"torch"`` or ``"triton"`` (CPU tensors only
-            under ``TRITON_INTERPRET=1``).
+        backend: None (the registry's choice: CUDA → Triton, CPU → torch; see ``xlx-fast info``),
+            ``"torch"`` or ``"triton"`` (CPU tensors only under ``TRITON_INTERPRET=1``); one that
+            cannot run here raises naming why.
     Returns a 0-d fp32 tensor.
     """
     _check(hidden, weight, target, bias, ignore_index)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
-    use_triton = backend == "triton" or (backend is None and hidden.is_cuda)
-    if use_triton and triton is None:
-        raise RuntimeError("the Triton backend needs the 'triton' package (pip install xlx_fast[triton])")
-    if use_triton and not hidden.is_cuda and not triton.knobs.runtime.interpret:
-        raise ValueError("backend='triton' runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
+    rows_fn = select_impl("fused_linear_cross_entropy", hidden.device, hidden.dtype, force=backend).impl
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -243,4 +235,4 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         return hidden.sum() * 0.0 + weight.sum() * 0.0  # no rows: 0, with (zero) gradients
     with torch.autocast(device_type, enabled=False):
         return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, chunk_rows,
-                                              use_triton)
+                                              rows_fn)

@@ -78,13 +78,15 @@ class Capability:
                  forced: bool = False) -> str | None:
         """Why it cannot run on ``device``/``dtype`` (``forced``: named by the caller), or None."""
         if device.type not in self.devices:
+            native = " and ".join(_DEVICE_WORDS.get(d, d) for d in self.devices)
             if device.type in self.on_request:
                 if not forced:
-                    return f"{device.type} tensors only when asked for by name"
+                    return (f"needs {native} ({_DEVICE_WORDS.get(device.type, device.type)} "
+                            f"tensors only when named)")
             elif self.devices == ("cuda",):
                 return "needs CUDA"
             else:
-                return f"runs on {' and '.join(_DEVICE_WORDS.get(d, d) for d in self.devices)} tensors only"
+                return f"runs on {native} tensors only"
         if dtype is not None and self.dtypes is not None and dtype not in self.dtypes:
             return f"takes {_common.dtype_names(self.dtypes)}, not {dtype}"
         for req in self.requires:
