@@ -49,6 +49,7 @@ def _variants():
 
     from xlx_fast.ops import attention as attn
     from xlx_fast.ops import codebook_head as head
+    from xlx_fast.ops import fused_linear as linear
     from xlx_fast.ops import nearest as near
 
     out = []
@@ -98,6 +99,14 @@ def _variants():
                         t(m, 768, dtype=dtype), t(10000, 768, dtype=dtype), sample=sample,
                         precision=prec, sms=132):
                     out.append((f"head {str(dtype)[6:]}/{prec} M={m} sample={sample} {label}",
+                                kernel, args, kw))
+
+    # -- fused linear: a step's linears (QKV-sized, FFN up and down, head) at batch 1 and 64 ----
+    for dtype in (torch.float32, torch.float16):  # fp32 (tf32x3) and 16-bit (bf16 compiles alike)
+        for m in (64, 4096):
+            for k, n in ((768, 768), (768, 3072), (3072, 768)):
+                for label, kernel, args, kw in linear.compile_variants(m, k, n, dtype):
+                    out.append((f"fused_linear {str(dtype)[6:]} M={m} K={k} N={n} {label}",
                                 kernel, args, kw))
     return out
 
@@ -208,7 +217,7 @@ def test_ptxas_ships_with_triton():
 
 def test_every_variant_compiled(compiled):
     labels = {r["label"].split()[0] for r in compiled}
-    assert labels == {"attention", "nearest", "head"}, labels
+    assert labels == {"attention", "nearest", "head", "fused_linear"}, labels
     assert {r["arch"] for r in compiled} == set(ARCHS)
 
 
