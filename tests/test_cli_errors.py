@@ -1,17 +1,17 @@
 """Every ``xlx-fast`` subcommand, run as a real process with bad arguments: exit code 2, exactly
 one ``error:`` line on stderr naming what is wrong, no traceback.
 
-Argument errors must be caught before a model is built. That is checked two ways: the process
-never imports ``transformers`` (no model can exist without it; seen through ``-X importtime``),
-and it uses well under the model's build time: under 3 CPU seconds (CPU rather than wall time,
-because the shared test machine's load stretches wall time; building the base model takes
-~10 s). Errors in file contents (a truncated checkpoint, NaN centroids, inf features) need the
-files read, so only their message and exit code are checked.
+Argument errors must be caught before a model is built: the process never imports
+``transformers`` (no model can exist without it; seen through ``-X importtime``). That is the
+structure asked for, and it holds on any machine: no test here times anything (a busy or slow
+machine stretches every duration). Errors in file contents (a truncated checkpoint, NaN
+centroids, inf features) need the files read, so only their message and exit code are checked.
 """
 from __future__ import annotations
 
 import os
-import resource
+import re
+import shutil
 import subprocess
 import sys
 
@@ -19,28 +19,25 @@ import numpy as np
 import pytest
 import torch
 
-ARG_ERROR_CPU_S = 3.0
 
 
-def run_cli(args, cwd, timeout=300):
-    """(returncode, stdout, stderr without import-time lines, imported modules, CPU seconds)."""
+def run_cli(args, cwd, timeout=600):
+    """(returncode, stdout, stderr without import-time lines, imported modules). The timeout only
+    guards against a hang."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "xlx_fast.cli", *args],
                           cwd=cwd, env=env, capture_output=True, timeout=timeout)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     err_lines, modules = [], set()
     for line in proc.stderr.decode("utf-8", "replace").splitlines():
         if line.startswith("import time:"):
             modules.add(line.rsplit("|", 1)[-1].strip())
         else:
             err_lines.append(line)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace"), "\n".join(err_lines), modules, cpu
+    return proc.returncode, proc.stdout.decode("utf-8", "replace"), "\n".join(err_lines), modules
 
 
 def assert_user_error(result, match, *, argument_error=True):
-    rc, out, err, modules, cpu = result
+    rc, out, err, modules = result
     assert rc == 2, (rc, out, err)
     assert "Traceback" not in err, err
     error_lines = [line for line in err.splitlines() if "error:" in line]
@@ -49,7 +46,6 @@ def assert_user_error(result, match, *, argument_error=True):
     if argument_error:
         assert not any(m == "transformers" or m.startswith("transformers.") for m in modules), \
             "an argument error must be caught before the model code is imported"
-        assert cpu < ARG_ERROR_CPU_S, f"{cpu:.1f} CPU s for an argument error"
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +227,7 @@ def test_generate_succeeds_on_the_cases_that_once_failed(tiny_checkpoint):
     checkpoint with a [PAD] that is not id 0, and an output name without extension."""
     d = tiny_checkpoint
     caption = " ".join(["red bus on the street"] * 100)  # 500 words, 502 tokens
-    rc, out, err, _, _ = run_cli(["generate", caption, "a zebra", "--size", "tiny", "--steps", "2",
+    rc, out, err, _ = run_cli(["generate", caption, "a zebra", "--size", "tiny", "--steps", "2",
                                   "--seed", str(2 ** 63 - 1), "--temperature", "0.8",
                                   "--checkpoint", "lxrt.pth", "--centroids", "centroids.npy",
                                   "--generator", "G.pth", "--vocab", "vocab.txt", "-o", "pics/bus"], d)
@@ -246,8 +242,128 @@ def test_generate_succeeds_on_the_cases_that_once_failed(tiny_checkpoint):
 
 
 def test_vocab_fit_reports_the_path_it_writes(files):
-    rc, out, err, _, _ = run_cli(["vocab", "fit", "feats.npy", "-o", "cnoext", "-k", "4", "--iters", "2",
+    rc, out, err, _ = run_cli(["vocab", "fit", "feats.npy", "-o", "cnoext", "-k", "4", "--iters", "2",
                                   "--quiet"], files)
     assert rc == 0, err
     assert out.strip().endswith("wrote cnoext.npy")
     assert np.load(files / "cnoext.npy").shape == (4, 8) and not (files / "cnoext").exists()
+
+
+# -- train ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def train_dir(files):
+    """A data directory (captions + cluster ids for the tiny model's 97 clusters), a non-empty
+    directory, and a finished 4-step tiny run (saved at steps 2 and 4)."""
+    from xlx_fast.cli import main
+
+    d = files / "train"
+    data = d / "data"
+    data.mkdir(parents=True)
+    (data / "captions.txt").write_text("a red bus\na dog on a beach\ntwo cats\na green plate\n")
+    np.save(data / "cluster_ids.npy", np.random.default_rng(0).integers(0, 97, (4, 64)))
+    (d / "full").mkdir()
+    (d / "full" / "notes.txt").write_text("x")
+    (d / "a_file").write_text("x")
+    assert main(["train", str(data), "--out", str(d / "run"), "--size", "tiny", "--steps", "4",
+                 "--batch-size", "2", "--save-every", "2", "--no-progress"]) == 0
+    return d
+
+
+TRAIN_ARG_ERRORS = [
+    (["--clip", "-1"], "--clip must be a finite number > 0"),
+    (["--clip", "0"], "--clip must be a finite number > 0"),
+    (["--clip", "nan"], "--clip must be a finite number > 0"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--lr=-1e-4"], "--lr must be a finite number > 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--weight-decay", "-0.01"], "--weight-decay must be a finite number >= 0"),
+    (["--warmup-ratio", "5"], "--warmup-ratio must be in [0, 1]"),
+    (["--warmup-ratio", "-0.1"], "--warmup-ratio must be in [0, 1]"),
+    (["--stop-at", "0"], "--stop-at must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--save-every", "0"], "--save-every must be >= 1, got 0"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--seed", str(2 ** 32)], "--seed must be in [0, 2**32)"),
+    (["--device", "xyz"], "--device"),
+    (["--lr", "abc"], "--lr"),
+]
+
+
+@pytest.mark.parametrize("extra,match", TRAIN_ARG_ERRORS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_train_argument_errors(train_dir, extra, match):
+    assert_user_error(run_cli(["train", "data", "--out", "new_run", "--size", "tiny", *extra], train_dir), match)
+    assert not (train_dir / "new_run").exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["data", "--out", "a_file"], "--out a_file is a file, not a directory"),
+    (["data", "--out", "a_file/run"], "is a file, not a directory"),
+    (["--make-synthetic", "a_file"], "--make-synthetic a_file is a file, not a directory"),
+    (["--make-synthetic", "data"], "already holds a data set (captions.txt, cluster_ids.npy)"),
+    (["--make-synthetic", "syn", "--examples", "1"], "--examples must be >= 2"),
+    (["data", "--out", "full"], "--out full is not empty (notes.txt): pass --resume"),
+    (["data", "--out", "run"], "--out run is not empty"),
+    (["data", "--out", "new_run", "--resume"], "--resume: no new_run/last.pt"),
+    (["data", "--out", "run", "--resume", "--overwrite"], "give one"),
+    (["missing", "--out", "new_run"], "data directory missing does not exist"),
+    (["a_file", "--out", "new_run"], "data directory a_file is a file"),
+    ([], "give a data directory and --out"),
+])
+def test_train_path_errors_come_before_the_model(train_dir, args, match):
+    assert_user_error(run_cli(["train", *args, "--size", "tiny", "--no-progress"], train_dir), match)
+    assert not (train_dir / "new_run").exists() and not (train_dir / "syn").exists()
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--lr", "1e-3"], "--lr 0.001 (the run has 0.0001)"),
+    (["--steps", "8", "--clip", "0.5"], "--steps 8 (the run has 4); --clip 0.5 (the run has 1.0)"),
+    (["--warmup-ratio", "0.5"], "--warmup-ratio 0.5 (the run has 0.05)"),
+    (["--size", "base"], "--size base (the run has tiny)"),
+])
+def test_train_resume_refuses_a_changed_hyper_parameter(train_dir, extra, match):
+    before = (train_dir / "run" / "last.pt").read_bytes()
+    result = run_cli(["train", "data", "--out", "run", "--resume", "--no-progress", *extra], train_dir)
+    assert_user_error(result, match)  # read from last.pt, before any model is built
+    assert "--resume keeps the run's hyper-parameters" in result[2]
+    assert (train_dir / "run" / "last.pt").read_bytes() == before
+
+
+def test_train_resume_of_a_finished_run_says_there_is_nothing_to_train(train_dir):
+    result = run_cli(["train", "data", "--out", "run", "--resume", "--lr", "1e-4"], train_dir)
+    assert_user_error(result, "run/last.pt is at step 4, the run's last (--steps 4): nothing to train")
+
+
+def _damage(blob: bytes, how: str) -> bytes:
+    if how == "truncated":
+        return blob[: len(blob) // 2]
+    if how == "empty":
+        return b""
+    if how == "text":
+        return b"hello, this is not a checkpoint\n"
+    b = bytearray(blob)
+    b[len(b) // 2 if how == "bit flip in the weights" else 100] ^= 0x10
+    return bytes(b)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "text", "bit flip in the weights", "bit flip in the header"])
+def test_train_damaged_last_pt_is_one_error_naming_it(train_dir, tmp_path, how):
+    run = tmp_path / "run"
+    shutil.copytree(train_dir / "run", run)
+    (run / "last.pt").write_bytes(_damage((run / "last.pt").read_bytes(), how))
+    result = run_cli(["train", str(train_dir / "data"), "--out", "run", "--resume", "--no-progress"], tmp_path)
+    assert_user_error(result, "run/last.pt is damaged")
+
+
+def test_train_help_gives_every_default(tmp_path):
+    rc, out, err, _ = run_cli(["train", "--help"], tmp_path)
+    assert rc == 0, err
+    text = " ".join(out.split())
+    for option, default in [("--lr", "default 0.0001"), ("--weight-decay", "default 0.01"),
+                            ("--warmup-ratio", "default 0.05"), ("--clip", "default 1"),
+                            ("--steps", "default 100"), ("--batch-size", "default 8"),
+                            ("--save-every", "default 50"), ("--examples", "default 64")]:
+        found = re.search(re.escape(option) + r" [A-Z_]+ [^()]*\((default [^)]*)\)", text)
+        assert found and found.group(1) == default, (option, found and found.group(0))
