@@ -11,6 +11,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -131,3 +132,73 @@ def info(device) -> dict:
         "xlx_fast_commit": git_commit(),
         "xlx_fast_native": native_build(),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Load: was the machine quiet while timing?
+# --------------------------------------------------------------------------------------------
+
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (None where the OS does not keep them)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+class LoadMeter:
+    """What the machine's load was over a run: load averages at start and end, and the CPU time
+    this process got against the wall time that passed (``cores_used``: the CPUs it had on
+    average). ``getloadavg`` and the clocks are parameters so that a test can fake a busy machine."""
+
+    def __init__(self, device_type: str = "cpu", threads: int | None = None, cpu_count: int | None = None,
+                 getloadavg=None, clock=time.perf_counter, cpu_clock=time.process_time):
+        self.device_type = device_type
+        self.threads = torch.get_num_threads() if threads is None else threads
+        self.cpu_count = (os.cpu_count() or 1) if cpu_count is None else cpu_count
+        self._loadavg = getloadavg or load_average
+        self._clock, self._cpu_clock = clock, cpu_clock
+        self.load_start = self._loadavg()
+        self._t0, self._c0 = clock(), cpu_clock()
+
+    def record(self) -> dict:
+        """The load so far (called after every case, and at the end), for the JSON's machine."""
+        wall = max(self._clock() - self._t0, 1e-9)
+        cpu = self._cpu_clock() - self._c0
+        rec = {"loadavg_start": self.load_start, "loadavg_end": self._loadavg(),
+               "cpu_count": self.cpu_count, "threads": self.threads,
+               "process_cpu_s": round(cpu, 3), "wall_s": round(wall, 3), "cores_used": round(cpu / wall, 3)}
+        rec["busy"] = busy_reasons(rec, self.device_type)
+        return rec
+
+
+# A process that asked for N threads and got under this share of min(N, cores) on average was
+# starved (a quiet 2-core run of the sweep gets 1 to 2 cores; a loaded one far less).
+MIN_CORE_SHARE = 0.4
+
+
+def busy_reasons(rec: dict, device_type: str = "cpu") -> list[str]:
+    """Why the timings of a run with load record ``rec`` (:meth:`LoadMeter.record`) are not to be
+    trusted; empty for a quiet machine.
+
+    Others' load is the 1-minute load average at the start, or at the end less what this process
+    itself used; above the number of cores, others were waiting for the CPUs. On the CPU the
+    process's own share is checked too (on a GPU it mostly waits for the device)."""
+    reasons = []
+    cores, used = rec["cpu_count"], rec["cores_used"]
+    start, end = rec.get("loadavg_start"), rec.get("loadavg_end")
+    others = ([start[0]] if start else []) + ([end[0] - used] if end else [])
+    if others and max(others) > cores:
+        reasons.append(f"1-min load average of other work {max(others):.1f} on {cores} cores")
+    wanted = min(rec["threads"], cores)
+    if device_type == "cpu" and rec["wall_s"] >= 1.0 and used < MIN_CORE_SHARE * wanted:
+        reasons.append(f"this process got {used:.2f} CPUs on average for the {rec['threads']} threads it asked for")
+    return reasons
+
+
+def busy_warning(rec: dict) -> str | None:
+    """One line for stderr when the run's timings are unreliable, else None."""
+    if not rec.get("busy"):
+        return None
+    return (f"warning: the machine was busy while timing ({'; '.join(rec['busy'])}): speed-ups may be "
+            f"far off; rerun on a quiet machine (load recorded in the JSON's machine.load)")

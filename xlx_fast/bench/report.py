@@ -3,7 +3,9 @@
 JSON schema (``SCHEMA``)::
 
     {"schema": "xlx_fast.bench/1",
-     "machine":  {... xlx_fast.bench.machine.info() ...},
+     "machine":  {... xlx_fast.bench.machine.info() ...,
+                  "load": {... machine.LoadMeter.record(): load averages at start and end,
+                           process CPU s vs wall s, "busy": reasons the timings are unreliable}},
      "ceilings": {"matmul_tflops": {"fp32": x, ...}, "copy_gbps": y, ...},
      "settings": {"quick": bool, "ops": [...], "dtypes": [...], "size": "base"},
      "complete": bool,             # false while the sweep is still running (written after each case)

@@ -165,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"xlx-fast bench on {info['device_name']} ({device.type}); torch {info['torch']}, "
           f"triton {info['triton']}, xlx_fast {info['xlx_fast']}", file=sys.stderr)
+    # load averages and this process's CPU time over the timed part, in machine["load"]: a busy
+    # machine makes speed-ups meaningless, and the JSON must show it
+    meter = machine.LoadMeter(device.type)
     print("measuring ceilings (matmul, copy) ...", file=sys.stderr)
     ceil = bench_ceilings.measure(device, dtypes, size=args.size, plan=plan)
 
@@ -186,12 +189,14 @@ def run(args: argparse.Namespace) -> int:
         if i + 1 == len(todo) or todo[i + 1][0] != family:
             bench_cases.release(family)  # e.g. the generation models: free them before the next family
         harness.add_comparisons(rows)
+        info["load"] = meter.record()
         report.write_json(report.document(info, ceil, settings, rows, failures, complete=False), json_path)
         if bar.disable:
             print(f"[{i + 1}/{len(todo)}] {case.id}: {time.perf_counter() - case_started:.1f} s "
                   f"(total {time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     bar.close()
 
+    info["load"] = meter.record()
     doc = report.document(info, ceil, settings, rows, failures, complete=True)
     report.write_json(doc, json_path)
     if not args.no_plot:
@@ -200,6 +205,9 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     print(f"\n{len(rows)} rows from {len(todo)} cases in {elapsed:.0f} s; JSON: {json_path}"
           + ("" if args.no_plot else f"; plot: {png_path}"))
+    warning = machine.busy_warning(info["load"])
+    if warning:
+        print(warning, file=sys.stderr)
     if failures:
         print(f"\n{len(failures)} case(s) FAILED:", file=sys.stderr)
         for f in failures:
