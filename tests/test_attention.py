@@ -10,7 +10,7 @@ import torch
 
 from xlx_fast.ops import _common
 from xlx_fast.ops import attention as attn_mod
-from xlx_fast.ops.registry import select_impl
+from xlx_fast.ops.registry import select_impl, tolerance
 from xlx_fast.ops.attention import attention, attention_sdpa, attention_triton
 from xlx_fast.ops.dot_error import gamma, truncate_tf32
 
@@ -22,8 +22,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
 ]
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# what both backends declare in the registry (SPEC §4)
+TOL = {dt: max(tolerance("attention", b, dt) for b in ("triton", "sdpa")) for dt in DTYPES}
 
 
 def reference(q, k, v, mask, num_heads):
