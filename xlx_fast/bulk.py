@@ -10,7 +10,7 @@ for each other. Output, in ``DIR``:
   ``seed``, ``steps``, ``strategy``, ``temperature``, ``file``, ``sha256`` (of the PNG), ``ids``
   (the 64 cluster ids), and ``given_seed`` when the seed asked for was hashed (see below);
 - ``settings.json``: the run's settings (``--seed``, ``--steps``, ``--strategy``,
-  ``--temperature``, ``--size``, ``--dtype`` and the sha256 of each model file);
+  ``--temperature``, ``--size``, ``--dtype``, the device type and the sha256 of each model file);
 - ``.xlx-fast.lock``: the lock a run holds while it works in ``DIR``.
 
 Lines end at ``\\n`` only, as ``wc -l`` counts them (a ``\\r`` before the ``\\n`` of a CRLF line
@@ -193,9 +193,10 @@ def _file_sha256(path: str) -> str:
 
 
 def settings(args) -> dict:
-    """What the images depend on besides their lines (not the batch size, sharding or device)."""
+    """What the images depend on besides their lines: not the batch size, the sharding or the
+    device index, but the device type (kernels, and so rounding, differ between cpu and cuda)."""
     out = dict(seed=args.seed, steps=args.steps, strategy=args.strategy, temperature=args.temperature,
-               size=args.size, dtype=args.dtype)
+               size=args.size, dtype=args.dtype, device=args.device.split(":")[0])
     for option in _MODEL_FILES:
         path = getattr(args, option)
         out[option] = None if path is None else _file_sha256(path)
@@ -430,18 +431,22 @@ def run(args, load_model) -> int:
             dist.init_process_group("gloo")
     fd = None
     try:
-        state = None
+        state, failure = None, None
         if rank == 0:
             try:
                 fd, valid, notes = _prepare(args, items)
                 state = dict(todo=[it["line"] for it in items if not _matches(valid.get(it["line"]), it)],
                              notes=notes)
-            except UserError as e:
-                state = dict(error=str(e))
+            except Exception as e:  # every rank must hear of it, or the others wait forever
+                failure = e
+                state = dict(error=str(e) if isinstance(e, UserError) else
+                             f"rank 0 failed to prepare --out-dir {args.out_dir}: {type(e).__name__}: {e}")
         if dist is not None:
             box = [state]
             dist.broadcast_object_list(box, src=0)
             state = box[0]
+        if failure is not None and not isinstance(failure, UserError):
+            raise failure
         if "error" in state:
             raise BulkError(state["error"])
         if rank == 0:
