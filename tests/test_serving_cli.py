@@ -1,5 +1,7 @@
 """``xlx-fast serve`` as a user runs it: a real process that starts Ray, prints its URL, serves
-on 127.0.0.1 and stops cleanly on Ctrl-C (SIGINT)."""
+on 127.0.0.1 and stops cleanly on Ctrl-C (SIGINT) or SIGTERM, printing only its own lines; one
+that joins a shared cluster and leaves the other applications there running; and the mistakes
+it refuses before Ray starts."""
 import os
 import signal
 import socket
@@ -12,36 +14,149 @@ import pytest
 pytest.importorskip("ray", reason="ray[serve] is in the test extras")
 requests = pytest.importorskip("requests")
 
+# generous: a loaded 2-core machine takes ~10 s to stop Ray (measured 6-10 s idle)
+STOP_S = 180
 
-def test_serve_command_round_trip():
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "XLX_FAST_API_KEY": "k1"}
-    proc = subprocess.Popen([sys.executable, "-m", "xlx_fast.cli", "serve", "--size", "tiny",
-                             "--max-batch", "2", "--port", str(port), "--cpus-per-replica", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        return s.getsockname()[1]
+
+
+def _start(*args, env=None):
+    """``xlx-fast serve --size tiny`` in its own process group with SIGINT at its default (a
+    background shell's children inherit it ignored)."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "xlx_fast.cli", "serve", "--size", "tiny",
+                             "--max-batch", "2", "--cpus-per-replica", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _wait_serving(proc, port):
+    line = proc.stdout.readline()  # printed once the app is deployed
+    url = f"http://127.0.0.1:{port}"
+    assert line.startswith(f"serving on {url}"), (line, proc.stderr.read() if proc.poll() is not None else "")
+    t0 = time.monotonic()
+    while requests.get(f"{url}/health", timeout=10).status_code != 200:
+        assert time.monotonic() - t0 < 180
+        time.sleep(0.2)
+    return url
+
+
+def _kill_group(proc):
     try:
-        line = proc.stdout.readline()  # printed once the app is deployed
-        url = f"http://127.0.0.1:{port}"
-        assert line.startswith(f"serving on {url}"), line
-        t0 = time.monotonic()
-        while requests.get(f"{url}/health", timeout=10).status_code != 200:
-            assert time.monotonic() - t0 < 120
-            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # Ray's agents outlive a parent killed alone
+    except ProcessLookupError:
+        pass
+
+
+def _only_our_lines(err):
+    """A clean start and stop print xlx_fast's own line and nothing of Ray's."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["stopping"], err[-3000:]
+
+
+def test_serve_command_round_trip():
+    port = _free_port()
+    proc = _start("--port", str(port), env={"XLX_FAST_API_KEY": "k1"})
+    try:
+        url = _wait_serving(proc, port)
         body = {"prompt": "a red bus", "steps": 2}
         assert requests.post(f"{url}/v1/images/generations", json=body, timeout=60).status_code == 401
         r = requests.post(f"{url}/v1/images/generations", json=body, timeout=60,
                           headers={"Authorization": "Bearer k1", "Accept": "image/png"})
         assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
-    finally:
+        assert requests.get(f"{url}/openapi.json", timeout=10).status_code == 401
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)  # impatient: a second Ctrl-C during the shutdown
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        _, err = proc.communicate(timeout=STOP_S)
+    finally:
+        _kill_group(proc)
     assert proc.returncode == 0, err[-2000:]
-    assert "stopping" in err and "Traceback" not in err, err[-2000:]
+    _only_our_lines(err)
+
+
+def test_serve_stops_cleanly_on_sigterm():
+    """What a container runtime or systemd sends: the same clean stop as Ctrl-C, no crash dump."""
+    port = _free_port()
+    proc = _start("--port", str(port))
+    try:
+        _wait_serving(proc, port)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=STOP_S)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err and "SIGTERM received" not in err, err[-2000:]
+    _only_our_lines(err)
+
+
+@pytest.mark.parametrize("args,env,msg", [
+    (["--device", "tpu"], {}, "--device tpu"),
+    (["--checkpoint", "/nonexistent/E.pth", "--centroids", "/nonexistent/c.npy",
+      "--generator", "/nonexistent/G.pth"], {}, "--checkpoint /nonexistent/E.pth: no such file"),
+    (["--host", "0.0.0.0"], {}, "--allow-no-key"),
+    (["--host", "0.0.0.0", "--api-key", ""], {"XLX_FAST_API_KEY": ""}, "--allow-no-key"),
+])
+def test_serve_refuses_before_ray_starts(args, env, msg):
+    """One error line and exit 2, before Ray starts (a replica that cannot build would be
+    restarted forever while the command said 'serving on ...')."""
+    env = {k: v for k, v in os.environ.items() if k != "XLX_FAST_API_KEY"} | env
+    r = subprocess.run([sys.executable, "-m", "xlx_fast.cli", "serve", "--size", "tiny",
+                        "--port", str(_free_port()), *args], capture_output=True, text=True,
+                       env=env, timeout=STOP_S, stdin=subprocess.DEVNULL)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert msg in lines[0], lines
+    assert "serving on" not in r.stdout
+
+
+def test_serve_on_a_shared_cluster_leaves_the_other_applications():
+    """Joined with --address, a stop deletes only the application this process deployed: Serve,
+    another user's application and the cluster keep running."""
+    gcs_port, http_port = _free_port(), _free_port()
+    # token authentication, as on a real shared cluster; every process here reads the token
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--num-cpus", "2",
+                             "--include-dashboard", "false", "--port", str(gcs_port),
+                             "--node-ip-address", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    proc = None
+    address = f"127.0.0.1:{gcs_port}"
+    other = (
+        "import sys, ray\nfrom ray import serve\n"
+        "@serve.deployment(ray_actor_options={'num_cpus': 0})\n"
+        "class Other:\n    async def __call__(self, request):\n        return 'other'\n"
+        f"ray.init(address={address!r})\n"
+        f"serve.start(http_options={{'host': '127.0.0.1', 'port': {http_port}}})\n"
+        "serve.run(Other.bind(), name='other', route_prefix='/other')\n"
+    )
+    try:
+        t0 = time.monotonic()
+        while True:  # `ray start --block` prints nothing when ready: retry until it answers
+            r = subprocess.run([sys.executable, "-c", other], env=env, timeout=300,
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            assert time.monotonic() - t0 < 180 and head.poll() is None, r.stderr[-3000:]
+            time.sleep(2)
+        base = f"http://127.0.0.1:{http_port}"
+        assert requests.get(f"{base}/other", timeout=30).text == "other"
+        proc = _start("--address", address, "--port", str(http_port), env={"RAY_AUTH_MODE": "token"})
+        _wait_serving(proc, http_port)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=STOP_S)
+        assert proc.returncode == 0, err[-2000:]
+        assert requests.get(f"{base}/other", timeout=30).text == "other"  # still there
+        assert requests.get(f"{base}/health", timeout=30).status_code == 404  # ours is gone
+        assert head.poll() is None  # the cluster too
+    finally:
+        if proc is not None:
+            _kill_group(proc)
+        _kill_group(head)
+        head.wait(timeout=60)

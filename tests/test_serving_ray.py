@@ -5,10 +5,12 @@ applications of a tiny sharpened model that paints 256×256:
 
 - ``/a``: one replica, 2 slots, a queue of 2, an API key: round trip, every error code,
   determinism, cancellation, queue limit, metrics;
-- ``/b``: two replicas with a warm-up delay: health only after warm-up, traffic sharing.
+- ``/b``: two replicas with a warm-up delay: health only after warm-up, traffic sharing;
+- ``/c``: one replica, a short body timeout: slow clients (raw sockets) cannot starve it.
 """
 import base64
 import io
+import json
 import os
 import socket
 import time
@@ -28,6 +30,7 @@ KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TINY = {"size": "tiny", "seed": 1, "image_size": 256, "head_scale": 3.0}
 MAX_STEPS = 400
+BODY_TIMEOUT_S, MAX_SLOW = 3.0, 4
 
 
 def _free_port() -> int:
@@ -50,6 +53,9 @@ def server():
         serve.run(build_app({"model": TINY, "slots": 2, "warmup_delay_s": 6.0,
                              "deployment": {**no_cpu, "num_replicas": 2}}),
                   name="b", route_prefix="/b")
+        serve.run(build_app({"model": TINY, "slots": 2, "max_queue": 2, "body_timeout_s": BODY_TIMEOUT_S,
+                             "max_slow_bodies": MAX_SLOW, "deployment": no_cpu}),
+                  name="c", route_prefix="/c")
         base = f"http://127.0.0.1:{port}"
         # /b was just deployed: its replicas are still warming up (the delay is 6 s).
         first_health = requests.get(f"{base}/b/health", timeout=10)
@@ -57,7 +63,8 @@ def server():
                                        timeout=10)
         _wait_ready(f"{base}/a", replicas=1)
         _wait_ready(f"{base}/b", replicas=2)
-        yield {"a": f"{base}/a", "b": f"{base}/b", "first_health": first_health,
+        _wait_ready(f"{base}/c", replicas=1)
+        yield {"a": f"{base}/a", "b": f"{base}/b", "c": f"{base}/c", "first_health": first_health,
                "first_generate": first_generate}
     finally:
         serve.shutdown()
@@ -171,6 +178,9 @@ def test_determinism_alone_vs_under_concurrent_load(server):
     ({"strategy": "zigzag"}, "strategy"), ({"temperature": -1}, "temperature"),
     ({"seed": -3}, "seed"), ({"timeout_ms": 0}, "timeout_ms"), ({"response_format": "url"}, "response_format"),
     ({"prompt": ""}, "prompt"), ({"prompt": None}, "prompt"), ({"colour": "red"}, "colour"),
+    # strict types: nothing is coerced
+    ({"n": "2"}, "n"), ({"n": True}, "n"), ({"return_ids": "yes"}, "return_ids"), ({"seed": "5"}, "seed"),
+    ({"steps": 2.0}, "steps"), ({"timeout_ms": "100"}, "timeout_ms"),
 ])
 def test_422_names_the_field(server, body, field):
     r = post(server["a"], {"prompt": "a cat", **body})
@@ -201,6 +211,82 @@ def test_401_without_the_key_on_every_route_but_health(server):
         assert requests.get(f"{url}/metrics", headers=headers, timeout=10).status_code == 401
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
     assert post(url, {"prompt": "a cat", "steps": 1}, headers={"X-API-Key": KEY}).status_code == 200
+
+
+def test_docs_and_openapi_need_the_key(server):
+    url = server["a"]  # has a key: the schema needs it, the key-less pages are not served
+    for path in ("openapi.json", "docs", "redoc"):
+        r = requests.get(f"{url}/{path}", timeout=10)
+        assert r.status_code in (401, 404), (path, r.status_code, r.text[:200])
+    r = requests.get(f"{url}/openapi.json", headers=AUTH, timeout=10)
+    assert r.status_code == 200 and "/v1/images/generations" in r.json()["paths"]
+    assert requests.get(f"{url}/docs", headers=AUTH, timeout=10).status_code == 404
+    url = server["b"]  # no key: everything answers
+    assert requests.get(f"{url}/openapi.json", timeout=10).status_code == 200
+    r = requests.get(f"{url}/docs", timeout=10)
+    assert r.status_code == 200 and "openapi.json" in r.text
+
+
+def _raw_request(url, head_only=False, sent=b'{"prompt":'):
+    """A raw connection that sends the headers of a 1000-byte body and then 10 bytes of it (or,
+    with ``head_only``, half of its headers), and nothing more."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    conn = socket.create_connection((u.hostname, u.port), timeout=10)
+    head = (f"POST {u.path}/v1/images/generations HTTP/1.1\r\nHost: {u.netloc}\r\n"
+            "Content-Type: application/json\r\n")
+    if head_only:
+        conn.sendall(head.encode())
+    else:
+        conn.sendall(f"{head}Content-Length: 1000\r\n\r\n".encode() + sent)
+    return conn
+
+
+def _read_to_close(conn, timeout):
+    """The server's whole answer, read until it closes the connection (AssertionError if it
+    keeps it open past ``timeout``)."""
+    conn.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := conn.recv(65536):
+            data += chunk
+    except socket.timeout:
+        raise AssertionError(f"the server kept a slow connection open; got {data[:200]!r}") from None
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_slow_clients_cannot_starve_the_server(server):
+    """30 connections that promise a 1000-byte body and send 10 bytes, and 30 that never finish
+    their headers: /health and a generation still answer, and the server answers every slow body
+    itself (429 past MAX_SLOW of them from one address, else 408 at BODY_TIMEOUT_S) and closes
+    its connection. Bounded: 60 sockets, each closed in the end."""
+    url = server["c"]
+    conns = []
+    try:
+        bodies = [_raw_request(url) for _ in range(30)]
+        conns += bodies
+        conns += [_raw_request(url, head_only=True) for _ in range(30)]
+        r = requests.get(f"{url}/health", timeout=120)
+        assert r.status_code == 200, r.text
+        r = post(url, {"prompt": "still served", "steps": 2}, headers={})
+        assert r.status_code == 200, r.text
+        answers = [_read_to_close(c, timeout=120) for c in bodies]
+        codes = [int(a.split(b" ", 2)[1]) if a.startswith(b"HTTP/1.1 ") else None for a in answers]
+        assert set(codes) <= {408, 429}, codes
+        assert 429 in codes and 408 in codes, codes
+        for a, code in zip(answers, codes):
+            err = json.loads(a.split(b"\r\n\r\n", 1)[1])["error"]
+            assert err["param"] == "body", err
+            assert (f"within {BODY_TIMEOUT_S:g} s" if code == 408 else "arriving slowly") in err["message"]
+        m = metrics(url)
+        assert m["xlx_rejections_total[reason=body_timeout]"] == codes.count(408)
+        assert m["xlx_rejections_total[reason=slow_body]"] == codes.count(429)
+    finally:
+        for c in conns:
+            c.close()
 
 
 def test_429_when_the_queue_is_full(server):

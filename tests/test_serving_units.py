@@ -555,3 +555,27 @@ def test_serve_cpu_replicas_get_the_cores_as_threads():
     assert num_cpus("--cpus-per-replica", "0.5") == 0.5
     with pytest.raises(ValueError, match="--cpus-per-replica"):
         num_cpus("--cpus-per-replica", "-1")
+
+
+def test_health_error_names_no_path():
+    """/health answers without the key: a model that failed to load says why, by file name."""
+    from xlx_fast.serving.service import ImageService, public_error
+
+    svc = ImageService({"model": {"size": "tiny", "checkpoint": "/nonexistent/secret/E.pth",
+                                  "centroids": "/nonexistent/secret/c.npy",
+                                  "generator": "/nonexistent/secret/G.pth"}})
+    assert svc.wait_built(60) and svc.load_error is not None
+    reply = asyncio.run(svc.health())
+    body = json.loads(reply.body)
+    assert reply.status == 503 and body["status"] == "error", body
+    assert "secret" not in body["error"] and "/" not in body["error"], body["error"]
+    assert "E.pth" in body["error"] or "c.npy" in body["error"], body["error"]
+    assert public_error(OSError("cannot read C:\\models\\G.pth or /a/b.npy; see http://x/y")) == \
+        "OSError: cannot read G.pth or b.npy; see http://x/y"
+
+
+def test_serve_loopback_hosts():
+    from xlx_fast.cli.serve import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.5", "localhost", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "example.com"))

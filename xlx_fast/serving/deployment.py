@@ -14,20 +14,32 @@ Serve deployment options (``num_replicas``, ``ray_actor_options``, ``autoscaling
 passed to ``.options()``. Ray routes at most ``max_ongoing_requests`` to a replica; it is set
 above the replica's own bound (slots + queue) so the replica's queue, not Ray's, answers 429,
 and Ray's own queue (``max_queued_requests``) is bounded too.
+
+The API description (``/openapi.json``) needs the key like every route but ``/health``; the
+interactive pages (``/docs``, ``/redoc``) load it without a key, so they are served only by a
+server that has none.
 """
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from .service import ImageService, Reply, ServerOptions
 
-api = FastAPI(title="xlx_fast", description="X-LXMERT image generation (OpenAI-images-like API)")
+# FastAPI's own documentation routes answer everyone: they are replaced by routes that ask for
+# the key (below)
+api = FastAPI(title="xlx_fast", description="X-LXMERT image generation (OpenAI-images-like API)",
+              docs_url=None, redoc_url=None, openapi_url=None)
 
 
 def _response(reply: Reply, replica: str) -> Response:
     return Response(reply.body, status_code=reply.status, media_type=reply.media_type,
                     headers={**reply.headers, "X-Replica": replica})
+
+
+def _not_found() -> Response:
+    return JSONResponse({"detail": "Not Found"}, status_code=404)
 
 
 @serve.deployment(name="ImageServer", ray_actor_options={"num_cpus": 1})
@@ -45,7 +57,8 @@ class ImageServer:
     @api.post("/v1/images/generations")
     async def generations(self, request: Request) -> Response:
         reply = await self.service.generate(request.headers, request.stream(),
-                                            request.is_disconnected)
+                                            request.is_disconnected,
+                                            client=request.client.host if request.client else None)
         return _response(reply, self.service.replica_name)
 
     @api.get("/health")
@@ -55,6 +68,24 @@ class ImageServer:
     @api.get("/metrics")
     async def metrics(self, request: Request) -> Response:
         return _response(await self.service.metrics_text(request.headers), self.service.replica_name)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema(self, request: Request) -> Response:
+        if not self.service._authorized(request.headers):
+            return _response(self.service._unauthorized(), self.service.replica_name)
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs_page(self) -> Response:
+        if self.service.api_key is not None:
+            return _not_found()
+        return get_swagger_ui_html(openapi_url="openapi.json", title="xlx_fast")
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc_page(self) -> Response:
+        if self.service.api_key is not None:
+            return _not_found()
+        return get_redoc_html(openapi_url="openapi.json", title="xlx_fast")
 
     def check_health(self) -> None:
         self.service.check_health()

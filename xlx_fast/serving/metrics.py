@@ -17,7 +17,7 @@ What a replica exports (``xlx_`` prefix):
 - ``xlx_engine_steps_total`` (counter): engine steps run;
 - ``xlx_requests_total{outcome}`` (counter): ok | timeout | cancelled | error;
 - ``xlx_rejections_total{reason}`` (counter): queue_full | too_large | invalid | unauthorized |
-  not_ready.
+  not_ready | body_timeout (408) | slow_body (429: too many slow bodies from one address).
 """
 from __future__ import annotations
 
@@ -129,7 +129,8 @@ class Histogram(_Metric):
 class ServerMetrics:
     """The metrics one scheduler updates; :meth:`render` gives the /metrics body."""
 
-    REJECT_REASONS = ("queue_full", "too_large", "invalid", "unauthorized", "not_ready")
+    REJECT_REASONS = ("queue_full", "too_large", "invalid", "unauthorized", "not_ready",
+                      "body_timeout", "slow_body")
     OUTCOMES = ("ok", "timeout", "cancelled", "error")
 
     def __init__(self):

@@ -15,6 +15,7 @@ best cluster id well above the second so ids are robust to float rounding (SPEC 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,9 @@ class ModelSpec:
             raise ValueError("model spec: centroids/generator need checkpoint")
         if self.checkpoint is not None and (self.centroids is None or self.generator is None):
             raise ValueError("model spec: checkpoint needs centroids and generator (the server paints)")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            # checked here, not at build time: a replica that fails to build is restarted forever
+            raise ValueError(f"model spec: device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"model spec: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.image_size is not None and (self.image_size < 8 or self.image_size & (self.image_size - 1)):

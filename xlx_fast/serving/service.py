@@ -6,12 +6,24 @@ Routes and their answers:
 
 - ``POST /v1/images/generations``: 200 with ``{created, data: [{b64_json, seed, ids?}]}`` (or the
   PNG itself for ``Accept: image/png`` and n = 1); 401 without the API key (when one is set);
-  503 + Retry-After before warm-up is done; 413 for a body over ``max_body_bytes``; 422 naming
-  the field for a malformed or out-of-range one; 429 + Retry-After when the queue is full; 504
+  503 + Retry-After before warm-up is done; 413 for a body over ``max_body_bytes``; 408 for a
+  body that has not arrived in full within ``body_timeout_s``; 429 when the client's address
+  already has ``max_slow_bodies`` slow bodies in progress (see below); 422 naming the field for
+  a malformed or out-of-range body; 429 + Retry-After when the queue is full; 504
   past ``timeout_ms`` (its slot is freed at the next step boundary); 500 if the engine failed.
 - ``GET /health``: 200 once the model is built and the engine warmed up (every CUDA graph bucket
-  captured), 503 before; never needs the key.
+  captured), 503 before; never needs the key, so its error text names no file path.
 - ``GET /metrics``: this replica's Prometheus text; needs the key when one is set.
+
+Slow bodies: Ray Serve routes a request to a replica once its headers are in, and the request
+holds one of the replica's ``max_ongoing_requests`` while its body trickles in; clients that
+send ``Content-Length: 1000`` and then 10 bytes would otherwise hold them all, and ``/health``
+and new generations would wait behind them. So the body must arrive in full within
+``body_timeout_s`` (408 and the connection closed otherwise), and a body still incomplete after
+``SLOW_BODY_S`` counts against its client address: past ``max_slow_bodies`` of them, the newest
+is answered 429 at once. A body that arrives at once never counts, so a client's concurrent
+ordinary requests are not limited here (the queue bounds them). Behind a reverse proxy every
+client has the proxy's address: bound slow clients there.
 
 Start-up: the model is built and the engine warmed up on a background thread (the replica's
 constructor returns at once, so ``/health`` can say "warming up"); the scheduler loop starts
@@ -24,6 +36,7 @@ import base64
 import hmac
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +48,7 @@ from .model_spec import ModelSpec
 from .schema import ImageRequest, RequestError, check_against_server, validation_error
 
 API_KEY_ENV = "XLX_FAST_API_KEY"
+SLOW_BODY_S = 0.5  # a body still incomplete after this counts against its client's slow bodies
 
 
 @dataclass
@@ -45,7 +59,8 @@ class ServerOptions:
     before 429. policy: "step" (the server) | "request" | "sequential" (benchmark baselines).
     batch_wait_ms: the request-level batcher's wait. max_steps: largest ``steps`` accepted.
     default_timeout_ms: deadline of requests that give none (None: no deadline).
-    max_body_bytes: larger bodies get 413. api_key: required key (None: read ``$XLX_FAST_API_KEY``
+    max_body_bytes: larger bodies get 413. body_timeout_s: the whole body must arrive within it
+    (408). max_slow_bodies: slow bodies in progress per client address (429 past it). api_key: required key (None: read ``$XLX_FAST_API_KEY``
     in the replica; empty: no key). warmup_delay_s: extra seconds before /health turns ready
     (staggers replicas; lets tests observe the warming state).
     """
@@ -58,6 +73,8 @@ class ServerOptions:
     max_steps: int = 256
     default_timeout_ms: int | None = None
     max_body_bytes: int = 65536
+    body_timeout_s: float = 10.0
+    max_slow_bodies: int = 4
     api_key: str | None = None
     warmup_delay_s: float = 0.0
 
@@ -71,7 +88,8 @@ class ServerOptions:
                              f"known: {', '.join(sorted(known))}")
         # ``serve run xlx_fast.serving:app slots=16`` passes every value as a string
         numeric = {"slots": int, "max_queue": int, "max_steps": int, "max_body_bytes": int,
-                   "default_timeout_ms": int, "batch_wait_ms": float, "warmup_delay_s": float}
+                   "default_timeout_ms": int, "batch_wait_ms": float, "warmup_delay_s": float,
+                   "body_timeout_s": float, "max_slow_bodies": int}
         for name, kind in numeric.items():
             if isinstance(d.get(name), str):
                 try:
@@ -84,9 +102,11 @@ class ServerOptions:
 
     def check(self) -> None:
         ModelSpec.from_dict(self.model)
-        for name in ("slots", "max_queue", "max_steps", "max_body_bytes"):
+        for name in ("slots", "max_queue", "max_steps", "max_body_bytes", "max_slow_bodies"):
             if getattr(self, name) < 1:
                 raise ValueError(f"server options: {name} must be >= 1, got {getattr(self, name)}")
+        if not self.body_timeout_s > 0:
+            raise ValueError(f"server options: body_timeout_s must be > 0, got {self.body_timeout_s}")
         from .scheduler import POLICIES
 
         if self.policy not in POLICIES:
@@ -128,6 +148,7 @@ class ImageService:
         self.load_error: BaseException | None = None
         self._built = threading.Event()
         self._start_lock = asyncio.Lock()
+        self._slow_bodies: dict[str, int] = {}  # client address -> slow bodies in progress
         threading.Thread(target=self._build, name="xlx-fast-warmup", daemon=True).start()
 
     # -- start-up ------------------------------------------------------------------------------
@@ -204,7 +225,7 @@ class ImageService:
         body = {"status": "ok" if ready else ("error" if self.load_error else "warming up"),
                 "replica": self.replica_name}
         if self.load_error is not None:
-            body["error"] = repr(self.load_error)
+            body["error"] = public_error(self.load_error)
         if ready:
             body["slots"] = self.engine.slots
         return Reply.json(200 if ready else 503, body, {} if ready else {"Retry-After": "1"})
@@ -214,12 +235,45 @@ class ImageService:
             return self._unauthorized()
         return Reply(200, self.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
 
-    async def generate(self, headers, body_chunks, is_disconnected=None) -> Reply:
-        """``body_chunks``: an async iterator of the body's bytes (read up to the limit only)."""
+    async def generate(self, headers, body_chunks, is_disconnected=None, client=None) -> Reply:
+        """``body_chunks``: an async iterator of the body's bytes (read up to the limit only).
+        ``client``: the peer's address, which slow bodies are counted by (None: one shared count)."""
         try:
-            return await self._generate(headers, body_chunks, is_disconnected)
+            return await self._generate(headers, body_chunks, is_disconnected, client)
         except RequestError as e:
             return Reply.error(e)
+
+    async def _read_body_in_time(self, headers, body_chunks, client) -> bytes:
+        """The body, within ``body_timeout_s``; a slow one counts against ``client`` (module
+        docstring)."""
+        read = asyncio.ensure_future(self._read_body(headers, body_chunks))
+        timeout = self.options.body_timeout_s
+        try:
+            done, _ = await asyncio.wait({read}, timeout=min(SLOW_BODY_S, timeout))
+            if done:
+                return read.result()
+            key = client or "?"
+            if self._slow_bodies.get(key, 0) >= self.options.max_slow_bodies:
+                self.metrics.rejections.inc("slow_body")
+                raise RequestError(429, f"body: {self.options.max_slow_bodies} request bodies from "
+                                   "this address are already arriving slowly; send the body with "
+                                   "the headers", param="body", type_="rate_limit_error",
+                                   headers={"Connection": "close", "Retry-After": "1"})
+            self._slow_bodies[key] = self._slow_bodies.get(key, 0) + 1
+            try:
+                done, _ = await asyncio.wait({read}, timeout=max(0.0, timeout - SLOW_BODY_S))
+            finally:
+                self._slow_bodies[key] -= 1
+                if not self._slow_bodies[key]:
+                    del self._slow_bodies[key]
+            if done:
+                return read.result()
+            self.metrics.rejections.inc("body_timeout")
+            raise RequestError(408, f"body: not received in full within {timeout:g} s",
+                               param="body", type_="timeout", headers={"Connection": "close"})
+        finally:
+            if not read.done():
+                read.cancel()
 
     async def _read_body(self, headers, body_chunks) -> bytes:
         limit = self.options.max_body_bytes
@@ -227,28 +281,26 @@ class ImageService:
                                  param="body", headers={"Connection": "close"})
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
+            self.metrics.rejections.inc("too_large")
             raise too_large
         buf = bytearray()
         async for chunk in body_chunks:
             buf += chunk
             if len(buf) > limit:
+                self.metrics.rejections.inc("too_large")
                 raise too_large
         return bytes(buf)
 
-    async def _generate(self, headers, body_chunks, is_disconnected) -> Reply:
+    async def _generate(self, headers, body_chunks, is_disconnected, client=None) -> Reply:
         if not self._authorized(headers):
             return self._unauthorized()
         if not await self._ready():
             self.metrics.rejections.inc("not_ready")
             status = 500 if self.load_error else 503
             return Reply.error(RequestError(status, "the model is still warming up" if status == 503
-                                            else f"the model failed to load: {self.load_error!r}",
+                                            else f"the model failed to load: {public_error(self.load_error)}",
                                             type_="server_error", headers={"Retry-After": "1"}))
-        try:
-            raw = await self._read_body(headers, body_chunks)
-        except RequestError:
-            self.metrics.rejections.inc("too_large")
-            raise
+        raw = await self._read_body_in_time(headers, body_chunks, client)
         try:
             req = ImageRequest.model_validate_json(raw)
             steps = check_against_server(req, image_size=self.image_size,
@@ -314,6 +366,16 @@ class ImageService:
         except asyncio.CancelledError:
             job.future.cancel()
             raise
+
+
+_ABS_PATH = re.compile(r"(?<![\w.:/\\])(?:[A-Za-z]:)?[/\\](?:[^\s'\"/\\:,;()]+[/\\])*([^\s'\"/\\:,;()]*)")
+
+
+def public_error(e: BaseException) -> str:
+    """``e`` as ``Type: message`` with every absolute path cut to its file name: ``/health``
+    answers without the key, and a path tells a stranger the machine's layout (the full text is
+    in the replica's log)."""
+    return f"{type(e).__name__}: {_ABS_PATH.sub(lambda m: m.group(1) or '<path>', str(e))}"
 
 
 def _encode_all(images) -> list[bytes]:
