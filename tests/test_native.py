@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from xlx_fast import native
+from xlx_fast.cli import info as cli_info
+from xlx_fast.ops import sampler_backends as B
 
 
 def test_c_module_imports_and_reports_its_build():
@@ -52,7 +54,7 @@ def test_kernel_sources_for_the_jit_path_are_found():
 
 def test_info_prints_the_truth():
     buf = io.StringIO()
-    native.info(file=buf)
+    cli_info.info(file=buf)
     text = buf.getvalue()
     built = native.build_info()
     assert f"CUDA kernels compiled  : {'yes' if built['cuda_kernels'] else 'no'}" in text
@@ -80,18 +82,18 @@ def test_info_cli(capsys):
 def test_lazy_top_level_info():
     import xlx_fast
 
-    assert xlx_fast.info is native.info
+    assert xlx_fast.info is cli_info.info
 
 
 # -- the sampler's CUDA backend: chosen by what works ---------------------------------------------
 
-OK_COMPILED = native.Probe(True, "a test launch on cuda:0 gave the right answer")
-BAD_COMPILED = native.Probe(False, "its CUDA runtime cannot use this GPU: cudaErrorInsufficientDriver "
-                                   "(error 35): CUDA driver version is insufficient for CUDA runtime version")
-NO_C = native.Probe(False, "xlx_fast._C: it was built without CUDA kernels (no nvcc, or XLX_NO_CUDA)")
-OK_CUPY = native.Probe(True, "a test launch on cuda:0 gave the right answer")
-BAD_CUPY = native.Probe(False, "cupy is not installed")
-UNTRIED = native.Probe(None, "not tried (the compiled kernel works)")
+OK_COMPILED = B.Probe(True, "a test launch on cuda:0 gave the right answer")
+BAD_COMPILED = B.Probe(False, "its CUDA runtime cannot use this GPU: cudaErrorInsufficientDriver "
+                              "(error 35): CUDA driver version is insufficient for CUDA runtime version")
+NO_C = B.Probe(False, "xlx_fast._C: it was built without CUDA kernels (no nvcc, or XLX_NO_CUDA)")
+OK_CUPY = B.Probe(True, "a test launch on cuda:0 gave the right answer")
+BAD_CUPY = B.Probe(False, "cupy is not installed")
+UNTRIED = B.Probe(None, "not tried (the compiled kernel works)")
 OLD_DRIVER = {"release": "535.154.05", "cuda": "12.2"}
 NEW_DRIVER = {"release": "580.159.04", "cuda": "13.0"}
 
@@ -101,7 +103,7 @@ NEW_DRIVER = {"release": "580.159.04", "cuda": "13.0"}
 @pytest.mark.parametrize("driver", [None, OLD_DRIVER, NEW_DRIVER], ids=["no-driver", "driver-535", "driver-580"])
 def test_backend_decision_for_every_probe_outcome(compiled, cupy, driver):
     runtime = "" if compiled is NO_C else "13.0"
-    choice = native.decide_sampler_backend(compiled, cupy, driver, runtime)
+    choice = B.decide_sampler_backend(compiled, cupy, driver, runtime)
     if compiled.ok:  # preferred whenever its launch worked, whatever CuPy says
         assert choice.backend == "compiled"
         assert "CUDA 13.0 runtime" in choice.why and compiled.why in choice.why
@@ -135,7 +137,7 @@ def test_min_driver_table_covers_the_runtimes_we_build():
 
 def test_dispatch_probes_once_and_tries_cupy_only_when_needed(monkeypatch):
     """The real dispatch code with the probes' outcomes injected (no GPU here)."""
-    from xlx_fast.ops import sampler_step as S
+    from xlx_fast.ops import sampler_backends as S
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(native, "driver_version", lambda: OLD_DRIVER)
@@ -161,7 +163,7 @@ def test_dispatch_probes_once_and_tries_cupy_only_when_needed(monkeypatch):
 
 
 def test_dispatch_refuses_to_probe_inside_a_graph_capture(monkeypatch):
-    from xlx_fast.ops import sampler_step as S
+    from xlx_fast.ops import sampler_backends as S
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(S, "_CHOICES", {})
@@ -172,12 +174,12 @@ def test_dispatch_refuses_to_probe_inside_a_graph_capture(monkeypatch):
 
 def test_no_driver_is_said_plainly(monkeypatch):
     monkeypatch.setattr(native, "driver_version", lambda: None)
-    r = native.report()
+    r = cli_info.report()
     assert r["nvidia_driver"] == "no NVIDIA driver / no GPU"
     assert r["cuda_device_reason"].startswith("no NVIDIA driver / no GPU")
     assert r["sampler_step_cuda"] == "none" and r["sampler_step_cuda_reason"] == "no NVIDIA driver / no GPU"
     buf = io.StringIO()
-    native.info(file=buf)
+    cli_info.info(file=buf)
     text = buf.getvalue()
     assert "cudaErrorInsufficientDriver" not in text
     assert "sampler_step on CUDA   : none (no NVIDIA driver / no GPU)" in text
@@ -205,7 +207,7 @@ def test_gpu_sampler_backend_probe_runs_the_chosen_backend():
         supported = tuple(map(int, driver["cuda"].split("."))) >= tuple(map(int, runtime.split(".")))
         assert (choice.backend == "compiled") == supported, choice.why
     buf = io.StringIO()
-    native.info(file=buf)
+    cli_info.info(file=buf)
     assert f"sampler_step on CUDA   : {choice.backend} (" in buf.getvalue()
     gen = torch.Generator().manual_seed(11)
     n, d, b = 300, 40, 3
@@ -231,7 +233,7 @@ def test_real_probes_on_this_machine_without_a_gpu(monkeypatch):
     kernel's runtime cannot reach a driver here, exactly as on a machine whose driver is too old
     for the static runtime, and the choice says so instead of launching. (CI has no GPU, so it
     always runs there; on a GPU machine the probe succeeds and its GPU twin checks that.)"""
-    from xlx_fast.ops import sampler_step as S
+    from xlx_fast.ops import sampler_backends as S
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(S, "_CHOICES", {})

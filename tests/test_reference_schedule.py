@@ -73,7 +73,8 @@ def test_reference_imports_nothing_fast():
     # The reference is what every fast path is checked against: it must not run any of them.
     code = ("import sys, xlx_fast.reference, xlx_fast.reference.pretrain\n"
             "fast = ('xlx_fast.ops', 'xlx_fast.patching', 'xlx_fast.generation', 'xlx_fast._C',\n"
-            "        'xlx_fast.native', 'xlx_fast.bench', 'xlx_fast.training')\n"
+            "        'xlx_fast.native', 'xlx_fast.bench', 'xlx_fast.training', 'xlx_fast.engine',\n"
+            "        'xlx_fast.step_plan')\n"
             "bad = sorted(m for m in sys.modules if m.startswith(fast))\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from xlx_fast.ops import sampler_step as S
+from xlx_fast.ops.sampler_args import SamplerStepArgs
+from xlx_fast.ops.sampler_backends import run_cuda
 
 CELLS = 64
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -463,8 +465,9 @@ def twin_and_cuda(rng, strategy, n, d, dtype, b, backend=None, table_offset=0):
             gpu.mask, gpu.visited, gpu.ids, gpu.out, gpu.status,
             *(kw[k].cuda() if k in kw else None for k in ("count", "cell", "next_cell")),
             S.STRATEGIES[strategy])
-    S.check_args(*args)
-    S._run_cuda(*args, backend=backend)
+    a = SamplerStepArgs(*args)
+    a.check()
+    run_cuda(a, backend=backend)
     torch.cuda.synchronize()
     return st, gpu
 
@@ -654,7 +657,25 @@ def test_cuda_per_row_strategies_match_twin(backend, dtype, d):
         args = (prob.cuda(), pred_id.cuda(), table.cuda(), mask_row.cuda(), gpu.mask, gpu.visited,
                 gpu.ids, gpu.out, gpu.status, kw["count"].cuda(), kw["cell"].cuda(),
                 kw["next_cell"].cuda(), 0, codes.cuda())
-        S.check_args(*args)
-        S._run_cuda(*args, backend=backend)
+        a = SamplerStepArgs(*args)
+        a.check()
+        run_cuda(a, backend=backend)
         torch.cuda.synchronize()
         assert_same(st, gpu, f"per-row ({backend}, D={d}, {dtype}, B={b})")
+
+
+def test_argument_order_is_the_native_struct():
+    """SamplerStepArgs.pointers() feeds the bindings positionally: its tensor order must be the
+    pointer fields of struct SamplerStepArgs (csrc/sampler_step.h)."""
+    import re
+    from pathlib import Path
+
+    header = (Path(__file__).resolve().parent.parent / "csrc" / "sampler_step.h").read_text()
+    body = re.search(r"struct SamplerStepArgs \{(.*?)\};", header, re.S).group(1)
+    pointers = re.findall(r"^\s*(?:const )?\w+\* (\w+);", body, re.M)
+    table, mask_row = make_table(5, 3, torch.float32), make_mask_row(3, torch.float32)
+    st = S.init_state(1, mask_row)
+    a = SamplerStepArgs(torch.rand(1, CELLS), torch.zeros(1, CELLS, dtype=torch.int64), table,
+                        mask_row, st.mask, st.visited, st.ids, st.out, st.status, None, None, None, 3)
+    assert [name for name, _ in a.tensors()] == pointers
+    assert a.pointers()[2] == table.data_ptr() and a.pointers()[-1] == 0

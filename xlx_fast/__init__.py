@@ -24,7 +24,7 @@ _LAZY = {
     "text": ("xlx_fast.text", None),
     "optimize": ("xlx_fast.patching", "optimize"),
     "generate": ("xlx_fast.generation", "generate"),
-    "info": ("xlx_fast.native", "info"),
+    "info": ("xlx_fast.cli.info", "info"),
     "vocab": ("xlx_fast.vocab", None),
     "training": ("xlx_fast.training", None),
 }

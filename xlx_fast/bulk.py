@@ -54,8 +54,10 @@ import sys
 import time
 
 from .cli import UserError
-from .cli.generate import (STRATEGIES, blank, check_model, check_sampling, default_steps, engine_seed,
-                           long_caption_note, model_description, noise_note, steps_problem)
+from .cli.generate import (blank, check_model, check_sampling, engine_seed, long_caption_note,
+                           model_description, noise_note)
+from .grid import N_CELLS
+from .strategies import NAMES, check_steps
 from .cli.paths import check_input, check_output_dir
 
 MANIFEST = "manifest.jsonl"
@@ -135,17 +137,16 @@ def read_lines(path: str, base_seed: int, *, strategy: str = "mask_predict", ste
         if isinstance(given, bool) or not isinstance(given, int):
             raise BulkError(f"{where}: 'seed' must be an integer")
         strat = obj.get("strategy", strategy)
-        if strat not in STRATEGIES:
-            raise BulkError(f"{where}: 'strategy' must be one of {', '.join(STRATEGIES)}")
+        if strat not in NAMES:
+            raise BulkError(f"{where}: 'strategy' must be one of {', '.join(NAMES)}")
         k = obj.get("steps", steps)
         if "steps" in obj and (isinstance(k, bool) or not isinstance(k, int)):
             raise BulkError(f"{where}: 'steps' must be an integer")
-        k = default_steps(strat) if k is None else k
-        problem = steps_problem(strat, k)
-        if problem:
-            source = "'steps'" if "steps" in obj else "--steps"
-            raise BulkError(f"{where}: {source} {k} with strategy "
-                            f"{strat}: {problem}")
+        source = "'steps'" if "steps" in obj else "--steps"
+        try:
+            k = check_steps(strat, k, N_CELLS, what=f"{where}: {source} {k} with strategy {strat}:")
+        except ValueError as e:
+            raise BulkError(str(e)) from None
         temp = obj.get("temperature", temperature)
         if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not math.isfinite(temp) \
                 or temp < 0:

@@ -6,7 +6,7 @@ rows at different steps of different requests can share it. The engine holds ``s
 and ``step`` runs ONE forward over the occupied slots, advancing each row by one of ITS steps:
 
 - per-row schedule: the host keeps each row's step i and its schedule (mask count, cell,
-  next cell: ``ops.sampler_step.schedule``) and writes this step's values as int32 data;
+  next cell: ``strategies.schedule``) and writes this step's values as int32 data;
 - per-row strategy: one sampler launch with a per-row strategy code (``ops.sampler_step``:
   one rule per row, idle slots coded INACTIVE cost nothing and are never written). Chosen over
   grouping rows by strategy because the step then keeps one fixed shape per batch bucket (a
@@ -52,7 +52,6 @@ Synchronous and not thread-safe: one owner calls ``admit``/``step``/``cancel``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -61,18 +60,15 @@ import torch
 
 from .models.xlxmert import N_CELLS
 from .ops.codebook_head import codebook_head
-from .ops.sampler_step import (INACTIVE, STRATEGIES, SamplerState, _describe_code, init_state,
-                               sampler_step, schedule)
+from .ops.sampler_args import describe_status
+from .ops.sampler_step import SamplerState, init_state, sampler_step
 from .patching import optimize
-from .reference.sampler import default_steps
+from .sampling_params import check_params
 from .seeds import cell_seeds, seed_key
 from .step_plan import extended_mask, language, prepare, vision
+from .strategies import INACTIVE, MAX_STEPS, schedule
 
 __all__ = ["Engine", "Request", "Finished", "MAX_STEPS"]
-
-MAX_STEPS = 1024  # cap on a request's steps (mask history per slot: MAX_STEPS x 64 bools)
-
-_F32_MAX = float(torch.finfo(torch.float32).max)
 
 # rows of the per-row control array (int32 [5, rows]: each field contiguous over rows)
 _STRAT, _COUNT, _CELL, _NEXT, _STEP = range(5)
@@ -267,35 +263,11 @@ class Engine:
             mask = mask.bool()
         else:
             mask = ids != 0
-        if isinstance(r.seed, bool) or not isinstance(r.seed, (int, np.integer)):
-            raise TypeError(f"{where}.seed must be an int, got {type(r.seed).__name__}")
-        if not isinstance(r.strategy, str) or r.strategy not in STRATEGIES:
-            raise ValueError(f"{where}.strategy must be one of {sorted(STRATEGIES)}, got {r.strategy!r}")
-        steps = default_steps(r.strategy) if r.steps is None else r.steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-            raise TypeError(f"{where}.steps must be an int or None, got {type(steps).__name__}")
-        steps = int(steps)
-        if not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"{where}.steps must be in [1, {MAX_STEPS}], got {steps}")
-        if r.strategy in ("tlbr", "confidence") and steps > N_CELLS:
-            raise ValueError(f"{where}.steps must be <= {N_CELLS} for strategy {r.strategy!r} "
-                             f"(one cell per step), got {steps}")
-        temp = r.temperature
-        if isinstance(temp, bool) or not isinstance(temp, (int, float, np.integer, np.floating)):
-            raise TypeError(f"{where}.temperature must be a real number, got {type(temp).__name__}")
-        try:
-            temp = float(temp)
-        except OverflowError:  # an int past float range
-            temp = math.inf
-        if not math.isfinite(temp) or temp < 0:
-            raise ValueError(f"{where}.temperature must be finite and >= 0, got {temp}")
-        if temp > _F32_MAX:  # the kernels read it as float32, where it would be inf
-            raise ValueError(f"{where}.temperature must be at most {_F32_MAX:.7g} (float32), "
-                             f"got {temp}")
-        sched = schedule(r.strategy, steps, int(r.seed))
-        return _Row(handle=-1, request=r, steps=steps, code=STRATEGIES[r.strategy],
+        p = check_params(r.strategy, r.steps, r.temperature, r.seed, N_CELLS, where=f"{where}.")
+        sched = schedule(p.strategy.name, p.steps, p.seed, N_CELLS)
+        return _Row(handle=-1, request=r, steps=p.steps, code=p.strategy.code,
                     count=sched.count, cell=sched.cell, next_cell=sched.next_cell,
-                    key=seed_key(r.seed), temperature=temp, ids=ids, mask=mask)
+                    key=seed_key(p.seed), temperature=p.temperature, ids=ids, mask=mask)
 
     # ---------------------------------------------------------------- admit
     @torch.no_grad()
@@ -569,7 +541,7 @@ class Engine:
             del self._by_handle[row.handle]
             code = int(status[n])
             error = None if not code else (f"sampler step flagged request {row.handle}: "
-                                           f"{_describe_code(code)} (check the model's weights for NaN)")
+                                           f"{describe_status(code)} (check the model's weights for NaN)")
             finished.append(Finished(request=row.request, ids=ids[n].clone(), codes=codes[n].clone(),
                                      probs=probs[n].clone(), masks=hist[n, :row.step].clone(),
                                      cancelled=row.cancelled, error=error))

@@ -39,7 +39,8 @@ import torch
 from .engine import Engine, Request
 from .models.xlxmert import N_CELLS
 from .patching import optimize
-from .reference.sampler import SampleResult, check_inputs, check_steps, check_strategy
+from .reference.sampler import SampleResult, check_inputs
+from .sampling_params import check_params
 from .step_plan import prepare
 
 __all__ = ["generate"]
@@ -120,7 +121,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         steps, strategy, temperature, seed: a scalar for every row, or one value per row (a
             list, tuple or 1-D tensor of length B).
         steps: sampling steps (default 4 for Mask-Predict, 64 for the AR orders; at most
-            ``engine.MAX_STEPS``).
+            ``strategies.MAX_STEPS``, and 64 for confidence and tlbr).
         strategy: ``mask_predict`` | ``confidence`` | ``tlbr`` | ``random``.
         temperature: 0 → the reference's greedy argmax; > 0 → each cell's id is a sample of
             softmax(logits / temperature) drawn from Philox keyed by a hash of (the row's seed,
@@ -146,22 +147,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if model.training:
         raise ValueError("generate() runs inference only: call model.eval() first")
     b, length = input_ids.shape
-    strategies = _per_row("strategy", strategy, b, str)
-    for st in strategies:
-        check_strategy(st)
-    steps_ = _per_row("steps", steps, b, int)
-    steps_ = [check_steps(st, k.item() if isinstance(k, torch.Tensor) else k)
-              for st, k in zip(strategies, steps_)]
-    temps = _per_row("temperature", temperature, b, float)
-    seeds = [0 if x is None else x for x in _per_row("seed", seed, b, int)]
-    for t in temps:
-        if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise TypeError(f"temperature must be a real number, got {type(t).__name__}")
-        if not t >= 0 or t == float("inf"):
-            raise ValueError(f"temperature must be finite and >= 0, got {t}")
-    for x in seeds:
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"seed must be an int (or None), got {type(x).__name__}")
+    columns = [_per_row(name, value, b, kind) for name, value, kind in (
+        ("strategy", strategy, str), ("steps", steps, int), ("temperature", temperature, float),
+        ("seed", seed, int))]
+    params = [check_params(st, k.item() if isinstance(k, torch.Tensor) else k, t,
+                           0 if x is None else x, N_CELLS) for st, k, t, x in zip(*columns)]
+    steps_ = [p.steps for p in params]
     device = model.centroids.device
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
@@ -175,9 +166,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     # the captions go to the host once, as a batch (the engine reads them there: per-row copies
     # from a GPU would each wait for it)
     input_ids, attention_mask = input_ids.to("cpu", torch.int64), attention_mask.to("cpu", torch.bool)
-    requests = [Request(input_ids=input_ids[r], attention_mask=attention_mask[r],
-                        seed=seeds[r], steps=steps_[r], strategy=strategies[r],
-                        temperature=float(temps[r])) for r in range(b)]
+    requests = [Request(input_ids=input_ids[r], attention_mask=attention_mask[r], seed=p.seed,
+                        steps=p.steps, strategy=p.strategy.name, temperature=p.temperature)
+                for r, p in enumerate(params)]
     handles = engine.admit(requests)
     row_of = {id(q): r for r, q in enumerate(requests)}
     results = [None] * b
@@ -185,7 +176,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max(steps_), desc="xlx_fast " + "/".join(sorted(set(strategies))), unit="step")
+        names = sorted({p.strategy.name for p in params})
+        bar = tqdm(total=max(steps_), desc="xlx_fast " + "/".join(names), unit="step")
     try:
         while engine.active():
             for f in engine.step():

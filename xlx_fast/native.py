@@ -3,16 +3,12 @@
 ``_C`` is built by setup.py through CMake (C++ CPU kernels always; CUDA kernels when nvcc was
 found, with the CUDA runtime linked statically so it imports without a GPU). Nothing here
 raises when something is missing: ``load()`` returns ``None`` and ``load_error()`` says why, and
-``info()`` prints the truth, e.g. "CUDA kernels compiled: yes (sm_80, sm_90)" next to "CUDA
+``report()`` states the truth, e.g. "CUDA kernels compiled: yes (sm_80, sm_90)" next to "CUDA
 device: none (no NVIDIA driver / no GPU)".
 
-Which CUDA backend the sampler step uses is decided by what works, not by what was built: a
-static CUDA 13 runtime needs an NVIDIA driver >= 580, so on a machine with an older driver the
-compiled kernel cannot even count the devices, while CuPy's NVRTC path (e.g. cupy-cuda12x)
-compiles the same source for the driver at hand. ``decide_sampler_backend`` maps the outcomes
-of the probes (``xlx_fast.ops.sampler_step.cuda_backend_choice`` runs them once per device and
-process) to a choice: the compiled kernel if its test launch worked, else CuPy if its test
-launch worked, else none, with an error naming the driver and runtime versions and what to do.
+Which backend runs here is decided above this module, by what a test launch shows works; this
+module states the facts that decision reads (the driver, the runtime compiled in, CuPy), and
+``xlx-fast info`` (:mod:`xlx_fast.cli.info`) shows both.
 """
 from __future__ import annotations
 
@@ -22,7 +18,6 @@ import importlib
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 _LOAD_ERROR: str | None = None
@@ -120,52 +115,6 @@ def driver_text(driver: dict | None) -> str:
     return f"NVIDIA driver {driver['release'] or 'of unknown release'}{cuda}"
 
 
-@dataclass(frozen=True)
-class Probe:
-    """The outcome of trying one backend: ``ok`` True (a test launch gave the right answer),
-    False (it failed or could not be tried; ``why`` says which), None (not tried)."""
-
-    ok: bool | None
-    why: str
-
-
-@dataclass(frozen=True)
-class BackendChoice:
-    """``backend``: "compiled", "cupy", or None (nothing works: ``why`` is the error text)."""
-
-    backend: str | None
-    why: str
-
-
-def decide_sampler_backend(compiled: Probe, cupy: Probe, driver: dict | None,
-                           runtime: str) -> BackendChoice:
-    """The sampler step's CUDA backend from the probes' outcomes (a pure function).
-
-    ``runtime`` is the CUDA runtime compiled into ``_C`` ("13.0", "" when it has no CUDA).
-    Preference: the compiled kernel (no JIT at start, no CuPy needed), then CuPy's JIT of the
-    same source. With neither, the reason names the driver, the runtime, both probes and the fix.
-    """
-    if compiled.ok:
-        return BackendChoice("compiled", f"compiled kernel of xlx_fast._C (CUDA {runtime} runtime, "
-                                         f"static): {compiled.why}")
-    if cupy.ok:
-        return BackendChoice("cupy", f"CuPy NVRTC JIT of csrc/sampler_kernel.cuh: {cupy.why}; "
-                                     f"the compiled kernel is not usable: {compiled.why}")
-    if driver is None:
-        fix = "run on a machine with an NVIDIA GPU and driver, or keep the tensors on the CPU"
-    else:
-        major = int(runtime.split(".")[0]) if runtime[:1].isdigit() else None
-        need = f" (a CUDA {major} runtime needs driver >= {MIN_DRIVER[major]})" if major in MIN_DRIVER else ""
-        fix = (f"update the NVIDIA driver{need}, or install CuPy for the driver's CUDA version "
-               "(e.g. pip install cupy-cuda12x) so the JIT path runs, or rebuild xlx_fast with an "
-               "nvcc the driver supports (pip install --no-build-isolation -e . with it on PATH)")
-    runtime_text = (f"xlx_fast._C has a static CUDA {runtime} runtime" if runtime
-                    else "xlx_fast._C has no CUDA kernels")
-    return BackendChoice(None, f"no usable CUDA backend for sampler_step on this machine "
-                               f"({driver_text(driver)}; {runtime_text}). Compiled kernel: "
-                               f"{compiled.why}. CuPy: {cupy.why}. To fix: {fix}.")
-
-
 def kernel_source_dir() -> Path:
     """Directory holding ``sampler_kernel.cuh`` and ``sampler_rules.h`` for the CuPy JIT path:
     the copy shipped in the package (``pip install .``) or the source tree's ``csrc/``."""
@@ -237,7 +186,6 @@ def report() -> dict:
         n, reason = 0, "no NVIDIA driver / no GPU: libcuda.so.1 not found"
     cupy_ok, cupy_why = cupy_status()
     triton_ok, triton_why = _triton_status()
-    sampler_cuda, sampler_why = _sampler_cuda_choice(driver, reason)
     return {
         "python": sys.version.split()[0],
         "native_module": "xlx_fast._C" if load() is not None else f"missing ({load_error()})",
@@ -256,39 +204,20 @@ def report() -> dict:
         "torch_devices": _torch_devices(),
         "sampler_step_cpu": "C++ twin (xlx_fast._C)" if b["cpu_kernels"] else "unavailable",
         "nvidia_driver": driver_text(driver),
-        "sampler_step_cuda": sampler_cuda,
-        "sampler_step_cuda_reason": sampler_why,
     }
-
-
-def _sampler_cuda_choice(driver, reason: str) -> tuple[str, str]:
-    """(backend or "none", why) for report(): the probe's choice where there is a GPU."""
-    if driver is None:
-        return "none", "no NVIDIA driver / no GPU"
-    try:
-        import torch
-    except ImportError:
-        return "none", "torch is not installed"
-    if not torch.cuda.is_available():
-        return "none", f"torch sees no CUDA device ({reason})"
-    from xlx_fast.ops.sampler_step import cuda_backend_choice
-
-    choice = cuda_backend_choice(torch.device("cuda", torch.cuda.current_device()))
-    return choice.backend or "none", choice.why
 
 
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def info(file=None) -> None:
-    """Print what was built and what is usable here."""
-    r = report()
+def report_lines(r: dict) -> list[str]:
+    """``report()``'s dict as the lines ``xlx-fast info`` prints."""
     if r["cuda_devices"] > 0:
         device = f"{r['cuda_devices']} visible"
     else:
         device = f"none ({r['cuda_device_reason']})"
-    lines = [
+    return [
         f"xlx_fast native module : {r['native_module']} (Python {r['python']})",
         f"C++ CPU kernels        : {_yes(r['cpu_kernels'])}" + (f" ({r['compiler']})" if r["compiler"] else ""),
         f"CUDA kernels compiled  : {_yes(r['cuda_kernels'])}"
@@ -299,6 +228,4 @@ def info(file=None) -> None:
         f"Triton                 : {_yes(r['triton'])} ({r['triton_reason']})",
         f"torch devices          : {r['torch_devices']}",
         f"sampler_step on CPU    : {r['sampler_step_cpu']}",
-        f"sampler_step on CUDA   : {r['sampler_step_cuda']} ({r['sampler_step_cuda_reason']})",
     ]
-    print("\n".join(lines), file=file or sys.stdout)

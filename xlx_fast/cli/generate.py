@@ -13,21 +13,15 @@ import re
 import sys
 import time
 
+from ..grid import N_CELLS
+from ..strategies import BY_NAME, MASK_PREDICT_STEPS, MAX_STEPS, check_steps
 from . import UserError
 from .model_args import add_model_arguments, choices_help
 from .paths import check_input, check_output, makedirs_for
 
-MAX_STEPS = 1024  # each step is one full forward: beyond this a run takes hours
-N_CELLS = 64      # the 8×8 grid (xlx_fast.models.xlxmert.N_CELLS; not imported: it pulls in transformers)
 SEED_RANGE = 2 ** 31
 
-STRATEGIES = {
-    "mask_predict": "Mask-Predict-K (the paper's best): every cell predicted at each step, the "
-                    "least confident ones re-masked; default 4 steps",
-    "confidence": "one cell per step, the most confident undecided one; at most 64 steps",
-    "tlbr": "one cell per step, top-left to bottom-right; at most 64 steps",
-    "random": "one cell per step in a seeded random order (more than 64 steps revisit cells)",
-}
+STRATEGIES = {name: s.describe(N_CELLS) for name, s in BY_NAME.items()}
 IMPLS = {"fast": "xlx_fast.generate, the fused loop", "reference": "the authors' eager loop"}
 
 
@@ -37,8 +31,9 @@ def add_parser(p) -> None:
                    help="output image (.png, .jpg, ...; .png is added when there is no extension); "
                         "with several captions NAME_0.EXT, NAME_1.EXT, ...")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"sampling steps, 1 to {MAX_STEPS} (default: 4 for mask_predict, 64 for the "
-                        "one-cell-per-step orders; confidence and tlbr allow at most 64)")
+                   help=f"sampling steps, 1 to {MAX_STEPS} (default: {MASK_PREDICT_STEPS} for "
+                        f"mask_predict, {N_CELLS} for the one-cell-per-step orders; confidence and "
+                        f"tlbr allow at most {N_CELLS})")
     p.add_argument("--strategy", default="mask_predict", choices=list(STRATEGIES),
                    help=choices_help("which cells each step decides", STRATEGIES, "mask_predict"))
     p.add_argument("--temperature", type=float, default=0.0,
@@ -81,21 +76,6 @@ def _image_extensions() -> set[str]:
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
 
 
-def default_steps(strategy: str) -> int:
-    return 4 if strategy == "mask_predict" else N_CELLS
-
-
-def steps_problem(strategy: str, steps: int) -> str | None:
-    """Why ``steps`` is not allowed for ``strategy`` (None when it is): the one rule both the
-    single-caption and the bulk mode check, before any model is built."""
-    if not 1 <= steps <= MAX_STEPS:
-        return f"must be between 1 and {MAX_STEPS}"
-    if strategy in ("confidence", "tlbr") and steps > N_CELLS:
-        return (f"--strategy {strategy} decides one of the {N_CELLS} cells per step, so at most "
-                f"{N_CELLS} steps; use mask_predict or random for more")
-    return None
-
-
 def blank(caption: str) -> bool:
     """A caption with no text (empty or whitespace only): the server refuses it, single mode
     refuses it, bulk mode skips its line (the line number, and so the seeds, stay)."""
@@ -105,10 +85,10 @@ def blank(caption: str) -> bool:
 def check_sampling(args) -> None:
     """The sampling options (``--steps``, ``--strategy``, ``--temperature``, ``--impl``,
     ``--device``), checked the same way in both modes; raises :class:`UserError`."""
-    steps = default_steps(args.strategy) if args.steps is None else args.steps
-    problem = steps_problem(args.strategy, steps)
-    if problem:
-        raise UserError(f"--steps {steps}: {problem}")
+    try:
+        check_steps(args.strategy, args.steps, N_CELLS, what=f"--steps {args.steps}:")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0")
     if args.temperature > 0 and args.impl == "reference":

@@ -11,11 +11,10 @@ from transformers import LxmertConfig, LxmertModel
 from transformers.models.lxmert.modeling_lxmert import (LxmertPredictionHeadTransform,
                                                         LxmertPreTrainingHeads)
 
+from ..grid import GRID, N_CELLS  # noqa: F401  (re-exported: the grid this model paints on)
 from .generator import Generator, GeneratorConfig
 from .sizes import SIZES, Sizes  # noqa: F401  (re-exported: the sizes this model is built at)
 
-GRID = 8
-N_CELLS = GRID * GRID
 MAX_TEXT_LENGTH = 20
 
 

@@ -7,7 +7,8 @@ One step, given the current codes ``code`` [B, 64, F] and ``vis_mask`` [B, 64] (
 3. ``prob = softmax(obj_predict_head(visual_output))``; ``pred_prob, pred_id = prob.max(-1)``
 4. ``code = where(update_mask, C[pred_id], code)``
 
-Strategies (which cells are masked before the forward and updated after it):
+Strategies (which cells are masked before the forward and updated after it; defaults and step
+limits: :mod:`xlx_fast.strategies`):
 
 - ``mask_predict`` (Mask-Predict-K, "NAR"): step 0 masks every cell (codes start at zero);
   step i > 0 masks the ``int((K-i)/K·64)`` cells with the lowest ``pred_prob`` of the previous
@@ -31,10 +32,10 @@ import torch
 from transformers.models.lxmert.modeling_lxmert import LxmertAttention
 
 from ..models.xlxmert import GRID, N_CELLS
+from ..strategies import NAMES as STRATEGIES
+from ..strategies import (check_steps, check_strategy, default_steps, mask_counts, random_order,
+                          tlbr_order)
 from .grid import box_positions
-from .schedule import mask_counts, random_order, tlbr_order
-
-STRATEGIES = ("mask_predict", "confidence", "tlbr", "random")
 
 
 @dataclass
@@ -51,18 +52,6 @@ class SampleResult:
     codes: torch.Tensor
     probs: torch.Tensor
     masks: torch.Tensor
-
-
-def default_steps(strategy: str) -> int:
-    """4 for Mask-Predict (the authors' sampling script), 64 (one per cell) for the AR orders."""
-    check_strategy(strategy)
-    return 4 if strategy == "mask_predict" else N_CELLS
-
-
-def check_strategy(strategy: str) -> str:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
-    return strategy
 
 
 def default_pad_id(model) -> int:
@@ -133,18 +122,6 @@ def check_eager(model) -> None:
             "xlx_fast.patching.unoptimize(model) first")
 
 
-def check_steps(strategy: str, steps) -> int:
-    steps = default_steps(strategy) if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if strategy in ("confidence", "tlbr") and steps > N_CELLS:
-        raise ValueError(f"steps must be <= {N_CELLS} for strategy {strategy!r} (one cell per "
-                         f"step), got {steps}")
-    return steps
-
-
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
            steps: int | None = None, strategy: str = "mask_predict", seed=None,
@@ -157,7 +134,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     check_strategy(strategy)
     check_eager(model)
     attention_mask = check_inputs(model, input_ids, attention_mask)
-    steps = check_steps(strategy, steps)
+    steps = check_steps(strategy, steps, N_CELLS)
     if model.training:  # dropout would make every call different, and unlike generate()
         raise ValueError("sample() runs inference only: call model.eval() first")
     b = input_ids.shape[0]
@@ -179,10 +156,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     # order[i] = the cell each row decides at step i: a [B] tensor (rows differ for ``random``)
     order = None
     if strategy == "tlbr":
-        order = torch.tensor(tlbr_order(steps), device=device)[:, None].expand(-1, b)
+        order = torch.tensor(tlbr_order(steps, N_CELLS), device=device)[:, None].expand(-1, b)
     elif strategy == "random":
-        order = torch.tensor([random_order(steps, x) for x in seeds], device=device).T
-    counts = mask_counts(steps) if strategy == "mask_predict" else None
+        order = torch.tensor([random_order(steps, x, N_CELLS) for x in seeds], device=device).T
+    counts = mask_counts(steps, N_CELLS) if strategy == "mask_predict" else None
 
     code = torch.zeros(b, N_CELLS, model.feat_dim, dtype=dtype, device=device)
     ids = torch.full((b, N_CELLS), -1, dtype=torch.int64, device=device)

@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..models.xlxmert import N_CELLS
+from ..strategies import NAMES, check_steps, default_steps
 
 MAX_PROMPT_CHARS = 2000  # captions are cut to 20 tokens anyway; this bounds tokenizer work
 MAX_N = 8
@@ -42,7 +43,7 @@ class ImageRequest(BaseModel):
     response_format: Literal["b64_json"] = "b64_json"
     seed: int = Field(default=0, ge=0, lt=2**63)
     steps: int | None = Field(default=None, ge=1)
-    strategy: Literal["mask_predict", "confidence", "tlbr", "random"] = "mask_predict"
+    strategy: Literal[NAMES] = "mask_predict"
     temperature: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
     return_ids: bool = False
     timeout_ms: int | None = Field(default=None, ge=1, le=MAX_TIMEOUT_MS)
@@ -90,14 +91,14 @@ def check_against_server(req: ImageRequest, *, image_size: int, max_steps: int) 
     want = f"{image_size}x{image_size}"
     if req.size != want:
         raise RequestError(422, f"size: only {want!r} is supported, got {req.size!r}", param="size")
-    steps = req.steps if req.steps is not None else (4 if req.strategy == "mask_predict" else N_CELLS)
+    steps = req.steps if req.steps is not None else default_steps(req.strategy, N_CELLS)
     if steps > max_steps:
         raise RequestError(422, f"steps: must be <= {max_steps} on this server, got {steps}",
                            param="steps")
-    if req.strategy in ("confidence", "tlbr") and steps > N_CELLS:
-        raise RequestError(422, f"steps: must be <= {N_CELLS} for strategy {req.strategy!r} "
-                           f"(one cell per step), got {steps}", param="steps")
-    return steps
+    try:
+        return check_steps(req.strategy, steps, N_CELLS, what="steps:")
+    except ValueError as e:
+        raise RequestError(422, str(e), param="steps") from None
 
 
 def validation_error(errors: list[dict]) -> RequestError:

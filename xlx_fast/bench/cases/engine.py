@@ -26,12 +26,12 @@ import time
 
 import torch
 
+from ...strategies import NAMES
 from ..harness import FAST, PEER, Agreement, Case, Prepared, Spec, id_share, NotAvailable
 from .generation import captions, model
 
 MIN_SHARE = {torch.float32: 0.95, torch.bfloat16: 0.6, torch.float16: 0.6}
 TARGET = {"uniform": 0.95, "mixed": 1.3}
-STRATEGIES = ("mask_predict", "confidence", "tlbr", "random")
 
 
 def release() -> None:
@@ -52,14 +52,15 @@ def _sizes(spec: Spec, workload: str) -> tuple[int, int]:
 
 def _mixed_requests(n: int):
     rng = random.Random(1234)
-    return [dict(steps=rng.randint(1, 10), strategy=STRATEGIES[i % 4], seed=i) for i in range(n)]
+    return [dict(steps=rng.randint(1, 10), strategy=NAMES[i % len(NAMES)], seed=i) for i in range(n)]
 
 
 def _static_loop(fast_model, ids, mask, steps, strategy):
     """The pre-engine loop: one schedule and one strategy for the whole batch."""
     from xlx_fast.step_plan import extended_mask, language, prepare, vision
     from xlx_fast.ops.codebook_head import codebook_head
-    from xlx_fast.ops.sampler_step import init_state, sampler_step, schedule
+    from xlx_fast.ops.sampler_step import init_state, sampler_step
+    from xlx_fast.strategies import schedule
 
     t = prepare(fast_model)
     b = ids.shape[0]
