@@ -13,8 +13,8 @@ from transformers.models.lxmert.modeling_lxmert import (LxmertIntermediate, Lxme
                                                         LxmertPredictionHeadTransform)
 
 from xlx_fast.ops import registry
-from xlx_fast.ops.fused_linear import (fused_linear, linear_add_layernorm, linear_gelu,
-                                       linear_gelu_layernorm)
+from xlx_fast.ops.fused_linear import (feed_forward, fused_linear, linear_add_layernorm,
+                                       linear_gelu, linear_gelu_layernorm)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (M, K, N): a batch-1 step's 64 rows at odd widths, a single row, a ragged block edge
@@ -89,6 +89,23 @@ def test_every_element_is_written(layernorm, kernel_device):
         assert torch.isfinite(out).all(), backend
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_feed_forward_matches_the_float64_formula(backend, dtype, kernel_device):
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    x, w_in, b_in, _, ln = inputs(37, 40, 72, dtype, device, seed=5)
+    g = torch.Generator().manual_seed(6)
+    w_out = (torch.randn(40, 72, generator=g) / math.sqrt(72)).to(device, dtype)
+    b_out = torch.randn(40, generator=g).to(device, dtype)
+    ln = tuple(t[:40] for t in inputs(37, 40, 40, dtype, device, seed=7)[4])
+    out = feed_forward(x.view(1, 37, 40), w_in, b_in, w_out, b_out, *ln, 1e-5, backend=backend)
+    h = formula(x, w_in, b_in, activation="gelu")
+    ref = formula(h, w_out, b_out, residual=x, ln=ln, eps=1e-5)
+    assert out.shape == (1, 37, 40) and out.dtype == dtype
+    err = ((out.view(37, 40).double().cpu() - ref.cpu()).norm() / ref.norm()).item()
+    assert err <= 2 * registry.tolerance("fused_linear", backend, dtype), err
+
+
 def test_torch_backend_is_hf_bit_for_bit():
     # on a CPU the fused op replaces HF's modules inside the step: same arithmetic, same bits
     cfg = LxmertConfig(hidden_size=48, intermediate_size=80, num_attention_heads=2)
@@ -102,6 +119,11 @@ def test_torch_backend_is_hf_bit_for_bit():
         assert torch.equal(
             linear_add_layernorm(h, output.dense.weight, output.dense.bias, x,
                                  output.LayerNorm.weight, output.LayerNorm.bias, output.LayerNorm.eps),
+            output(h, x))
+        assert torch.equal(
+            feed_forward(x, inter.dense.weight, inter.dense.bias, output.dense.weight,
+                         output.dense.bias, output.LayerNorm.weight, output.LayerNorm.bias,
+                         output.LayerNorm.eps),
             output(h, x))
         assert torch.equal(
             linear_gelu_layernorm(x, head.dense.weight, head.dense.bias, head.LayerNorm.weight,
@@ -137,6 +159,8 @@ def test_is_a_custom_op_that_compiles_without_a_break():
     (lambda x, w, b: fused_linear(x, w, b, eps=0.0), "eps must be a number > 0"),
     (lambda x, w, b: fused_linear(x[:0], w, b), "x must be non-empty"),
     (lambda x, w, b: fused_linear(x, w, b, backend="cuda"), "fused_linear backend must be one of"),
+    (lambda x, w, b: feed_forward(x, w, b, w, b, b, b, 1e-5), r"w_out must have shape \[8, 6\]"),
+    (lambda x, w, b: feed_forward(x, w, b, w.t().contiguous(), b, b, b, 1e-5), r"b_out must have shape \[8\]"),
 ])
 def test_bad_input_names_the_argument(call, match):
     x, w, b, *_ = inputs(5, 8, 6, torch.float32, "cpu")

@@ -65,7 +65,7 @@ from .ops.sampler_step import SamplerState, init_state, sampler_step
 from .patching import optimize
 from .sampling_params import check_params
 from .seeds import cell_seeds, seed_key
-from .step_plan import extended_mask, language, prepare, vision
+from .step_plan import extended_mask, head_transform, language, prepare, vision
 from .strategies import INACTIVE, MAX_STEPS, schedule
 
 __all__ = ["Engine", "Request", "Finished", "MAX_STEPS"]
@@ -377,7 +377,7 @@ class Engine:
         ctl = self.ctl[:, :b]
         self.hist[self.row_index[:b], ctl[_STEP].long()] = st.mask[:b]
         visual = vision(model, self.lang[:b], self.ext[:b], st.out[:b] + self.box)
-        h = model.obj_predict_head.transform(visual)
+        h = head_transform(model, visual)
         if sample:
             prob, pred_id = codebook_head(h, self.head_weight, self.head_bias,
                                           temperature=self.temps[:b], seeds=self.cell_seed[:b],

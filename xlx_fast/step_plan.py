@@ -21,11 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.xlxmert import GRID
-from .ops.codebook_head import fold_head
-from .grid import box_positions
+import torch.nn.functional as F
+from transformers.activations import GELUActivation
 
-__all__ = ["FastTables", "prepare", "extended_mask", "language", "visual_half", "vision"]
+from .grid import GRID, box_positions
+from .ops.codebook_head import fold_head
+from .ops.fused_linear import feed_forward, linear_add_layernorm, linear_gelu_layernorm
+from .patching import FusedLxmertAttention, _fused_attention
+
+__all__ = ["FastTables", "prepare", "extended_mask", "language", "visual_half", "vision", "head_transform"]
 
 
 @dataclass
@@ -146,22 +150,114 @@ def language(model, input_ids, ext_mask):
     """Embeddings and the language layers: the part of the forward no step changes."""
     lang = model.bert.embeddings(input_ids, torch.zeros_like(input_ids))
     for layer in model.bert.encoder.layer:
-        lang = layer(lang, ext_mask)[0]
+        lang = _layer(layer, lang, ext_mask)
     return lang
 
 
+# -- the step's layers, on the model's own parameters -------------------------------------------
+#
+# Each function below is the forward of one HF module (named in its docstring) for inference,
+# with its linears and their epilogues fused (``ops.fused_linear``: dense + bias + GELU, or
+# dense + bias + residual + LayerNorm, one op each) and its attention through the fused op.
+# Weights are read from the modules on every call, never copied: the attentions' fused QKV
+# matrices are the storage of their projections (``patching``), so an edit of any weight by any
+# route is seen. Dropout is the identity (inference only). On a CPU the torch backend of
+# ``fused_linear`` is HF's arithmetic bit for bit; the attention is SDPA.
+
+
+def _fused(att) -> bool:
+    return type(att) is FusedLxmertAttention
+
+
+def _attention(att, x, mask):
+    """``LxmertAttention`` over x attending to itself: one GEMM against [W_q; W_k; W_v]."""
+    if not _fused(att):
+        return att(x, x, mask)[0]
+    w, b = att._fused_weights()
+    q, k, v = F.linear(x, w, b).split(att.head_size, dim=-1)
+    return _fused_attention(q, k, v, mask, att.num_attention_heads)
+
+
+def _cross_attention(att, x, context, mask):
+    """``LxmertAttention`` with queries from x, keys and values from context."""
+    if not _fused(att):
+        return att(x, context, mask)[0]
+    w, b = att._fused_weights()
+    width = att.head_size
+    q = F.linear(x, w[:width], b[:width])
+    k, v = F.linear(context, w[width:], b[width:]).split(width, dim=-1)
+    return _fused_attention(q, k, v, mask, att.num_attention_heads)
+
+
+def _add_norm(out, x, residual):
+    """``LxmertAttentionOutput`` / ``LxmertOutput``: LayerNorm(dense(x) + residual)."""
+    return linear_add_layernorm(x, out.dense.weight, out.dense.bias, residual, out.LayerNorm.weight,
+                                out.LayerNorm.bias, out.LayerNorm.eps)
+
+
+def _ffn(inter, out, x):
+    """``LxmertIntermediate`` then ``LxmertOutput``."""
+    act = inter.intermediate_act_fn
+    if not isinstance(act, GELUActivation) or act.act is not F.gelu:  # HF's module: correct, slower
+        return _add_norm(out, inter(x), x)
+    return feed_forward(x, inter.dense.weight, inter.dense.bias, out.dense.weight, out.dense.bias,
+                        out.LayerNorm.weight, out.LayerNorm.bias, out.LayerNorm.eps)
+
+
+def _self_layer(sa, x, mask):
+    """``LxmertSelfAttentionLayer``."""
+    return _add_norm(sa.output, _attention(sa.self, x, mask), x)
+
+
+def _layer(layer, x, mask):
+    """``LxmertLayer`` (a language or relational layer)."""
+    x = _self_layer(layer.attention, x, mask)
+    return _ffn(layer.intermediate, layer.output, x)
+
+
+def _x_layer(xl, lang, ext_mask, visual):
+    """``LxmertXLayer``: both streams. Its one cross-attention module serves both directions, so
+    each stream's [Q; K; V] is one GEMM: its queries for its own attention, its keys and values
+    for the other stream's."""
+    att, out = xl.visual_attention.att, xl.visual_attention.output
+    if _fused(att) and att.query.in_features == att.key.in_features:
+        w, b = att._fused_weights()
+        lq, lk, lv = F.linear(lang, w, b).split(att.head_size, dim=-1)
+        vq, vk, vv = F.linear(visual, w, b).split(att.head_size, dim=-1)
+        heads = att.num_attention_heads
+        lang_ctx = _fused_attention(lq, vk, vv, None, heads)
+        visual_ctx = _fused_attention(vq, lk, lv, ext_mask, heads)
+    else:
+        lang_ctx, visual_ctx = att(lang, visual, None)[0], att(visual, lang, ext_mask)[0]
+    lang = _self_layer(xl.lang_self_att, _add_norm(out, lang_ctx, lang), ext_mask)
+    visual = _self_layer(xl.visn_self_att, _add_norm(out, visual_ctx, visual), None)
+    return _ffn(xl.lang_inter, xl.lang_output, lang), _ffn(xl.visn_inter, xl.visn_output, visual)
+
+
 def visual_half(x_layer, lang, ext_mask, visual):
-    """``LxmertXLayer.forward`` restricted to its visual output (the last cross layer)."""
-    visual = x_layer.visual_attention(visual, lang, ctx_att_mask=ext_mask)[0]
-    visual = x_layer.visn_self_att(visual, None)[0]
-    return x_layer.visn_output(x_layer.visn_inter(visual), visual)
+    """``LxmertXLayer.forward`` restricted to its visual output (the last cross layer): the
+    language stream's half is never computed."""
+    cross = x_layer.visual_attention
+    visual = _add_norm(cross.output, _cross_attention(cross.att, visual, lang, ext_mask), visual)
+    visual = _self_layer(x_layer.visn_self_att, visual, None)
+    return _ffn(x_layer.visn_inter, x_layer.visn_output, visual)
 
 
 def vision(model, lang, ext_mask, visual):
     """Relational and cross layers on one step's visual input; the vision output."""
     enc = model.bert.encoder
     for layer in enc.r_layers:
-        visual = layer(visual, None)[0]
+        visual = _layer(layer, visual, None)
     for x_layer in enc.x_layers[:-1]:
-        lang, visual = x_layer(lang, ext_mask, visual, None)
+        lang, visual = _x_layer(x_layer, lang, ext_mask, visual)
     return visual_half(enc.x_layers[-1], lang, ext_mask, visual)
+
+
+def head_transform(model, visual):
+    """``LxmertPredictionHeadTransform`` (dense, GELU, LayerNorm) of the object head: the
+    features the folded codebook head scores."""
+    t = model.obj_predict_head.transform
+    if not isinstance(t.transform_act_fn, GELUActivation) or t.transform_act_fn.act is not F.gelu:
+        return t(visual)
+    return linear_gelu_layernorm(visual, t.dense.weight, t.dense.bias, t.LayerNorm.weight,
+                                 t.LayerNorm.bias, t.LayerNorm.eps)

@@ -47,7 +47,7 @@ from ._common import FLOAT_DTYPES, check_choice, check_tensor, tl, triton
 from .codebook_tile import interpreter_widen
 from .registry import Capability, register_op, select_impl, triton_capability
 
-__all__ = ["fused_linear", "linear_gelu", "linear_add_layernorm", "linear_gelu_layernorm",
+__all__ = ["fused_linear", "linear_gelu", "linear_add_layernorm", "linear_gelu_layernorm", "feed_forward",
            "ACTIVATIONS", "MAX_LAYERNORM_WIDTH"]
 
 ACTIVATIONS = ("none", "gelu")
@@ -177,6 +177,21 @@ def _(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+@torch.library.custom_op("xlx_fast::feed_forward", mutates_args=())
+def _feed_forward_op(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
+                     b_out: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+                     eps: float, backend: str) -> torch.Tensor:
+    """LayerNorm(x + (GELU(x·W_inᵀ + b_in))·W_outᵀ + b_out): two fused linears, one op."""
+    impl = select_impl("fused_linear", x.device, x.dtype, force=backend or None).impl
+    h = impl(x, w_in, b_in, None, None, None, "gelu", eps, x.new_empty(x.shape[0], w_in.shape[0]))
+    return impl(h, w_out, b_out, x, ln_weight, ln_bias, "none", eps, torch.empty_like(x))
+
+
+@_feed_forward_op.register_fake
+def _(x, w_in, b_in, w_out, b_out, ln_weight, ln_bias, eps, backend):
+    return torch.empty_like(x)
+
+
 def _check(x, weight, bias, residual, ln_weight, ln_bias, activation, eps):
     check_tensor("x", x, dtypes=FLOAT_DTYPES, dim=2, layout="[M, K]")
     if x.device.type not in _common.DEVICE_TYPES:
@@ -241,3 +256,26 @@ def linear_gelu_layernorm(x, weight, bias, ln_weight, ln_bias, eps, **kw):
     """LayerNorm(GELU(x·Wᵀ + b)): the head's ``LxmertPredictionHeadTransform``."""
     return fused_linear(x, weight, bias, activation="gelu", ln_weight=ln_weight, ln_bias=ln_bias,
                         eps=eps, **kw)
+
+
+def feed_forward(x, w_in, b_in, w_out, b_out, ln_weight, ln_bias, eps, *, backend=None):
+    """LayerNorm(x + W_out·GELU(W_in·x + b_in) + b_out): ``LxmertIntermediate`` followed by
+    ``LxmertOutput``, the FFN of a transformer layer, as ONE op (``xlx_fast::feed_forward``: the
+    two fused linears of :func:`linear_gelu` and :func:`linear_add_layernorm`, two kernels on a
+    GPU, the [M, N_in] activation between them never leaving the op). x [..., K]; w_in [N_in,
+    K]; w_out [K, N_in]; returns [..., K] in x's dtype."""
+    lead = x.shape[:-1] if isinstance(x, torch.Tensor) and x.dim() > 2 else None
+    if lead is not None:
+        x = x.reshape(-1, x.shape[-1])
+    _check(x, w_in, b_in, None, None, None, "gelu", eps)
+    width, n_in, same = x.shape[1], w_in.shape[0], dict(dtypes=(x.dtype,), device=x.device, device_of="x")
+    check_tensor("w_out", w_out, shape=(width, n_in), **same)
+    if w_out.stride(1) != 1:
+        raise ValueError(f"w_out's last dimension must be contiguous, got strides {w_out.stride()}")
+    for name, t in (("b_out", b_out), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        check_tensor(name, t, shape=(width,), contiguous=True, **same)
+    if width > MAX_LAYERNORM_WIDTH:
+        raise ValueError(f"a fused LayerNorm spans at most {MAX_LAYERNORM_WIDTH} columns, x has {width}")
+    y = torch.ops.xlx_fast.feed_forward(x, w_in, b_in, w_out, b_out, ln_weight, ln_bias,
+                                        float(eps), backend or "")
+    return y if lead is None else y.view(*lead, width)
