@@ -39,7 +39,7 @@ import torch
 from .engine import Engine, Request
 from .models.xlxmert import N_CELLS
 from .patching import optimize
-from .reference.sampler import SampleResult, check_inputs
+from .sampler_io import SampleResult, check_inputs
 from .sampling_params import check_params
 from .step_plan import prepare
 
