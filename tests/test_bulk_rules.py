@@ -80,6 +80,7 @@ def test_seed_outside_range_reproduces_in_single_mode_and_python(base, tmp_path)
     out = base[0]
     entry = manifest(out)[3]
     assert entry["given_seed"] == BIG_SEED and entry["seed"] == engine_seed(BIG_SEED)
+    assert f"line 3: {BIG_SEED} -> {entry['seed']}" in base[1]
     # single mode, given the seed the line asked for or the one recorded: the same PNG
     for seed in (BIG_SEED, entry["seed"]):
         png = tmp_path / f"single_{seed}.png"

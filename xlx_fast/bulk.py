@@ -464,6 +464,12 @@ def run(args, load_model) -> int:
         if rank == 0:
             print(f"{len(todo)} of {len(items)} images to make ({len(items) - len(todo)} already there)",
                   file=sys.stderr, flush=True)
+            hashed = [it for it in todo if "given_seed" in it]
+            if hashed:
+                first = hashed[0]
+                print(f"note: {len(hashed)} seed(s) outside [0, 2**31) hashed into it as single mode does "
+                      f"(line {first['line']}: {first['given_seed']} -> {first['seed']}); the manifest "
+                      "holds the seed used, and the one given as given_seed", file=sys.stderr)
             noise_note(tokenizer)
             long_caption_note(tokenizer, [it["caption"] for it in todo],
                               [f"line {it['line']}" for it in todo])

@@ -26,7 +26,8 @@ IMPLS = {"fast": "xlx_fast.generate, the fused loop", "reference": "the authors'
 
 
 def add_parser(p) -> None:
-    p.add_argument("captions", nargs="*", help="one or more captions (one image each)")
+    p.add_argument("captions", nargs="*", help="one or more captions (one image each; a blank one "
+                   "is refused)")
     p.add_argument("-o", "--out", default="out.png",
                    help="output image (.png, .jpg, ...; .png is added when there is no extension); "
                         "with several captions NAME_0.EXT, NAME_1.EXT, ...")
@@ -42,7 +43,7 @@ def add_parser(p) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the random order, the temperature sampling and the generator noise; "
                         "any integer (outside [0, 2**31) it is hashed into that range, see the note "
-                        "it prints)")
+                        "it prints); bulk mode: line n's default seed is --seed + n")
     p.add_argument("--impl", default="fast", choices=list(IMPLS),
                    help=choices_help("which sampler runs", IMPLS, "fast"))
     add_model_arguments(p)
