@@ -18,20 +18,24 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def report() -> dict:
     """``native.report()`` plus the sampler step's CUDA backend and why."""
     from xlx_fast import native
+    from xlx_fast.ops import backends_report
     from xlx_fast.ops.sampler_backends import cuda_choice_here
 
     r = native.report()
     backend, why = cuda_choice_here(native.driver_version(), r["cuda_device_reason"])
-    return {**r, "sampler_step_cuda": backend, "sampler_step_cuda_reason": why}
+    return {**r, "sampler_step_cuda": backend, "sampler_step_cuda_reason": why,
+            "ops": backends_report()}
 
 
 def info(file=None) -> None:
     """Print what was built and what is usable here."""
     from xlx_fast import native
+    from xlx_fast.ops import backends_lines
 
     r = report()
     lines = native.report_lines(r)
     lines.append(f"sampler_step on CUDA   : {r['sampler_step_cuda']} ({r['sampler_step_cuda_reason']})")
+    lines += backends_lines(r["ops"])
     print("\n".join(lines), file=file or sys.stdout)
 
 
