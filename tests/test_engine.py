@@ -263,6 +263,8 @@ def _bad(field, value):
     (_bad("temperature", float("nan")), ValueError, r"requests\[0\]\.temperature"),
     (_bad("temperature", float("inf")), ValueError, r"requests\[0\]\.temperature"),
     (_bad("temperature", 1e308), ValueError, r"requests\[0\]\.temperature.*float32"),  # inf there
+    # 1/τ overflows float32 below MIN_TEMPERATURE: the row's probabilities would be NaN
+    (_bad("temperature", 1e-40), ValueError, r"requests\[0\]\.temperature must be 0 \(greedy\) or at least"),
     (_bad("temperature", 10**400), ValueError, r"requests\[0\]\.temperature"),  # past a double
     (_bad("temperature", "hot"), TypeError, r"requests\[0\]\.temperature"),
     (_bad("seed", 1.5), TypeError, r"requests\[0\]\.seed"),

@@ -12,6 +12,9 @@ from .grid import N_CELLS
 from .strategies import Strategy, check_steps, lookup
 
 F32_MAX = (2 - 2 ** -23) * 2 ** 127  # float32's largest finite value
+# below this a logit of 10^8 over the temperature overflows float32 (the head's z = logit / τ),
+# and the row's probabilities turn NaN: such a row is greedy in all but name, so it is refused
+MIN_TEMPERATURE = 1e-30
 
 
 @dataclass(frozen=True)
@@ -44,4 +47,7 @@ def check_params(strategy, steps, temperature, seed, n_cells: int = N_CELLS,
     if temperature > F32_MAX:  # the kernels read it as float32, where it would be inf
         raise ValueError(f"{where}temperature must be at most {F32_MAX:.7g} (float32), "
                          f"got {temperature}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"{where}temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} "
+                         f"(the head divides logits by it in float32), got {temperature}")
     return SamplingParams(s, steps, temperature, int(seed))

@@ -110,6 +110,7 @@ def uniform_case(spec: Spec, dtype: torch.dtype) -> Case:
             out = [None] * slots
             while engine.active():
                 for f in engine.step():
+                    _raise_flagged(f)
                     out[f.request.tag] = f.ids
             return torch.stack(out).to(device)
 
@@ -167,6 +168,7 @@ def mixed_case(spec: Spec, dtype: torch.dtype) -> Case:
                     engine.admit(queue[:take])
                     queue = queue[take:]
                 for f in engine.step():
+                    _raise_flagged(f)
                     done[f.request.tag] = f.ids
                     lat[f.request.tag] = time.perf_counter() - t0
             return torch.stack(done).to(device), lat
