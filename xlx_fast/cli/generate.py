@@ -262,13 +262,15 @@ def run(args) -> int:
         xlx_fast.optimize(model)
     t_built = time.perf_counter()
     print(f"sampling ({args.strategy}, {args.impl}) ...", file=sys.stderr, flush=True)
+    # a step bar on a terminal; in a log its carriage-return updates are noise
+    bar = sys.stderr.isatty()
     if args.impl == "fast":
         result = xlx_fast.generate(model, input_ids, attention_mask, steps=args.steps,
                                    strategy=args.strategy, temperature=args.temperature, seed=seed,
-                                   progress=True)
+                                   progress=bar)
     else:
         result = reference.sample(model, input_ids, attention_mask, steps=args.steps,
-                                  strategy=args.strategy, seed=seed, progress=True)
+                                  strategy=args.strategy, seed=seed, progress=bar)
     t_sampled = time.perf_counter()
     print("painting ...", file=sys.stderr, flush=True)
     images = reference.paint(model, result.codes, seed=seed).float().cpu()
