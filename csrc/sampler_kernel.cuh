@@ -12,7 +12,7 @@
 // plus 64 * (4 + 8 + 8 + 1 + 1 + 1 + 1) bytes of per-cell state: the gather dominates.
 //
 // This file includes nothing but sampler_rules.h, so it compiles both under nvcc (sampler_cuda.cu)
-// and under NVRTC (xlx_fast/ops/sampler_step.py's CuPy path), which instantiates the extern "C"
+// and under NVRTC (xlx_fast/ops/sampler_backends.py's CuPy path), which instantiates the extern "C"
 // entry points below by name.
 #pragma once
 

@@ -28,7 +28,7 @@ namespace xlx {
 
 constexpr int kCells = 64;  // 8 x 8 grid
 
-// Strategy codes; xlx_fast/ops/sampler_step.py:STRATEGIES mirrors them.
+// Strategy codes; xlx_fast/strategies.py mirrors them (tests/test_strategies.py compares).
 // kInactive is valid only as a per-row code (SamplerStepArgs::strategies): the row is skipped.
 enum Strategy : int { kMaskPredict = 0, kTlbr = 1, kRandom = 2, kConfidence = 3, kInactive = 4 };
 

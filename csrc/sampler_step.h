@@ -1,6 +1,7 @@
 // Host entry points of the sampler step, in plain C++ types so that bindings.cpp compiles
 // without CUDA headers. Pointers are raw device or host addresses handed over from Python after
-// it has validated dtype, device, shape and contiguity (xlx_fast/ops/sampler_step.py).
+// it has validated dtype, device, shape and contiguity (xlx_fast/ops/sampler_args.py, whose
+// SamplerStepArgs lists the pointers in this struct's order).
 #pragma once
 
 #include <cstdint>

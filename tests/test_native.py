@@ -162,6 +162,38 @@ def test_dispatch_probes_once_and_tries_cupy_only_when_needed(monkeypatch):
             assert "535.154.05" in first.why and "cupy-cuda12x" in first.why
 
 
+def test_registry_picks_what_the_probes_found(monkeypatch):
+    """The op's dispatch goes through the registry, whose CUDA capabilities are the probed
+    choice: the chosen backend runs, CuPy (untried) runs only by name and only if it imports,
+    and with nothing usable the error carries the choice's whole reason."""
+    from xlx_fast.ops import registry
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(native, "driver_version", lambda: OLD_DRIVER)
+    dev = torch.device("cuda", 3)
+    for results, want in (({"compiled": OK_COMPILED}, "compiled"),
+                          ({"compiled": BAD_COMPILED, "cupy": OK_CUPY}, "cupy"),
+                          ({"compiled": BAD_COMPILED, "cupy": BAD_CUPY}, None)):
+        monkeypatch.setattr(B, "_probe", lambda index, backend, results=results: results[backend])
+        monkeypatch.setattr(B, "_CHOICES", {})
+        if want is None:
+            with pytest.raises(RuntimeError, match="no sampler_step backend.*535.154.05.*cupy-cuda12x"):
+                registry.select_impl("sampler_step", dev, torch.float32)
+        else:
+            assert registry.select_impl("sampler_step", dev, torch.float32).backend == want
+            assert registry.explain("sampler_step", dev, torch.float32)["runs"] == want
+    monkeypatch.setattr(B, "_probe", lambda index, backend: OK_COMPILED)
+    monkeypatch.setattr(B, "_CHOICES", {})
+    for cupy_status, usable in (((True, "cupy 13"), True), ((False, "cupy is not installed"), False)):
+        monkeypatch.setattr(B, "_cupy_status", lambda status=cupy_status: status)
+        if usable:
+            assert registry.select_impl("sampler_step", dev, torch.float32, force="cupy").backend == "cupy"
+        else:
+            with pytest.raises(RuntimeError, match="cupy is not installed"):
+                registry.select_impl("sampler_step", dev, torch.float32, force="cupy")
+    assert registry.select_impl("sampler_step", "cpu", torch.bfloat16).backend == "cpu"
+
+
 def test_dispatch_refuses_to_probe_inside_a_graph_capture(monkeypatch):
     from xlx_fast.ops import sampler_backends as S
 

@@ -16,7 +16,7 @@ import torch
 
 from xlx_fast.ops import sampler_step as S
 from xlx_fast.ops.sampler_args import SamplerStepArgs
-from xlx_fast.ops.sampler_backends import run_cuda
+from xlx_fast.ops.sampler_backends import run
 
 CELLS = 64
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -467,7 +467,7 @@ def twin_and_cuda(rng, strategy, n, d, dtype, b, backend=None, table_offset=0):
             S.STRATEGIES[strategy])
     a = SamplerStepArgs(*args)
     a.check()
-    run_cuda(a, backend=backend)
+    run(a, backend=backend)
     torch.cuda.synchronize()
     return st, gpu
 
@@ -659,7 +659,7 @@ def test_cuda_per_row_strategies_match_twin(backend, dtype, d):
                 kw["next_cell"].cuda(), 0, codes.cuda())
         a = SamplerStepArgs(*args)
         a.check()
-        run_cuda(a, backend=backend)
+        run(a, backend=backend)
         torch.cuda.synchronize()
         assert_same(st, gpu, f"per-row ({backend}, D={d}, {dtype}, B={b})")
 

@@ -18,9 +18,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..strategies import BY_CODE, strategy_code
+from ._common import FLOAT_DTYPES, check_tensor
 
 CELLS = 64  # kCells in csrc/sampler_rules.h: the kernels are built for the 8x8 grid
-TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROW_BYTES = 1 << 24  # the kernel indexes a row's words with 32-bit ints
 STATUS_BAD_COUNT, STATUS_BAD_CELL, STATUS_BAD_NEXT_CELL, STATUS_BAD_PROB, STATUS_BAD_STRATEGY = (
     65, 66, 67, 68, 69)
@@ -65,49 +65,40 @@ class SamplerStepArgs(NamedTuple):
     def check(self) -> None:
         """Raise TypeError/ValueError naming the first bad argument (metadata checks only)."""
         code = strategy_code(self.strategy)
-        pred_prob, table = self.pred_prob, self.table
-        if not isinstance(pred_prob, torch.Tensor):
-            raise TypeError(f"pred_prob must be a torch.Tensor, got {type(pred_prob).__name__}")
-        if pred_prob.dim() != 2 or pred_prob.shape[1] != CELLS:
-            raise ValueError(f"pred_prob must have shape [B, {CELLS}], got {tuple(pred_prob.shape)}")
-        b = pred_prob.shape[0]
+        check_tensor("pred_prob", self.pred_prob, dim=2, shape=(None, CELLS))
+        b = self.batch
         if b < 1:
             raise ValueError("pred_prob has an empty batch (B = 0)")
-        if not isinstance(table, torch.Tensor):
-            raise TypeError(f"table must be a torch.Tensor, got {type(table).__name__}")
-        if table.dim() != 2 or table.shape[0] < 1 or table.shape[1] < 1:
+        table = check_tensor("table", self.table, dtypes=FLOAT_DTYPES, dim=2, layout="[N, D]")
+        if table.shape[0] < 1 or table.shape[1] < 1:
             raise ValueError(f"table must be a non-empty [N, D] tensor, got shape {tuple(table.shape)}")
-        if table.dtype not in TABLE_DTYPES:
-            raise TypeError(f"table must be float32, float16 or bfloat16, got {table.dtype}")
         d = table.shape[1]
         if self.row_bytes >= MAX_ROW_BYTES:
             raise ValueError(f"table rows must be under {MAX_ROW_BYTES} bytes, got D = {d}")
-        float_ = (table.dtype,)
+        same = (table.dtype,)
         want = {"pred_prob": ((torch.float32,), (b, CELLS)), "pred_id": ((torch.int64,), (b, CELLS)),
-                "table": (float_, tuple(table.shape)), "mask_row": (float_, (d,)),
+                "table": (same, tuple(table.shape)), "mask_row": (same, (d,)),
                 "mask": ((torch.bool,), (b, CELLS)), "visited": ((torch.bool,), (b, CELLS)),
-                "ids": ((torch.int64,), (b, CELLS)), "out": (float_, (b, CELLS, d)),
+                "ids": ((torch.int64,), (b, CELLS)), "out": (same, (b, CELLS, d)),
                 "status": ((torch.int32,), (b,))}
-        for name, (dtypes, shape) in want.items():
-            check_tensor(name, getattr(self, name), dtypes, shape)
         needs = BY_CODE[code].needs
         if self.strategies is not None:
             # Codes are data (checked by the kernels: an unknown code flags its row); every
             # array a row may read must be there, since which rows read which is not known here.
-            check_tensor("strategies", self.strategies, (torch.int32,), (b,))
+            want["strategies"] = ((torch.int32,), (b,))
             needs = ("count", "cell")
+        for name, (dtypes, shape) in want.items():
+            check_tensor(name, getattr(self, name), dtypes=dtypes, shape=shape, contiguous=True)
         for name in ("count", "cell", "next_cell"):
             t = getattr(self, name)
-            if t is None and name in needs:
+            if t is not None:
+                want[name] = check_tensor(name, t, dtypes=(torch.int32,), shape=(b,), contiguous=True)
+            elif name in needs:
                 if self.strategies is not None:
                     raise ValueError(f"{name} is required with per-row strategies")
                 raise ValueError(f"{name} is required for strategy {BY_CODE[code].name!r}")
-            check_tensor(name, t, (torch.int32,), (b,), optional=True)
-        device = pred_prob.device
-        for name, t in self.tensors():
-            if t is not None and t.device != device:
-                raise ValueError(f"{name} is on {t.device} but pred_prob is on {device}: "
-                                 "all tensors must be on one device")
+        for name in want:
+            check_tensor(name, getattr(self, name), device=self.pred_prob.device, device_of="pred_prob")
 
     def status_message(self, code: int, row: int) -> str:
         """What status ``code`` of ``row`` says about these arguments (reads their values)."""
@@ -141,25 +132,9 @@ def describe_status(code: int) -> str:
             STATUS_BAD_STRATEGY: "unknown strategy"}.get(code, f"status {code}")
 
 
-def check_tensor(name, t, dtypes, shape, *, optional=False):
-    if t is None and optional:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must be {want}, got {str(t.dtype).replace('torch.', '')}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)})")
-
-
-def check_vector(name, t):
-    """A [D] row in a table dtype (``mask_row``)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 1 or t.shape[0] < 1:
-        raise ValueError(f"{name} must be a non-empty 1-D tensor [D], got shape {tuple(t.shape)}")
-    if t.dtype not in TABLE_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+def check_mask_row(t) -> torch.Tensor:
+    """A [D] row in a table dtype (``mask_row``, before any table is at hand)."""
+    check_tensor("mask_row", t, dtypes=FLOAT_DTYPES, dim=1, layout="[D]")
+    if t.shape[0] < 1:
+        raise ValueError(f"mask_row must be a non-empty 1-D tensor [D], got shape {tuple(t.shape)}")
+    return t

@@ -11,6 +11,12 @@ else none, and every call then raises a ``RuntimeError`` naming the driver and r
 and what to do (there is no silent fallback). The test launch syncs, so the first CUDA call must
 not be inside a CUDA graph capture (``generate`` warms up before capturing). ``xlx-fast info``
 shows the choice and why.
+
+The three backends are registered with the op registry (``sampler_step``: "compiled" and
+"cupy" on CUDA, "cpu" on the CPU; exact, so every tolerance is 0); ``run`` picks through it.
+The CUDA backends' capability is the probed choice: the one chosen is usable, CuPy when not
+tried (the compiled kernel works) is usable by name only if it imports, and the compiled
+kernel, when nothing works, gives the whole reason (driver, runtime, the fix).
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ import torch
 
 from .. import native
 from ..strategies import CODES
+from ._common import FLOAT_DTYPES
+from .registry import Capability, register_op, select_impl
 from .sampler_args import CELLS, SamplerStepArgs
 
 _KERNEL_NAMES = {16: "xlx_sampler_step_w16", 8: "xlx_sampler_step_w8", 4: "xlx_sampler_step_w4",
@@ -28,27 +36,19 @@ _KERNEL_NAMES = {16: "xlx_sampler_step_w16", 8: "xlx_sampler_step_w8", 4: "xlx_s
 _THREADS = 512  # kSamplerThreads in csrc/sampler_kernel.cuh
 
 
-def run_cpu(a: SamplerStepArgs) -> None:
+def run(a: SamplerStepArgs, backend: str | None = None) -> None:
+    """One step on the tensors' device, through the backend the registry picks there
+    (``backend``: that one by name, e.g. "cupy" in tests, or an error saying why not)."""
+    select_impl("sampler_step", a.pred_prob.device, a.table.dtype, force=backend).impl(a)
+
+
+def _run_cpu(a: SamplerStepArgs) -> None:
     """The C++ twin: every row is decided first; a bad row writes only ``status`` and raises."""
-    mod = native.load()
-    if mod is None:
-        raise RuntimeError(f"sampler_step on CPU needs xlx_fast._C, which did not load "
-                           f"({native.load_error()}); reinstall with 'pip install -e .'")
-    row, code = mod.sampler_step_cpu(*a.pointers(), a.strategy, a.batch, a.n_table, a.row_bytes)
+    row, code = native.load().sampler_step_cpu(*a.pointers(), a.strategy, a.batch, a.n_table,
+                                               a.row_bytes)
     if row >= 0:
         raise ValueError("sampler_step: " + a.status_message(code, row)
                          + " (nothing but status was written)")
-
-
-def run_cuda(a: SamplerStepArgs, backend: str | None = None) -> None:
-    """Launch on the current stream of the tensors' device. ``backend`` None uses the probed
-    choice (``cuda_backend_choice``); "compiled" or "cupy" forces one (tests)."""
-    if backend is None:
-        choice = cuda_backend_choice(a.pred_prob.device)
-        if choice.backend is None:
-            raise RuntimeError(choice.why)
-        backend = choice.backend
-    _launch(a, backend)
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,10 +66,15 @@ class Probe:
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """``backend``: "compiled", "cupy", or None (nothing works: ``why`` is the error text)."""
+    """``backend``: "compiled", "cupy", or None (nothing works: ``why`` is the error text);
+    ``probes``: what each backend's probe found, by name."""
 
     backend: str | None
     why: str
+    probes: tuple = ()
+
+    def probe(self, backend: str) -> Probe | None:
+        return dict(self.probes).get(backend)
 
 
 def decide_sampler_backend(compiled: Probe, cupy: Probe, driver: dict | None,
@@ -80,12 +85,13 @@ def decide_sampler_backend(compiled: Probe, cupy: Probe, driver: dict | None,
     Preference: the compiled kernel (no JIT at start, no CuPy needed), then CuPy's JIT of the
     same source. With neither, the reason names the driver, the runtime, both probes and the fix.
     """
+    probes = (("compiled", compiled), ("cupy", cupy))
     if compiled.ok:
         return BackendChoice("compiled", f"compiled kernel of xlx_fast._C (CUDA {runtime} runtime, "
-                                         f"static): {compiled.why}")
+                                         f"static): {compiled.why}", probes)
     if cupy.ok:
         return BackendChoice("cupy", f"CuPy NVRTC JIT of csrc/sampler_kernel.cuh: {cupy.why}; "
-                                     f"the compiled kernel is not usable: {compiled.why}")
+                                     f"the compiled kernel is not usable: {compiled.why}", probes)
     if driver is None:
         fix = "run on a machine with an NVIDIA GPU and driver, or keep the tensors on the CPU"
     else:
@@ -99,7 +105,7 @@ def decide_sampler_backend(compiled: Probe, cupy: Probe, driver: dict | None,
                     else "xlx_fast._C has no CUDA kernels")
     return BackendChoice(None, f"no usable CUDA backend for sampler_step on this machine "
                                f"({native.driver_text(driver)}; {runtime_text}). Compiled kernel: "
-                               f"{compiled.why}. CuPy: {cupy.why}. To fix: {fix}.")
+                               f"{compiled.why}. CuPy: {cupy.why}. To fix: {fix}.", probes)
 
 
 # device index -> BackendChoice, filled by the first CUDA call on that device
@@ -171,7 +177,7 @@ def _probe(index: int, backend: str) -> Probe:
             count=torch.tensor([count], dtype=torch.int32, device=dev), cell=None, next_cell=None,
             strategy=CODES["mask_predict"])
         a.check()
-        _launch(a, backend)
+        _LAUNCH[backend](a)
         torch.cuda.synchronize(dev)
         masked = torch.zeros(CELLS, dtype=torch.bool)
         masked[torch.argsort(prob, stable=True)[:count]] = True
@@ -189,22 +195,17 @@ def _probe(index: int, backend: str) -> Probe:
 # The launches.
 
 
-def _launch(a: SamplerStepArgs, backend: str) -> None:
-    device = a.pred_prob.device
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        if backend == "compiled":
-            mod = native.load()
-            if mod is None or not native.has_cuda_kernels():
-                raise RuntimeError("xlx_fast._C was built without CUDA kernels")
-            mod.sampler_step_cuda(*a.pointers(), a.strategy, a.batch, a.n_table, a.row_bytes, stream)
-            return
-        ok, why = _cupy_status()
-        if not ok:
-            raise RuntimeError(
-                "sampler_step on CUDA needs xlx_fast._C built with CUDA (reinstall with nvcc on "
-                f"PATH, without XLX_NO_CUDA) or CuPy for the NVRTC JIT path ({why})")
-        _launch_cupy(a, device.index, stream)
+def _stream(a: SamplerStepArgs) -> int:
+    """The current stream of the tensors' device (the capture stream inside a CUDA graph)."""
+    return torch.cuda.current_stream(a.pred_prob.device).cuda_stream
+
+
+def _launch_compiled(a: SamplerStepArgs) -> None:
+    mod = native.load()
+    if mod is None or not native.has_cuda_kernels():
+        raise RuntimeError("xlx_fast._C was built without CUDA kernels")
+    with torch.cuda.device(a.pred_prob.device):
+        mod.sampler_step_cuda(*a.pointers(), a.strategy, a.batch, a.n_table, a.row_bytes, _stream(a))
 
 
 @functools.lru_cache(maxsize=None)
@@ -237,15 +238,59 @@ def _cupy_module(device_index: int):
         return cupy.RawModule(code=source, options=("--std=c++17",))
 
 
-def _launch_cupy(a: SamplerStepArgs, device_index: int, stream: int) -> None:
+def _launch_cupy(a: SamplerStepArgs) -> None:
+    ok, why = _cupy_status()
+    if not ok:
+        raise RuntimeError(
+            "sampler_step on CUDA needs xlx_fast._C built with CUDA (reinstall with nvcc on "
+            f"PATH, without XLX_NO_CUDA) or CuPy for the NVRTC JIT path ({why})")
     import cupy
     import numpy as np
 
-    ptrs = a.pointers()
+    device_index = a.pred_prob.device.index
     width = _gather_width(a.row_bytes, a.table.data_ptr(), a.mask_row.data_ptr(), a.out.data_ptr())
-    args = tuple(np.uint64(p) for p in ptrs) + (np.int32(a.strategy), np.int64(a.n_table),
-                                                 np.int64(a.row_bytes))
+    args = tuple(np.uint64(p) for p in a.pointers()) + (np.int32(a.strategy), np.int64(a.n_table),
+                                                         np.int64(a.row_bytes))
+    with torch.cuda.device(a.pred_prob.device):
+        stream = _stream(a)
     # RawKernel launches on CuPy's current stream: make it torch's (the capture stream in a graph).
     with cupy.cuda.Device(device_index), cupy.cuda.ExternalStream(stream):
         fn = _cupy_module(device_index).get_function(_KERNEL_NAMES[width])
         fn((a.batch,), (_THREADS,), args)
+
+
+_LAUNCH = {"compiled": _launch_compiled, "cupy": _launch_cupy}
+
+
+# --------------------------------------------------------------------------------------------
+# The registry's view: what each backend needs, from the probed choice.
+
+
+def _compiled_unusable(device) -> str | None:
+    choice = cuda_backend_choice(device)
+    if choice.backend == "compiled":
+        return None
+    return choice.why if choice.backend is None else choice.probe("compiled").why
+
+
+def _cupy_unusable(device) -> str | None:
+    choice = cuda_backend_choice(device)
+    probe = choice.probe("cupy")
+    if choice.backend == "cupy" or (probe.ok is None and _cupy_status()[0]):
+        return None
+    return probe.why if probe.ok is not None else _cupy_status()[1]
+
+
+def _cpu_unusable(device) -> str | None:
+    if native.load() is None:
+        return f"xlx_fast._C did not load ({native.load_error()}); reinstall with 'pip install -e .'"
+    return None
+
+
+_EXACT = {dtype: 0.0 for dtype in FLOAT_DTYPES}  # ids, masks and gathered rows are exact
+register_op("sampler_step", "compiled", impl=_launch_compiled, preference_rank=0, tolerances=_EXACT,
+            capability=Capability(devices=("cuda",), dtypes=FLOAT_DTYPES, probe=_compiled_unusable))
+register_op("sampler_step", "cupy", impl=_launch_cupy, preference_rank=1, tolerances=_EXACT,
+            capability=Capability(devices=("cuda",), dtypes=FLOAT_DTYPES, probe=_cupy_unusable))
+register_op("sampler_step", "cpu", impl=_run_cpu, preference_rank=0, tolerances=_EXACT,
+            capability=Capability(devices=("cpu",), dtypes=FLOAT_DTYPES, probe=_cpu_unusable))

@@ -55,9 +55,10 @@ Under CUDA graph capture and ``torch.compile``: the op allocates nothing and nev
 the custom op ``torch.ops.xlx_fast.sampler_step`` (mutating ``mask``, ``visited``, ``ids``,
 ``out``, ``status``) with a fake implementation.
 
-Backends (``sampler_backends``): the C++ twin on the CPU; on CUDA the kernel compiled into
-``xlx_fast._C`` or, where its static runtime cannot run, the same source JIT-compiled by CuPy,
-chosen by a test launch on the first CUDA call (shown by ``xlx-fast info``). The argument list
+Backends (``sampler_backends``, registered with the op registry): the C++ twin on the CPU; on
+CUDA the kernel compiled into ``xlx_fast._C`` or, where its static runtime cannot run, the same
+source JIT-compiled by CuPy, chosen by a test launch on the first CUDA call (shown by
+``xlx-fast info``). The argument list
 and its checks are ``sampler_args.SamplerStepArgs``; the schedules come from
 :mod:`xlx_fast.strategies`.
 """
@@ -74,8 +75,8 @@ from ..strategies import CODES as STRATEGIES  # noqa: F401
 from ..strategies import INACTIVE, schedule, strategy_code  # noqa: F401
 from .sampler_args import (CELLS, STATUS_BAD_CELL, STATUS_BAD_COUNT,  # noqa: F401
                            STATUS_BAD_NEXT_CELL, STATUS_BAD_PROB, STATUS_BAD_STRATEGY,
-                           SamplerStepArgs, check_vector, describe_status)
-from .sampler_backends import cuda_backend_choice, run_cpu, run_cuda  # noqa: F401
+                           SamplerStepArgs, check_mask_row, describe_status)
+from .sampler_backends import cuda_backend_choice, run  # noqa: F401
 
 
 @dataclass
@@ -98,7 +99,7 @@ def init_state(batch: int, mask_row: torch.Tensor) -> SamplerState:
     everywhere, status 0. Allocates on ``mask_row``'s device and dtype."""
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-    check_vector("mask_row", mask_row)
+    check_mask_row(mask_row)
     dev, d = mask_row.device, mask_row.shape[0]
     state = SamplerState(
         mask=torch.empty(batch, CELLS, dtype=torch.bool, device=dev),
@@ -174,12 +175,7 @@ def _sampler_step_op(pred_prob: torch.Tensor, pred_id: torch.Tensor, table: torc
     a = SamplerStepArgs(pred_prob, pred_id, table, mask_row, mask, visited, ids, out, status,
                         count, cell, next_cell, strategy, strategies)
     a.check()
-    if pred_prob.device.type == "cuda":
-        run_cuda(a)
-    elif pred_prob.device.type == "cpu":
-        run_cpu(a)
-    else:
-        raise ValueError(f"sampler_step runs on cpu or cuda tensors, got {pred_prob.device}")
+    run(a)
 
 
 @_sampler_step_op.register_fake
