@@ -185,19 +185,23 @@ def test_dtype_capability():
 
 
 def test_chooser_hook_picks_among_usable_ones():
+    # a chooser sees what can run here (plus the stock backends that compete by measurement on
+    # that device), and only when the caller offers a trial of the call
     seen = []
 
-    def chooser(usable, device, dtype):
-        seen.append([i.backend for i in usable])
-        return usable[-1]
+    def chooser(op, candidates, device, dtype, key, trial):
+        seen.append([i.backend for i in candidates])
+        return candidates[-1]
 
+    previous = registry._CHOOSERS.get("attention")
     registry.set_chooser("attention", chooser)
     try:
-        assert registry.select_impl("attention", "cpu").backend == "sdpa"
-        assert registry.select_impl("attention", "cuda").backend == "triton"
+        assert registry.select_impl("attention", "cpu", key=1, trial=lambda impl: None).backend == "sdpa"
+        assert registry.select_impl("attention", "cuda", key=1, trial=lambda impl: None).backend == "sdpa"
+        assert registry.select_impl("attention", "cuda").backend == "triton"  # no trial: the rank
     finally:
-        registry.set_chooser("attention", None)
-    assert seen == [["sdpa"], ["triton"]]
+        registry.set_chooser("attention", previous)
+    assert seen == [["sdpa"], ["triton", "sdpa"]]
 
 
 def test_tolerances_come_from_the_registry():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 # the modules that register public ops (sampler_step registers from its backends module)
-OP_MODULES = ("attention", "codebook_head", "nearest", "sampler_backends", "sampler_step",
+OP_MODULES = ("attention", "codebook_head", "nearest", "fused_linear", "sampler_backends", "sampler_step",
               "fused_linear_cross_entropy")
 
 
@@ -42,6 +42,8 @@ def backends_lines(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
         runs = r["runs"] or f"none ({r['error']})"
+        if r["runs"] and r.get("measured_against"):
+            runs += f" or {', '.join(r['measured_against'])}, the faster per shape (measured)"
         skipped = [f"{b['backend']}: {b['why_not']}" for b in r["backends"]
                    if b["backend"] != r["runs"] and not b["usable"]]
         lines.append(f"{r['op'] + ' on ' + r['device']:<38} : {runs}"

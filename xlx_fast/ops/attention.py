@@ -82,6 +82,7 @@ import torch.nn.functional as F
 
 from . import _common
 from ._common import FLOAT_DTYPES, HAS_TRITON, check_tensor, interpreting, tl, triton
+from . import measured
 from .registry import Capability, register_op, select_impl, triton_capability
 
 __all__ = ["attention", "attention_triton", "attention_sdpa", "SUPPORTED_HEAD_DIMS"]
@@ -408,13 +409,21 @@ register_op("attention", "triton", impl=attention_triton, capability=triton_capa
             preference_rank=0, tolerances=TOLERANCES)
 # on CUDA only when named: there the Triton kernel is the op, and a missing triton is an error
 register_op("attention", "sdpa", impl=attention_sdpa,
-            capability=Capability(devices=("cpu",), on_request=("cuda",), dtypes=FLOAT_DTYPES),
+            capability=Capability(devices=("cpu",), on_request=("cuda",), measured_on=("cuda",),
+                                  dtypes=FLOAT_DTYPES),
             preference_rank=1, tolerances=TOLERANCES)
 
 
 def _run(q, k, v, key_padding_mask, num_heads, backend, out=None):
-    impl = select_impl("attention", q.device, q.dtype, force=backend or None).impl
-    return impl(q, k, v, key_padding_mask, num_heads=num_heads, out=out)
+    def trial(impl):
+        return impl.impl(q, k, v, key_padding_mask, num_heads=num_heads, out=out)
+
+    impl = select_impl("attention", q.device, q.dtype, force=backend or None, trial=trial,
+                       key=measured.shape_key(q, k, v, key_padding_mask, num_heads, out))
+    return trial(impl)
+
+
+measured.install("attention")  # on CUDA, per shape: this kernel or SDPA, whichever is faster
 
 
 @torch.library.custom_op("xlx_fast::attention", mutates_args=())

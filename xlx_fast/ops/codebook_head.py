@@ -64,6 +64,7 @@ from ._common import (FLOAT_DTYPES, HAS_TRITON, INDEX_DTYPES, check_choice, chec
 from .codebook_tile import interpreter_widen
 from .derived import widened
 from .dot_error import PRECISIONS
+from . import measured
 from .registry import select_impl
 
 __all__ = ["codebook_head", "codebook_head_triton", "codebook_head_torch", "fold_head", "gumbel_noise"]
@@ -391,9 +392,14 @@ def _codebook_head_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(prob, ids) of validated h [M, H], weight [K, H], fp32 bias [K]; per-row temperatures
     [M] when given, else the scalar; backend "" = the registry's choice."""
-    impl = select_impl("codebook_head", h.device, h.dtype, force=backend or None).impl
-    return impl(h, weight, bias, temperature=temperature if temperatures is None else temperatures,
-                seeds=seeds, step=step, precision=precision)
+    tau = temperature if temperatures is None else temperatures
+
+    def trial(impl):
+        return impl.impl(h, weight, bias, temperature=tau, seeds=seeds, step=step, precision=precision)
+
+    key = measured.shape_key(h, weight, temperatures, temperature > 0, seeds, precision)
+    return trial(select_impl("codebook_head", h.device, h.dtype, force=backend or None, key=key,
+                             trial=trial))
 
 
 @_codebook_head_op.register_fake

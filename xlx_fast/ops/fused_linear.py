@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from . import _common
 from ._common import FLOAT_DTYPES, check_choice, check_tensor, tl, triton
 from .codebook_tile import interpreter_widen
+from . import measured
 from .registry import Capability, register_op, select_impl, triton_capability
 
 __all__ = ["fused_linear", "linear_gelu", "linear_add_layernorm", "linear_gelu_layernorm", "feed_forward",
@@ -157,8 +158,10 @@ register_op("fused_linear", "triton", impl=fused_linear_triton,
             capability=triton_capability(dtypes=FLOAT_DTYPES), preference_rank=0,
             tolerances=TOLERANCES)
 register_op("fused_linear", "torch", impl=fused_linear_torch,
-            capability=Capability(devices=("cpu",), on_request=("cuda",), dtypes=FLOAT_DTYPES),
+            capability=Capability(devices=("cpu",), on_request=("cuda",), measured_on=("cuda",),
+                                  dtypes=FLOAT_DTYPES),
             preference_rank=1, tolerances=TOLERANCES)
+measured.install("fused_linear")  # on CUDA, per shape: the fused kernel or cuBLAS + epilogue
 
 
 @torch.library.custom_op("xlx_fast::fused_linear", mutates_args=())
@@ -167,9 +170,18 @@ def _fused_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                      ln_bias: Optional[torch.Tensor], activation: str, eps: float,
                      backend: str) -> torch.Tensor:
     """A new [M, N] output of validated inputs; backend "" = the registry's choice."""
-    impl = select_impl("fused_linear", x.device, x.dtype, force=backend or None).impl
     out = x.new_empty(x.shape[0], weight.shape[0])
-    return impl(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, out)
+
+    def trial(impl):
+        return impl.impl(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, out)
+
+    return trial(_select(backend, trial, x, weight, residual, ln_weight, activation))
+
+
+def _select(backend, trial, x, weight, residual, ln_weight, activation):
+    """The backend for one linear: forced, or measured per shape on a GPU (``ops.measured``)."""
+    key = measured.shape_key(x, weight, residual, ln_weight is not None, activation)
+    return select_impl("fused_linear", x.device, x.dtype, force=backend or None, key=key, trial=trial)
 
 
 @_fused_linear_op.register_fake
@@ -182,9 +194,16 @@ def _feed_forward_op(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_
                      b_out: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                      eps: float, backend: str) -> torch.Tensor:
     """LayerNorm(x + (GELU(x·W_inᵀ + b_in))·W_outᵀ + b_out): two fused linears, one op."""
-    impl = select_impl("fused_linear", x.device, x.dtype, force=backend or None).impl
-    h = impl(x, w_in, b_in, None, None, None, "gelu", eps, x.new_empty(x.shape[0], w_in.shape[0]))
-    return impl(h, w_out, b_out, x, ln_weight, ln_bias, "none", eps, torch.empty_like(x))
+    h, y = x.new_empty(x.shape[0], w_in.shape[0]), torch.empty_like(x)
+
+    def up(impl):
+        return impl.impl(x, w_in, b_in, None, None, None, "gelu", eps, h)
+
+    def down(impl):
+        return impl.impl(h, w_out, b_out, x, ln_weight, ln_bias, "none", eps, y)
+
+    up(_select(backend, up, x, w_in, None, None, "gelu"))  # each linear measured on its own
+    return down(_select(backend, down, h, w_out, x, ln_weight, "none"))
 
 
 @_feed_forward_op.register_fake

@@ -70,6 +70,7 @@ from ._common import (FLOAT_DTYPES, HAS_TRITON, check_choice, check_device, chec
 from .codebook_tile import interpreter_widen
 from .derived import derived, widened
 from .dot_error import PRECISIONS, gamma
+from . import measured
 from .registry import select_impl
 
 __all__ = ["nearest", "nearest_triton", "nearest_torch", "codebook_norms", "error_bound"]
@@ -292,8 +293,11 @@ def _nearest_op(x: torch.Tensor, codebook: torch.Tensor, norms: Optional[torch.T
                 precision: str, chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, scores) of validated x [N, D] and codebook [K, D] (norms None: cached per codebook;
     chunk: rows per CPU GEMM); backend "" = the registry's choice."""
-    impl = select_impl("nearest", x.device, x.dtype, force=backend or None).impl
-    return impl(x, codebook, norms, precision=precision, chunk=chunk)
+    def trial(impl):
+        return impl.impl(x, codebook, norms, precision=precision, chunk=chunk)
+
+    key = measured.shape_key(x, codebook, norms, precision, chunk)
+    return trial(select_impl("nearest", x.device, x.dtype, force=backend or None, key=key, trial=trial))
 
 
 @_nearest_op.register_fake

@@ -19,8 +19,10 @@ implementation of lowest ``preference_rank``. The rules:
   reference that the backend is held to (SPEC §4); tests read them from here
   (:func:`tolerance`), so the table an op declares is the table it is tested against.
 - Measuring instead of ranking: :func:`set_chooser` installs, per op, a function that picks
-  among the usable implementations (e.g. by timing them once per shape). None is installed: the
-  rank decides. A chooser sees only usable implementations, so it cannot pick a missing one.
+  among the usable implementations and the stock ones that compete by measurement
+  (``Capability.measured_on``), given a trial of the call (:mod:`xlx_fast.ops.measured` times
+  them once per shape on a GPU). A chooser sees only implementations that can run, so it cannot
+  pick a missing one.
 
 :func:`explain` answers "which backend runs here, and why not the faster ones" for
 ``xlx-fast info``.
@@ -64,12 +66,14 @@ class Capability:
     """What an implementation needs to run on a device and dtype.
 
     ``devices``: device types it is chosen for automatically. ``on_request``: device types where
-    it runs only when named (``force=``). ``dtypes``: accepted input dtypes (None: any).
+    it runs only when named (``force=``). ``measured_on``: device types (among ``on_request``)
+    where it also competes when the op's chooser measures (a stock op timed against ours). ``dtypes``: accepted input dtypes (None: any).
     ``requires``: packages/extensions (:class:`Requirement`). ``probe``: a last check of the
     device, returning the reason it cannot run or None (e.g. a test launch of a CUDA kernel).
     """
     devices: tuple[str, ...]
     on_request: tuple[str, ...] = ()
+    measured_on: tuple[str, ...] = ()
     dtypes: tuple[torch.dtype, ...] | None = None
     requires: tuple[Requirement, ...] = ()
     probe: Callable[[torch.device], str | None] | None = None
@@ -156,9 +160,13 @@ def backend_names(op: str) -> list[str]:
     return [i.backend for i in implementations(op)]
 
 
-def set_chooser(op: str, chooser: Callable[[list[Impl], torch.device, torch.dtype | None], Impl] | None):
-    """Install (None: remove) the function that picks among the usable implementations of
-    ``op`` (preferred first) for an automatic choice; the default takes the first."""
+def set_chooser(op: str, chooser: Callable | None):
+    """Install (None: remove) the function that picks for an automatic choice of ``op`` when
+    the caller can run a trial: ``chooser(op, candidates, device, dtype, key, trial) -> Impl``,
+    where ``candidates`` are the usable implementations (preferred first) plus those that
+    compete by measurement on this device (``Capability.measured_on``), ``key`` identifies the
+    call's shapes and ``trial(impl)`` runs the call with ``impl``. Without a trial (or a
+    chooser) the rank decides."""
     _impls(op)
     if chooser is None:
         _CHOOSERS.pop(op, None)
@@ -176,12 +184,14 @@ def _device_list(impls: Sequence[Impl]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def select_impl(op: str, device, dtype: torch.dtype | None = None, force: str | None = None) -> Impl:
+def select_impl(op: str, device, dtype: torch.dtype | None = None, force: str | None = None,
+                key=None, trial: Callable[[Impl], object] | None = None) -> Impl:
     """The implementation of ``op`` that runs on ``device`` (and ``dtype``).
 
     ``force``: that backend or an error: ``ValueError`` for an unknown name, ``RuntimeError``
-    naming why it cannot run here. Otherwise the usable implementation of lowest rank (or the
-    op's chooser's pick among the usable ones); ``ValueError`` for a device type no backend
+    naming why it cannot run here. Otherwise the usable implementation of lowest rank, or, when
+    the caller passes ``key`` and ``trial`` and the op has a chooser, the chooser's pick
+    (:mod:`xlx_fast.ops.measured`: the fastest, timed once per key); ``ValueError`` for a device type no backend
     runs on, ``RuntimeError`` listing every backend's reason when none can run.
     """
     device = torch.device(device)
@@ -209,14 +219,20 @@ def select_impl(op: str, device, dtype: torch.dtype | None = None, force: str | 
         raise RuntimeError(f"no {op} backend can run on {device}"
                            f"{'' if dtype is None else f' ({dtype})'}: {'; '.join(reasons)}")
     chooser = _CHOOSERS.get(op)
-    return usable[0] if chooser is None else chooser(usable, device, dtype)
+    if chooser is None or trial is None:
+        return usable[0]
+    rivals = [i for i in ordered if i not in usable and isinstance(i.capability, Capability)
+              and device.type in i.capability.measured_on
+              and i.unusable(device, dtype, forced=True) is None]
+    return chooser(op, usable + rivals, device, dtype, key, trial)
 
 
 def explain(op: str, device, dtype: torch.dtype | None = None) -> dict:
     """Which backend of ``op`` runs on ``device`` and why the others do not::
 
         {"op", "device", "runs": backend or None, "error": why none runs or None,
-         "backends": [{"backend", "rank", "usable", "why_not"}, ...] (preferred first)}
+         "backends": [{"backend", "rank", "usable", "why_not"}, ...] (preferred first),
+         "measured_against": stock backends timed against "runs" per shape (``ops.measured``)}
     """
     device = torch.device(device)
     try:
@@ -228,7 +244,10 @@ def explain(op: str, device, dtype: torch.dtype | None = None) -> dict:
         why = i.unusable(device, dtype)
         rows.append({"backend": i.backend, "rank": i.preference_rank, "usable": why is None,
                      "why_not": why})
-    return {"op": op, "device": str(device), "runs": runs, "error": error, "backends": rows}
+    rivals = [i.backend for i in implementations(op) if isinstance(i.capability, Capability)
+              and device.type in i.capability.measured_on] if op in _CHOOSERS else []
+    return {"op": op, "device": str(device), "runs": runs, "error": error, "backends": rows,
+            "measured_against": rivals}
 
 
 def tolerance(op: str, backend: str, dtype: torch.dtype) -> float:

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from ._common import FLOAT_DTYPES, HAS_TRITON, tl, triton
+from . import measured
 from .registry import Capability, register_op, triton_capability
 
 __all__ = ["slices", "merge_chunk", "run", "scan", "compile_variants", "register_backends"]
@@ -145,8 +146,12 @@ def scan(m: int, device: torch.device, dtypes: tuple[torch.dtype, torch.dtype],
 def register_backends(op: str, *, triton_impl: Callable, torch_impl: Callable,
                       tolerances: dict[torch.dtype, float]) -> None:
     """The two backends of a split-scan op: the Triton kernel pair (CUDA; CPU tensors under the
-    interpreter when named) preferred, the blocked torch GEMM + reduction on the CPU."""
+    interpreter when named) preferred, the blocked torch GEMM + reduction on the CPU, and on
+    CUDA timed against the kernel per shape (``ops.measured``: cuBLAS's GEMM may win)."""
     register_op(op, "triton", impl=triton_impl, capability=triton_capability(dtypes=FLOAT_DTYPES),
                 preference_rank=0, tolerances=tolerances)
-    register_op(op, "torch", impl=torch_impl, capability=Capability(devices=("cpu",), dtypes=FLOAT_DTYPES),
+    register_op(op, "torch", impl=torch_impl,
+                capability=Capability(devices=("cpu",), on_request=("cuda",), measured_on=("cuda",),
+                                      dtypes=FLOAT_DTYPES),
                 preference_rank=1, tolerances=tolerances)
+    measured.install(op)
