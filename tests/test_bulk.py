@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from xlx_fast.bulk import read_lines, BulkError
+from xlx_fast.cli.bulk import read_lines, BulkError
 from xlx_fast.cli import main
-from xlx_fast.cli.generate import engine_seed
+from xlx_fast.cli.generation_options import engine_seed
 from xlx_fast.models import XLxmertForImageGeneration
 from xlx_fast.models.checkpoint import save_authors_format
 

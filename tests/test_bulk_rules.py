@@ -16,10 +16,10 @@ import sys
 
 import pytest
 
-from xlx_fast import bulk
-from xlx_fast.bulk import BulkError, read_lines
+from xlx_fast.cli import bulk
+from xlx_fast.cli.bulk import BulkError, read_lines
 from xlx_fast.cli import main
-from xlx_fast.cli.generate import engine_seed
+from xlx_fast.cli.generation_options import engine_seed
 
 from test_cli_errors import assert_user_error, run_cli
 
@@ -279,3 +279,35 @@ def test_lock_is_released_after_a_run(copy, caps):
     assert main(bulk_args(caps, copy)) == 0
     with open(copy / bulk.LOCK, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_flagged_row_gets_no_image_and_fails_the_run(caps, tmp_path, monkeypatch, capsys):
+    # NaN weights that only the "cows" line reaches (its words' embedding rows): the engine
+    # flags that row; bulk must not paint it as if it were fine, must say so, exit non-zero,
+    # and leave it for a rerun
+    import torch
+
+    from xlx_fast.cli import generate as single
+    from xlx_fast.text import CaptionTokenizer
+
+    ids, mask = CaptionTokenizer.fallback()(["cows in the snow"])
+    others, _ = CaptionTokenizer.fallback()(["a red bus", "two dogs"])
+    poison = sorted(set(ids[0][mask[0]].tolist()) - set(others.flatten().tolist()))
+    assert poison
+    real = single.load_model
+
+    def poisoned(args):
+        model = real(args)
+        with torch.no_grad():
+            model.bert.embeddings.word_embeddings.weight[poison] = float("nan")
+        return model
+
+    monkeypatch.setattr("xlx_fast.cli.generate.load_model", poisoned)
+    out = tmp_path / "out"
+    assert main(bulk_args(caps, out)) == 1
+    err = capsys.readouterr().err
+    assert "error: line 4: sampler step flagged" in err and "1 line(s) got no image: 4" in err
+    assert sorted(manifest(out)) == [1, 3] and not (out / "000004.png").exists()
+    monkeypatch.setattr("xlx_fast.cli.generate.load_model", real)
+    assert main(bulk_args(caps, out)) == 0  # the rerun makes the missing one
+    assert sorted(manifest(out)) == [1, 3, 4]

@@ -19,7 +19,7 @@ object ``{"caption": ..., "seed": ..., "steps": ..., "strategy": ..., "temperatu
 (all but ``caption`` optional). A blank line (empty or whitespace only) is skipped and reported;
 its number is not reused, so later lines keep their numbers and seeds. The default seed of line
 n is ``--seed + n``; a seed outside [0, 2**31) is hashed into that range by the rule of single
-mode (:func:`xlx_fast.cli.generate.engine_seed`), and the manifest's ``seed`` is the one used:
+mode (:func:`xlx_fast.cli.generation_options.engine_seed`), and the manifest's ``seed`` is the one used:
 ``xlx-fast generate CAPTION --seed S`` and ``xlx_fast.generate(..., seed=S)`` +
 ``reference.paint(..., seed=S)`` reproduce the image. Every result depends on its line only
 (engine rows are independent, each image is painted alone with its own seed), so output does not
@@ -53,12 +53,12 @@ import re
 import sys
 import time
 
-from .cli import UserError
-from .cli.generate import (blank, check_model, check_sampling, engine_seed, long_caption_note,
-                           model_description, noise_note)
-from .grid import N_CELLS
-from .strategies import NAMES, check_steps
-from .cli.paths import check_input, check_output_dir
+from ..grid import N_CELLS
+from ..strategies import NAMES, check_steps
+from . import UserError
+from .generation_options import (blank, check_model, check_sampling, engine_seed,
+                                 long_caption_note, model_description, noise_note)
+from .paths import check_input, check_output_dir
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "settings.json"
@@ -474,8 +474,7 @@ def run(args, load_model) -> int:
             long_caption_note(tokenizer, [it["caption"] for it in todo],
                               [f"line {it['line']}" for it in todo])
         t0 = time.perf_counter()
-        if mine:
-            _generate(args, load_model, tokenizer, mine, rank, world, local)
+        failed = _generate(args, load_model, tokenizer, mine, rank, world, local) if mine else []
         elapsed = time.perf_counter() - t0
         if dist is not None:
             dist.barrier()
@@ -487,6 +486,11 @@ def run(args, load_model) -> int:
                   f"there{_skipped_note(skipped)})", file=sys.stderr)
         if dist is not None:
             dist.barrier()
+        if failed:
+            print(f"error: {len(failed)} line(s) got no image: {', '.join(map(str, failed[:10]))}"
+                  f"{' ...' if len(failed) > 10 else ''} (the sampler flagged them; see above); "
+                  "a rerun retries them", file=sys.stderr)
+            return 1
         return 0
     finally:
         if fd is not None:
@@ -495,16 +499,17 @@ def run(args, load_model) -> int:
             dist.destroy_process_group()
 
 
-def _generate(args, load_model, tokenizer, mine: list[dict], rank: int, world: int, local: int) -> None:
-    """Make this rank's images, appending whole, synced lines to manifest.rank{rank}.jsonl."""
+def _generate(args, load_model, tokenizer, mine: list[dict], rank: int, world: int, local: int) -> list[int]:
+    """Make this rank's images, appending whole, synced lines to manifest.rank{rank}.jsonl.
+    Returns the lines that got no image (rows the sampler flagged: NaN in the model's output)."""
     import torch
 
-    from . import reference
-    from .cli.generate import _device
-    from .engine import Engine, Request
-    from .text import MAX_LENGTH
+    from ..engine import Engine, Request
+    from ..models.painting import paint
+    from ..text import MAX_LENGTH
+    from .generation_options import device_for
 
-    device = _device(args.device)
+    device = device_for(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -520,7 +525,7 @@ def _generate(args, load_model, tokenizer, mine: list[dict], rank: int, world: i
 
     shard = os.path.join(args.out_dir, f"manifest.rank{rank}.jsonl")
     queue = list(mine)
-    written = 0
+    written, failed = 0, []
     t0 = time.perf_counter()
     with open(shard, "a", encoding="utf-8") as manifest, \
             tqdm(total=len(mine), unit="img", desc=f"rank {rank}" if world > 1 else "generate",
@@ -539,9 +544,14 @@ def _generate(args, load_model, tokenizer, mine: list[dict], rank: int, world: i
             lines = []
             for f in engine.step():
                 it = f.request.tag
+                if f.error is not None:  # no picture: said now, counted, retried by a rerun
+                    failed.append(it["line"])
+                    print(f"{who}error: line {it['line']}: {f.error}; no image written",
+                          file=sys.stderr, flush=True)
+                    continue
                 codes = f.codes[None].to(device)
                 # painted alone, noise seeded by the line's seed: independent of batching
-                image = reference.paint(model, codes, seed=it["seed"])[0].float().cpu()
+                image = paint(model, codes, seed=it["seed"])[0].float().cpu()
                 pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
                 name = f"{it['line']:06d}.png"
                 sha = _save_png(args.out_dir, name, pixels)
@@ -560,3 +570,4 @@ def _generate(args, load_model, tokenizer, mine: list[dict], rank: int, world: i
                 left = (len(mine) - written) / rate if rate > 0 else 0.0
                 print(f"{who}[{written}/{len(mine)}] images written, {spent:.0f} s, {rate:.2f} images/s, "
                       f"about {left:.0f} s left", file=sys.stderr, flush=True)
+    return failed
