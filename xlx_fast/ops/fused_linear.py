@@ -120,7 +120,9 @@ def _launch(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, out)
     return grid, args, kw
 
 
-def fused_linear_triton(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, out):
+def fused_linear_triton(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, out=None):
+    if out is None:
+        out = x.new_empty(x.shape[0], weight.shape[0])
     grid, args, kw = _launch(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, out)
     _fused_linear_kernel[grid](*args, **kw)
     return out
@@ -143,15 +145,19 @@ def compile_variants(m: int, k: int, n: int, dtype: torch.dtype):
     return out_list
 
 
-def fused_linear_torch(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, out):
-    y = torch.addmm(bias, x, weight.t())
+def fused_linear_torch(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, out=None):
+    # in place wherever torch allows: no buffer but the GEMM's and the LayerNorm's, no copy
+    # unless the caller asked for its own ``out``
+    y = torch.addmm(bias, x, weight.t(), out=None if ln_weight is not None else out)
     if activation == "gelu":
-        y = F.gelu(y)
+        torch.ops.aten.gelu_(y)
     if residual is not None:
         y.add_(residual)
     if ln_weight is not None:
         y = F.layer_norm(y, (y.shape[-1],), ln_weight, ln_bias, eps)
-    return out.copy_(y)
+        if out is not None:
+            y = out.copy_(y)
+    return y
 
 
 register_op("fused_linear", "triton", impl=fused_linear_triton,
@@ -170,10 +176,8 @@ def _fused_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                      ln_bias: Optional[torch.Tensor], activation: str, eps: float,
                      backend: str) -> torch.Tensor:
     """A new [M, N] output of validated inputs; backend "" = the registry's choice."""
-    out = x.new_empty(x.shape[0], weight.shape[0])
-
     def trial(impl):
-        return impl.impl(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, out)
+        return impl.impl(x, weight, bias, residual, ln_weight, ln_bias, activation, eps)
 
     return trial(_select(backend, trial, x, weight, residual, ln_weight, activation))
 
@@ -194,15 +198,14 @@ def _feed_forward_op(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_
                      b_out: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                      eps: float, backend: str) -> torch.Tensor:
     """LayerNorm(x + (GELU(x·W_inᵀ + b_in))·W_outᵀ + b_out): two fused linears, one op."""
-    h, y = x.new_empty(x.shape[0], w_in.shape[0]), torch.empty_like(x)
-
     def up(impl):
-        return impl.impl(x, w_in, b_in, None, None, None, "gelu", eps, h)
+        return impl.impl(x, w_in, b_in, None, None, None, "gelu", eps)
+
+    h = up(_select(backend, up, x, w_in, None, None, "gelu"))  # each linear measured on its own
 
     def down(impl):
-        return impl.impl(h, w_out, b_out, x, ln_weight, ln_bias, "none", eps, y)
+        return impl.impl(h, w_out, b_out, x, ln_weight, ln_bias, "none", eps)
 
-    up(_select(backend, up, x, w_in, None, None, "gelu"))  # each linear measured on its own
     return down(_select(backend, down, h, w_out, x, ln_weight, "none"))
 
 
