@@ -31,7 +31,7 @@ from typing import Optional
 
 from .grid import N_CELLS
 
-MAX_STEPS = 1024
+MAX_STEPS = 1024  # why: the module docstring (hours of forwards; the engine's mask history)
 MASK_PREDICT_STEPS = 4  # the authors' sampling script
 INACTIVE = 4  # per-row code of an idle row of the sampler step (kInactive): skipped entirely
 
