@@ -86,6 +86,12 @@ def _percentiles(latencies):
     return {"p50 s": p(0.5), "p90 s": p(0.9), "p99 s": p(0.99)}
 
 
+def _raise_flagged(finished) -> None:
+    """A row the sampler flagged has no picture: the case fails rather than time its ids."""
+    if finished.error is not None:
+        raise RuntimeError(f"engine row {finished.request.tag}: {finished.error}")
+
+
 def uniform_case(spec: Spec, dtype: torch.dtype) -> Case:
     device = spec.device
     slots, _ = _sizes(spec, "uniform")
