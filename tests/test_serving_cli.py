@@ -106,13 +106,18 @@ def test_serve_refuses_before_ray_starts(args, env, msg):
     """One error line and exit 2, before Ray starts (a replica that cannot build would be
     restarted forever while the command said 'serving on ...')."""
     env = {k: v for k, v in os.environ.items() if k != "XLX_FAST_API_KEY"} | env
-    r = subprocess.run([sys.executable, "-m", "xlx_fast.cli", "serve", "--size", "tiny",
-                        "--port", str(_free_port()), *args], capture_output=True, text=True,
-                       env=env, timeout=STOP_S, stdin=subprocess.DEVNULL)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "xlx_fast.cli", "serve", "--size", "tiny",
+                             "--port", str(_free_port()), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=STOP_S)
+    finally:
+        _kill_group(proc)  # had it started Ray, its processes go too
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
     assert msg in lines[0], lines
-    assert "serving on" not in r.stdout
+    assert "serving on" not in out
 
 
 def test_serve_on_a_shared_cluster_leaves_the_other_applications():
