@@ -33,9 +33,12 @@ MAX_TIMEOUT_MS = 600_000
 
 
 class ImageRequest(BaseModel):
-    """One generation request; unknown fields are refused (a typo must not pass silently)."""
+    """One generation request; unknown fields are refused (a typo must not pass silently), and
+    types are strict, as the engine's are: ``"n": "2"``, ``"n": true``, ``"seed": "5"`` or
+    ``"return_ids": "yes"`` answer 422 naming the field instead of being guessed at (an integer
+    is still a valid ``temperature``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     n: int = Field(default=1, ge=1, le=MAX_N)
@@ -113,4 +116,20 @@ def validation_error(errors: list[dict]) -> RequestError:
         return RequestError(422, f"body: not valid JSON ({msg})", param="body")
     if err.get("type") == "model_attributes_type":
         return RequestError(422, "body: must be a JSON object", param="body")
+    if str(err.get("type", "")).endswith("_type") and "input" in err:
+        # strict types: say what was sent, e.g. "n: Input should be a valid integer, got the
+        # string '2'", so the fix (drop the quotes) is obvious
+        msg = f"{msg}, got {_json_kind(err['input'])}"
     return RequestError(422, f"{field}: {msg}", param=field)
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    return "an array" if isinstance(value, list) else "an object"
