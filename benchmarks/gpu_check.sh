@@ -7,19 +7,22 @@
 #                                            cupy, transformers, pytest plugins; "no GPU" if none
 #   build                   90      5        pip install -v -e . ; asserts the CUDA kernels were
 #                                            built (when nvcc is here); xlx-fast info
-#   smoke                   55     10        the decisive GPU tests, by id (SMOKE_IDS below);
+#   smoke                   45     10        the decisive GPU tests, by id (SMOKE_IDS below);
 #                                            the ids are collected first, everywhere: a missing
 #                                            id FAILS the stage, GPU or not
-#   gpu-tests               65     10        pytest -m gpu, all files but test_attention.py,
+#   gpu-tests               55     10        pytest -m gpu, all files but test_attention.py,
 #                                            in parallel (xdist, one file per worker)
-#   gpu-tests-attention     45     10        pytest -m gpu tests/test_attention.py (the heaviest
+#   gpu-tests-attention     35     10        pytest -m gpu tests/test_attention.py (the heaviest
 #                                            compile load, so last), cases spread over workers
-#   bench                   75     10        xlx-fast bench --quick: sampler, codebook_head,
-#                                            nearest, attention, generation (B=1, 64),
-#                                            model_forward, engine, training, in that order
-#                                            (the last ones are lost first when time runs out)
-#   profile                 20      5        benchmarks/profile_generate.py at B=1 and B=64
-#   serving                 40      5        xlx-fast bench-serve in process, 16 slots, step and
+#   bench                  120     10        xlx-fast bench --quick: sampler, codebook_head,
+#                                            nearest, attention, generation (B=1, 64, with the
+#                                            torch.compile(reference) peer of the bf16 rows,
+#                                            mode reduce-overhead: two compiles), model_forward,
+#                                            engine, training, in that order (the last ones are
+#                                            lost first when time runs out)
+#   profile                 15      5        benchmarks/profile_generate.py at B=1 and B=64:
+#                                            kernels per step
+#   serving                 30      5        xlx-fast bench-serve in process, 16 slots, step and
 #                                            request schedulers at 70% of the step scheduler's
 #                                            saturation: latency, and where the time goes
 #   summary                  5      5        stage results and the bench table
@@ -355,15 +358,15 @@ stage() {
 
 stage env 20 5 "$OUT/build.log" env_report
 stage build 90 5 "$OUT/build.log" build_and_check
-stage smoke 55 10 "$OUT/smoke.log" smoke
+stage smoke 45 10 "$OUT/smoke.log" smoke
 deselect=()
 for id in "${SMOKE_IDS[@]}"; do deselect+=(--deselect "$id"); done
-stage gpu-tests 65 10 "$OUT/gpu-tests.log" \
+stage gpu-tests 55 10 "$OUT/gpu-tests.log" \
     gpu_tests loadfile tests --ignore=tests/test_attention.py "${deselect[@]}"
-stage gpu-tests-attention 45 10 "$OUT/gpu-tests.log" gpu_tests load tests/test_attention.py
-stage bench 75 10 "$OUT/bench.log" bench
-stage profile 20 5 "$OUT/bench.log" profile
-stage serving 40 5 "$OUT/bench.log" serving
+stage gpu-tests-attention 35 10 "$OUT/gpu-tests.log" gpu_tests load tests/test_attention.py
+stage bench 120 10 "$OUT/bench.log" bench
+stage profile 15 5 "$OUT/bench.log" profile
+stage serving 30 5 "$OUT/bench.log" serving
 rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temporary behind: not a 9th file
 stage summary 5 5 "$SUMMARY" summary
 [ "$HAVE_GPU" = 0 ] && note "result" "no GPU here ($GPU_WHY): nothing was run on a GPU"

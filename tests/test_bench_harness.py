@@ -245,7 +245,7 @@ def test_the_compiled_reference_is_a_timed_peer_of_whole_model_rows(family):
             harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE))}
         peer = rows["torch.compile(reference)"]
         assert peer["kind"] == harness.PEER and peer["fast_ms"] > 0
-        assert "first call (compile + run)" in peer["note"]
+        assert "mode='max-autotune'; first call (compile + run)" in peer["note"]
         (fast,) = [r for r in rows.values() if r["kind"] == harness.FAST]
         assert fast["best_peer"] == "torch.compile(reference)" and fast["speedup_vs_best_peer"] > 0
         quick_case = bench_cases.cases(family, quick)[0]
@@ -544,3 +544,16 @@ def test_cases_agree_on_cuda_at_tiny_size(family):
             assert all(r["note"].startswith("n/a") or r["fast_ms"] > 0 for r in rows)
     finally:
         bench_cases.release(family)
+
+
+def test_a_quick_gpu_sweep_compiles_the_bf16_generate_rows_only():
+    from xlx_fast.bench.cases import compiled
+
+    quick = harness.Spec(device="cuda", dtypes=(torch.float32, torch.bfloat16), quick=True)
+    assert compiled.unavailable(quick, "generate", torch.bfloat16) is None
+    assert compiled.mode(quick) == "reduce-overhead"
+    for op, dtype in (("generate", torch.float32), ("model_forward", torch.bfloat16)):
+        assert "--quick compiles the bf16 generate rows only" in compiled.unavailable(quick, op, dtype).reason
+    full = harness.Spec(device="cuda", dtypes=(torch.float32,), quick=False)
+    assert compiled.unavailable(full, "model_forward", torch.float32) is None
+    assert compiled.mode(full) == "max-autotune"

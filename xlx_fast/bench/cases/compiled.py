@@ -6,11 +6,14 @@ library, so whole-model rows (``generate``, ``model_forward``) time it beside xl
 "the best peer"). The compiled module is a copy: the reference row keeps the eager HF modules.
 
 Compiling is part of a user's cost, not of a call's: the first call (compilation plus one run)
-is timed on its own and reported in the row's note; the timed calls are warm. Dynamo recompiles
-on a new shape, so each case compiles for its own batch.
+is timed on its own and reported in the row's note with the mode; the timed calls are warm.
+Dynamo recompiles on a new shape, so each case compiles for its own batch.
 
-On a CPU with ``--quick`` the peer is listed but not run: inductor's autotuning takes minutes on
-two cores, longer than the whole quick sweep may take. The full sweep runs it everywhere.
+The full sweep compiles every whole-model row with ``mode="max-autotune"``. A quick sweep cannot
+afford that (inductor's GEMM autotuning takes minutes a shape): on a GPU it compiles the bf16
+``generate`` rows only, with ``mode="reduce-overhead"`` (inductor's fusions and CUDA graphs
+without the GEMM search, where cuBLAS is what the search mostly keeps), and lists the others
+unrun; on a CPU it lists them all unrun.
 """
 from __future__ import annotations
 
@@ -23,23 +26,33 @@ from ..harness import NotAvailable, Spec
 
 NAME = "torch.compile(reference)"
 MODE = "max-autotune"
+QUICK_MODE = "reduce-overhead"
 
 
-def unavailable(spec: Spec) -> NotAvailable | None:
-    """Why the compiled peer is not run in this sweep, or None when it is."""
-    if spec.device.type == "cpu" and spec.quick:
+def mode(spec: Spec) -> str:
+    return QUICK_MODE if spec.quick else MODE
+
+
+def unavailable(spec: Spec, op: str, dtype: torch.dtype) -> NotAvailable | None:
+    """Why the compiled peer is not run for this row of this sweep, or None when it is."""
+    if not spec.quick:
+        return None
+    if spec.device.type == "cpu":
         return NotAvailable(f"not in --quick on a CPU: compiling with mode={MODE!r} takes minutes "
                             "here (the full sweep runs it)")
+    if op != "generate" or dtype != torch.bfloat16:
+        return NotAvailable("--quick compiles the bf16 generate rows only (the full sweep: every "
+                            "whole-model row)")
     return None
 
 
-def compiled_copy(module: torch.nn.Module, attribute: str | None = None) -> torch.nn.Module:
+def compiled_copy(module: torch.nn.Module, attribute: str | None, spec: Spec) -> torch.nn.Module:
     """A deep copy of ``module`` whose ``attribute`` submodule (the whole module when None) is
-    wrapped in ``torch.compile(mode=MODE)``. Compilation itself happens on the first call."""
+    wrapped in ``torch.compile`` in the sweep's mode. Compilation happens on the first call."""
     twin = copy.deepcopy(module)
     if attribute is None:
-        return torch.compile(twin, mode=MODE)
-    setattr(twin, attribute, torch.compile(getattr(twin, attribute), mode=MODE))
+        return torch.compile(twin, mode=mode(spec))
+    setattr(twin, attribute, torch.compile(getattr(twin, attribute), mode=mode(spec)))
     return twin
 
 
@@ -47,8 +60,8 @@ class FirstCallTimer:
     """Wraps a callable; records how long its first call took (compilation + one run), for the
     row's note."""
 
-    def __init__(self, fn):
-        self.fn, self.first_s = fn, None
+    def __init__(self, fn, spec: Spec):
+        self.fn, self.first_s, self.mode = fn, None, mode(spec)
 
     def __call__(self):
         if self.first_s is not None:
@@ -63,4 +76,4 @@ class FirstCallTimer:
     def note(self) -> str:
         if self.first_s is None:
             return ""
-        return f"mode={MODE!r}; first call (compile + run) {self.first_s:.1f} s"
+        return f"mode={self.mode!r}; first call (compile + run) {self.first_s:.1f} s"

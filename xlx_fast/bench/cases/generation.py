@@ -129,13 +129,13 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
             return Agreement("id agree", share, limit, ok,
                              detail="" if ok else "ids differ from the same-dtype reference", extra=extra)
 
-        peer = compiled.unavailable(spec)
+        peer = compiled.unavailable(spec, "generate", dtype)
         notes = {}
         if peer is None:
             # the authors' loop unchanged; only its transformer is compiled
-            compiled_model = compiled.compiled_copy(ref_model, "bert")
+            compiled_model = compiled.compiled_copy(ref_model, "bert", spec)
             peer = compiled.FirstCallTimer(
-                lambda: reference.sample(compiled_model, ids, mask, steps=STEPS).ids)
+                lambda: reference.sample(compiled_model, ids, mask, steps=STEPS).ids, spec)
             notes[compiled.NAME] = peer.note
         return Prepared(reference=run_reference,
                         backends={"xlx_fast.generate": fast, compiled.NAME: peer},

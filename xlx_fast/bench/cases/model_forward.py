@@ -140,11 +140,11 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
                              detail=f"{', '.join(bad)} outside the bound" if bad else "",
                              extra={f"{name.split('_')[0]} err": e for name, e in errors.items()})
 
-        peer = compiled.unavailable(spec)
+        peer = compiled.unavailable(spec, "model_forward", dtype)
         notes = {}
         if peer is None:
-            compiled_model = compiled.compiled_copy(ref_model)
-            peer = compiled.FirstCallTimer(lambda: forward(compiled_model, inputs))
+            compiled_model = compiled.compiled_copy(ref_model, None, spec)
+            peer = compiled.FirstCallTimer(lambda: forward(compiled_model, inputs), spec)
             notes[compiled.NAME] = peer.note
         return Prepared(reference=lambda: forward(ref_model, inputs),
                         backends={"xlx_fast.optimize": lambda: forward(fast_model, inputs),
