@@ -163,5 +163,12 @@ def test_serve_on_a_shared_cluster_leaves_the_other_applications():
     finally:
         if proc is not None:
             _kill_group(proc)
-        _kill_group(head)
-        head.wait(timeout=60)
+        head.terminate()  # `ray start --block` stops its processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        finally:
+            _kill_group(head)
+        # a head killed outright leaves its address where a later ray.init() would join it
+        marker = "/tmp/ray/ray_current_cluster"
+        if os.path.exists(marker) and open(marker).read().strip().endswith(f":{gcs_port}"):
+            os.remove(marker)
