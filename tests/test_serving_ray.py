@@ -261,8 +261,8 @@ def _read_to_close(conn, timeout):
 def test_slow_clients_cannot_starve_the_server(server):
     """30 connections that promise a 1000-byte body and send 10 bytes, and 30 that never finish
     their headers: /health and a generation still answer, and the server answers every slow body
-    itself (429 past MAX_SLOW of them from one address, else 408 at BODY_TIMEOUT_S) and closes
-    its connection. Bounded: 60 sockets, each closed in the end."""
+    itself (429 past MAX_SLOW of them from one address, else 408 at BODY_TIMEOUT_S; or Ray's
+    bounded queue refuses the surplus, 503) and closes its connection. Bounded: 60 sockets, each closed in the end."""
     url = server["c"]
     conns = []
     try:
@@ -275,9 +275,14 @@ def test_slow_clients_cannot_starve_the_server(server):
         assert r.status_code == 200, r.text
         answers = [_read_to_close(c, timeout=120) for c in bodies]
         codes = [int(a.split(b" ", 2)[1]) if a.startswith(b"HTTP/1.1 ") else None for a in answers]
-        assert set(codes) <= {408, 429}, codes
+        # 503: Ray's own bounded queue (max_queued_requests) refused the surplus outright
+        assert set(codes) <= {408, 429, 503}, [(c, a[:300]) for c, a in zip(codes, answers)
+                                                if c not in (408, 429, 503)]
+        assert all(b"backpressure" in a for a, c in zip(answers, codes) if c == 503)
         assert 429 in codes and 408 in codes, codes
         for a, code in zip(answers, codes):
+            if code == 503:
+                continue
             err = json.loads(a.split(b"\r\n\r\n", 1)[1])["error"]
             assert err["param"] == "body", err
             assert (f"within {BODY_TIMEOUT_S:g} s" if code == 408 else "arriving slowly") in err["message"]
