@@ -126,7 +126,9 @@ def test_serve_on_a_shared_cluster_leaves_the_other_applications():
     gcs_port, http_port = _free_port(), _free_port()
     # token authentication, as on a real shared cluster; every process here reads the token
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    head = subprocess.Popen(["ray", "start", "--head", "--block", "--num-cpus", "2",
+    # the ray command of this interpreter's environment, whether or not it is on PATH
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--num-cpus", "2",
                              "--include-dashboard", "false", "--port", str(gcs_port),
                              "--node-ip-address", "127.0.0.1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,

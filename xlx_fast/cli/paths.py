@@ -29,13 +29,7 @@ def check_output(path: str, option: str) -> str:
                         "is a file; choose another location")
     if os.path.exists(full) and not os.access(full, os.W_OK):
         raise UserError(f"{option} {path} exists and is not writable; choose another file")
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".xlx-fast-probe-")
-    except OSError as e:
-        raise UserError(f"{option} {path}: cannot write in {existing} ({e.strerror}); choose a "
-                        "writable location") from None
-    os.close(fd)
-    os.unlink(probe)
+    _probe_writable(existing, path, option)
     return path
 
 
@@ -51,14 +45,20 @@ def check_output_dir(path: str, option: str) -> str:
     if not os.path.isdir(existing):
         raise UserError(f"{option} {path}: cannot create it, because {existing} is a file; "
                         "choose another location")
+    _probe_writable(existing, path, option)
+    return path
+
+
+def _probe_writable(folder: str, path: str, option: str) -> None:
+    """Create and remove a probe file in ``folder``: the only test that also holds for root and
+    for read-only mounts."""
     try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".xlx-fast-probe-")
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".xlx-fast-probe-")
     except OSError as e:
-        raise UserError(f"{option} {path}: cannot write in {existing} ({e.strerror}); choose a "
+        raise UserError(f"{option} {path}: cannot write in {folder} ({e.strerror}); choose a "
                         "writable location") from None
     os.close(fd)
     os.unlink(probe)
-    return path
 
 
 def check_input(path: str, option: str, *, directory_ok: bool = False) -> str:
