@@ -9,6 +9,8 @@ from xlx_fast.ops import _common, backends_lines, backends_report, load_all, reg
 from xlx_fast.ops import sampler_step as S
 from xlx_fast.ops.attention import attention
 from xlx_fast.ops.codebook_head import codebook_head
+from xlx_fast.ops.fused_linear import feed_forward  # noqa: F401 (registers fused_linear, feed_forward)
+from xlx_fast.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from xlx_fast.ops.nearest import nearest
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -34,7 +36,8 @@ def _nearest_args():
 
 # -- registered, with fakes --------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["attention", "attention_out", "codebook_head", "nearest", "sampler_step"])
+@pytest.mark.parametrize("name", ["attention", "attention_out", "codebook_head", "nearest", "sampler_step",
+                                  "fused_linear", "feed_forward", "fused_linear_cross_entropy"])
 def test_registered_with_a_fake(name):
     op = getattr(torch.ops.xlx_fast, name).default
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta") or \
@@ -65,6 +68,44 @@ def test_opcheck_nearest():
     x, c = _nearest_args()
     torch.library.opcheck(torch.ops.xlx_fast.nearest.default, (x, c, None, "ieee", 4, ""))
     torch.library.opcheck(torch.ops.xlx_fast.nearest.default, (x, c, (c * c).sum(1), "ieee", 2048, "torch"))
+
+
+def _cross_entropy_args():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, 6, generator=g, requires_grad=True)
+    weight = torch.randn(13, 6, generator=g, requires_grad=True)
+    bias = torch.randn(13, generator=g, requires_grad=True)
+    target = torch.randint(0, 13, (9,), generator=g)
+    target[2] = -100
+    return hidden, weight, bias, target
+
+
+def test_opcheck_fused_linear_cross_entropy():
+    hidden, weight, bias, target = _cross_entropy_args()
+    with torch.no_grad():
+        args = (hidden.detach(), weight.detach(), bias.detach(), target)
+        for needs in ((True, True, True), (True, False, False), (False, True, False)):
+            torch.library.opcheck(torch.ops.xlx_fast.fused_linear_cross_entropy.default,
+                                  (*args, -100, 4, "", *needs),
+                                  test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fused_linear_cross_entropy_with_its_gradients():
+    # the custom op and its autograd formula: compiled, the loss and all three gradients are
+    # the eager op's
+    hidden, weight, bias, target = _cross_entropy_args()
+
+    def f(hidden, weight, bias, target):
+        return fused_linear_cross_entropy(hidden, weight, target, bias) * 3.0
+
+    rec, loss = _compiled(f, hidden, weight, bias, target)
+    assert rec.graphs == 1 and rec.has("xlx_fast.fused_linear_cross_entropy"), rec.targets
+    got = torch.autograd.grad(loss, (hidden, weight, bias))
+    ref_loss = torch.nn.functional.cross_entropy(hidden @ weight.T + bias, target) * 3.0
+    want = torch.autograd.grad(ref_loss, (hidden, weight, bias))
+    torch.testing.assert_close(loss, ref_loss)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 # -- torch.compile sees the ops ----------------------------------------------------------------

@@ -36,13 +36,15 @@ Under ``torch.autocast`` the inputs are first cast to the autocast dtype (as ``F
 Backends (of the per-row softmax-gradient sweep, registered in :mod:`xlx_fast.ops.registry`):
 CUDA tensors run it as a Triton kernel (``_ce_rows_kernel``), CPU tensors as torch ops;
 ``backend="triton"`` forces the kernel on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
-The GEMMs are torch's either way. It is an autograd.Function, not a custom op: its forward
-computes the gradients as well (up to three optional outputs kept for the backward) after a
-host-synchronising check of the targets, and training runs eagerly.
+The GEMMs are torch's either way. The op is the custom op
+``torch.ops.xlx_fast.fused_linear_cross_entropy`` with a fake implementation and an autograd
+formula (``torch.library.register_autograd``): its forward returns the loss and the gradients
+asked for (an empty tensor for one that is not), its backward scales them.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -149,61 +151,100 @@ def _check(hidden, weight, target, bias, ignore_index):
         raise ValueError(f"hidden, weight, target and bias must be on one device, got {sorted(map(str, devices))}")
     if v == 0 or h == 0:
         raise ValueError(f"empty weight {tuple(weight.shape)}")
+
+
+def _check_targets(target, ignore_index, v):
+    """Targets are values: checked inside the op, when it runs (eager or compiled), with one sync."""
     bad = (target != ignore_index) & ((target < 0) | (target >= v))
-    if n and bool(bad.any()):
+    if target.numel() and bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"target[{i}] = {int(target[i])} is out of range for {v} classes "
                          f"(and is not ignore_index={ignore_index})")
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, ignore_index, chunk_rows, rows_fn):
-        n, h = hidden.shape
-        v = weight.shape[0]
-        dtype = hidden.dtype
-        w = weight if weight.dtype == dtype else weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
-        target = target.long()
-        n_valid = int((target != ignore_index).sum())
-        scale = 1.0 / n_valid if n_valid else 0.0
-        need_h, need_w = hidden.requires_grad, weight.requires_grad
-        need_b = bias is not None and bias.requires_grad
-        grad_h = torch.empty(n, h, device=hidden.device, dtype=dtype) if need_h else None
-        grad_w = torch.zeros(v, h, device=hidden.device, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros(v, device=hidden.device, dtype=torch.float32) if need_b else None
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        rows = chunk_rows or default_chunk_rows(n, v, h)
-        for s in range(0, n, rows):
-            hc, tc = hidden[s:s + rows], target[s:s + rows]
-            z = hc @ w.T if b is None else torch.addmm(b, hc, w.T)
-            z = z.float() if z.dtype != torch.float32 else z
-            loss_rows = rows_fn(z, tc.contiguous(), ignore_index, scale)
-            total += loss_rows.sum()
-            g = z if dtype == torch.float32 else z.to(dtype)  # now ∂loss/∂logits of the chunk
-            if need_h:
-                torch.mm(g, w, out=grad_h[s:s + rows])
-            if need_w:
-                if dtype == torch.float32:
-                    grad_w.addmm_(g.T, hc)  # in place: no V×H temporary
-                else:  # a half-precision V×H product per chunk, accumulated in fp32
-                    grad_w += g.T @ hc
-            if need_b:
-                grad_b += z.sum(0)
-            del z, g
-        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                              None if grad_b is None else grad_b.to(bias.dtype))
-        return total * scale
+def _loss_and_grads(hidden, weight, bias, target, ignore_index, chunk_rows, rows_fn,
+                    need_h: bool, need_w: bool, need_b: bool):
+    """The loss and the gradients asked for (None for the others), chunk by chunk."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dtype = hidden.dtype
+    _check_targets(target, ignore_index, v)
+    w = weight if weight.dtype == dtype else weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    target = target.long()
+    n_valid = int((target != ignore_index).sum())
+    scale = 1.0 / n_valid if n_valid else 0.0
+    grad_h = torch.empty(n, h, device=hidden.device, dtype=dtype) if need_h else None
+    grad_w = torch.zeros(v, h, device=hidden.device, dtype=torch.float32) if need_w else None
+    grad_b = torch.zeros(v, device=hidden.device, dtype=torch.float32) if need_b else None
+    total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    rows = chunk_rows or default_chunk_rows(n, v, h)
+    for s in range(0, n, rows):
+        hc, tc = hidden[s:s + rows], target[s:s + rows]
+        z = hc @ w.T if b is None else torch.addmm(b, hc, w.T)
+        z = z.float() if z.dtype != torch.float32 else z
+        loss_rows = rows_fn(z, tc.contiguous(), ignore_index, scale)
+        total += loss_rows.sum()
+        g = z if dtype == torch.float32 else z.to(dtype)  # now ∂loss/∂logits of the chunk
+        if need_h:
+            torch.mm(g, w, out=grad_h[s:s + rows])
+        if need_w:
+            if dtype == torch.float32:
+                grad_w.addmm_(g.T, hc)  # in place: no V×H temporary
+            else:  # a half-precision V×H product per chunk, accumulated in fp32
+                grad_w += g.T @ hc
+        if need_b:
+            grad_b += z.sum(0)
+        del z, g
+    return (total * scale, grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        # The usual upstream gradient is exactly 1 (the loss is summed into the total): then the
-        # stored gradients are returned as they are, without a V×H copy.
-        if torch.equal(grad_out, torch.ones_like(grad_out)):
-            return grad_h, grad_w, grad_b, None, None, None, None
-        scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None
+
+@torch.library.custom_op("xlx_fast::fused_linear_cross_entropy", mutates_args=())
+def _fused_linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor,
+                                   bias: Optional[torch.Tensor], target: torch.Tensor,
+                                   ignore_index: int, chunk_rows: int, backend: str, need_h: bool,
+                                   need_w: bool, need_b: bool
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ∂hidden, ∂weight, ∂bias) of validated inputs; a gradient not asked for is an empty
+    tensor (an op returns tensors, not None); chunk_rows 0 = the default; backend "" = the
+    registry's choice."""
+    rows_fn = select_impl("fused_linear_cross_entropy", hidden.device, hidden.dtype,
+                          force=backend or None).impl
+    loss, *grads = _loss_and_grads(hidden, weight, bias, target, ignore_index, chunk_rows or None,
+                                   rows_fn, need_h, need_w, need_b)
+    return (loss, *(hidden.new_empty(0) if g is None else g for g in grads))
+
+
+@_fused_linear_cross_entropy_op.register_fake
+def _(hidden, weight, bias, target, ignore_index, chunk_rows, backend, need_h, need_w, need_b):
+    def grad(needed, like, dtype):
+        return like.new_empty(like.shape if needed else (0,), dtype=dtype)
+
+    return (hidden.new_empty((), dtype=torch.float32), grad(need_h, hidden, hidden.dtype),
+            grad(need_w, weight, weight.dtype),
+            grad(need_b, hidden if bias is None else bias, hidden.dtype if bias is None else bias.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad_h, grad_w, grad_b = output
+    need_h, need_w, need_b = inputs[7:10]
+    ctx.needs = (need_h, need_w, need_b)
+    ctx.save_for_backward(grad_h, grad_w, grad_b)
+
+
+def _backward(ctx, grad_out, *_unused):
+    # The forward computed every gradient; the backward only scales them by the upstream
+    # gradient. The usual one is exactly 1 (the loss is summed into the total): then the stored
+    # gradients are returned as they are, without a V×H copy.
+    one = bool(torch.equal(grad_out, torch.ones_like(grad_out)))
+    grads = [g if needed and one else g * grad_out.to(g.dtype) if needed else None
+             for g, needed in zip(ctx.saved_tensors, ctx.needs)]
+    return (*grads, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("xlx_fast::fused_linear_cross_entropy", _backward,
+                                setup_context=_setup_context)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -225,7 +266,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     _check(hidden, weight, target, bias, ignore_index)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
-    rows_fn = select_impl("fused_linear_cross_entropy", hidden.device, hidden.dtype, force=backend).impl
+    select_impl("fused_linear_cross_entropy", hidden.device, hidden.dtype, force=backend)  # raises why
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -233,6 +274,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         bias = None if bias is None else bias.to(dtype)
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0  # no rows: 0, with (zero) gradients
+    need_b = bias is not None and bias.requires_grad
     with torch.autocast(device_type, enabled=False):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, chunk_rows,
-                                              rows_fn)
+        return torch.ops.xlx_fast.fused_linear_cross_entropy(
+            hidden, weight, bias, target, ignore_index, chunk_rows or 0, backend or "",
+            hidden.requires_grad, weight.requires_grad, need_b)[0]
