@@ -246,6 +246,7 @@ def test_the_compiled_reference_is_a_timed_peer_of_whole_model_rows(family):
         peer = rows["torch.compile(reference)"]
         assert peer["kind"] == harness.PEER and peer["fast_ms"] > 0
         assert "mode='max-autotune'; first call (compile + run)" in peer["note"]
+        assert peer["agreement_ok"] and "OUTSIDE" not in report.agreement_text(peer)  # a note, not a miss
         (fast,) = [r for r in rows.values() if r["kind"] == harness.FAST]
         assert fast["best_peer"] == "torch.compile(reference)" and fast["speedup_vs_best_peer"] > 0
         quick_case = bench_cases.cases(family, quick)[0]

@@ -387,6 +387,7 @@ def make_row(case: Case, backend: str, kind: str, ref_ms: float, fast_ms: float 
         "max_error": agreement.value if agreement and agreement.metric == "rel err" else None,
         "id_agreement": agreement.value if agreement and agreement.metric == "id agree" else None,
         "agreement_limit": agreement.limit if agreement else None,
+        "agreement_ok": agreement.ok if agreement else None,
         "agreement_extra": dict(agreement.extra) if agreement else {},
         "flops": case.flops,
         "bytes": case.bytes,

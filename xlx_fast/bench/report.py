@@ -114,7 +114,8 @@ def agreement_text(row: dict, compact: bool = False) -> str:
         text = f"err {row['max_error']:.1e}"
     else:
         return ""
-    if row["note"]:  # e.g. a peer outside the bound
+    # a peer outside the bound (rows written before "agreement_ok" existed said so by a note)
+    if row.get("agreement_ok", not row["note"]) is False:
         text += " OUTSIDE BOUND" if compact else " (OUTSIDE BOUND)"
     for name, value in (row.get("agreement_extra") or {}).items():
         if not isinstance(value, (int, float)):
