@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from . import _common
 from ._common import FLOAT_DTYPES, HAS_TRITON, check_tensor, interpreting, tl, triton
 from . import measured
-from .registry import Capability, register_op, select_impl, triton_capability
+from .registry import Capability, register_op, triton_capability
 
 __all__ = ["attention", "attention_triton", "attention_sdpa", "SUPPORTED_HEAD_DIMS"]
 
@@ -418,9 +418,8 @@ def _run(q, k, v, key_padding_mask, num_heads, backend, out=None):
     def trial(impl):
         return impl.impl(q, k, v, key_padding_mask, num_heads=num_heads, out=out)
 
-    impl = select_impl("attention", q.device, q.dtype, force=backend or None, trial=trial,
-                       key=measured.shape_key(q, k, v, key_padding_mask, num_heads, out))
-    return trial(impl)
+    return trial(measured.select("attention", q.device, q.dtype, backend or None, trial,
+                                 q, k, v, key_padding_mask, num_heads, out))
 
 
 measured.install("attention")  # on CUDA, per shape: this kernel or SDPA, whichever is faster

@@ -65,7 +65,6 @@ from .codebook_tile import interpreter_widen
 from .derived import widened
 from .dot_error import PRECISIONS
 from . import measured
-from .registry import select_impl
 
 __all__ = ["codebook_head", "codebook_head_triton", "codebook_head_torch", "fold_head", "gumbel_noise"]
 
@@ -397,9 +396,8 @@ def _codebook_head_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     def trial(impl):
         return impl.impl(h, weight, bias, temperature=tau, seeds=seeds, step=step, precision=precision)
 
-    key = measured.shape_key(h, weight, temperatures, temperature > 0, seeds, precision)
-    return trial(select_impl("codebook_head", h.device, h.dtype, force=backend or None, key=key,
-                             trial=trial))
+    return trial(measured.select("codebook_head", h.device, h.dtype, backend or None, trial,
+                                 h, weight, temperatures, temperature > 0, seeds, precision))
 
 
 @_codebook_head_op.register_fake

@@ -46,7 +46,7 @@ from . import _common
 from ._common import FLOAT_DTYPES, check_choice, check_tensor, tl, triton
 from .codebook_tile import interpreter_widen
 from . import measured
-from .registry import Capability, register_op, select_impl, triton_capability
+from .registry import Capability, register_op, triton_capability
 
 __all__ = ["fused_linear", "linear_gelu", "linear_add_layernorm", "linear_gelu_layernorm", "feed_forward",
            "ACTIVATIONS", "MAX_LAYERNORM_WIDTH"]
@@ -184,8 +184,8 @@ def _fused_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 def _select(backend, trial, x, weight, residual, ln_weight, activation):
     """The backend for one linear: forced, or measured per shape on a GPU (``ops.measured``)."""
-    key = measured.shape_key(x, weight, residual, ln_weight is not None, activation)
-    return select_impl("fused_linear", x.device, x.dtype, force=backend or None, key=key, trial=trial)
+    return measured.select("fused_linear", x.device, x.dtype, backend or None, trial,
+                           x, weight, residual, ln_weight is not None, activation)
 
 
 @_fused_linear_op.register_fake

@@ -29,9 +29,10 @@ import torch
 
 from . import registry
 
-__all__ = ["install", "choose", "choices", "forget", "shape_key", "REPEATS"]
+__all__ = ["install", "choose", "select", "choices", "forget", "shape_key", "REPEATS"]
 
 REPEATS = 5
+MEASURED_DEVICES = ("cuda",)
 _DECIDED: dict = {}  # (op, device, dtype, key) -> (backend, {backend: ms})
 
 
@@ -66,8 +67,17 @@ def _cannot_time(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def select(op: str, device: torch.device, dtype, force, trial, *key_parts):
+    """The implementation for one call of ``op``: on a device where backends are measured, with
+    this call's shape key and trial (the chooser times them once per key); elsewhere by rank,
+    without building a key (a CPU call pays nothing for measuring)."""
+    if device.type not in MEASURED_DEVICES:
+        return registry.select_impl(op, device, dtype, force=force)
+    return registry.select_impl(op, device, dtype, force=force, key=shape_key(*key_parts), trial=trial)
+
+
 def choose(op: str, candidates: list, device: torch.device, dtype, key, trial, *,
-           timer: Callable | None = None, devices: tuple[str, ...] = ("cuda",),
+           timer: Callable | None = None, devices: tuple[str, ...] = MEASURED_DEVICES,
            cannot_time: Callable[[torch.device], bool] = _cannot_time):
     """The registry's chooser (see the module docstring). ``timer(run, device) -> ms``,
     ``devices`` and ``cannot_time`` are for tests; the defaults time CUDA calls only."""

@@ -71,7 +71,6 @@ from .codebook_tile import interpreter_widen
 from .derived import derived, widened
 from .dot_error import PRECISIONS, gamma
 from . import measured
-from .registry import select_impl
 
 __all__ = ["nearest", "nearest_triton", "nearest_torch", "codebook_norms", "error_bound"]
 
@@ -296,8 +295,8 @@ def _nearest_op(x: torch.Tensor, codebook: torch.Tensor, norms: Optional[torch.T
     def trial(impl):
         return impl.impl(x, codebook, norms, precision=precision, chunk=chunk)
 
-    key = measured.shape_key(x, codebook, norms, precision, chunk)
-    return trial(select_impl("nearest", x.device, x.dtype, force=backend or None, key=key, trial=trial))
+    return trial(measured.select("nearest", x.device, x.dtype, backend or None, trial,
+                                 x, codebook, norms, precision, chunk))
 
 
 @_nearest_op.register_fake
