@@ -105,6 +105,18 @@ def _ms(value) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+def _agreed(row: dict) -> bool:
+    """Whether the row met its bound: ``agreement_ok``, or for rows written before it existed,
+    the value against the limit (a note alone is no miss: a compiled peer notes its mode)."""
+    if row.get("agreement_ok") is not None:
+        return row["agreement_ok"]
+    value, limit = (row["id_agreement"], row["agreement_limit"]) if row["agreement_metric"] == "id agree" \
+        else (row["max_error"], row["agreement_limit"])
+    if value is None or limit is None:
+        return not row["note"]
+    return value >= limit if row["agreement_metric"] == "id agree" else value <= limit
+
+
 def agreement_text(row: dict, compact: bool = False) -> str:
     """The agreement cell; ``compact`` keeps only the share of ids equal to the fp32 reference
     among the extras (SPEC §6 asks for it on every non-fp32 row)."""
@@ -114,8 +126,7 @@ def agreement_text(row: dict, compact: bool = False) -> str:
         text = f"err {row['max_error']:.1e}"
     else:
         return ""
-    # a peer outside the bound (rows written before "agreement_ok" existed said so by a note)
-    if row.get("agreement_ok", not row["note"]) is False:
+    if not _agreed(row):  # e.g. a peer outside the bound
         text += " OUTSIDE BOUND" if compact else " (OUTSIDE BOUND)"
     for name, value in (row.get("agreement_extra") or {}).items():
         if not isinstance(value, (int, float)):
