@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common
-from ._common import FLOAT_DTYPES, HAS_TRITON, check_tensor, interpreting, tl, triton
+from ._common import FLOAT_DTYPES, HAS_TRITON, check_tensor, inference_op, interpreting, tl, triton
 from . import measured
 from .registry import Capability, register_op, triton_capability
 
@@ -425,16 +425,18 @@ def _run(q, k, v, key_padding_mask, num_heads, backend, out=None):
 measured.install("attention")  # on CUDA, per shape: this kernel or SDPA, whichever is faster
 
 
-@torch.library.custom_op("xlx_fast::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   key_padding_mask: Optional[torch.Tensor], num_heads: int, backend: str) -> torch.Tensor:
     """A new (B, Lq, H·d) output of validated inputs; backend "" = the registry's choice."""
     return _run(q, k, v, key_padding_mask, num_heads, backend)
 
 
-@_attention_op.register_fake
-def _(q, k, v, key_padding_mask, num_heads, backend):
+def _attention_fake(q, k, v, key_padding_mask, num_heads, backend):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2])
+
+
+inference_op("attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, int num_heads, "
+             "str backend) -> Tensor", _attention_op, _attention_fake)
 
 
 @torch.library.custom_op("xlx_fast::attention_out", mutates_args=("out",))

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common
-from ._common import FLOAT_DTYPES, check_choice, check_tensor, tl, triton
+from ._common import FLOAT_DTYPES, check_choice, check_tensor, inference_op, tl, triton
 from .codebook_tile import interpreter_widen
 from . import measured
 from .registry import Capability, register_op, triton_capability
@@ -170,7 +170,7 @@ register_op("fused_linear", "torch", impl=fused_linear_torch,
 measured.install("fused_linear")  # on CUDA, per shape: the fused kernel or cuBLAS + epilogue
 
 
-@torch.library.custom_op("xlx_fast::fused_linear", mutates_args=())
+
 def _fused_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                      residual: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor],
                      ln_bias: Optional[torch.Tensor], activation: str, eps: float,
@@ -188,12 +188,15 @@ def _select(backend, trial, x, weight, residual, ln_weight, activation):
                            x, weight, residual, ln_weight is not None, activation)
 
 
-@_fused_linear_op.register_fake
-def _(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, backend):
+def _fused_linear_fake(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("xlx_fast::feed_forward", mutates_args=())
+inference_op("fused_linear(Tensor x, Tensor weight, Tensor bias, Tensor? residual, "
+             "Tensor? ln_weight, Tensor? ln_bias, str activation, float eps, str backend) -> Tensor",
+             _fused_linear_op, _fused_linear_fake)
+
+
 def _feed_forward_op(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
                      b_out: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                      eps: float, backend: str) -> torch.Tensor:
@@ -209,9 +212,13 @@ def _feed_forward_op(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_
     return down(_select(backend, down, h, w_out, x, ln_weight, "none"))
 
 
-@_feed_forward_op.register_fake
-def _(x, w_in, b_in, w_out, b_out, ln_weight, ln_bias, eps, backend):
+def _feed_forward_fake(x, w_in, b_in, w_out, b_out, ln_weight, ln_bias, eps, backend):
     return torch.empty_like(x)
+
+
+inference_op("feed_forward(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, Tensor b_out, "
+             "Tensor ln_weight, Tensor ln_bias, float eps, str backend) -> Tensor",
+             _feed_forward_op, _feed_forward_fake)
 
 
 def _check(x, weight, bias, residual, ln_weight, ln_bias, activation, eps):
