@@ -53,14 +53,16 @@ def server():
         serve.run(build_app({"model": TINY, "slots": 2, "warmup_delay_s": 6.0,
                              "deployment": {**no_cpu, "num_replicas": 2}}),
                   name="b", route_prefix="/b")
-        serve.run(build_app({"model": TINY, "slots": 2, "max_queue": 2, "body_timeout_s": BODY_TIMEOUT_S,
-                             "max_slow_bodies": MAX_SLOW, "deployment": no_cpu}),
-                  name="c", route_prefix="/c")
         base = f"http://127.0.0.1:{port}"
-        # /b was just deployed: its replicas are still warming up (the delay is 6 s).
+        # /b was just deployed: its replicas are still warming up (the delay is 6 s). Asked at
+        # once, before /c is deployed: deploying /c takes seconds, more on a busy machine, and
+        # the delay could be over by then.
         first_health = requests.get(f"{base}/b/health", timeout=10)
         first_generate = requests.post(f"{base}/b/v1/images/generations", json={"prompt": "x"},
                                        timeout=10)
+        serve.run(build_app({"model": TINY, "slots": 2, "max_queue": 2, "body_timeout_s": BODY_TIMEOUT_S,
+                             "max_slow_bodies": MAX_SLOW, "deployment": no_cpu}),
+                  name="c", route_prefix="/c")
         _wait_ready(f"{base}/a", replicas=1)
         _wait_ready(f"{base}/b", replicas=2)
         _wait_ready(f"{base}/c", replicas=1)
