@@ -19,9 +19,9 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["PretrainData", "load_data", "write_synthetic", "global_batch_indices"]
+from ..grid import N_CELLS
 
-N_CELLS = 64
+__all__ = ["PretrainData", "load_data", "write_synthetic", "global_batch_indices"]
 
 
 class PretrainData:
