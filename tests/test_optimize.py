@@ -58,17 +58,17 @@ def patched_names(model):
 
 
 class CallCounter:
-    """Counts calls of the fused op (patching._fused_attention)."""
+    """Counts calls of the fused op (patching.fused_attention)."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        inner = patching._fused_attention
+        inner = patching.fused_attention
 
         def counted(*args, **kwargs):
             self.calls += 1
             return inner(*args, **kwargs)
 
-        monkeypatch.setattr(patching, "_fused_attention", counted)
+        monkeypatch.setattr(patching, "fused_attention", counted)
 
 
 # ---------------------------------------------------------------------------------------------

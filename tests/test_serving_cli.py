@@ -39,11 +39,22 @@ def _wait_serving(proc, port):
     line = proc.stdout.readline()  # printed once the app is deployed
     url = f"http://127.0.0.1:{port}"
     assert line.startswith(f"serving on {url}"), (line, proc.stderr.read() if proc.poll() is not None else "")
-    t0 = time.monotonic()
-    while requests.get(f"{url}/health", timeout=10).status_code != 200:
-        assert time.monotonic() - t0 < 180
-        time.sleep(0.2)
+    _poll(lambda: requests.get(f"{url}/health", timeout=10).status_code == 200, "serve's /health to answer 200")
     return url
+
+
+HANG_GUARD_S = 180  # only stops a test that would wait forever: nothing here is timed
+
+
+def _poll(done, what, every_s=0.2, alive=lambda: True):
+    """Wait until ``done()``; fail only if the process died (``alive``) or the hang guard ran out."""
+    t0 = time.monotonic()
+    while not done():
+        if not alive():
+            pytest.fail(f"gave up waiting for {what}: the process it needs exited")
+        if time.monotonic() - t0 > HANG_GUARD_S:
+            pytest.fail(f"gave up waiting for {what} after the {HANG_GUARD_S} s hang guard")
+        time.sleep(every_s)
 
 
 def _kill_group(proc):
@@ -144,14 +155,12 @@ def test_serve_on_a_shared_cluster_leaves_the_other_applications():
         "serve.run(Other.bind(), name='other', route_prefix='/other')\n"
     )
     try:
-        t0 = time.monotonic()
-        while True:  # `ray start --block` prints nothing when ready: retry until it answers
-            r = subprocess.run([sys.executable, "-c", other], env=env, timeout=300,
-                               capture_output=True, text=True)
-            if r.returncode == 0:
-                break
-            assert time.monotonic() - t0 < 180 and head.poll() is None, r.stderr[-3000:]
-            time.sleep(2)
+        def other_app_deployed():  # `ray start --block` prints nothing when ready: retry
+            return subprocess.run([sys.executable, "-c", other], env=env, timeout=300,
+                                  capture_output=True, text=True).returncode == 0
+
+        _poll(other_app_deployed, "the other user's app on the shared cluster", every_s=2,
+              alive=lambda: head.poll() is None)
         base = f"http://127.0.0.1:{http_port}"
         assert requests.get(f"{base}/other", timeout=30).text == "other"
         proc = _start("--address", address, "--port", str(http_port), env={"RAY_AUTH_MODE": "token"})

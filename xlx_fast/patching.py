@@ -58,7 +58,7 @@ from transformers.models.lxmert.modeling_lxmert import LxmertAttention
 from xlx_fast.ops import attention as _attn
 from xlx_fast.ops import registry as _registry
 
-__all__ = ["optimize", "unoptimize", "FusedLxmertAttention", "force_backend"]
+__all__ = ["optimize", "unoptimize", "FusedLxmertAttention", "force_backend", "fused_attention"]
 
 _forced_backend: contextvars.ContextVar = contextvars.ContextVar("xlx_fast_attention_backend", default=None)
 
@@ -79,7 +79,9 @@ def force_backend(name: str):
         _forced_backend.reset(token)
 
 
-def _fused_attention(q, k, v, mask, num_heads):
+def fused_attention(q, k, v, mask, num_heads):
+    """The fused attention op on (B, L, H·d) projections, on the backend ``force_backend`` names
+    (else the registry's choice): what every patched module and the step plan call."""
     return _attn.attention(q, k, v, mask, num_heads=num_heads, backend=_forced_backend.get())
 
 
@@ -169,7 +171,7 @@ class FusedLxmertAttention(LxmertAttention):
         else:
             q = self.query(hidden_states)
             k, v = F.linear(context, w[-2 * width:], None if b is None else b[-2 * width:]).split(width, dim=-1)
-        return (_fused_attention(q, k, v, attention_mask, self.num_attention_heads),)
+        return (fused_attention(q, k, v, attention_mask, self.num_attention_heads),)
 
 
 def _check_backend_available(model: nn.Module):

@@ -27,7 +27,8 @@ from transformers.activations import GELUActivation
 from .grid import GRID, box_positions
 from .ops.codebook_head import fold_head
 from .ops.fused_linear import feed_forward, linear_add_layernorm, linear_gelu_layernorm
-from .patching import FusedLxmertAttention, _fused_attention
+from . import patching
+from .patching import FusedLxmertAttention
 
 __all__ = ["FastTables", "prepare", "extended_mask", "language", "visual_half", "vision", "head_transform"]
 
@@ -175,7 +176,7 @@ def _attention(att, x, mask):
         return att(x, x, mask)[0]
     w, b = att._fused_weights()
     q, k, v = F.linear(x, w, b).split(att.head_size, dim=-1)
-    return _fused_attention(q, k, v, mask, att.num_attention_heads)
+    return patching.fused_attention(q, k, v, mask, att.num_attention_heads)
 
 
 def _cross_attention(att, x, context, mask):
@@ -186,7 +187,7 @@ def _cross_attention(att, x, context, mask):
     width = att.head_size
     q = F.linear(x, w[:width], b[:width])
     k, v = F.linear(context, w[width:], b[width:]).split(width, dim=-1)
-    return _fused_attention(q, k, v, mask, att.num_attention_heads)
+    return patching.fused_attention(q, k, v, mask, att.num_attention_heads)
 
 
 def _add_norm(out, x, residual):
@@ -228,8 +229,8 @@ def _x_layer(xl, lang, ext_mask, visual):
         lq, lk, lv = qkv[:, :n_lang].split(att.head_size, dim=-1)
         vq, vk, vv = qkv[:, n_lang:].split(att.head_size, dim=-1)
         heads = att.num_attention_heads
-        lang_ctx = _fused_attention(lq, vk, vv, None, heads)
-        visual_ctx = _fused_attention(vq, lk, lv, ext_mask, heads)
+        lang_ctx = patching.fused_attention(lq, vk, vv, None, heads)
+        visual_ctx = patching.fused_attention(vq, lk, lv, ext_mask, heads)
     else:
         lang_ctx, visual_ctx = att(lang, visual, None)[0], att(visual, lang, ext_mask)[0]
     lang = _self_layer(xl.lang_self_att, _add_norm(out, lang_ctx, lang), ext_mask)

@@ -22,6 +22,7 @@ that ran the ops, and the benchmarks' notes).
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 from typing import Callable
 
@@ -89,19 +90,11 @@ def choose(op: str, candidates: list, device: torch.device, dtype, key, trial, *
         if cannot_time(device):
             return candidates[0]
         timer = timer or _cuda_ms
-        with torch.cuda.device(device) if device.type == "cuda" else _nothing():
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             ms = {impl.backend: timer(lambda impl=impl: trial(impl), device) for impl in candidates}
         best = min(candidates, key=lambda impl: ms[impl.backend])  # ties: the earlier (preferred)
         decided = _DECIDED[slot] = (best.backend, ms)
     return next(impl for impl in candidates if impl.backend == decided[0])
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def choices() -> list[dict]:

@@ -43,10 +43,9 @@ from dataclasses import dataclass, field
 
 from .metrics import ServerMetrics
 from .painter import paint, rows_per_call
-from .policies import POLICIES, AdmissionPolicy, policy_named
+from .policies import AdmissionPolicy, policy_named
 
-__all__ = ["Scheduler", "Job", "RowResult", "QueueFull", "DeadlineExceeded", "SchedulerBroken",
-           "POLICIES"]
+__all__ = ["Scheduler", "Job", "RowResult", "QueueFull", "DeadlineExceeded", "SchedulerBroken"]
 
 
 class QueueFull(Exception):

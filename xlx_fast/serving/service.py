@@ -107,7 +107,7 @@ class ServerOptions:
                 raise ValueError(f"server options: {name} must be >= 1, got {getattr(self, name)}")
         if not self.body_timeout_s > 0:
             raise ValueError(f"server options: body_timeout_s must be > 0, got {self.body_timeout_s}")
-        from .scheduler import POLICIES
+        from .policies import POLICIES
 
         if self.policy not in POLICIES:
             raise ValueError(f"server options: policy must be one of {', '.join(POLICIES)}, "
