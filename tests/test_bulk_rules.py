@@ -244,6 +244,7 @@ BULK_ARG_ERRORS = [
     (["--strategy", "tlbr", "--steps", "100"], "at most 64"),
     (["--temperature", "nan"], "--temperature nan"),
     (["--temperature", "-1"], "--temperature -1"),
+    (["--temperature", "1e-40"], "at least 1e-30"),
     (["--batch-size", "0"], "--batch-size 0"),
     (["--batch-size", "100000000"], "--batch-size 100000000"),
     (["--impl", "reference"], "--impl reference"),

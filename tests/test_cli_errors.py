@@ -85,6 +85,7 @@ GENERATE_ARG_ERRORS = [
     (["--dtype", "fp64"], "--dtype"),
     (["--temperature", "-1"], "--temperature"),
     (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "1e-40"], "--temperature 1e-40: must be 0 (greedy) or at least 1e-30"),
     (["--temperature", "0.5", "--impl", "reference"], "--impl fast"),
     (["--device", "xyz"], "--device xyz"),
     (["--device", "meta"], "--device meta"),

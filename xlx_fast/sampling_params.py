@@ -36,18 +36,25 @@ def check_params(strategy, steps, temperature, seed, n_cells: int = N_CELLS,
         raise TypeError(f"{where}seed must be an int, got {type(seed).__name__}")
     s = lookup(strategy, f"{where}strategy")
     steps = check_steps(s.name, steps, n_cells, f"{where}steps")
+    temperature = check_temperature(temperature, f"{where}temperature")
+    return SamplingParams(s, steps, temperature, int(seed))
+
+
+def check_temperature(temperature, name: str = "temperature") -> float:
+    """The temperature as a float: 0 (greedy), or in [MIN_TEMPERATURE, float32's maximum]. Raises
+    TypeError/ValueError whose message starts with ``name``; every entry point (the engine,
+    ``generate``, the command line, bulk lines) checks with this one rule."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"{where}temperature must be a real number, got {type(temperature).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(temperature).__name__}")
     try:
         temperature = float(temperature)
     except OverflowError:  # an int past float range
         temperature = math.inf
     if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"{where}temperature must be finite and >= 0, got {temperature}")
+        raise ValueError(f"{name} must be finite and >= 0, got {temperature}")
     if temperature > F32_MAX:  # the kernels read it as float32, where it would be inf
-        raise ValueError(f"{where}temperature must be at most {F32_MAX:.7g} (float32), "
-                         f"got {temperature}")
+        raise ValueError(f"{name} must be at most {F32_MAX:.7g} (float32), got {temperature}")
     if 0 < temperature < MIN_TEMPERATURE:
-        raise ValueError(f"{where}temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} "
+        raise ValueError(f"{name} must be 0 (greedy) or at least {MIN_TEMPERATURE:g} "
                          f"(the head divides logits by it in float32), got {temperature}")
-    return SamplingParams(s, steps, temperature, int(seed))
+    return temperature

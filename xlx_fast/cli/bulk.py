@@ -47,13 +47,13 @@ import fcntl
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import sys
 import time
 
 from ..grid import N_CELLS
+from ..sampling_params import check_temperature
 from ..strategies import NAMES, check_steps
 from . import UserError
 from .generation_options import (blank, check_model, check_sampling, engine_seed,
@@ -147,10 +147,10 @@ def read_lines(path: str, base_seed: int, *, strategy: str = "mask_predict", ste
             k = check_steps(strat, k, N_CELLS, what=f"{where}: {source} {k} with strategy {strat}:")
         except ValueError as e:
             raise BulkError(str(e)) from None
-        temp = obj.get("temperature", temperature)
-        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not math.isfinite(temp) \
-                or temp < 0:
-            raise BulkError(f"{where}: 'temperature' must be a finite number >= 0")
+        try:
+            temp = check_temperature(obj.get("temperature", temperature), f"{where}: 'temperature'")
+        except (TypeError, ValueError) as e:
+            raise BulkError(str(e)) from None
         item = dict(line=n, caption=caption, seed=engine_seed(given), steps=k, strategy=strat,
                     temperature=float(temp))
         if item["seed"] != given:

@@ -6,12 +6,12 @@ the seed rule, the blank-caption rule, and the notes both modes print. Every che
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
 import sys
 
 from ..grid import N_CELLS
+from ..sampling_params import check_temperature
 from ..strategies import check_steps
 from . import UserError
 from .paths import check_input
@@ -37,8 +37,10 @@ def check_sampling(args) -> None:
         check_steps(args.strategy, args.steps, N_CELLS, what=f"--steps {args.steps}:")
     except ValueError as e:
         raise UserError(str(e)) from None
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0")
+    try:
+        check_temperature(args.temperature, f"--temperature {args.temperature}:")
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
     if args.temperature > 0 and args.impl == "reference":
         raise UserError("--temperature > 0 needs --impl fast: the reference sampler is greedy")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
