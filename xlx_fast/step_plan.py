@@ -30,7 +30,8 @@ from .ops.fused_linear import feed_forward, linear_add_layernorm, linear_gelu_la
 from . import patching
 from .patching import FusedLxmertAttention
 
-__all__ = ["FastTables", "prepare", "extended_mask", "language", "visual_half", "vision", "head_transform"]
+__all__ = ["FastTables", "prepare", "extended_mask", "language", "layer", "x_layer", "visual_half",
+           "language_half", "vision", "head_transform"]
 
 
 @dataclass
@@ -236,6 +237,21 @@ def _x_layer(xl, lang, ext_mask, visual):
     lang = _self_layer(xl.lang_self_att, _add_norm(out, lang_ctx, lang), ext_mask)
     visual = _self_layer(xl.visn_self_att, _add_norm(out, visual_ctx, visual), None)
     return _ffn(xl.lang_inter, xl.lang_output, lang), _ffn(xl.visn_inter, xl.visn_output, visual)
+
+
+def language_half(x_layer, lang, ext_mask, visual):
+    """``LxmertXLayer.forward`` restricted to its language output (the last cross layer when
+    only the language stream is read: the pooled output of the answer tasks, the masked-LM
+    head of captioning): the visual stream's half is never computed."""
+    cross = x_layer.visual_attention
+    lang = _add_norm(cross.output, _cross_attention(cross.att, lang, visual, None), lang)
+    lang = _self_layer(x_layer.lang_self_att, lang, ext_mask)
+    return _ffn(x_layer.lang_inter, x_layer.lang_output, lang)
+
+
+# the layer functions under public names, for the other tasks' plans (answer, caption)
+layer = _layer
+x_layer = _x_layer
 
 
 def visual_half(x_layer, lang, ext_mask, visual):
