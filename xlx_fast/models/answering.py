@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,8 @@ import torch.nn as nn
 from transformers import LxmertConfig, LxmertModel
 from transformers.models.lxmert.modeling_lxmert import GeLU
 
+from .checkpoint import (IGNORED_BUFFERS, CheckpointError, load_into, read_centroids,
+                         read_state_dict)
 from .sizes import SIZES
 
 
@@ -196,12 +199,55 @@ class XLxmertForQuestionAnswering(nn.Module):
     def from_checkpoint(cls, path, answers_path=None, *, task: str = "vqa", centroids_path=None,
                         size: str = "base", strict: bool = True) -> "XLxmertForQuestionAnswering":
         """Load the authors' fine-tuned state dict; see
-        :func:`xlx_fast.models.checkpoint.load_answering`."""
-        from .checkpoint import load_answering
-
+        :func:`load_answering`."""
         return load_answering(cls, path, answers_path, task=task, centroids_path=centroids_path,
                               size=size, strict=strict)
 
     def extra_repr(self) -> str:
         return (f"task={self.task.name}, answers={self.n_answers}, images={self.task.images}, "
                 f"clusters={self.n_clusters}")
+
+
+def load_answering(cls, path, answers_path=None, *, task: str = "vqa", centroids_path=None,
+                   size: str = "base", strict: bool = True):
+    """Build an ``XLxmertForQuestionAnswering`` from the authors' fine-tuned state dict.
+
+    - ``path``: ``bert.*`` and ``answer_head.logit_fc.*`` (``module.`` stripped; the authors'
+      NLVR2 name ``logit_fc.logit_fc.*`` is read as ``answer_head.logit_fc.*``). The head's
+      size comes from the checkpoint; a ``vis_emb.weight`` in it is the codebook.
+    - ``answers_path``: the answer table (``label2ans`` list or ``ans2label`` object); its
+      length must equal the head's, or this refuses naming both.
+    - ``centroids_path``: a codebook ``.npy`` for cluster-id input (overrides the state dict's).
+    """
+    t = check_task(task)
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    state = read_state_dict(path, f"{t.name} checkpoint")
+    for k in IGNORED_BUFFERS:
+        state.pop(k, None)
+    state = {("answer_head." + k[len("logit_fc."):] if k.startswith("logit_fc.logit_fc.") else k): v
+             for k, v in state.items()}
+    last = state.get("answer_head.logit_fc.3.weight")
+    if last is None or last.dim() != 2:
+        raise CheckpointError(f"{t.name} checkpoint {path}: no answer head "
+                              "(answer_head.logit_fc.3.weight) in it")
+    n_answers = last.shape[0]
+    labels = read_answer_table(answers_path) if answers_path is not None else None
+    if labels is not None and len(labels) != n_answers:
+        raise CheckpointError(f"the answer table {answers_path} has {len(labels)} answers but "
+                              f"the checkpoint's head has {n_answers}")
+    codebook = state.pop("vis_emb.weight", None)
+    if centroids_path is not None:
+        codebook = read_centroids(centroids_path)
+    feat_dim = codebook.shape[1] if codebook is not None else SIZES[size].lxmert.get(
+        "visual_feat_dim", 2048)
+    config = LxmertConfig(**{**SIZES[size].lxmert, "visual_feat_dim": feat_dim})
+    model = cls(config, t.name, 0, labels, n_answers=n_answers)
+    unused = load_into(model, state, f"{t.name} checkpoint", strict=strict)
+    if codebook is not None:
+        model.set_visual_embedding(codebook)
+    if unused:
+        warnings.warn(f"{t.name} checkpoint: {len(unused)} unused key(s): {', '.join(unused)}",
+                      stacklevel=2)
+    model.load_report = {"unused": unused}
+    return model.eval()

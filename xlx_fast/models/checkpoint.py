@@ -27,7 +27,7 @@ from .sizes import SIZES
 # Filled from the centroids file, not the state dict.
 _FROM_CENTROIDS = {"vis_emb.weight", "obj_predict_head.out_cluster.weight"}
 # HF buffers that older transformers saved and newer ones recompute.
-_IGNORED_BUFFERS = ("bert.embeddings.position_ids",)
+IGNORED_BUFFERS = ("bert.embeddings.position_ids",)
 
 
 class CheckpointError(ValueError):
@@ -162,7 +162,7 @@ def load_xlxmert(cls, lxmert_path, centroids_path, generator_path=None, *, stric
     if pretraining_heads:  # then cls.* keys are loaded (and required when strict)
         model.add_pretraining_heads()
 
-    for k in _IGNORED_BUFFERS:
+    for k in IGNORED_BUFFERS:
         state.pop(k, None)
     bias = state.get("obj_predict_head.out_cluster.bias")
     if bias is not None and bias.shape != (n_clusters,):
@@ -195,49 +195,3 @@ def save_authors_format(model, lxmert_path, centroids_path, generator_path=None)
             raise ValueError("model has no generator to save")
         torch.save(model.generator.state_dict(), generator_path)
 
-
-def load_answering(cls, path, answers_path=None, *, task: str = "vqa", centroids_path=None,
-                   size: str = "base", strict: bool = True):
-    """Build an ``XLxmertForQuestionAnswering`` from the authors' fine-tuned state dict.
-
-    - ``path``: ``bert.*`` and ``answer_head.logit_fc.*`` (``module.`` stripped; the authors'
-      NLVR2 name ``logit_fc.logit_fc.*`` is read as ``answer_head.logit_fc.*``). The head's
-      size comes from the checkpoint; a ``vis_emb.weight`` in it is the codebook.
-    - ``answers_path``: the answer table (``label2ans`` list or ``ans2label`` object); its
-      length must equal the head's, or this refuses naming both.
-    - ``centroids_path``: a codebook ``.npy`` for cluster-id input (overrides the state dict's).
-    """
-    from .answering import check_task, read_answer_table
-
-    t = check_task(task)
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    state = read_state_dict(path, f"{t.name} checkpoint")
-    for k in _IGNORED_BUFFERS:
-        state.pop(k, None)
-    state = {("answer_head." + k[len("logit_fc."):] if k.startswith("logit_fc.logit_fc.") else k): v
-             for k, v in state.items()}
-    last = state.get("answer_head.logit_fc.3.weight")
-    if last is None or last.dim() != 2:
-        raise CheckpointError(f"{t.name} checkpoint {path}: no answer head "
-                              "(answer_head.logit_fc.3.weight) in it")
-    n_answers = last.shape[0]
-    labels = read_answer_table(answers_path) if answers_path is not None else None
-    if labels is not None and len(labels) != n_answers:
-        raise CheckpointError(f"the answer table {answers_path} has {len(labels)} answers but "
-                              f"the checkpoint's head has {n_answers}")
-    codebook = state.pop("vis_emb.weight", None)
-    if centroids_path is not None:
-        codebook = read_centroids(centroids_path)
-    feat_dim = codebook.shape[1] if codebook is not None else SIZES[size].lxmert.get(
-        "visual_feat_dim", 2048)
-    config = LxmertConfig(**{**SIZES[size].lxmert, "visual_feat_dim": feat_dim})
-    model = cls(config, t.name, 0, labels, n_answers=n_answers)
-    unused = load_into(model, state, f"{t.name} checkpoint", strict=strict)
-    if codebook is not None:
-        model.set_visual_embedding(codebook)
-    if unused:
-        warnings.warn(f"{t.name} checkpoint: {len(unused)} unused key(s): {', '.join(unused)}",
-                      stacklevel=2)
-    model.load_report = {"unused": unused}
-    return model.eval()
