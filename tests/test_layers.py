@@ -24,13 +24,13 @@ FLOORS = [
     # the op layer: kernels, their dispatch and their CPU twins
     ("xlx_fast.ops",),
     # what the ops are assembled into: the fused attention in HF's modules, one step's forward
-    ("xlx_fast.patching", "xlx_fast.step_plan", "xlx_fast.training.attention",
-     "xlx_fast.training.masking"),
-    # the engine drives the step plan
-    ("xlx_fast.engine",),
-    # the front ends of the engine and the ops
-    ("xlx_fast.generation", "xlx_fast.serving", "xlx_fast.training",
-     "xlx_fast.vocab"),
+    ("xlx_fast.patching", "xlx_fast.step_plan", "xlx_fast.caption_plan",
+     "xlx_fast.training.attention", "xlx_fast.training.masking"),
+    # the engines drive the step plans
+    ("xlx_fast.engine", "xlx_fast.caption_engine"),
+    # the front ends of the engines and the ops
+    ("xlx_fast.generation", "xlx_fast.captioning", "xlx_fast.answering", "xlx_fast.evaluation",
+     "xlx_fast.serving", "xlx_fast.training", "xlx_fast.vocab"),
     # the benchmarks, the command line, and the package's lazy facade
     ("xlx_fast.bench", "xlx_fast.cli", "xlx_fast"),
 ]
@@ -137,7 +137,9 @@ def test_the_fast_path_is_not_built_on_the_reference(graph):
     # reference's optimizer update, on purpose: it is not a rule the fast step is checked
     # against, and its tests compare whole updates.)
     fast = ("xlx_fast.ops", "xlx_fast.patching", "xlx_fast.step_plan", "xlx_fast.engine",
-            "xlx_fast.generation", "xlx_fast.serving", "xlx_fast.cli.bulk")
+            "xlx_fast.generation", "xlx_fast.serving", "xlx_fast.cli.bulk",
+            "xlx_fast.caption_plan", "xlx_fast.caption_engine", "xlx_fast.captioning",
+            "xlx_fast.answering")
     built_on = [f"{a} imports {b}" for a, targets in sorted(graph.items())
                 if a.startswith(fast) for b in sorted(targets) if b.startswith("xlx_fast.reference")]
     assert not built_on, "\n".join(built_on)
