@@ -18,6 +18,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "xlx_fast"
 FLOORS = [
     # models and neutral definitions: what every other floor reads
     ("xlx_fast.models", "xlx_fast.grid", "xlx_fast.strategies", "xlx_fast.seeds", "xlx_fast.text",
+     "xlx_fast.caption_io",
      "xlx_fast.native", "xlx_fast.sampling_params", "xlx_fast.sampler_io"),
     # the reference: the authors' loops in eager PyTorch, importing nothing fast
     ("xlx_fast.reference",),
@@ -27,7 +28,7 @@ FLOORS = [
     ("xlx_fast.patching", "xlx_fast.step_plan", "xlx_fast.caption_plan",
      "xlx_fast.training.attention", "xlx_fast.training.masking"),
     # the engines drive the step plans
-    ("xlx_fast.engine", "xlx_fast.caption_engine"),
+    ("xlx_fast.step_engine", "xlx_fast.engine", "xlx_fast.caption_engine"),
     # the front ends of the engines and the ops
     ("xlx_fast.generation", "xlx_fast.captioning", "xlx_fast.answering", "xlx_fast.evaluation",
      "xlx_fast.serving", "xlx_fast.training", "xlx_fast.vocab"),
@@ -137,6 +138,7 @@ def test_the_fast_path_is_not_built_on_the_reference(graph):
     # reference's optimizer update, on purpose: it is not a rule the fast step is checked
     # against, and its tests compare whole updates.)
     fast = ("xlx_fast.ops", "xlx_fast.patching", "xlx_fast.step_plan", "xlx_fast.engine",
+            "xlx_fast.step_engine",
             "xlx_fast.generation", "xlx_fast.serving", "xlx_fast.cli.bulk",
             "xlx_fast.caption_plan", "xlx_fast.caption_engine", "xlx_fast.captioning",
             "xlx_fast.answering")

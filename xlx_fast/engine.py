@@ -1,42 +1,21 @@
-"""A step-level engine over the fast loop: requests join and leave between Mask-Predict steps.
+"""The paint engine: captions in, cluster ids out, on the step-level slot engine.
 
-Every sampling step is one full forward of every row, and nothing in a forward couples rows, so
-rows at different steps of different requests can share it. The engine holds ``slots`` rows;
-``admit`` runs the language layers for the joiners only (written into the slots' caption cache)
-and ``step`` runs ONE forward over the occupied slots, advancing each row by one of ITS steps:
+:class:`Engine` is :class:`xlx_fast.step_engine.StepEngine` (slots, admission between steps,
+batch buckets, CUDA graphs, per-row schedules, strategies, temperatures and seeds: see there)
+with the image sampler's hooks:
 
-- per-row schedule: the host keeps each row's step i and its schedule (mask count, cell,
-  next cell: ``strategies.schedule``) and writes this step's values as int32 data;
-- per-row strategy: one sampler launch with a per-row strategy code (``ops.sampler_step``:
-  one rule per row, idle slots coded INACTIVE cost nothing and are never written). Chosen over
-  grouping rows by strategy because the step then keeps one fixed shape per batch bucket (a
-  CUDA graph replays it whatever the mix of strategies) and rows are never gathered/scattered;
-- per-row temperature and seed: the codebook head takes a temperature per row (0 = greedy) and
-  a Philox key per cell, ``seeds.cell_seeds(seed_key(seed), i)``: a row's noise depends on its
-  seed, its step and its cell only; the random order of ``random`` is the reference's
-  ``random_order(steps, seed)``, per row. Seeds are data: nothing is captured or cached per
-  seed.
-
-A request's result therefore depends only on the request (caption, seed, steps, strategy,
-temperature, model dtype/device), never on its slot, its neighbours or when it joined, up to
-float rounding: a forward's GEMMs are blocked differently at other batch sizes, so ids are equal
-wherever the best and second-best probabilities are further apart than that rounding (SPEC §4).
+- a request is a caption (``input_ids``, optional ``attention_mask``) and its sampling
+  parameters; its schedule runs over the 64 grid cells;
+- joining runs the language layers for the joiners only, written into the slots' caption cache
+  (``step_plan.language``): they never see the image;
+- a step is the relational and cross layers over the visual input (``step_plan.vision``), the
+  head's transform and ``codebook_head`` over the folded head; the sampler gathers the next
+  visual input from the projected codebook;
+- a finished row's codes are its cells' centroids (``mask_feat`` where undecided).
 
 Captions are padded to ``max_length`` with a key padding mask (padded keys get the additive
 ``finfo.min``, so their softmax weight is exactly 0): a shorter caption attends to the same keys
 as alone.
-
-Batch buckets. The forward runs over the first ``b`` slots, b the smallest bucket holding every
-occupied slot (rows are moved down into free low slots first when that makes b smaller: a copy
-of the row's cached state). With CUDA graphs the buckets are powers of two up to ``slots`` (a
-graph per bucket); without them (the CPU, ``cuda_graph=False``) every size is a bucket, so the
-forward covers exactly the occupied rows: on a CPU a padded row costs as much as a real one (6 of
-8 slots busy would run 8 rows, a third more work). On CUDA each bucket's step is a CUDA graph (two per bucket: all rows
-greedy, or some sampling), and each bucket's joiner language pass too, all captured by
-``warmup()`` and replayed with the per-row data as inputs; after ``warmup`` nothing is captured.
-The host uploads this step's per-row data (int32 [b, 5], and int64 [b, 64] seeds when a row
-samples) through pinned staging buffers, and syncs only when rows finish or are cancelled (to
-copy their results out) -- finishing is known on the host from each row's step count.
 
 Weights. The derived tables (projected codebook, folded head, box) are copied into the engine
 at construction: changing a weight of the model afterwards (by any route) is seen by the
@@ -44,34 +23,23 @@ engine after ``reload()``, which recomputes them in place (graphs stay valid). T
 itself is read live through the model's parameters; moving or replacing parameters (``.to()``,
 assigning a new ``Parameter``) needs a new Engine, since graphs hold their addresses.
 
-Memory: per slot the caption cache (max_length x hidden), the sampler state (64 x hidden
-visual input), the mask history (``MAX_STEPS`` x 64 bools), plus the step's activations at the
-bucket size.
-
-Synchronous and not thread-safe: one owner calls ``admit``/``step``/``cancel``.
+Memory: per slot the caption cache (max_length x hidden) besides the base's sampler state and
+mask history.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from .models.xlxmert import N_CELLS
+from .grid import N_CELLS
 from .ops.codebook_head import codebook_head
-from .ops.sampler_args import describe_status
-from .ops.sampler_step import SamplerState, init_state, sampler_step
 from .patching import optimize
-from .sampling_params import check_params
-from .seeds import cell_seeds, seed_key
+from .step_engine import MAX_STEPS, Row, StepEngine
 from .step_plan import extended_mask, head_transform, language, prepare, vision
-from .strategies import INACTIVE, MAX_STEPS, schedule
 
 __all__ = ["Engine", "Request", "Finished", "MAX_STEPS"]
-
-# rows of the per-row control array (int32 [5, rows]: each field contiguous over rows)
-_STRAT, _COUNT, _CELL, _NEXT, _STEP = range(5)
 
 
 @dataclass
@@ -104,41 +72,13 @@ class Finished:
     error: str | None = None  # why the row failed (the sampler flagged it); its results are void
 
 
-@dataclass
-class _Row:
-    """Host-side state of one occupied slot."""
-
-    handle: int
-    request: Request
-    steps: int
-    code: int
-    count: list | None
-    cell: list | None
-    next_cell: list | None
-    key: int
-    temperature: float
-    ids: torch.Tensor      # the caption on the host [L] (read once, validated there)
-    mask: torch.Tensor     # its attention mask on the host, bool [L]
-    step: int = 0
-    cancelled: bool = False
-
-
-def _default_buckets(slots: int, cuda_graph: bool) -> list[int]:
-    """Powers of two up to ``slots`` for graphs (few captures); every size 1..slots without."""
-    if not cuda_graph:
-        return list(range(1, slots + 1))
-    out, b = [], 1
-    while b < slots:
-        out.append(b)
-        b *= 2
-    return out + [slots]
-
-
-class Engine:
+class Engine(StepEngine):
     """See the module docstring. ``model``: ``XLxmertForImageGeneration`` in eval mode (it is
     ``optimize``-d in place); ``slots``: capacity; ``max_length``: longest caption;
     ``cuda_graph``: capture steps (default: on for CUDA models); ``buckets``: batch sizes the
     forward runs at (default 1, 2, 4, ..., slots; must end at ``slots``)."""
+
+    request_type = Request
 
     def __init__(self, model, slots: int = 8, *, max_length: int = 20,
                  cuda_graph: bool | None = None, buckets: Sequence[int] | None = None):
@@ -146,71 +86,27 @@ class Engine:
             raise TypeError(f"model must be an XLxmertForImageGeneration, got {type(model).__name__}")
         if model.training:
             raise ValueError("the engine runs inference only: call model.eval() first")
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"slots must be an int >= 1, got {slots!r}")
         limit = model.config.max_position_embeddings
         if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= limit:
             raise ValueError(f"max_length must be an int in [1, {limit}], got {max_length!r}")
         self.device = model.centroids.device
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"the engine runs on cpu or cuda, the model is on {self.device}")
-        if cuda_graph is None:
-            cuda_graph = self.device.type == "cuda"
-        if cuda_graph and self.device.type != "cuda":
-            raise ValueError("cuda_graph=True needs a model on a CUDA device")
-        if buckets is None:
-            buckets = _default_buckets(slots, bool(cuda_graph))
-        buckets = sorted(set(buckets))
-        if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
-                or buckets[-1] != slots:
-            raise ValueError(f"buckets must be ints >= 1 ending at slots ({slots}), got {buckets}")
-        self.model, self.slots, self.max_length = model, slots, max_length
-        self.buckets, self.cuda_graph = buckets, bool(cuda_graph)
+        self.model, self.max_length = model, max_length
         optimize(model)
-        dev = self.device
         self.dtype = model.centroids.dtype
         t = self._tables = prepare(model)
         # Own copies: reload() rewrites them in place, so captured graphs stay valid.
-        self.table, self.mask_row, self.box = t.table.clone(), t.mask_row.clone(), t.box.clone()
+        self.box = t.box.clone()
         self.head_weight, self.head_bias = t.head_weight.clone(), t.head_bias.clone()
-        rows = slots + 1  # row `slots` is scratch: padded joiners write there, no step reads it
-        hidden = model.config.hidden_size
+        super().__init__(slots, cuda_graph=cuda_graph, buckets=buckets, table=t.table.clone(),
+                         mask_row=t.mask_row.clone())
+        dev, rows, hidden = self.device, slots + 1, model.config.hidden_size
         self.key_mask = torch.zeros(rows, max_length, dtype=torch.bool, device=dev)
         self.ext = extended_mask(model, self.key_mask).contiguous()
         self.lang = torch.zeros(rows, max_length, hidden, dtype=self.dtype, device=dev)
-        self.state = init_state(rows, self.mask_row)
-        self.hist = torch.zeros(rows, MAX_STEPS, N_CELLS, dtype=torch.bool, device=dev)
-        self.probs = torch.zeros(rows, N_CELLS, dtype=torch.float32, device=dev)
-        self.ctl = torch.zeros(5, rows, dtype=torch.int32, device=dev)
-        self.ctl[_STRAT] = INACTIVE
-        self.cell_seed = torch.zeros(rows, N_CELLS, dtype=torch.int64, device=dev)
-        self.temps = torch.zeros(rows, N_CELLS, dtype=torch.float32, device=dev)
-        self.row_index = torch.arange(rows, device=dev)
-        # joiners' staging (the language pass runs on the first j of these)
         self.join_ids = torch.zeros(slots, max_length, dtype=torch.int64, device=dev)
         self.join_mask = torch.zeros(slots, max_length, dtype=torch.bool, device=dev)
-        self.join_slot = torch.full((slots,), slots, dtype=torch.int64, device=dev)
-        self.join_temps = torch.zeros(slots, N_CELLS, dtype=torch.float32, device=dev)
-        self._rows: list[_Row | None] = [None] * slots
-        self._by_handle: dict[int, int] = {}
-        self._next_handle = 0
-        self._pending: list[Finished] = []
-        self._graphs: dict = {}
-        self._lang_graphs: dict = {}
-        self._warm = False
-        self.captures = 0  # graphs captured so far (tests: nothing is captured after warmup)
-        if dev.type == "cuda":
-            self._staging = [(torch.zeros(5, rows, dtype=torch.int32).pin_memory(),
-                              torch.zeros(rows, N_CELLS, dtype=torch.int64).pin_memory(),
-                              torch.cuda.Event()) for _ in range(4)]
-            self._stage_i = 0
-
-    # ---------------------------------------------------------------- occupancy
-    def free_slots(self) -> int:
-        return sum(r is None for r in self._rows)
-
-    def active(self) -> int:
-        return self.slots - self.free_slots()
 
     # ---------------------------------------------------------------- weights
     @torch.no_grad()
@@ -224,11 +120,8 @@ class Engine:
             dst.copy_(src)
         self._tables = t
 
-    # ---------------------------------------------------------------- validation
-    def _check(self, i: int, r) -> _Row:
-        where = f"requests[{i}]"
-        if not isinstance(r, Request):
-            raise TypeError(f"{where} must be an xlx_fast.engine.Request, got {type(r).__name__}")
+    # ---------------------------------------------------------------- the hooks
+    def _check_input(self, where: str, r: Request):
         ids = r.input_ids
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"{where}.input_ids must be a torch.Tensor, got {type(ids).__name__}")
@@ -263,286 +156,46 @@ class Engine:
             mask = mask.bool()
         else:
             mask = ids != 0
-        p = check_params(r.strategy, r.steps, r.temperature, r.seed, N_CELLS, where=f"{where}.")
-        sched = schedule(p.strategy.name, p.steps, p.seed, N_CELLS)
-        return _Row(handle=-1, request=r, steps=p.steps, code=p.strategy.code,
-                    count=sched.count, cell=sched.cell, next_cell=sched.next_cell,
-                    key=seed_key(p.seed), temperature=p.temperature, ids=ids, mask=mask)
+        return (ids, mask), N_CELLS
 
-    # ---------------------------------------------------------------- admit
-    @torch.no_grad()
-    def admit(self, requests: Sequence[Request]) -> list[int]:
-        """Validate every request first (nothing is admitted if one is bad), place them in free
-        slots (the lowest first), run the language layers for the joiners only. Returns one
-        handle per request."""
-        if isinstance(requests, Request) or not isinstance(requests, (list, tuple)):
-            raise TypeError("requests must be a list or tuple of Request")
-        rows = [self._check(i, r) for i, r in enumerate(requests)]
-        if len(rows) > self.free_slots():
-            raise ValueError(f"requests: {len(rows)} requests but only {self.free_slots()} free "
-                             f"slot(s) of {self.slots}")
-        if not rows:
-            return []
-        free = [s for s, r in enumerate(self._rows) if r is None][:len(rows)]
+    def _stage(self, rows: list[Row]) -> None:
         j = len(rows)
         ids = torch.zeros(j, self.max_length, dtype=torch.int64)
         mask = torch.zeros(j, self.max_length, dtype=torch.bool)
-        temps = torch.zeros(j, N_CELLS, dtype=torch.float32)
         for n, row in enumerate(rows):
-            length = row.ids.shape[0]
-            ids[n, :length] = row.ids
-            mask[n, :length] = row.mask
-            temps[n] = row.temperature
-        jb = self._bucket(j) if self.cuda_graph else j
+            row_ids, row_mask = row.data
+            ids[n, :row_ids.shape[0]] = row_ids
+            mask[n, :row_ids.shape[0]] = row_mask
         self.join_ids.zero_()
         self.join_mask.zero_()
-        self.join_temps.zero_()
-        self.join_slot.fill_(self.slots)
         self.join_ids[:j].copy_(ids)
         self.join_mask[:j].copy_(mask)
-        self.join_temps[:j].copy_(temps)
-        self.join_slot[:j].copy_(torch.tensor(free, dtype=torch.int64))
-        if self.cuda_graph:
-            if jb not in self._lang_graphs:
-                self._lang_graphs[jb] = self._capture(lambda: self._join(jb))
-            self._lang_graphs[jb].replay()
-        else:
-            self._join(jb)
-        handles = []
-        for slot, row in zip(free, rows):
-            row.handle = self._next_handle
-            self._next_handle += 1
-            self._rows[slot] = row
-            self._by_handle[row.handle] = slot
-            handles.append(row.handle)
-        return handles
 
-    def _join(self, j: int) -> None:
-        """Language layers for the first j joiners, written into their slots; their sampler
-        state reset to step 0. Plain tensor ops on static buffers: capturable."""
-        slot = self.join_slot[:j]
+    def _join_rows(self, j: int, slot: torch.Tensor) -> None:
+        """Language layers for the first j joiners, written into their slots."""
         ext = extended_mask(self.model, self.join_mask[:j])
         lang = language(self.model, self.join_ids[:j], ext)
         self.lang.index_copy_(0, slot, lang)
         self.ext.index_copy_(0, slot, ext)
         self.key_mask.index_copy_(0, slot, self.join_mask[:j])
-        self.temps.index_copy_(0, slot, self.join_temps[:j])
-        st = self.state
-        st.mask.index_fill_(0, slot, True)
-        st.visited.index_fill_(0, slot, False)
-        st.ids.index_fill_(0, slot, -1)
-        st.status.index_fill_(0, slot, 0)
-        st.out.index_copy_(0, slot, self.mask_row.view(1, 1, -1).expand(j, N_CELLS, -1))
 
-    # ---------------------------------------------------------------- cancel
-    def cancel(self, handle: int) -> None:
-        """Free the request's slot at the next step boundary (its Finished has cancelled=True).
-        A handle that already finished is ignored; one never issued is a ValueError."""
-        if isinstance(handle, bool) or not isinstance(handle, int):
-            raise TypeError(f"handle must be an int, got {type(handle).__name__}")
-        if not 0 <= handle < self._next_handle:
-            raise ValueError(f"handle {handle} was never issued by this engine")
-        slot = self._by_handle.get(handle)
-        if slot is not None:
-            self._rows[slot].cancelled = True
+    def _row_buffers(self):
+        return self.key_mask, self.ext, self.lang
 
-    # ---------------------------------------------------------------- step
-    def _bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
-
-    def _compact(self) -> int:
-        """Move rows into low free slots until the occupied slots fit the smallest bucket;
-        returns that bucket."""
-        b = self._bucket(self.active())
-        high = [s for s in range(b, self.slots) if self._rows[s] is not None]
-        if high:
-            low = [s for s in range(b) if self._rows[s] is None][:len(high)]
-            src = torch.tensor(high, device=self.device)
-            dst = torch.tensor(low, device=self.device)
-            st = self.state
-            for t in (self.key_mask, self.ext, self.lang, st.mask, st.visited,
-                      st.ids, st.out, st.status, self.hist, self.probs, self.temps):
-                t.index_copy_(0, dst, t.index_select(0, src))
-            for s, d in zip(high, low):
-                row = self._rows[s]
-                self._rows[d], self._rows[s] = row, None
-                self._by_handle[row.handle] = d
-        return b
-
-    def _core(self, b: int, sample: bool) -> list[int]:
-        """One forward over the first b rows and the sampler step. Plain tensor ops and the two
-        custom ops on static buffers, no host sync: capturable. Returns the slots the sampler
-        flagged on a CPU ([] elsewhere: a GPU's flags are read when the row finishes)."""
-        model, st = self.model, self.state
-        ctl = self.ctl[:, :b]
-        self.hist[self.row_index[:b], ctl[_STEP].long()] = st.mask[:b]
-        visual = vision(model, self.lang[:b], self.ext[:b], st.out[:b] + self.box)
+    def _forward(self, b: int, sample: bool):
+        model = self.model
+        visual = vision(model, self.lang[:b], self.ext[:b], self.state.out[:b] + self.box)
         h = head_transform(model, visual)
         if sample:
-            prob, pred_id = codebook_head(h, self.head_weight, self.head_bias,
-                                          temperature=self.temps[:b], seeds=self.cell_seed[:b],
-                                          step=0, check_nan=False)
-        else:
-            prob, pred_id = codebook_head(h, self.head_weight, self.head_bias, check_nan=False)
-        view = SamplerState(st.mask[:b], st.visited[:b], st.ids[:b], st.out[:b], st.status[:b])
+            return codebook_head(h, self.head_weight, self.head_bias, temperature=self.temps[:b],
+                                 seeds=self.cell_seed[:b], step=0, check_nan=False)
+        return codebook_head(h, self.head_weight, self.head_bias, check_nan=False)
 
-        def sample_step():
-            sampler_step(prob, pred_id, view, self.table, self.mask_row, ctl[_STRAT],
-                         count=ctl[_COUNT], cell=ctl[_CELL], next_cell=ctl[_NEXT])
+    def _finish_extra(self, idx, ids):
+        return torch.where((ids >= 0).unsqueeze(-1), self.model.centroids[ids.clamp(min=0)],
+                           self.model.mask_feat.to(self.dtype))
 
-        flagged = []
-        try:
-            sample_step()
-        except ValueError:
-            # The C++ twin refuses the whole batch for one bad row, writing only the bad rows'
-            # status: those rows stop here (the caller frees them with their error) and the step
-            # is rerun for the others on the same probabilities, so they advance as if alone.
-            if self.device.type != "cpu":
-                raise
-            status = st.status[:b].tolist()
-            flagged = [s for s in range(b) if self._rows[s] is not None and status[s]]
-            if not flagged:
-                raise
-            ctl[_STRAT, flagged] = INACTIVE
-            if len(flagged) < sum(r is not None for r in self._rows[:b]):
-                sample_step()
-        self.probs[:b].copy_(prob)
-        return flagged
-
-    def _capture(self, fn):
-        """A CUDA graph of fn (after one eager run on a side stream that also compiles kernels)."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        self.captures += 1
-        return graph
-
-    @torch.no_grad()
-    def warmup(self) -> None:
-        """On CUDA: capture every bucket's step (greedy and sampling) and joiner language pass,
-        so that no capture happens during traffic. Must be called while the engine is empty.
-        On CPU: nothing to prepare (a no-op)."""
-        if self.active():
-            raise ValueError("warmup() must run before any request is admitted")
-        if not self.cuda_graph:
-            self._warm = True
-            return
-        self.ctl[_STRAT] = INACTIVE
-        self.ctl[_STEP] = 0
-        for b in self.buckets:
-            for sample in (False, True):
-                if (b, sample) not in self._graphs:
-                    self._graphs[b, sample] = self._capture(lambda b=b, s=sample: self._core(b, s))
-            if b not in self._lang_graphs:
-                self.join_slot.fill_(self.slots)  # warm-up runs write only the scratch row
-                self._lang_graphs[b] = self._capture(lambda b=b: self._join(b))
-        torch.cuda.current_stream(self.device).synchronize()
-        self._warm = True
-
-    def _upload(self, b: int, ctl: np.ndarray, seeds: np.ndarray | None) -> None:
-        if self.device.type != "cuda":
-            self.ctl[:, :b].copy_(torch.from_numpy(ctl))
-            if seeds is not None:
-                self.cell_seed[:b].copy_(torch.from_numpy(seeds))
-            return
-        # pinned ring: the buffer reused now was copied from 4 steps ago (its event is long done)
-        host_ctl, host_seed, event = self._staging[self._stage_i]
-        self._stage_i = (self._stage_i + 1) % len(self._staging)
-        if not event.query():  # practically never: the copy was enqueued 4 steps ago
-            event.synchronize()
-        # the whole [5, rows] block: one contiguous pinned copy (rows past b: idle)
-        block = host_ctl.numpy()
-        block[:] = 0
-        block[_STRAT] = INACTIVE
-        block[:, :b] = ctl
-        self.ctl.copy_(host_ctl, non_blocking=True)
-        if seeds is not None:
-            host_seed[:b].numpy()[:] = seeds
-            self.cell_seed[:b].copy_(host_seed[:b], non_blocking=True)
-        event.record(torch.cuda.current_stream(self.device))
-
-    @torch.no_grad()
-    def step(self) -> list[Finished]:
-        """One forward over the occupied slots; each row advances by one of ITS steps; rows that
-        finished (or were cancelled) are returned and their slots freed. [] when empty.
-
-        A row the sampler flags (NaN probabilities) is returned with ``error`` set, never raised:
-        on a CPU at the step that flagged it, on a GPU when it finishes (its flag is read then,
-        with the results: no extra sync). The other rows go on as if it had never been there."""
-        out, self._pending = self._pending, []
-        try:
-            return self._step(out)
-        except ValueError:
-            self._pending = out + self._pending  # rows already finished are not lost
-            raise
-
-    def _step(self, out: list) -> list[Finished]:
-        cancelled = [s for s, r in enumerate(self._rows) if r is not None and r.cancelled]
-        if cancelled:
-            out += self._finish(cancelled)
-        if not self.active():
-            return out
-        b = self._compact()
-        ctl = np.zeros((5, b), dtype=np.int32)
-        ctl[_STRAT] = INACTIVE
-        sample = any(r is not None and r.temperature > 0 for r in self._rows[:b])
-        seeds = np.zeros((b, N_CELLS), dtype=np.int64) if sample else None
-        for s, row in enumerate(self._rows[:b]):
-            if row is None:
-                continue
-            i = row.step
-            ctl[:, s] = (row.code, row.count[i] if row.count else 0, row.cell[i] if row.cell else -1,
-                      row.next_cell[i] if row.next_cell else -1, i)
-            if sample and row.temperature > 0:
-                seeds[s] = cell_seeds(row.key, i)
-        self._upload(b, ctl, seeds)
-        flagged = []
-        if self.cuda_graph:
-            graph = self._graphs.get((b, sample))
-            if graph is None:
-                graph = self._graphs[b, sample] = self._capture(lambda: self._core(b, sample))
-            graph.replay()
-        else:
-            flagged = self._core(b, sample)
-        done = []
-        for s, row in enumerate(self._rows[:b]):
-            if row is not None:
-                if s in flagged:
-                    done.append(s)
-                    continue
-                row.step += 1
-                if row.step == row.steps:
-                    done.append(s)
-        if done:
-            out += self._finish(done)
-        return out
-
-    def _finish(self, slots: list[int]) -> list[Finished]:
-        """Copy the rows' results to the host (the step's one sync) and free their slots."""
-        idx = torch.tensor(slots, device=self.device)
-        st = self.state
-        ids = st.ids.index_select(0, idx)
-        codes = torch.where((ids >= 0).unsqueeze(-1), self.model.centroids[ids.clamp(min=0)],
-                            self.model.mask_feat.to(self.dtype))
-        # four copies queued (into pinned memory on CUDA), then one wait for all of them
-        ids, probs, hist, status = (t.index_select(0, idx).to("cpu", non_blocking=True)
-                                    for t in (st.ids, self.probs, self.hist, st.status))
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        finished = []
-        for n, s in enumerate(slots):
-            row = self._rows[s]
-            self._rows[s] = None
-            del self._by_handle[row.handle]
-            code = int(status[n])
-            error = None if not code else (f"sampler step flagged request {row.handle}: "
-                                           f"{describe_status(code)} (check the model's weights for NaN)")
-            finished.append(Finished(request=row.request, ids=ids[n].clone(), codes=codes[n].clone(),
-                                     probs=probs[n].clone(), masks=hist[n, :row.step].clone(),
-                                     cancelled=row.cancelled, error=error))
-        return finished
+    def _finished(self, row: Row, ids, probs, masks, codes, error):
+        return Finished(request=row.request, ids=ids.clone(), codes=codes.clone(),
+                        probs=probs.clone(), masks=masks.clone(), cancelled=row.cancelled,
+                        error=error)
