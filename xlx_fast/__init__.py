@@ -1,4 +1,4 @@
-"""xlx_fast: fast X-LXMERT image generation.
+"""xlx_fast: fast X-LXMERT image generation, captioning and question answering.
 
 Public API::
 
@@ -7,6 +7,7 @@ Public API::
     xlx_fast.optimize(model)                                            # fused kernels, in place
     out = xlx_fast.generate(model, input_ids, steps=4)                  # fast sampler
     ref = xlx_fast.reference.sample(model, input_ids, steps=4)          # eager reference
+    words = xlx_fast.caption(model, cluster_ids=out.ids, length=12)     # read the picture back
 
 Submodules are imported lazily so that ``import xlx_fast`` stays cheap.
 """
@@ -24,6 +25,7 @@ _LAZY = {
     "text": ("xlx_fast.text", None),
     "optimize": ("xlx_fast.patching", "optimize"),
     "generate": ("xlx_fast.generation", "generate"),
+    "caption": ("xlx_fast.captioning", "caption"),
     "info": ("xlx_fast.cli.info", "info"),
     "vocab": ("xlx_fast.vocab", None),
     "training": ("xlx_fast.training", None),

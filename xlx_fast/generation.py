@@ -49,7 +49,7 @@ __all__ = ["generate"]
 _ENGINE_CACHE = 4  # engines kept per model (LRU): one per (batch, length, dtype, device, graph)
 
 
-def _per_row(name: str, value, b: int, kind) -> list:
+def per_row(name: str, value, b: int, kind) -> list:
     """A scalar, or a sequence / 1-D tensor of one value per row -> a list of b values."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
@@ -70,7 +70,7 @@ def _per_row(name: str, value, b: int, kind) -> list:
     return [value] * b
 
 
-def _storage_key(model) -> tuple:
+def storage_key(model) -> tuple:
     """The data pointers of every parameter and buffer: graphs hold these addresses, so a
     replaced tensor needs another engine. The (module, name) slots are listed once per model
     (walking the module tree took 0.7 ms a call at the base size); each call reads the slots
@@ -90,7 +90,7 @@ def _storage_key(model) -> tuple:
 def _engine(model, b: int, length: int, cuda_graph: bool):
     """An engine for this batch shape, cached on the model (bounded LRU of ``_ENGINE_CACHE``),
     keyed by what fixes its buffers and graphs: never by a seed or a temperature (data)."""
-    params = _storage_key(model)
+    params = storage_key(model)
     key = (b, length, bool(cuda_graph), model.centroids.dtype, str(model.centroids.device), params)
     cache = model.__dict__.setdefault("_xlx_engines", OrderedDict())
     engine = cache.pop(key, None)
@@ -147,7 +147,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if model.training:
         raise ValueError("generate() runs inference only: call model.eval() first")
     b, length = input_ids.shape
-    columns = [_per_row(name, value, b, kind) for name, value, kind in (
+    columns = [per_row(name, value, b, kind) for name, value, kind in (
         ("strategy", strategy, str), ("steps", steps, int), ("temperature", temperature, float),
         ("seed", seed, int))]
     params = [check_params(st, k.item() if isinstance(k, torch.Tensor) else k, t,

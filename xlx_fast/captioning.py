@@ -1,0 +1,125 @@
+"""``xlx_fast.caption``: write a caption for an image by Mask-Predict over words, fast.
+
+Same arguments and result as :func:`xlx_fast.reference.caption.caption`, run on
+:class:`xlx_fast.caption_engine.CaptionEngine` with ``slots = B``: each row's caption depends on
+that row's image and parameters only. Per call the loop does the reference's arithmetic minus
+the work that cannot change the answer (each saving is exact algebra, see
+:mod:`xlx_fast.caption_plan`): the image stream (visual encoder and the 5 relational layers)
+runs once per image instead of once per step; the last cross layer's visual half is never
+computed; the masked-LM head returns (max probability, argmax) per word without a
+[B, L, 30522] tensor; the next step's word embeddings are gathered by the sampler op.
+
+Equality with the reference: the fused head and the fused linears round differently from the
+eager modules, so probabilities agree to float rounding and words are equal wherever the best
+and second-best word are further apart than that (SPEC §4); the tests sharpen the head and then
+require exact equality.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from .caption_engine import CaptionEngine, CaptionRequest
+from .caption_io import DEFAULT_WORDS, CaptionResult, check_image, check_lengths
+from .generation import per_row, storage_key
+from .sampling_params import check_params
+
+__all__ = ["caption"]
+
+_ENGINE_CACHE = 4
+
+
+def _engine(model, b: int, cuda_graph: bool) -> CaptionEngine:
+    key = (b, bool(cuda_graph), model.centroids.dtype, str(model.centroids.device), storage_key(model))
+    cache = model.__dict__.setdefault("_xlx_caption_engines", OrderedDict())
+    engine = cache.pop(key, None)
+    if engine is None:
+        engine = CaptionEngine(model, slots=b, cuda_graph=cuda_graph, buckets=[b])
+        engine.warmup()
+    cache[key] = engine
+    while len(cache) > _ENGINE_CACHE:
+        cache.popitem(last=False)
+    return engine
+
+
+@torch.no_grad()
+def caption(model, features=None, cluster_ids=None, length=DEFAULT_WORDS, steps=None,
+            strategy="mask_predict", temperature=0.0, seed=None, cuda_graph: bool | None = None,
+            progress: bool = False) -> CaptionResult:
+    """Caption images, fast.
+
+    Args:
+        model: ``XLxmertForImageGeneration`` with its masked-LM head (built with
+            ``pretraining_heads=True``), in eval mode; ``optimize`` is applied in place.
+        features: [B, 64, F] grid features, or ``cluster_ids`` [B, 64] (e.g. ``generate``'s
+            ``ids``: "paint, then read back"). Exactly one.
+        length: words per caption, 1..18: an int, or one per row.
+        steps, strategy, temperature, seed: as for ``xlx_fast.generate``, over the caption's
+            words (default steps: 4 for Mask-Predict, L for the AR orders); a scalar or one per
+            row. ``temperature > 0`` samples each word from softmax(logits / temperature) with
+            Philox noise keyed by (seed, step, word) -- not part of the reference.
+        cuda_graph: capture the steps as CUDA graphs (default: on for CUDA models).
+        progress: a progress bar over the steps.
+
+    Returns :class:`xlx_fast.caption_io.CaptionResult` on the model's device. Raises ValueError
+    naming the row when the sampler flags one (NaN probabilities).
+    """
+    if getattr(model, "cls", None) is None:
+        raise ValueError("captioning needs the masked-LM head (cls.predictions): build the model "
+                         "with pretraining_heads=True (from_default or from_checkpoint)")
+    if model.training:
+        raise ValueError("caption() runs inference only: call model.eval() first")
+    image = check_image(model, features, cluster_ids)
+    b = image.shape[0]
+    lengths = check_lengths(length, b)
+    columns = [per_row(name, value, b, kind) for name, value, kind in (
+        ("strategy", strategy, str), ("steps", steps, int), ("temperature", temperature, float),
+        ("seed", seed, int))]
+    params = [check_params(st, k.item() if isinstance(k, torch.Tensor) else k, t,
+                           0 if x is None else x, n, where=f"row {r}: ")
+              for r, (st, k, t, x, n) in enumerate(zip(*columns, lengths))]
+    device = model.centroids.device
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    if cuda_graph and device.type != "cuda":
+        raise ValueError("cuda_graph=True needs a model on a CUDA device")
+
+    engine = _engine(model, b, cuda_graph)
+    requests = [CaptionRequest(features=image[r], length=n, seed=p.seed, steps=p.steps,
+                               strategy=p.strategy.name, temperature=p.temperature)
+                for r, (p, n) in enumerate(zip(params, lengths))]
+    handles = engine.admit(requests)
+    row_of = {id(q): r for r, q in enumerate(requests)}
+    results = [None] * b
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max(p.steps for p in params), desc="xlx_fast caption", unit="step")
+    try:
+        while engine.active():
+            for f in engine.step():
+                results[row_of[id(f.request)]] = f
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+        for h in handles:  # leave the cached engine empty even after an error
+            engine.cancel(h)
+        while engine.active():
+            engine.step()
+    for r, f in enumerate(results):
+        if f.error is not None:
+            raise ValueError(f"row {r}: {f.error}")
+    width, k = max(lengths), max(p.steps for p in params)
+    ids = torch.zeros(b, width, dtype=torch.int64)
+    probs = torch.zeros(b, width, dtype=torch.float32)
+    masks = torch.zeros(k, b, width, dtype=torch.bool)
+    for r, f in enumerate(results):
+        n = lengths[r]
+        ids[r, :n], probs[r, :n] = f.ids, f.probs
+        masks[:f.masks.shape[0], r, :n] = f.masks
+    return CaptionResult(ids=ids.to(device), probs=probs.to(device), masks=masks.to(device),
+                         lengths=torch.tensor(lengths, device=device))
