@@ -30,6 +30,17 @@ def test_wordpiece(vocab_file):
     assert torch.equal(CaptionTokenizer.from_vocab(vocab_file.parent)(["a bus"])[0], tok(["a bus"])[0])
 
 
+def test_decode_reads_word_ids_back_joining_wordpieces(vocab_file):
+    tok = CaptionTokenizer.from_vocab(vocab_file)
+    ids, _ = tok(["A red bus, playing on the streets."])
+    words = ids[0, 1:12].tolist()  # between [CLS] and [SEP]
+    assert tok.decode(words) == "a red bus , playing on the streets ."
+    assert tok.decode([]) == ""
+    assert tok.decode([len(VOCAB) + 5]) == f"[{len(VOCAB) + 5}]"  # past the vocabulary: shown as an id
+    # the fallback's hashing cannot be undone: ids are shown as ids, never as made-up words
+    assert CaptionTokenizer.fallback().decode([1234, 99]) == "[1234] [99]"
+
+
 def test_truncation_keeps_sep(vocab_file):
     tok = CaptionTokenizer.from_vocab(vocab_file)
     ids, mask = tok("red " * 50)

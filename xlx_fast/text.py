@@ -58,8 +58,9 @@ def basic_tokenize(text: str) -> list[str]:
 class CaptionTokenizer:
     """Turns captions into the model's ``(input_ids, attention_mask)``."""
 
-    def __init__(self, encode_words, name: str, is_fallback: bool = False):
+    def __init__(self, encode_words, name: str, is_fallback: bool = False, tokens=None):
         self._encode_words = encode_words  # caption -> list of token ids, no special tokens
+        self._tokens = tokens  # id -> token string (None: ids cannot be read back as words)
         self.name = name
         self.is_fallback = is_fallback
         #: the ids of [PAD] (fills each row after [SEP]), [CLS] and [SEP]; BERT's are 0, 101, 102
@@ -80,7 +81,10 @@ class CaptionTokenizer:
         missing = [t for t in (PAD, UNK, CLS, SEP) if t not in vocab]
         if missing:
             raise ValueError(f"{path} is not a BERT vocabulary: missing {', '.join(missing)}")
-        tok = cls(lambda text: _wordpiece(text, vocab), name=f"wordpiece:{path}")
+        tokens = [""] * len(vocab)
+        for t, i in vocab.items():
+            tokens[i] = t
+        tok = cls(lambda text: _wordpiece(text, vocab), name=f"wordpiece:{path}", tokens=tokens)
         tok.pad_id, tok.cls_id, tok.sep_id = vocab[PAD], vocab[CLS], vocab[SEP]
         return tok
 
@@ -90,7 +94,10 @@ class CaptionTokenizer:
         def encode(text):
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        tok = cls(encode, name=f"hf:{type(tokenizer).__name__}")
+        tokens = None
+        if hasattr(tokenizer, "convert_ids_to_tokens") and hasattr(tokenizer, "__len__"):
+            tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        tok = cls(encode, name=f"hf:{type(tokenizer).__name__}", tokens=tokens)
         tok.pad_id = tokenizer.pad_token_id or 0
         tok.cls_id, tok.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
         return tok
@@ -124,6 +131,19 @@ class CaptionTokenizer:
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
             mask[row, : len(tokens)] = True
         return ids, mask
+
+    def decode(self, ids) -> str:
+        """Word ids (a caption's words, no special tokens) back to text: WordPiece's ``##``
+        continuations joined to the piece before. Without a vocabulary (the fallback, whose
+        hashing cannot be undone) each id reads ``[id]``."""
+        ids = [int(i) for i in ids]
+        if self._tokens is None:
+            return " ".join(f"[{i}]" for i in ids)
+        text = ""
+        for i in ids:
+            t = self._tokens[i] if 0 <= i < len(self._tokens) else f"[{i}]"
+            text += t[2:] if t.startswith("##") and text else (" " + t if text else t)
+        return text
 
     def token_counts(self, captions) -> list[int]:
         """Tokens each caption needs, ``[CLS]`` and ``[SEP]`` included, before truncation (a
