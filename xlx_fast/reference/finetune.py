@@ -1,0 +1,66 @@
+"""The reference fine-tuning step for the answer tasks (VQA, GQA, NLVR2) in plain eager PyTorch.
+
+This is what "same losses and gradients" means for :mod:`xlx_fast.training.tasks`. The forward
+is :func:`xlx_fast.reference.answer.answer_logits` (HF's eager ``LxmertModel``, the answer head
+on the pooled output; NLVR2 repeats each sentence for its two images). The losses:
+
+- ``vqa``, ``gqa`` (``task.loss == "bce"``): ``BCEWithLogitsLoss()(logits, target) · A`` with
+  ``target`` the soft answer scores ``[B, A]`` and ``A = logits.shape[1]`` the number of
+  answers: the mean over B·A entries times A, i.e. the sum over answers averaged over the
+  batch. That factor is LXMERT's (``lxmert/src/tasks/vqa.py``: ``loss * logit.size(1)``).
+  X-LXMERT's own ``vqa.py``/``gqa.py`` leave it out. Under AdamW a constant factor on the loss
+  changes the update only through Adam's epsilon and through gradient clipping (the clipped
+  norm is A times larger), so the two recipes train alike but not bit for bit.
+- ``nlvr2`` (``task.loss == "ce"``): ``CrossEntropyLoss()(logits, label)``, ``label`` [B] in {0, 1}.
+
+A batch is any object with ``input_ids`` [B, L] and ``attention_mask`` [B, L] (the question,
+``[CLS] words [SEP]`` padded), ``features`` (``[B, 64, F]``; NLVR2 ``[B, 2, 64, F]``) and
+``target`` (``[B, A]`` float scores, or ``[B]`` int64 labels for NLVR2), e.g.
+:class:`xlx_fast.training.task_data.TaskBatch`.
+
+The update is the pre-training reference's: :func:`xlx_fast.reference.pretrain.make_optimizer`
+(BERT-style AdamW, linear warm-up then decay) and
+:func:`xlx_fast.reference.pretrain.apply_update` (backward, clip the global gradient norm,
+optimizer and schedule steps).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .answer import answer_logits
+from .pretrain import apply_update, make_optimizer
+
+__all__ = ["finetune_loss", "finetune_step", "make_optimizer"]
+
+
+def finetune_loss(model, batch) -> torch.Tensor:
+    """The authors' loss of ``XLxmertForQuestionAnswering`` ``model`` on ``batch`` (a scalar);
+    see the module docstring."""
+    device = next(model.parameters()).device
+    logits = answer_logits(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                           features=batch.features.to(device))
+    target = batch.target.to(device)
+    logits = logits.float()  # under autocast the loss runs in fp32, as the authors' amp runs did
+    if model.task.loss == "bce":
+        return nn.BCEWithLogitsLoss()(logits, target.float()) * logits.shape[1]
+    return nn.CrossEntropyLoss()(logits, target)
+
+
+def finetune_step(model, optimizer, scheduler, batch, *, clip: float = 1.0,
+                  autocast_dtype: torch.dtype | None = None, scaler=None) -> float:
+    """One update: loss, backward, clip the global gradient norm to ``clip``, step, schedule.
+
+    Returns the loss. Raises ``FloatingPointError`` on a non-finite loss (nothing is updated).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    if autocast_dtype is not None:
+        with torch.autocast(device.type, dtype=autocast_dtype):
+            loss = finetune_loss(model, batch)
+    else:
+        loss = finetune_loss(model, batch)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite {model.task.name} loss {loss.item()}")
+    apply_update(loss, model, optimizer, scheduler, scaler, clip)
+    return loss.item()
