@@ -25,6 +25,7 @@ _LAZY = {
     "text": ("xlx_fast.text", None),
     "optimize": ("xlx_fast.patching", "optimize"),
     "generate": ("xlx_fast.generation", "generate"),
+    "answer": ("xlx_fast.answering", "answer"),
     "caption": ("xlx_fast.captioning", "caption"),
     "info": ("xlx_fast.cli.info", "info"),
     "vocab": ("xlx_fast.vocab", None),
