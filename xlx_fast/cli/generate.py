@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+from ..caption_io import DEFAULT_WORDS, MAX_WORDS
 from ..grid import N_CELLS
 from ..strategies import BY_NAME, MASK_PREDICT_STEPS, MAX_STEPS
 from . import UserError
@@ -43,6 +44,15 @@ def add_parser(p) -> None:
                         "it prints); bulk mode: line n's default seed is --seed + n")
     p.add_argument("--impl", default="fast", choices=list(IMPLS),
                    help=choices_help("which sampler runs", IMPLS, "fast"))
+    p.add_argument("--save-ids", metavar="PATH",
+                   help="also save the cluster ids as .npy [images, 64] (what `xlx-fast caption "
+                        "--cluster-ids` reads)")
+    p.add_argument("--caption-back", action="store_true",
+                   help="also print the caption the model reads back from each picture it painted "
+                        "(Mask-Predict over words with its masked-LM head; the checkpoint must "
+                        "carry its pre-training heads cls.*, as the authors' does)")
+    p.add_argument("--caption-length", type=int, default=DEFAULT_WORDS,
+                   help=f"words of --caption-back's captions, 1..{MAX_WORDS} (default {DEFAULT_WORDS})")
     add_model_arguments(p)
     from . import bulk
 
@@ -97,6 +107,14 @@ def check_args(args):
                         f"{', '.join(e for e in ('.png', '.jpg', '.webp', '.bmp', '.tif') if e in known)}")
     for path in paths:
         check_output(path, "-o")
+    if args.save_ids is not None:
+        if not args.save_ids.endswith(".npy"):
+            raise UserError(f"--save-ids {args.save_ids}: give a .npy file name")
+        check_output(args.save_ids, "--save-ids")
+    if not 1 <= args.caption_length <= MAX_WORDS:
+        raise UserError(f"--caption-length {args.caption_length}: a caption has 1 to {MAX_WORDS} words")
+    if args.caption_back and args.impl != "fast":
+        raise UserError("--caption-back needs --impl fast")
     return tokenizer
 
 
@@ -122,17 +140,21 @@ def load_model(args):
     from xlx_fast.models import XLxmertForImageGeneration
     from xlx_fast.models.checkpoint import CheckpointError
 
+    heads = getattr(args, "caption_back", False)  # the masked-LM head reads the picture back
     if args.checkpoint is None:
-        return XLxmertForImageGeneration.from_default(seed=0, size=args.size)
+        return XLxmertForImageGeneration.from_default(seed=0, size=args.size, pretraining_heads=heads)
     try:
         return XLxmertForImageGeneration.from_checkpoint(args.checkpoint, args.centroids, args.generator,
-                                                         size=args.size)
+                                                         size=args.size, pretraining_heads=heads)
     except (CheckpointError, OSError) as e:
         raise UserError(str(e)) from None
 
 
 def run(args) -> int:
     if args.captions_file:
+        if args.caption_back or args.save_ids:
+            raise UserError("--caption-back and --save-ids are for captions given on the command "
+                            "line, not --captions-file")
         from . import bulk
 
         return bulk.run(args, load_model)
@@ -186,6 +208,18 @@ def run(args) -> int:
         except OSError as e:
             raise UserError(f"-o {args.out}: could not write {path} ({e})") from None
         print(f"wrote {path}")
+    if args.save_ids is not None:
+        import numpy as np
+
+        makedirs_for(args.save_ids)
+        np.save(args.save_ids, result.ids.cpu().numpy())
+        print(f"wrote {args.save_ids}")
+    if args.caption_back:
+        # from the codes, not the ids: a cell no step decided (AR with fewer steps than cells)
+        # reads mask_feat, as the picture's generator saw it
+        back = xlx_fast.caption(model, features=result.codes, length=args.caption_length, seed=seed)
+        for path, r in zip(output_paths(args.out, len(args.captions)), range(len(args.captions))):
+            print(f"caption read back from {path}: {tokenizer.decode(back.tokens(r))}")
     t_end = time.perf_counter()
     print(f"done in {t_end - t0:.1f} s: model {t_built - t0:.1f} s, sampling {t_sampled - t_built:.1f} s, "
           f"painting {t_end - t_sampled:.1f} s", file=sys.stderr)

@@ -1,0 +1,83 @@
+"""Reading the images a command describes by their grid: ``--cluster-ids ids.npy`` (int
+[64], [8, 8] or [B, 64]) or ``--features feats.npy`` (float [64, F] or [B, 64, F]).
+
+Each file is checked (a ``.npy``, its dtype, its shape, ids inside the codebook, features of the
+model's width and finite) before any model is built: a mistake is one ``error:`` line.
+"""
+from __future__ import annotations
+
+from ..grid import N_CELLS
+from . import UserError
+from .paths import check_input
+
+
+def read_npy(path: str, option: str):
+    """The array in ``path`` (memory-mapped), or a UserError saying why it is not one."""
+    import numpy as np
+
+    check_input(path, option)
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head != b"\x93NUMPY":
+        raise UserError(f"{option} {path}: not a .npy file (it starts with {head!r}); save the "
+                        "array with numpy.save")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # numpy raises many kinds for damaged files
+        raise UserError(f"{option} {path}: damaged or truncated .npy ({e})") from None
+    return arr
+
+
+def read_cluster_ids(path: str, option: str, n_clusters: int):
+    """int64 [B, 64] cluster ids from ``path``: [64], [8, 8], [B, 64] or [B, 8, 8]."""
+    import numpy as np
+
+    arr = read_npy(path, option)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise UserError(f"{option} {path}: cluster ids must be integers, got dtype {arr.dtype}")
+    if arr.shape[-2:] == (8, 8):
+        arr = arr.reshape(*arr.shape[:-2], N_CELLS)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != N_CELLS or arr.shape[0] < 1:
+        raise UserError(f"{option} {path}: cluster ids must be [{N_CELLS}] or [images, {N_CELLS}], "
+                        f"got shape {list(arr.shape)}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= n_clusters:
+        raise UserError(f"{option} {path}: cluster ids must lie in [0, {n_clusters}) (the "
+                        f"codebook's size), got [{lo}, {hi}]")
+    return np.array(arr, dtype=np.int64)  # a copy: the memory map is read-only
+
+
+def read_features(path: str, option: str, feat_dim: int):
+    """float32 [B, 64, F] grid features from ``path``: [64, F] or [B, 64, F]."""
+    import numpy as np
+
+    arr = read_npy(path, option)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise UserError(f"{option} {path}: features must be floating point, got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1] != N_CELLS or arr.shape[0] < 1:
+        raise UserError(f"{option} {path}: features must be [{N_CELLS}, {feat_dim}] or "
+                        f"[images, {N_CELLS}, {feat_dim}], got shape {list(arr.shape)}")
+    if arr.shape[2] != feat_dim:
+        raise UserError(f"{option} {path}: features are {arr.shape[2]} wide but the model reads "
+                        f"{feat_dim}-wide grid features")
+    arr = np.array(arr, dtype=np.float32)  # a copy: the memory map is read-only
+    if not np.isfinite(arr).all():
+        raise UserError(f"{option} {path}: features contain NaN or inf")
+    return arr
+
+
+def codebook_shape(args, sizes) -> tuple[int, int]:
+    """(clusters, feature width) of the model the options describe, without building it: the
+    centroids file's header, or the embedded default's size."""
+    if getattr(args, "centroids", None):
+        arr = read_npy(args.centroids, "--centroids")
+        if arr.ndim != 2:
+            raise UserError(f"--centroids {args.centroids}: must be [clusters, dim], got shape "
+                            f"{list(arr.shape)}")
+        return int(arr.shape[0]), int(arr.shape[1])
+    s = sizes[args.size]
+    return s.n_clusters, s.lxmert.get("visual_feat_dim", 2048)
