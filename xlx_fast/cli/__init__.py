@@ -17,6 +17,7 @@ import sys
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "generate": ("xlx_fast.cli.generate", "paint images from captions"),
+    "answer": ("xlx_fast.cli.answer", "answer a question about an image (VQA, GQA, NLVR2)"),
     "caption": ("xlx_fast.cli.caption", "write captions for images (Mask-Predict over words)"),
     "bench": ("xlx_fast.cli.bench", "benchmark xlx_fast against the eager reference"),
     "vocab": ("xlx_fast.cli.vocab", "fit or apply a visual vocabulary (k-means codebook)"),
