@@ -1,20 +1,33 @@
-"""``xlx-fast train``: pre-train X-LXMERT with the fast step, on one process or under torchrun (DDP).
+"""``xlx-fast train``: pre-train X-LXMERT, or fine-tune it for VQA, GQA or NLVR2, with the fast
+step, on one process or under torchrun (DDP).
 
     xlx-fast train --make-synthetic data/ --size tiny          # a tiny dataset to start with
     xlx-fast train data/ --out run/ --size tiny --steps 30      # one process
     torchrun --nproc_per_node 2 -m xlx_fast.cli train data/ --out run-ddp/ --size tiny --steps 30
 
-The data directory: see :mod:`xlx_fast.training.data`. ``--batch-size`` is the *global* batch:
-each of the W ranks takes its contiguous share of the examples of every global batch, and all
-masking is keyed by (seed, step, example index), so a W-rank run makes the updates of a 1-rank
-run up to rounding (with ``--dropout 0``: dropout masks are drawn per process).
+    xlx-fast train --task vqa --make-synthetic vqa-data/ --size tiny
+    xlx-fast train --task vqa vqa-data/ --out vqa-run/ --size tiny --steps 30
+    xlx-fast train --task vqa vqa-data/ --out vqa-run/ --checkpoint Epoch20_LXRT.pth --vocab vocab.txt
 
-The run directory gets ``centroids.npy``, ``stepNNNNNN_LXRT.pth`` every ``--save-every`` steps
-and at the end (the authors' state-dict format: ``module.``-prefixed keys, loadable by
-``XLxmertForImageGeneration.from_checkpoint(path, centroids, pretraining_heads=...)``) and
-``last.pt`` (model, optimizer and schedule state, the run's hyper-parameters and a checksum)
-from which ``--resume`` continues. Every file is written whole or not at all
-(:mod:`xlx_fast.training.checkpoint`).
+``--task`` (default ``pretrain``): the authors' pre-training step (data directory: see
+:mod:`xlx_fast.training.data`), or fine-tuning for ``vqa``, ``gqa`` or ``nlvr2`` (data
+directory: see :mod:`xlx_fast.training.task_data`; step: :mod:`xlx_fast.training.tasks`).
+Fine-tuning starts from ``--checkpoint`` (an X-LXMERT checkpoint: its ``bert.*`` weights; the
+answer head is always fresh, seeded by ``--seed``) or from the seeded random default.
+
+``--batch-size`` is the *global* batch: each of the W ranks takes its contiguous share of the
+examples of every global batch, and all masking is keyed by (seed, step, example index), so a
+W-rank run makes the updates of a 1-rank run up to rounding (with ``--dropout 0``: dropout masks
+are drawn per process).
+
+The run directory gets ``stepNNNNNN_LXRT.pth`` (fine-tuning: ``stepNNNNNN_VQA.pth``, ...) every
+``--save-every`` steps and at the end (the authors' state-dict format, ``module.``-prefixed
+keys, loadable by ``XLxmertForImageGeneration.from_checkpoint(path, centroids,
+pretraining_heads=...)``, or ``XLxmertForQuestionAnswering.from_checkpoint(path, answers,
+task=...)``), beside them ``centroids.npy`` (pre-training) or ``answers.json`` (fine-tuning:
+the head's answer table), and ``last.pt`` (model, optimizer and schedule state, the run's
+hyper-parameters and a checksum) from which ``--resume`` continues. Every file is written whole
+or not at all (:mod:`xlx_fast.training.checkpoint`).
 
 A run directory belongs to one run: a non-empty ``--out`` is refused unless ``--resume``
 continues the run in it or ``--overwrite`` replaces it. A resumed run keeps its hyper-parameters
@@ -35,7 +48,7 @@ from . import UserError
 
 # The run's hyper-parameters: stored in last.pt and kept by --resume. Their argparse default
 # is None, so that an option given on the command line can be told from one left out.
-DEFAULTS = {"steps": 100, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.05,
+DEFAULTS = {"task": "pretrain", "steps": 100, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.05,
             "clip": 1.0, "dropout": None, "seed": 0, "size": "base", "dtype": "fp32",
             "checkpoint": None, "centroids": None, "vocab": None}
 HPARAMS = tuple(DEFAULTS)
@@ -57,9 +70,16 @@ DOMAINS = {
     "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
 }
 
+TASKS = ("pretrain", "vqa", "gqa", "nlvr2")
 # what a run writes into --out (and --overwrite removes); temporary files are atomic_write's
-RUN_FILE = re.compile(r"^(last\.pt|centroids\.npy|step\d{6}_LXRT\.pth|\..+\.tmp\d+)$")
+RUN_FILE = re.compile(r"^(last\.pt|centroids\.npy|answers\.json|step\d{6}_(LXRT|VQA|GQA|NLVR2)\.pth"
+                      r"|\..+\.tmp\d+)$")
+# the files of a data directory: pre-training's (xlx_fast.training.data), the answer tasks'
+# (xlx_fast.training.task_data; named here so that they are checked before torch is imported)
 DATA_FILES = ("captions.txt", "cluster_ids.npy", "features.npy")
+TASK_DATA_FILES = ("questions.json", "features.npy", "img_ids.json", "answers.json")
+FIRST_DATA_FILE = {"pretrain": "captions.txt", "vqa": "questions.json", "gqa": "questions.json",
+                   "nlvr2": "questions.json"}
 
 
 def _flag(name: str) -> str:
@@ -68,12 +88,17 @@ def _flag(name: str) -> str:
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
-    p.add_argument("data", nargs="?", help="data directory (captions.txt + cluster_ids.npy or features.npy)")
+    p.add_argument("data", nargs="?", help="data directory (pretrain: captions.txt + cluster_ids.npy or "
+                                           "features.npy; vqa/gqa/nlvr2: questions.json, features.npy, "
+                                           "img_ids.json, answers.json)")
+    p.add_argument("--task", default=None, choices=TASKS,
+                   help=f"pre-train, or fine-tune for an answer task (default {d['task']})")
     p.add_argument("--out", help="run directory (checkpoints, last.pt); must be empty or new, "
                                  "unless --resume or --overwrite")
     p.add_argument("--make-synthetic", metavar="DIR", help="write a synthetic data directory and exit")
     p.add_argument("--examples", type=int, default=64,
-                   help="examples in the synthetic set (default %(default)s)")
+                   help="examples in the synthetic set: captions, or questions for --task vqa/gqa/nlvr2 "
+                        "(default %(default)s)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"total optimizer steps; the learning-rate schedule spans them (default {d['steps']})")
     p.add_argument("--batch-size", type=int, default=None, help=f"global batch size (default {d['batch_size']})")
@@ -93,8 +118,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help=f"seeds the model init, data order and masking (default {d['seed']})")
     p.add_argument("--size", default=None, choices=["base", "tiny"], help=f"architecture (default {d['size']})")
-    p.add_argument("--checkpoint", help="start from an X-LXMERT state dict (needs --centroids)")
-    p.add_argument("--centroids", help="cluster centroids .npy")
+    p.add_argument("--checkpoint", help="start from an X-LXMERT state dict (pretrain: needs --centroids; "
+                                        "vqa/gqa/nlvr2: its bert.* weights, with a fresh answer head)")
+    p.add_argument("--centroids", help="cluster centroids .npy (pretrain only)")
     p.add_argument("--vocab", help="BERT-base-uncased vocab.txt (required with --checkpoint)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint period in steps (default %(default)s)")
     p.add_argument("--resume", action="store_true",
@@ -138,9 +164,13 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not ok(value):
             raise UserError(f"{_flag(name)} must be {rule}, got {value}")
+    if args.task not in (None, "pretrain") and args.centroids is not None:
+        raise UserError(f"--centroids is for --task pretrain: {args.task} reads grid features from the "
+                        f"data directory (features.npy)")
     if args.make_synthetic:
         _writable_dir("--make-synthetic", args.make_synthetic)
-        held = [f for f in DATA_FILES if os.path.exists(os.path.join(args.make_synthetic, f))]
+        every = DATA_FILES + tuple(f for f in TASK_DATA_FILES if f not in DATA_FILES)
+        held = [f for f in every if os.path.exists(os.path.join(args.make_synthetic, f))]
         if held:
             raise UserError(f"--make-synthetic {args.make_synthetic} already holds a data set "
                             f"({', '.join(held)}); choose another directory")
@@ -150,8 +180,11 @@ def check_args(args: argparse.Namespace) -> None:
     if not os.path.isdir(args.data):
         raise UserError(f"data directory {args.data} "
                         + ("is a file" if os.path.exists(args.data) else "does not exist"))
-    if not os.path.isfile(os.path.join(args.data, "captions.txt")):
-        raise UserError(f"no captions.txt in {args.data}")
+    task = args.task or (None if args.resume else DEFAULTS["task"])  # None: the resumed run's
+    first = [FIRST_DATA_FILE[task]] if task else sorted(set(FIRST_DATA_FILE.values()))
+    if not any(os.path.isfile(os.path.join(args.data, f)) for f in first):
+        raise UserError(f"no {' or '.join(first)} in {args.data}"
+                        + (f" (the {task} data)" if task not in (None, "pretrain") else ""))
     _writable_dir("--out", args.out)
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it: give one")
@@ -213,6 +246,100 @@ def _build_model(args, torch):
                                                      strict=False, pretraining_heads=True), True
 
 
+class _Pretraining:
+    """What a pre-training run trains on and how it saves (the loop in :func:`_run` is shared)."""
+
+    suffix = "LXRT"
+
+    def __init__(self, args, torch, device, rank):
+        from xlx_fast import training
+        from xlx_fast.text import load_tokenizer
+        from xlx_fast.training.data import load_data
+
+        model, real = _build_model(args, torch)
+        tokenizer = load_tokenizer(args.vocab, real_weights=real)
+        self.data = load_data(args.data, tokenizer, model.centroids, progress=rank == 0 and not args.no_progress)
+        self.vocab_size = model.config.vocab_size
+        if int(self.data.captions.max()) >= self.vocab_size:
+            raise ValueError(f"captions hold token ids >= the model's vocabulary ({self.vocab_size})")
+        self.model, self.args, self.torch, self.device = model, args, torch, device
+        self.training = training
+
+    def __len__(self):
+        return len(self.data)
+
+    def loss_module(self):
+        return self.training.PretrainingLoss(self.model)
+
+    def train_step(self, module, opt, sched, step, indices, autocast, world):
+        """One update on this rank's ``indices``; returns (loss, what it trained)."""
+        torch, training = self.torch, self.training
+        batch = training.make_batch(self.data.captions, self.data.cluster_ids, indices, step, self.args.seed,
+                                    self.vocab_size, device=self.device)
+        count = torch.tensor(training.step.target_count(batch), device=self.device)
+        if world > 1:
+            torch.distributed.all_reduce(count)
+        loss = training.train_step(module, opt, sched, batch, step=step, clip=self.args.clip,
+                                   autocast_dtype=autocast, global_count=max(1, int(count)), world=world)
+        return loss, batch.task
+
+    def write_run_files(self, checkpoint, out):
+        checkpoint.save_npy(self.model.centroids.detach().float().cpu().numpy(), os.path.join(out, "centroids.npy"))
+
+    def state_dict(self):
+        return {k: v for k, v in self.model.state_dict().items() if not k.startswith("generator.")}
+
+    def saved(self, name):
+        return f"{name} (the authors' format"
+
+
+class _FineTuning:
+    """Fine-tuning for an answer task: the model, its data and its step."""
+
+    def __init__(self, args, torch, device, rank):
+        from xlx_fast.text import load_tokenizer
+        from xlx_fast.training import tasks
+        from xlx_fast.training.task_data import load_task_data
+
+        self.suffix = args.task.upper()
+        model = tasks.build_answer_model(args.task, seed=args.seed, size=args.size, checkpoint=args.checkpoint)
+        if args.checkpoint is not None and model.load_report["unused"] and rank == 0:
+            print(f"note: --checkpoint: took its bert.* weights; {len(model.load_report['unused'])} other "
+                  f"key(s) (heads, codebook) are not part of the {args.task} model", file=sys.stderr)
+        tokenizer = load_tokenizer(args.vocab, real_weights=args.checkpoint is not None)
+        self.data = load_task_data(args.data, args.task, tokenizer, model.feat_dim, model.n_answers)
+        model.labels = list(self.data.answers)
+        vocab_size = model.config.vocab_size
+        if int(self.data.input_ids.max()) >= vocab_size:
+            raise ValueError(f"questions hold token ids >= the model's vocabulary ({vocab_size})")
+        self.model, self.args, self.device, self.tasks = model, args, device, tasks
+
+    def __len__(self):
+        return len(self.data)
+
+    def loss_module(self):
+        return self.tasks.TaskLoss(self.model)
+
+    def train_step(self, module, opt, sched, step, indices, autocast, world):
+        batch = self.data.batch(indices, device=self.device)
+        loss = self.tasks.finetune_step(module, opt, sched, batch, step=step, clip=self.args.clip,
+                                        autocast_dtype=autocast, world=world)
+        return loss, self.args.task
+
+    def write_run_files(self, checkpoint, out):
+        import json
+
+        with checkpoint.atomic_write(os.path.join(out, "answers.json")) as f:
+            f.write(json.dumps(self.model.labels).encode("utf-8"))
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def saved(self, name):
+        return (f"{name} (XLxmertForQuestionAnswering.from_checkpoint(path, answers.json, "
+                f"task={self.args.task!r})")
+
+
 def _run(args) -> int:
     import torch
     import torch.distributed as dist
@@ -222,11 +349,17 @@ def _run(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if args.make_synthetic:
-        from xlx_fast.training.data import write_synthetic
-
         for name in HPARAMS:
             if getattr(args, name) is None:
                 setattr(args, name, DEFAULTS[name])
+        if args.task != "pretrain":
+            from xlx_fast.training.task_data import write_synthetic_task
+
+            write_synthetic_task(args.make_synthetic, args.task, n=args.examples, seed=args.seed, size=args.size)
+            print(f"wrote {args.examples} synthetic {args.task} examples to {args.make_synthetic}")
+            return 0
+        from xlx_fast.training.data import write_synthetic
+
         model, _ = _build_model(args, torch)
         write_synthetic(args.make_synthetic, model.centroids, n=args.examples, seed=args.seed)
         print(f"wrote {args.examples} synthetic examples to {args.make_synthetic}")
@@ -244,6 +377,8 @@ def _run(args) -> int:
         hp = {name: DEFAULTS[name] if getattr(args, name) is None else getattr(args, name) for name in HPARAMS}
     for name, value in hp.items():
         setattr(args, name, value)
+    if args.task != "pretrain" and args.centroids is not None:  # a resumed run's task, read just now
+        raise ValueError(f"--centroids is for --task pretrain: {args.task} reads grid features")
     stored_hp = {k: (os.path.abspath(v) if k in PATH_HPARAMS and v is not None else v) for k, v in hp.items()}
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not a multiple of the {world} ranks")
@@ -264,19 +399,14 @@ def _run(args) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     from xlx_fast import training
-    from xlx_fast.text import load_tokenizer
-    from xlx_fast.training.data import global_batch_indices, load_data
+    from xlx_fast.training.data import global_batch_indices
 
-    model, real = _build_model(args, torch)
+    job = (_Pretraining if args.task == "pretrain" else _FineTuning)(args, torch, device, rank)
+    model = job.model
     if args.dropout is not None:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = args.dropout
-    tokenizer = load_tokenizer(args.vocab, real_weights=real)
-    data = load_data(args.data, tokenizer, model.centroids, progress=rank == 0 and not args.no_progress)
-    vocab_size = model.config.vocab_size
-    if int(data.captions.max()) >= vocab_size:
-        raise ValueError(f"captions hold token ids >= the model's vocabulary ({vocab_size})")
 
     model = training.prepare_for_training(model.to(device)).train()
     opt, sched = training.make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
@@ -289,12 +419,14 @@ def _run(args) -> int:
         except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"{last} does not fit this model: {str(e).strip().splitlines()[0][:200]}") from None
         del state
-    module = training.PretrainingLoss(model)
+    module = job.loss_module()
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # pre-training: each task leaves the other heads unused; fine-tuning: the last cross
+        # layer's visual half never reaches the pooled output
         module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
-                     find_unused_parameters=True)  # each task leaves the other heads unused
+                     find_unused_parameters=True)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if args.overwrite:
@@ -304,7 +436,7 @@ def _run(args) -> int:
             if removed:
                 print(f"note: --overwrite: removed {len(removed)} file(s) of the previous run in {args.out}",
                       file=sys.stderr)
-        checkpoint.save_npy(model.centroids.detach().float().cpu().numpy(), os.path.join(args.out, "centroids.npy"))
+        job.write_run_files(checkpoint, args.out)
 
     from tqdm import tqdm
 
@@ -313,24 +445,19 @@ def _run(args) -> int:
     share = args.batch_size // world
     t0, seen = time.perf_counter(), 0
     for step in range(start, end):
-        indices = global_batch_indices(step, args.batch_size, len(data), args.seed)
-        batch = training.make_batch(data.captions, data.cluster_ids, indices[rank * share:(rank + 1) * share],
-                                    step, args.seed, vocab_size, device=device)
-        count = torch.tensor(training.step.target_count(batch), device=device)
-        if world > 1:
-            dist.all_reduce(count)
+        indices = global_batch_indices(step, args.batch_size, len(job), args.seed)
         try:
-            loss = training.train_step(module, opt, sched, batch, step=step, clip=args.clip,
-                                       autocast_dtype=autocast, global_count=max(1, int(count)), world=world)
+            loss, what = job.train_step(module, opt, sched, step, indices[rank * share:(rank + 1) * share],
+                                        autocast, world)
         except FloatingPointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         seen += args.batch_size
-        bar.set_postfix(task=batch.task, loss=f"{loss:.4f}", ex_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        bar.set_postfix(task=what, loss=f"{loss:.4f}", ex_s=f"{seen / (time.perf_counter() - t0):.1f}")
         bar.update(1)
         done = step + 1
         if rank == 0 and (done % args.save_every == 0 or done == end):
-            _save(checkpoint, model, opt, sched, done, args.out, stored_hp)
+            _save(checkpoint, job, opt, sched, done, args.out, stored_hp)
     bar.close()
     if world > 1:
         dist.barrier()
@@ -338,13 +465,13 @@ def _run(args) -> int:
     if rank == 0:
         what = (f"stopped after step {end} of {args.steps}" if end < args.steps
                 else f"trained to step {end}")
-        print(f"{what}; checkpoints in {args.out}: step{end:06d}_LXRT.pth (the authors' format, also "
+        print(f"{what}; checkpoints in {args.out}: {job.saved(f'step{end:06d}_{job.suffix}.pth')}, also "
               f"every {args.save_every} steps), last.pt (--resume continues from it)")
     return 0
 
 
-def _save(checkpoint, model, opt, sched, step, out, hparams):
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("generator.")}
-    checkpoint.save_torch({f"module.{k}": v for k, v in state.items()}, os.path.join(out, f"step{step:06d}_LXRT.pth"))
-    checkpoint.save_run_state(os.path.join(out, "last.pt"), model=model, optimizer=opt, scheduler=sched,
+def _save(checkpoint, job, opt, sched, step, out, hparams):
+    checkpoint.save_torch({f"module.{k}": v for k, v in job.state_dict().items()},
+                          os.path.join(out, f"step{step:06d}_{job.suffix}.pth"))
+    checkpoint.save_run_state(os.path.join(out, "last.pt"), model=job.model, optimizer=opt, scheduler=sched,
                               step=step, hparams=hparams)
