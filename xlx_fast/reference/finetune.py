@@ -4,13 +4,11 @@ This is what "same losses and gradients" means for :mod:`xlx_fast.training.tasks
 is :func:`xlx_fast.reference.answer.answer_logits` (HF's eager ``LxmertModel``, the answer head
 on the pooled output; NLVR2 repeats each sentence for its two images). The losses:
 
-- ``vqa``, ``gqa`` (``task.loss == "bce"``): ``BCEWithLogitsLoss()(logits, target) · A`` with
-  ``target`` the soft answer scores ``[B, A]`` and ``A = logits.shape[1]`` the number of
-  answers: the mean over B·A entries times A, i.e. the sum over answers averaged over the
-  batch. That factor is LXMERT's (``lxmert/src/tasks/vqa.py``: ``loss * logit.size(1)``).
-  X-LXMERT's own ``vqa.py``/``gqa.py`` leave it out. Under AdamW a constant factor on the loss
-  changes the update only through Adam's epsilon and through gradient clipping (the clipped
-  norm is A times larger), so the two recipes train alike but not bit for bit.
+- ``vqa``, ``gqa`` (``task.loss == "bce"``): ``BCEWithLogitsLoss()(logits, target)`` with
+  ``target`` the soft answer scores ``[B, A]``: the mean over B·A entries, as X-LXMERT's own
+  ``vqa.py``/``gqa.py`` compute it. (LXMERT's multiplies it by the answer count A,
+  ``loss * logit.size(1)``; under AdamW a constant factor changes the update only through
+  Adam's epsilon and gradient clipping, whose threshold it would meet A times sooner.)
 - ``nlvr2`` (``task.loss == "ce"``): ``CrossEntropyLoss()(logits, label)``, ``label`` [B] in {0, 1}.
 
 A batch is any object with ``input_ids`` [B, L] and ``attention_mask`` [B, L] (the question,
@@ -43,7 +41,7 @@ def finetune_loss(model, batch) -> torch.Tensor:
     target = batch.target.to(device)
     logits = logits.float()  # under autocast the loss runs in fp32, as the authors' amp runs did
     if model.task.loss == "bce":
-        return nn.BCEWithLogitsLoss()(logits, target.float()) * logits.shape[1]
+        return nn.BCEWithLogitsLoss()(logits, target.float())
     return nn.CrossEntropyLoss()(logits, target)
 
 

@@ -55,7 +55,7 @@ def task_loss(model, batch: TaskBatch) -> torch.Tensor:
     logits = model.answer_head(pooled).float()
     target = batch.target.to(device)
     if model.task.loss == "bce":
-        return F.binary_cross_entropy_with_logits(logits, target.float()) * logits.shape[1]
+        return F.binary_cross_entropy_with_logits(logits, target.float())
     return F.cross_entropy(logits, target)
 
 
