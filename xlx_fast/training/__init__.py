@@ -19,7 +19,7 @@ _LAZY = {
     "TASKS": "step", "Batch": "step", "PretrainingLoss": "step", "make_batch": "step",
     "pretrain_loss": "step", "task_for_step": "step", "train_step": "step",
 }
-_SUBMODULES = ("attention", "checkpoint", "data", "masking", "step")
+_SUBMODULES = ("attention", "checkpoint", "data", "masking", "step", "task_data", "tasks")
 
 
 def __getattr__(name: str):
