@@ -24,7 +24,7 @@ SUBCOMMANDS = {
     "info": ("xlx_fast.cli.info", "show what was built and what is usable here"),
     "serve": ("xlx_fast.cli.serve", "serve images over HTTP (Ray Serve, step-level batching)"),
     "bench-serve": ("xlx_fast.cli.bench_serve", "load-test the serving schedulers (latency under load)"),
-    "train": ("xlx_fast.cli.train", "pre-train X-LXMERT (fused losses; torchrun for DDP)"),
+    "train": ("xlx_fast.cli.train", "pre-train X-LXMERT, or fine-tune it for VQA/GQA/NLVR2 (torchrun for DDP)"),
     "eval": ("xlx_fast.cli.eval", "score answer predictions (VQA soft accuracy, GQA/NLVR2 accuracy)"),
 }
 
