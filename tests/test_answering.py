@@ -344,3 +344,22 @@ def test_non_finite_features_name_the_row(models):
 
 def test_lazy_export():
     assert xlx_fast.answer is answer
+
+
+def test_the_benchmark_case_agrees_at_tiny_size():
+    from xlx_fast.bench import cases as bench_cases
+    from xlx_fast.bench import harness
+
+    spec = harness.Spec(device="cpu", dtypes=(torch.float32, torch.bfloat16), quick=True, size="tiny")
+    try:
+        found = bench_cases.cases("answer", spec)
+        assert {c.shape.split()[0] for c in found} == {"vqa", "nlvr2"}
+        for case in found:
+            rows = harness.run_case(case, {}, {}, harness.SMOKE)
+            (fast,) = [r for r in rows if r["backend"] == "xlx_fast.answer"]
+            assert fast["agreement_ok"] and fast["fast_ms"] > 0
+            assert fast["agreement_extra"]["top-1 agree"] >= 0.5
+            (peer,) = [r for r in rows if r["kind"] == harness.PEER]
+            assert "--quick" in peer["note"]  # the compiled peer runs in the full sweep only
+    finally:
+        bench_cases.release("answer")

@@ -12,6 +12,7 @@ from ..harness import Case, Spec
 # family -> module; the order is the order of the sweep (end to end first, as in SPEC §6)
 FAMILIES = {
     "generation": "xlx_fast.bench.cases.generation",
+    "answer": "xlx_fast.bench.cases.answer",
     "caption": "xlx_fast.bench.cases.caption",
     "attention": "xlx_fast.bench.cases.attention",
     "model_forward": "xlx_fast.bench.cases.model_forward",
