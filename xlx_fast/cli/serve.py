@@ -1,5 +1,7 @@
 """``xlx-fast serve``: start (or join) Ray, deploy the image server, print its URL, serve until
-Ctrl-C or SIGTERM. The server binds 127.0.0.1 unless ``--host`` says otherwise; another address
+Ctrl-C or SIGTERM. It paints (``POST /v1/images/generations``); ``--captions`` adds
+``POST /v1/captions`` and ``--answer-task`` (with ``--answer-checkpoint`` and ``--answers`` for
+the authors' fine-tuned model) adds ``POST /v1/answers``. The server binds 127.0.0.1 unless ``--host`` says otherwise; another address
 needs an API key (or ``--allow-no-key``).
 
 Every argument and file is checked before Ray starts: a bad one is one ``error:`` line and exit
@@ -21,9 +23,23 @@ from . import UserError
 from .model_args import add_model_arguments
 from .paths import check_input
 
+ANSWER_TASKS = ("vqa", "gqa", "nlvr2")
+
 
 def add_parser(p) -> None:
     add_model_arguments(p, device_help="cpu or cuda (one GPU per replica; default cpu)")
+    p.add_argument("--captions", action="store_true",
+                   help="also serve POST /v1/captions (image cluster ids in, a caption out): builds "
+                        "the masked-LM head, so a --checkpoint must carry the authors' cls.* keys")
+    p.add_argument("--answer-task", choices=ANSWER_TASKS, default=None,
+                   help="also serve POST /v1/answers with a question-answering model for this task "
+                        "(default: no answer model); without --answer-checkpoint, the seeded "
+                        "random default at --size (garbage answers, real costs)")
+    p.add_argument("--answer-checkpoint", default=None,
+                   help="the authors' fine-tuned state dict for --answer-task (needs --vocab)")
+    p.add_argument("--answers", default=None,
+                   help="the answer table of --answer-task: label2ans JSON list or ans2label JSON "
+                        "object (needed with --answer-checkpoint for vqa and gqa)")
     p.add_argument("--max-batch", type=int, default=32, help="engine slots per replica")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests per replica before 429")
     p.add_argument("--max-steps", type=int, default=256, help="largest 'steps' a request may ask")
@@ -75,9 +91,21 @@ def app_args(args) -> dict:
         raise ValueError(f"--timeout-ms must be >= 1, got {args.timeout_ms}")
     if not args.body_timeout_s > 0:
         raise ValueError(f"--body-timeout-s must be > 0, got {args.body_timeout_s}")
+    if args.answer_task is None:
+        for option in ("answer_checkpoint", "answers"):
+            if getattr(args, option) is not None:
+                raise ValueError(f"--{option.replace('_', '-')} needs --answer-task "
+                                 f"({', '.join(ANSWER_TASKS)})")
+    elif args.answer_checkpoint is not None and args.answers is None and args.answer_task != "nlvr2":
+        raise ValueError(f"--answer-checkpoint needs --answers, the {args.answer_task} answer table "
+                         "its head was trained with (label2ans or ans2label JSON)")
     model = {"checkpoint": args.checkpoint, "centroids": args.centroids, "generator": args.generator,
-             "vocab": args.vocab, "size": args.size, "device": args.device, "dtype": args.dtype}
+             "vocab": args.vocab, "size": args.size, "device": args.device, "dtype": args.dtype,
+             "answer_task": args.answer_task, "answer_checkpoint": args.answer_checkpoint,
+             "answers": args.answers}
     model = {k: v for k, v in model.items() if v is not None}
+    if args.captions:
+        model["captions"] = True
     if args.size == "tiny" and args.checkpoint is None:
         model["image_size"] = 256  # the API's one size; the tiny generator paints it cheaply
     key = args.api_key if args.api_key is not None else os.environ.get("XLX_FAST_API_KEY")
@@ -120,9 +148,31 @@ def check_args(args, build: dict) -> None:
             check_input(getattr(args, option), f"--{option}")
     if args.vocab is not None:
         check_input(args.vocab, "--vocab", directory_ok=True)
+    if args.answer_checkpoint is not None:
+        check_input(args.answer_checkpoint, "--answer-checkpoint")
+        if args.vocab is None:
+            raise UserError("--answer-checkpoint: a fine-tuned model needs the vocabulary it was "
+                            "trained with: give --vocab (BERT-base-uncased vocab.txt)")
+    if args.answers is not None:
+        check_input(args.answers, "--answers")
+        _check_answer_table(args)
     if not build["api_key"] and not is_loopback(args.host) and not args.allow_no_key:
         raise UserError(f"--host {args.host} serves beyond this machine without an API key: set "
                         "--api-key (or $XLX_FAST_API_KEY), or pass --allow-no-key to serve it open")
+
+
+def _check_answer_table(args) -> None:
+    """The table reads as one, and (for the random default) has the task's answer count."""
+    from xlx_fast.models.answering import TASKS, read_answer_table
+
+    try:
+        labels = read_answer_table(args.answers)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--answers {args.answers}: {e}") from None
+    n = TASKS[args.answer_task].n_answers
+    if args.answer_checkpoint is None and len(labels) != n:
+        raise UserError(f"--answers {args.answers}: {len(labels)} answers, but the {args.answer_task} "
+                        f"head of the default model has {n}")
 
 
 class _Stop(Exception):
@@ -184,8 +234,13 @@ def run(args) -> int:
         deployed = True
         serve.run(build_app(build), name=args.app_name, route_prefix="/")
         url = f"http://{args.host}:{args.port}"
-        print(f"serving on {url}  (POST {url}/v1/images/generations, GET {url}/health, "
-              f"GET {url}/metrics); Ctrl-C to stop", flush=True)
+        routes = [f"POST {url}/v1/images/generations"]
+        if args.captions:
+            routes.append(f"POST {url}/v1/captions")
+        if args.answer_task is not None:
+            routes.append(f"POST {url}/v1/answers ({args.answer_task})")
+        print(f"serving on {url}  ({', '.join(routes)}, GET {url}/health, GET {url}/metrics); "
+              "Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except (KeyboardInterrupt, _Stop):

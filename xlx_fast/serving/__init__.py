@@ -1,13 +1,17 @@
-"""Serving X-LXMERT over HTTP: a Ray Serve application whose replicas each drive one step-level
-engine from one asyncio loop (SPEC §6a).
+"""Serving X-LXMERT over HTTP: a Ray Serve application whose replicas each drive their step-level
+engines from one asyncio loop (SPEC §6a). Routes: ``POST /v1/images/generations`` (paint),
+``POST /v1/captions`` and ``POST /v1/answers`` (the other two tasks, when the model spec turns
+them on), ``GET /health``, ``GET /metrics``.
 
 One idea per module:
 
 - :mod:`.schema`: the HTTP request/response models and the 4xx error shape;
 - :mod:`.model_spec`: the serialisable description a replica builds its model from;
-- :mod:`.scheduler`: the replica's loop (admit at step boundaries, step, paint, resolve);
+- :mod:`.scheduler`: the replica's loop (admit at step boundaries, step, paint, resolve), over
+  the paint engine and, when on, the caption engine and the answer model;
 - :mod:`.policies`: what the loop admits when (step-level joining; the baselines it is compared with);
 - :mod:`.painter`: batched painting with per-request noise;
+- :mod:`.answerer`: batched answering (the questions waiting at a step boundary, one forward);
 - :mod:`.metrics`: the Prometheus text exposition;
 - :mod:`.service`: what each route does (auth, limits, validation), independent of Ray;
 - :mod:`.deployment`: the Ray Serve deployment + FastAPI ingress and the application builder.

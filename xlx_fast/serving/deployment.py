@@ -1,5 +1,10 @@
 """The Ray Serve application: a thin deployment over :class:`~xlx_fast.serving.service.ImageService`
-with a FastAPI ingress. Each replica owns one engine driven by one asyncio loop (SPEC §6a).
+with a FastAPI ingress. Each replica owns its engines, driven by one asyncio loop (SPEC §6a).
+
+Routes: ``POST /v1/images/generations``, ``POST /v1/captions``, ``POST /v1/answers``,
+``GET /health``, ``GET /metrics``. The caption and answer routes are always there and answer 404
+(naming the option that turns them on) on a server whose model spec leaves them off, so a
+client gets one clear answer whatever the server's configuration.
 
 Deploy from the command line (``xlx-fast serve``), from Python
 (``serve.run(build_app({...}))``) or from a config file::
@@ -12,8 +17,8 @@ Deploy from the command line (``xlx-fast serve``), from Python
 ``args`` are :class:`~xlx_fast.serving.service.ServerOptions` fields, plus ``deployment``: Ray
 Serve deployment options (``num_replicas``, ``ray_actor_options``, ``autoscaling_config``, ...)
 passed to ``.options()``. Ray routes at most ``max_ongoing_requests`` to a replica; it is set
-above the replica's own bound (slots + queue) so the replica's queue, not Ray's, answers 429,
-and Ray's own queue (``max_queued_requests``) is bounded too.
+above the replica's own bound (slots of each task it runs + queue) so the replica's queue, not
+Ray's, answers 429, and Ray's own queue (``max_queued_requests``) is bounded too.
 
 The API description (``/openapi.json``) needs the key like every route but ``/health``; the
 interactive pages (``/docs``, ``/redoc``) load it without a key, so they are served only by a
@@ -29,7 +34,8 @@ from .service import ImageService, Reply, ServerOptions
 
 # FastAPI's own documentation routes answer everyone: they are replaced by routes that ask for
 # the key (below)
-api = FastAPI(title="xlx_fast", description="X-LXMERT image generation (OpenAI-images-like API)",
+api = FastAPI(title="xlx_fast", description="X-LXMERT image generation (OpenAI-images-like API), "
+              "captioning and question answering",
               docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -59,6 +65,18 @@ class ImageServer:
         reply = await self.service.generate(request.headers, request.stream(),
                                             request.is_disconnected,
                                             client=request.client.host if request.client else None)
+        return _response(reply, self.service.replica_name)
+
+    @api.post("/v1/captions")
+    async def captions(self, request: Request) -> Response:
+        reply = await self.service.caption(request.headers, request.stream(), request.is_disconnected,
+                                           client=request.client.host if request.client else None)
+        return _response(reply, self.service.replica_name)
+
+    @api.post("/v1/answers")
+    async def answers(self, request: Request) -> Response:
+        reply = await self.service.answer(request.headers, request.stream(), request.is_disconnected,
+                                          client=request.client.host if request.client else None)
         return _response(reply, self.service.replica_name)
 
     @api.get("/health")
@@ -96,7 +114,9 @@ def build_app(args: "dict | None" = None):
     args = dict(args or {})
     deployment = dict(args.pop("deployment", None) or {})
     options = ServerOptions.from_dict(args)
-    bound = options.slots + options.max_queue
+    spec = options.model
+    tasks = 1 + bool(spec.get("captions")) + (spec.get("answer_task") is not None)
+    bound = tasks * options.slots + options.max_queue  # answers: a batch of at most slots
     deployment.setdefault("max_ongoing_requests", bound + 16)  # + health/metrics probes
     deployment.setdefault("max_queued_requests", 4 * bound)
     if options.model.get("device", "cpu").startswith("cuda"):

@@ -7,17 +7,25 @@ process do not clash in a global one). The exposition is parsed back by
 
 What a replica exports (``xlx_`` prefix):
 
-- ``xlx_queue_depth`` (gauge): requests waiting for a slot;
-- ``xlx_active_rows`` (gauge): occupied engine slots; ``xlx_slots`` (gauge): capacity;
-- ``xlx_batch_occupancy`` (histogram): active rows / slots at each engine step;
-- ``xlx_step_seconds`` (histogram): wall time of one engine step;
+- ``xlx_queue_depth`` (gauge): requests waiting for a slot (every task: one queue);
+- ``xlx_active_rows`` (gauge): occupied paint-engine slots; ``xlx_slots`` (gauge): capacity;
+- ``xlx_batch_occupancy`` (histogram): active rows / slots at each paint-engine step;
+- ``xlx_step_seconds`` (histogram): wall time of one paint-engine step;
 - ``xlx_paint_seconds`` (histogram): wall time of one batched painting;
 - ``xlx_queue_wait_seconds`` (histogram): arrival → first row admitted;
 - ``xlx_e2e_seconds`` (histogram): arrival → images ready, for requests that succeeded;
 - ``xlx_engine_steps_total`` (counter): engine steps run;
-- ``xlx_requests_total{outcome}`` (counter): ok | timeout | cancelled | error;
+- ``xlx_requests_total{outcome}`` (counter): ok | timeout | cancelled | error, every task;
+- ``xlx_task_requests_total{task,outcome}`` (counter): the same by task (images | captions |
+  answers);
 - ``xlx_rejections_total{reason}`` (counter): queue_full | too_large | invalid | unauthorized |
-  not_ready | body_timeout (408) | slow_body (429: too many slow bodies from one address).
+  not_ready | body_timeout (408) | slow_body (429: too many slow bodies from one address) |
+  not_enabled (404: a task this server does not run);
+- captions (``POST /v1/captions``, the caption engine): ``xlx_caption_slots`` and
+  ``xlx_caption_active_rows`` (gauges), ``xlx_caption_step_seconds`` (histogram),
+  ``xlx_caption_steps_total`` (counter);
+- answers (``POST /v1/answers``, one forward per batch): ``xlx_answer_seconds`` (histogram: one
+  batched forward), ``xlx_answer_batch_rows`` (histogram: questions per forward).
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import threading
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 OCCUPANCY_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def _fmt(v: float) -> str:
@@ -130,8 +139,9 @@ class ServerMetrics:
     """The metrics one scheduler updates; :meth:`render` gives the /metrics body."""
 
     REJECT_REASONS = ("queue_full", "too_large", "invalid", "unauthorized", "not_ready",
-                      "body_timeout", "slow_body")
+                      "body_timeout", "slow_body", "not_enabled")
     OUTCOMES = ("ok", "timeout", "cancelled", "error")
+    TASKS = ("images", "captions", "answers")
 
     def __init__(self):
         self.queue_depth = Gauge("xlx_queue_depth", "Requests waiting for an engine slot.")
@@ -152,9 +162,23 @@ class ServerMetrics:
                                 ("outcome",), self.OUTCOMES)
         self.rejections = Counter("xlx_rejections_total", "Requests refused before scheduling, by reason.",
                                   ("reason",), self.REJECT_REASONS)
+        self.task_requests = Counter("xlx_task_requests_total", "Requests that reached the scheduler, "
+                                     "by task and outcome.", ("task", "outcome"),
+                                     [(t, o) for t in self.TASKS for o in self.OUTCOMES])
+        self.caption_slots = Gauge("xlx_caption_slots", "Caption engine slots (batch capacity).")
+        self.caption_active_rows = Gauge("xlx_caption_active_rows", "Occupied caption engine slots.")
+        self.caption_step_seconds = Histogram("xlx_caption_step_seconds",
+                                              "Wall time of one caption engine step.", LATENCY_BUCKETS)
+        self.caption_steps = Counter("xlx_caption_steps_total", "Caption engine steps run.", (), [()])
+        self.answer_seconds = Histogram("xlx_answer_seconds", "Wall time of one batched answer forward.",
+                                        LATENCY_BUCKETS)
+        self.answer_batch_rows = Histogram("xlx_answer_batch_rows", "Questions per answer forward.",
+                                           BATCH_BUCKETS)
         self._all = [self.queue_depth, self.active_rows, self.slots, self.occupancy,
                      self.step_seconds, self.paint_seconds, self.queue_wait, self.e2e,
-                     self.engine_steps, self.requests, self.rejections]
+                     self.engine_steps, self.requests, self.rejections, self.task_requests,
+                     self.caption_slots, self.caption_active_rows, self.caption_step_seconds,
+                     self.caption_steps, self.answer_seconds, self.answer_batch_rows]
 
     def render(self) -> str:
         lines = []

@@ -11,6 +11,22 @@ A Ray Serve replica starts in another process (often on another machine), so it 
 tiny test model can still answer the API's only size, 256x256. ``head_scale`` multiplies the
 head's ``linear_feat`` (default 1 = the weights as given): tests raise it to push every cell's
 best cluster id well above the second so ids are robust to float rounding (SPEC §4).
+
+The other two tasks (``POST /v1/captions``, ``POST /v1/answers``) are off unless asked for, so a
+server that only paints builds exactly the model it always did:
+
+- ``captions``: build the painting model with its masked-LM head (``pretraining_heads=True``;
+  a checkpoint must then carry the authors' ``cls.*`` keys). The random default draws the head
+  after everything else, so its pictures are unchanged. ``word_head_scale`` multiplies the
+  head transform's LayerNorm scale, as ``head_scale`` does for cluster ids (tests sharpen the
+  nearly flat word distribution of the random default).
+- ``answer_task`` (``vqa``, ``gqa`` or ``nlvr2``): a second model,
+  ``XLxmertForQuestionAnswering``: the authors' fine-tuned ``answer_checkpoint`` with its answer
+  table ``answers`` (a ``label2ans`` list or ``ans2label`` object; needed for VQA and GQA, whose
+  answers would otherwise read ``answer_17``), or the seeded default at ``size`` (its answers are
+  garbage, its costs real). Questions go through the painting model's tokenizer, and cluster ids
+  are looked up in the painting model's codebook: one codebook per server, so the ids a
+  generation returned can be asked about.
 """
 from __future__ import annotations
 
@@ -21,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ANSWER_TASKS = ("vqa", "gqa", "nlvr2")  # models.answering.TASKS, named here without building one
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,11 @@ class ModelSpec:
     head_scale: float = 1.0
     device: str = "cpu"
     dtype: str = "fp32"
+    captions: bool = False
+    word_head_scale: float = 1.0
+    answer_task: str | None = None
+    answer_checkpoint: str | None = None
+    answers: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ModelSpec":
@@ -65,6 +87,26 @@ class ModelSpec:
             raise ValueError(f"model spec: image_size must be a power of two >= 8, got {self.image_size}")
         if not self.head_scale > 0:
             raise ValueError(f"model spec: head_scale must be > 0, got {self.head_scale}")
+        if not isinstance(self.captions, bool):
+            raise ValueError(f"model spec: captions must be true or false, got {self.captions!r}")
+        if not self.word_head_scale > 0:
+            raise ValueError(f"model spec: word_head_scale must be > 0, got {self.word_head_scale}")
+        if self.word_head_scale != 1.0 and not self.captions:
+            raise ValueError("model spec: word_head_scale needs captions")
+        if self.answer_task is None:
+            if self.answer_checkpoint is not None or self.answers is not None:
+                raise ValueError("model spec: answer_checkpoint/answers need answer_task "
+                                 f"({', '.join(ANSWER_TASKS)})")
+        elif self.answer_task not in ANSWER_TASKS:
+            raise ValueError(f"model spec: answer_task must be one of {', '.join(ANSWER_TASKS)}, "
+                             f"got {self.answer_task!r}")
+        elif self.answer_checkpoint is not None and self.answers is None and self.answer_task != "nlvr2":
+            raise ValueError(f"model spec: answer_checkpoint needs answers, the {self.answer_task} "
+                             "answer table its head was trained with (label2ans or ans2label JSON)")
+
+    @property
+    def answers_enabled(self) -> bool:
+        return self.answer_task is not None
 
     def build(self):
         """``(model, tokenizer)`` on the spec's device and dtype, in eval mode."""
@@ -75,7 +117,8 @@ class ModelSpec:
 
         self.check()
         if self.checkpoint is None:
-            model = XLxmertForImageGeneration.from_default(seed=self.seed, size=self.size)
+            model = XLxmertForImageGeneration.from_default(seed=self.seed, size=self.size,
+                                                           pretraining_heads=self.captions)
             if self.image_size is not None and self.image_size != model.generator.config.target_size:
                 cfg = dataclasses.replace(SIZES[self.size].generator, target_size=self.image_size)
                 model.generator = Generator(cfg)
@@ -83,7 +126,8 @@ class ModelSpec:
             real = False
         else:
             model = XLxmertForImageGeneration.from_checkpoint(
-                self.checkpoint, self.centroids, self.generator, size=self.size)
+                self.checkpoint, self.centroids, self.generator, size=self.size,
+                pretraining_heads=self.captions)
             if self.image_size is not None and self.image_size != model.generator.config.target_size:
                 raise ValueError("model spec: image_size cannot change a checkpoint's generator")
             real = True
@@ -91,9 +135,38 @@ class ModelSpec:
             with torch.no_grad():
                 model.obj_predict_head.linear_feat.weight.mul_(self.head_scale)
                 model.obj_predict_head.linear_feat.bias.mul_(self.head_scale)
+        if self.word_head_scale != 1.0:
+            with torch.no_grad():
+                model.cls.predictions.transform.LayerNorm.weight.mul_(self.word_head_scale)
+        model = model.to(device=self._device(), dtype=DTYPES[self.dtype]).eval()
+        real_answers = self.answer_checkpoint is not None
+        tokenizer = load_tokenizer(self.vocab, real_weights=real or real_answers)
+        return model, tokenizer
+
+    def _device(self) -> torch.device:
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"model spec: device {self.device!r} but no CUDA device is available")
-        model = model.to(device=device, dtype=DTYPES[self.dtype]).eval()
-        tokenizer = load_tokenizer(self.vocab, real_weights=real)
-        return model, tokenizer
+        return device
+
+    def build_answer_model(self, codebook: torch.Tensor):
+        """The answer model (None without ``answer_task``) on the spec's device and dtype, in eval
+        mode, looking cluster ids up in ``codebook`` [K, F] (the painting model's centroids)."""
+        from ..models import XLxmertForQuestionAnswering
+        from ..models.answering import read_answer_table
+
+        self.check()
+        if self.answer_task is None:
+            return None
+        if self.answer_checkpoint is None:
+            labels = read_answer_table(self.answers) if self.answers is not None else None
+            model = XLxmertForQuestionAnswering.from_default(self.answer_task, seed=self.seed,
+                                                             size=self.size, labels=labels)
+        else:
+            model = XLxmertForQuestionAnswering.from_checkpoint(
+                self.answer_checkpoint, self.answers, task=self.answer_task, size=self.size)
+        if model.feat_dim != codebook.shape[1]:
+            raise ValueError(f"model spec: the answer model reads {model.feat_dim}-d features but "
+                             f"the codebook's are {codebook.shape[1]}-d")
+        model.set_visual_embedding(codebook.detach().float().cpu())
+        return model.to(device=self._device(), dtype=DTYPES[self.dtype]).eval()

@@ -1,4 +1,5 @@
-"""The HTTP schema of ``POST /v1/images/generations`` (OpenAI-images-like) and its errors.
+"""The HTTP schemas of ``POST /v1/images/generations`` (OpenAI-images-like),
+``POST /v1/captions`` and ``POST /v1/answers``, and their errors.
 
 Request body (JSON)::
 
@@ -13,6 +14,25 @@ Request body (JSON)::
 
 Response: ``{"created": unix seconds, "data": [{"b64_json", "seed", "ids"?}]}``.
 
+``POST /v1/captions`` (an image in, a caption out)::
+
+    {"cluster_ids": [64 ints] (required; e.g. the "ids" a generation returned),
+     "length": 1..18 words (default 12),
+     "seed", "steps" (default per strategy, over the caption's words), "strategy",
+     "temperature", "timeout_ms": as for images}
+
+Response: ``{"created", "data": [{"ids": [length ints], "text": str, "probs": [length floats]}]}``
+(an id of -1 is a word no step decided: the AR orders with fewer steps than words).
+
+``POST /v1/answers`` (a question about an image)::
+
+    {"question": str (required, 1..MAX_PROMPT_CHARS characters),
+     "cluster_ids": [64 ints], or for nlvr2 [[64 ints], [64 ints]] (two images),
+     "top_k": 1..the head's answers (default min(5, answers)), "timeout_ms"}
+
+Response: ``{"created", "data": [{"answer": str, "score": float}, ...]}``, best first (score: the
+sigmoid of the logit for VQA/GQA, the softmax over the two classes for NLVR2).
+
 Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``; a request that
 fails validation answers 422 and ``param`` names the offending field (the message starts with
 it too). Limits that depend on the server (``max_steps``, the image size) are checked by
@@ -24,12 +44,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..caption_io import DEFAULT_WORDS, MAX_WORDS
 from ..models.xlxmert import N_CELLS
 from ..strategies import NAMES, check_steps, default_steps
 
 MAX_PROMPT_CHARS = 2000  # captions are cut to 20 tokens anyway; this bounds tokenizer work
 MAX_N = 8
 MAX_TIMEOUT_MS = 600_000
+DEFAULT_TOP_K = 5  # answers returned when top_k is not given (xlx_fast.answer's default too)
 
 
 class ImageRequest(BaseModel):
@@ -59,6 +81,42 @@ class ImageRequest(BaseModel):
             raise ValueError("prompt must contain non-blank text")
         return v
 
+
+
+class CaptionsRequest(BaseModel):
+    """One image to caption (strict, unknown fields refused, as :class:`ImageRequest`). Ids out
+    of the server's codebook are :func:`check_caption_against_server`'s (422 ``cluster_ids``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    cluster_ids: list[int] = Field(min_length=N_CELLS, max_length=N_CELLS)
+    length: int = Field(default=DEFAULT_WORDS, ge=1, le=MAX_WORDS)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    steps: int | None = Field(default=None, ge=1)
+    strategy: Literal[NAMES] = "mask_predict"
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    timeout_ms: int | None = Field(default=None, ge=1, le=MAX_TIMEOUT_MS)
+    model: str | None = None
+
+
+class AnswersRequest(BaseModel):
+    """One question about one image (two for nlvr2). ``cluster_ids``' layout depends on the
+    server's answer task, so it is checked by :func:`check_answer_against_server`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    question: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    cluster_ids: list
+    top_k: int | None = Field(default=None, ge=1)
+    timeout_ms: int | None = Field(default=None, ge=1, le=MAX_TIMEOUT_MS)
+    model: str | None = None
+
+    @field_validator("question")
+    @classmethod
+    def _question_has_text(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("question must contain non-blank text")
+        return v
 
 
 class ImageData(BaseModel):
@@ -102,6 +160,64 @@ def check_against_server(req: ImageRequest, *, image_size: int, max_steps: int) 
         return check_steps(req.strategy, steps, N_CELLS, what="steps:")
     except ValueError as e:
         raise RequestError(422, str(e), param="steps") from None
+
+
+def _check_ids(ids: list, n_clusters: int, field: str) -> None:
+    """``ids`` are ints in [0, n_clusters) (a JSON true/false or 2.0 is not an id)."""
+    for i, v in enumerate(ids):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise RequestError(422, f"{field}: every id must be an integer, got {_json_kind(v)} at "
+                               f"index {i}", param=field)
+        if not 0 <= v < n_clusters:
+            raise RequestError(422, f"{field}: ids must lie in [0, {n_clusters}) (the server's "
+                               f"codebook), got {v} at index {i}", param=field)
+
+
+def check_caption_against_server(req: CaptionsRequest, *, n_clusters: int, max_steps: int) -> int:
+    """The limits that depend on the server; returns the request's step count (its schedule
+    runs over the caption's ``length`` words). Raises :class:`RequestError` (422) naming
+    ``cluster_ids`` or ``steps``."""
+    _check_ids(req.cluster_ids, n_clusters, "cluster_ids")
+    steps = req.steps if req.steps is not None else default_steps(req.strategy, req.length)
+    if steps > max_steps:
+        raise RequestError(422, f"steps: must be <= {max_steps} on this server, got {steps}",
+                           param="steps")
+    try:
+        return check_steps(req.strategy, steps, req.length, what="steps:")
+    except ValueError as e:
+        raise RequestError(422, f"{e} (a caption of {req.length} words)", param="steps") from None
+
+
+def check_answer_against_server(req: AnswersRequest, *, task: str, images: int, n_clusters: int,
+                                n_answers: int) -> tuple[list, int]:
+    """``(cluster_ids, top_k)`` for the server's answer model: ``cluster_ids`` 64 ids, or
+    ``images`` lists of 64 ids (nlvr2: two images); ``top_k`` at most the head's answers.
+    Raises :class:`RequestError` (422) naming ``cluster_ids`` or ``top_k``."""
+    ids = req.cluster_ids
+    if images == 1:
+        if ids and all(isinstance(x, list) for x in ids):
+            raise RequestError(422, f"cluster_ids: {task} takes one image, [{N_CELLS} ids], got "
+                               f"{len(ids)} lists", param="cluster_ids")
+        if len(ids) != N_CELLS:
+            raise RequestError(422, f"cluster_ids: one image is {N_CELLS} ids, got {len(ids)}",
+                               param="cluster_ids")
+        _check_ids(ids, n_clusters, "cluster_ids")
+    else:
+        if len(ids) != images or not all(isinstance(x, list) for x in ids):
+            got = (f"{len(ids)} ids" if ids and not any(isinstance(x, list) for x in ids)
+                   else f"{len(ids)} entries")
+            raise RequestError(422, f"cluster_ids: {task} takes {images} images, "
+                               f"[[{N_CELLS} ids], [{N_CELLS} ids]], got {got}", param="cluster_ids")
+        for n, image in enumerate(ids):
+            if len(image) != N_CELLS:
+                raise RequestError(422, f"cluster_ids: image {n} must be {N_CELLS} ids, got "
+                                   f"{len(image)}", param="cluster_ids")
+            _check_ids(image, n_clusters, "cluster_ids")
+    top_k = req.top_k if req.top_k is not None else min(DEFAULT_TOP_K, n_answers)
+    if top_k > n_answers:
+        raise RequestError(422, f"top_k: must be <= {n_answers} (the {task} head's answers), "
+                           f"got {top_k}", param="top_k")
+    return ids, top_k
 
 
 def validation_error(errors: list[dict]) -> RequestError:

@@ -11,6 +11,13 @@ Routes and their answers:
   already has ``max_slow_bodies`` slow bodies in progress (see below); 422 naming the field for
   a malformed or out-of-range body; 429 + Retry-After when the queue is full; 504
   past ``timeout_ms`` (its slot is freed at the next step boundary); 500 if the engine failed.
+- ``POST /v1/captions`` (a caption for 64 cluster ids: ``{created, data: [{ids, text, probs}]}``)
+  and ``POST /v1/answers`` (answers to a question about 64 cluster ids, two images' for nlvr2:
+  ``{created, data: [{answer, score}, ...]}``): the same answers as the generation route (401,
+  503, 413, 408, 429, 422 naming the field, 429 queue full, 504, 500), and 404 naming the
+  option that turns the task on when this server does not run it (``captions`` /
+  ``answer_task`` of the model spec; ``xlx-fast serve --captions`` / ``--answer-task``). The
+  bodies are in :mod:`xlx_fast.serving.schema`.
 - ``GET /health``: 200 once the model is built and the engine warmed up (every CUDA graph bucket
   captured), 503 before; never needs the key, so its error text names no file path.
 - ``GET /metrics``: this replica's Prometheus text; needs the key when one is set.
@@ -45,7 +52,9 @@ from pydantic import ValidationError
 
 from .metrics import ServerMetrics
 from .model_spec import ModelSpec
-from .schema import ImageRequest, RequestError, check_against_server, validation_error
+from .schema import (AnswersRequest, CaptionsRequest, ImageRequest, RequestError,
+                     check_against_server, check_answer_against_server,
+                     check_caption_against_server, validation_error)
 
 API_KEY_ENV = "XLX_FAST_API_KEY"
 SLOW_BODY_S = 0.5  # a body still incomplete after this counts against its client's slow bodies
@@ -145,6 +154,7 @@ class ImageService:
         self.metrics = ServerMetrics()
         self.spec = ModelSpec.from_dict(self.options.model)
         self.model = self.tokenizer = self.engine = self.scheduler = None
+        self.captioner = self.answer_model = None
         self.load_error: BaseException | None = None
         self._built = threading.Event()
         self._start_lock = asyncio.Lock()
@@ -160,12 +170,31 @@ class ImageService:
             self.model, self.tokenizer = self.spec.build()
             self.engine = Engine(self.model, slots=self.options.slots)
             self.engine.warmup()
+            if self.spec.captions:
+                from ..caption_engine import CaptionEngine
+
+                self.captioner = CaptionEngine(self.model, slots=self.options.slots)
+                self.captioner.warmup()
+            if self.spec.answers_enabled:
+                self.answer_model = self.spec.build_answer_model(self.model.centroids)
+                self._warm_answers()
             if self.options.warmup_delay_s > 0:
                 time.sleep(self.options.warmup_delay_s)
         except BaseException as e:  # reported by /health and check_health
             self.load_error = e
         finally:
             self._built.set()
+
+    def _warm_answers(self) -> None:
+        """One forward before traffic: the model is optimized in place at its first call."""
+        import torch
+
+        from .answerer import AnswerRequest, answer_batch
+
+        ids, mask = self.tokenizer(["warm up"])
+        images = torch.zeros((self.answer_model.task.images, 64) if self.answer_model.task.images > 1
+                             else (64,), dtype=torch.int64)
+        answer_batch(self.answer_model, [AnswerRequest(ids[0], mask[0], images, top_k=1)])
 
     def wait_built(self, timeout: float | None = None) -> bool:
         return self._built.wait(timeout)
@@ -182,15 +211,19 @@ class ImageService:
 
                 sched = Scheduler(self.engine, self.model, max_queue=self.options.max_queue,
                                   policy=self.options.policy, batch_wait_ms=self.options.batch_wait_ms,
-                                  metrics=self.metrics)
+                                  metrics=self.metrics, captioner=self.captioner,
+                                  answer_model=self.answer_model)
                 sched.start()
                 self.scheduler = sched
         return True
 
     async def close(self) -> None:
-        """Stop the scheduler loop (pending requests stay unanswered)."""
+        """Stop the scheduler loop (pending requests stay unanswered). A later request starts a
+        new loop, on its own event loop."""
         if self.scheduler is not None:
             await self.scheduler.stop()
+            self.scheduler = None
+            self._start_lock = asyncio.Lock()
 
     def check_health(self) -> None:
         """Raises when the replica cannot serve (Ray Serve then replaces it)."""
@@ -236,12 +269,116 @@ class ImageService:
         return Reply(200, self.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     async def generate(self, headers, body_chunks, is_disconnected=None, client=None) -> Reply:
-        """``body_chunks``: an async iterator of the body's bytes (read up to the limit only).
-        ``client``: the peer's address, which slow bodies are counted by (None: one shared count)."""
+        """``POST /v1/images/generations``. ``body_chunks``: an async iterator of the body's bytes
+        (read up to the limit only). ``client``: the peer's address, which slow bodies are
+        counted by (None: one shared count)."""
+        return await self._route(self._generate, None, headers, body_chunks, is_disconnected, client)
+
+    async def caption(self, headers, body_chunks, is_disconnected=None, client=None) -> Reply:
+        """``POST /v1/captions``; arguments as for :meth:`generate`."""
+        off = None if self.spec.captions else (
+            "this server does not caption: start it with captions on (xlx-fast serve --captions; "
+            "model spec captions: true)")
+        return await self._route(self._caption, off, headers, body_chunks, is_disconnected, client)
+
+    async def answer(self, headers, body_chunks, is_disconnected=None, client=None) -> Reply:
+        """``POST /v1/answers``; arguments as for :meth:`generate`."""
+        off = None if self.spec.answers_enabled else (
+            "this server has no answer model: start it with one (xlx-fast serve --answer-task "
+            "vqa|gqa|nlvr2 [--answer-checkpoint FILE --answers FILE]; model spec answer_task)")
+        return await self._route(self._answer, off, headers, body_chunks, is_disconnected, client)
+
+    async def _route(self, handler, disabled: str | None, headers, body_chunks, is_disconnected,
+                     client) -> Reply:
+        """What every POST route does before its own work: the key, the task being on, warm-up,
+        the body (in time, within the limit); then ``handler(headers, raw body, is_disconnected)``."""
         try:
-            return await self._generate(headers, body_chunks, is_disconnected, client)
+            if not self._authorized(headers):
+                return self._unauthorized()
+            if disabled is not None:
+                self.metrics.rejections.inc("not_enabled")
+                raise RequestError(404, disabled, type_="not_found_error")
+            if not await self._ready():
+                self.metrics.rejections.inc("not_ready")
+                status = 500 if self.load_error else 503
+                raise RequestError(status, "the model is still warming up" if status == 503
+                                   else f"the model failed to load: {public_error(self.load_error)}",
+                                   type_="server_error", headers={"Retry-After": "1"})
+            raw = await self._read_body_in_time(headers, body_chunks, client)
+            return await handler(headers, raw, is_disconnected)
         except RequestError as e:
             return Reply.error(e)
+
+    def _parse(self, model, raw: bytes, check=None):
+        """The body as ``model`` (a pydantic request class), then ``check(request)``; a 422
+        naming the field otherwise. Returns ``(request, check's result)``."""
+        try:
+            req = model.model_validate_json(raw)
+            return req, (check(req) if check is not None else None)
+        except ValidationError as e:
+            self.metrics.rejections.inc("invalid")
+            raise validation_error(e.errors()) from None
+        except RequestError:
+            self.metrics.rejections.inc("invalid")
+            raise
+
+    async def _run_job(self, rows: list, kind: str, timeout_ms: int | None, is_disconnected):
+        """Queue ``rows`` as one job and wait for it; the scheduler's refusals as HTTP errors."""
+        if timeout_ms is None:
+            timeout_ms = self.options.default_timeout_ms
+        from .scheduler import DeadlineExceeded, QueueFull, SchedulerBroken
+
+        try:
+            job = self.scheduler.submit(rows, None if timeout_ms is None else timeout_ms / 1000, kind=kind)
+        except QueueFull as e:
+            raise RequestError(429, f"the queue is full ({self.options.max_queue} requests "
+                               f"waiting); retry after {e.retry_after_s} s", type_="rate_limit_error",
+                               headers={"Retry-After": str(e.retry_after_s)}) from None
+        except SchedulerBroken as e:
+            raise RequestError(500, str(e), type_="server_error") from None
+        try:
+            results = await self._wait(job, is_disconnected)
+        except DeadlineExceeded as e:
+            raise RequestError(504, f"timeout_ms: {timeout_ms} ms passed ({e}); the request "
+                               "was cancelled", param="timeout_ms", type_="timeout") from None
+        except (ValueError, TypeError) as e:
+            raise RequestError(422, f"the engine refused the request: {e}") from None
+        except RuntimeError as e:  # the engine failed on this request (or on all: SchedulerBroken)
+            raise RequestError(500, str(e), type_="server_error") from None
+        return job, results
+
+    async def _caption(self, headers, raw: bytes, is_disconnected) -> Reply:
+        import torch
+
+        from ..caption_engine import CaptionRequest
+        from ..caption_io import MASK_ID
+
+        req, steps = self._parse(CaptionsRequest, raw, lambda r: check_caption_against_server(
+            r, n_clusters=self.model.centroids.shape[0], max_steps=self.options.max_steps))
+        row = CaptionRequest(cluster_ids=torch.tensor(req.cluster_ids, dtype=torch.int64),
+                             length=req.length, seed=req.seed, steps=steps, strategy=req.strategy,
+                             temperature=req.temperature)
+        job, (f,) = await self._run_job([row], "captions", req.timeout_ms, is_disconnected)
+        ids = f.ids.tolist()
+        text = self.tokenizer.decode([MASK_ID if i < 0 else i for i in ids])
+        return Reply.json(200, {"created": int(time.time()),
+                                "data": [{"ids": ids, "text": text, "probs": f.probs.tolist()}]},
+                          _timing(job))
+
+    async def _answer(self, headers, raw: bytes, is_disconnected) -> Reply:
+        import torch
+
+        from .answerer import AnswerRequest
+
+        m = self.answer_model
+        req, (images, top_k) = self._parse(AnswersRequest, raw, lambda r: check_answer_against_server(
+            r, task=m.task.name, images=m.task.images, n_clusters=m.n_clusters, n_answers=m.n_answers))
+        ids, mask = self.tokenizer([req.question])
+        row = AnswerRequest(input_ids=ids[0], attention_mask=mask[0],
+                            cluster_ids=torch.tensor(images, dtype=torch.int64), top_k=top_k)
+        job, (pairs,) = await self._run_job([row], "answers", req.timeout_ms, is_disconnected)
+        return Reply.json(200, {"created": int(time.time()),
+                                "data": [{"answer": a, "score": s} for a, s in pairs]}, _timing(job))
 
     async def _read_body_in_time(self, headers, body_chunks, client) -> bytes:
         """The body, within ``body_timeout_s``; a slow one counts against ``client`` (module
@@ -291,56 +428,19 @@ class ImageService:
                 raise too_large
         return bytes(buf)
 
-    async def _generate(self, headers, body_chunks, is_disconnected, client=None) -> Reply:
-        if not self._authorized(headers):
-            return self._unauthorized()
-        if not await self._ready():
-            self.metrics.rejections.inc("not_ready")
-            status = 500 if self.load_error else 503
-            return Reply.error(RequestError(status, "the model is still warming up" if status == 503
-                                            else f"the model failed to load: {public_error(self.load_error)}",
-                                            type_="server_error", headers={"Retry-After": "1"}))
-        raw = await self._read_body_in_time(headers, body_chunks, client)
-        try:
-            req = ImageRequest.model_validate_json(raw)
-            steps = check_against_server(req, image_size=self.image_size,
-                                         max_steps=self.options.max_steps)
-        except ValidationError as e:
-            self.metrics.rejections.inc("invalid")
-            raise validation_error(e.errors()) from None
-        except RequestError:
-            self.metrics.rejections.inc("invalid")
-            raise
-
+    async def _generate(self, headers, raw: bytes, is_disconnected) -> Reply:
+        req, steps = self._parse(ImageRequest, raw, lambda r: check_against_server(
+            r, image_size=self.image_size, max_steps=self.options.max_steps))
         ids, mask = self.tokenizer([req.prompt])
         from ..engine import Request
 
         rows = [Request(input_ids=ids[0], attention_mask=mask[0], seed=req.seed + k,
-                                  steps=steps, strategy=req.strategy, temperature=req.temperature)
+                        steps=steps, strategy=req.strategy, temperature=req.temperature)
                 for k in range(req.n)]
-        timeout_ms = req.timeout_ms if req.timeout_ms is not None else self.options.default_timeout_ms
-        from .scheduler import DeadlineExceeded, QueueFull, SchedulerBroken
-
-        try:
-            job = self.scheduler.submit(rows, None if timeout_ms is None else timeout_ms / 1000)
-        except QueueFull as e:
-            raise RequestError(429, f"the queue is full ({self.options.max_queue} requests "
-                               f"waiting); retry after {e.retry_after_s} s", type_="rate_limit_error",
-                               headers={"Retry-After": str(e.retry_after_s)}) from None
-        except SchedulerBroken as e:
-            raise RequestError(500, str(e), type_="server_error") from None
-        try:
-            results = await self._wait(job, is_disconnected)
-        except DeadlineExceeded as e:
-            raise RequestError(504, f"timeout_ms: {timeout_ms} ms passed ({e}); the request "
-                               "was cancelled", param="timeout_ms", type_="timeout") from None
-        except (ValueError, TypeError) as e:
-            raise RequestError(422, f"the engine refused the request: {e}") from None
-        except RuntimeError as e:  # the engine failed on this request (or on all: SchedulerBroken)
-            raise RequestError(500, str(e), type_="server_error") from None
+        job, results = await self._run_job(rows, "images", req.timeout_ms, is_disconnected)
 
         pngs = await asyncio.to_thread(_encode_all, [r.image for r in results])
-        timing = {"X-Queue-Wait-Ms": f"{1000 * (job.queue_wait or 0.0):.3f}"}
+        timing = _timing(job)
         if req.n == 1 and "image/png" in headers.get("accept", ""):
             return Reply(200, pngs[0], "image/png", {"X-Seed": str(results[0].seed), **timing})
         data = []
@@ -376,6 +476,10 @@ def public_error(e: BaseException) -> str:
     answers without the key, and a path tells a stranger the machine's layout (the full text is
     in the replica's log)."""
     return f"{type(e).__name__}: {_ABS_PATH.sub(lambda m: m.group(1) or '<path>', str(e))}"
+
+
+def _timing(job) -> dict:
+    return {"X-Queue-Wait-Ms": f"{1000 * (job.queue_wait or 0.0):.3f}"}
 
 
 def _encode_all(images) -> list[bytes]:
