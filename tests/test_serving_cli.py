@@ -1,7 +1,9 @@
 """``xlx-fast serve`` as a user runs it: a real process that starts Ray, prints its URL, serves
 on 127.0.0.1 and stops cleanly on Ctrl-C (SIGINT) or SIGTERM, printing only its own lines; one
 that joins a shared cluster and leaves the other applications there running; and the mistakes
-it refuses before Ray starts."""
+it refuses before Ray starts. Every test that starts Ray holds the file lock ``RAY_LOCK`` (two
+Ray instances on one machine break each other)."""
+import fcntl
 import os
 import signal
 import socket
@@ -16,6 +18,18 @@ requests = pytest.importorskip("requests")
 
 # generous: a loaded 2-core machine takes ~10 s to stop Ray (measured 6-10 s idle)
 STOP_S = 180
+RAY_LOCK = "/tmp/xlx-ray.lock"
+
+
+@pytest.fixture
+def ray_lock():
+    """Held while a test's Ray runs: another test process's Ray waits for it."""
+    with open(RAY_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _free_port() -> int:
@@ -70,9 +84,10 @@ def _only_our_lines(err):
     assert lines == ["stopping"], err[-3000:]
 
 
-def test_serve_command_round_trip():
+def test_serve_command_round_trip(ray_lock):
     port = _free_port()
-    proc = _start("--port", str(port), env={"XLX_FAST_API_KEY": "k1"})
+    proc = _start("--port", str(port), "--captions", "--answer-task", "vqa",
+                  env={"XLX_FAST_API_KEY": "k1"})
     try:
         url = _wait_serving(proc, port)
         body = {"prompt": "a red bus", "steps": 2}
@@ -80,6 +95,14 @@ def test_serve_command_round_trip():
         r = requests.post(f"{url}/v1/images/generations", json=body, timeout=60,
                           headers={"Authorization": "Bearer k1", "Accept": "image/png"})
         assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+        # the other two tasks, turned on by --captions and --answer-task
+        auth, ids = {"Authorization": "Bearer k1"}, list(range(64))
+        r = requests.post(f"{url}/v1/captions", json={"cluster_ids": ids, "length": 4}, headers=auth,
+                          timeout=60)
+        assert r.status_code == 200 and len(r.json()["data"][0]["ids"]) == 4, r.text
+        r = requests.post(f"{url}/v1/answers", json={"question": "what is it?", "cluster_ids": ids},
+                          headers=auth, timeout=60)
+        assert r.status_code == 200 and len(r.json()["data"]) == 5, r.text
         assert requests.get(f"{url}/openapi.json", timeout=10).status_code == 401
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
@@ -91,7 +114,7 @@ def test_serve_command_round_trip():
     _only_our_lines(err)
 
 
-def test_serve_stops_cleanly_on_sigterm():
+def test_serve_stops_cleanly_on_sigterm(ray_lock):
     """What a container runtime or systemd sends: the same clean stop as Ctrl-C, no crash dump."""
     port = _free_port()
     proc = _start("--port", str(port))
@@ -131,7 +154,7 @@ def test_serve_refuses_before_ray_starts(args, env, msg):
     assert "serving on" not in out
 
 
-def test_serve_on_a_shared_cluster_leaves_the_other_applications():
+def test_serve_on_a_shared_cluster_leaves_the_other_applications(ray_lock):
     """Joined with --address, a stop deletes only the application this process deployed: Serve,
     another user's application and the cluster keep running."""
     gcs_port, http_port = _free_port(), _free_port()

@@ -3,12 +3,16 @@
 Ray starts once for the module (``ray.init`` ≈ 5 s, each ``serve.run`` ≈ 7 s on 2 cores) with two
 applications of a tiny sharpened model that paints 256×256:
 
-- ``/a``: one replica, 2 slots, a queue of 2, an API key: round trip, every error code,
-  determinism, cancellation, queue limit, metrics;
+- ``/a``: one replica, 2 slots, a queue of 2, an API key, captions and a VQA answer model on:
+  round trip, every error code, determinism, cancellation, queue limit, metrics, and the
+  caption and answer routes beside the image route;
 - ``/b``: two replicas with a warm-up delay: health only after warm-up, traffic sharing;
 - ``/c``: one replica, a short body timeout: slow clients (raw sockets) cannot starve it.
+
+Ray starts under the file lock ``RAY_LOCK`` (two Ray instances on one machine break each other).
 """
 import base64
+import fcntl
 import io
 import json
 import os
@@ -29,6 +33,8 @@ from xlx_fast.serving.model_spec import ModelSpec  # noqa: E402
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TINY = {"size": "tiny", "seed": 1, "image_size": 256, "head_scale": 3.0}
+TASKS = {**TINY, "captions": True, "word_head_scale": 40.0, "answer_task": "vqa"}  # /a's model
+RAY_LOCK = "/tmp/xlx-ray.lock"
 MAX_STEPS = 400
 BODY_TIMEOUT_S, MAX_SLOW = 3.0, 4
 
@@ -40,14 +46,25 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def ray_lock():
+    """Held while this module's Ray runs: another test process's Ray waits for it."""
+    with open(RAY_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="module")
+def server(ray_lock):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         no_cpu = {"ray_actor_options": {"num_cpus": 0}}
-        serve.run(build_app({"model": TINY, "slots": 2, "max_queue": 2, "api_key": KEY,
+        serve.run(build_app({"model": TASKS, "slots": 2, "max_queue": 2, "api_key": KEY,
                              "max_steps": MAX_STEPS, "max_body_bytes": 4096, "deployment": no_cpu}),
                   name="a", route_prefix="/a")
         serve.run(build_app({"model": TINY, "slots": 2, "warmup_delay_s": 6.0,
@@ -170,6 +187,76 @@ def test_determinism_alone_vs_under_concurrent_load(server):
             assert all(f.result().status_code == 200 for f in futs)
         assert [r.status_code for r in loaded] == [200, 200], [r.text for r in loaded]
         assert [r.json()["data"][0]["ids"] for r in loaded] == alone
+
+
+# -- captions and answers -------------------------------------------------------------------
+
+def _post_until_queued(url, route, body, headers=AUTH, tries=50):
+    """POST, again after a 429 (/a's queue holds 2 requests of every task together)."""
+    for _ in range(tries):
+        r = requests.post(f"{url}{route}", json=body, headers=headers, timeout=60)
+        if r.status_code != 429:
+            return r
+        time.sleep(0.2)
+    return r
+
+
+def test_captions_and_answers_beside_images(server):
+    """One app, three routes at once: a caption of the ids an image request returned, an answer
+    about them, and the image itself; each equals what this process computes on the same model
+    spec (ids and words exactly; probabilities and scores to float rounding, the replica's
+    thread count may differ)."""
+    import torch
+
+    url = server["a"]
+    r = post(url, {"prompt": "a red bus on a street", "seed": 3, "steps": 4, "return_ids": True})
+    assert r.status_code == 200, r.text
+    ids = r.json()["data"][0]["ids"]
+    caption = {"cluster_ids": ids, "length": 7, "seed": 5}
+    answer = {"question": "what color is the bus?", "cluster_ids": ids, "top_k": 3}
+    image = {"prompt": "two dogs in the snow", "seed": 8, "steps": 5, "return_ids": True}
+    with ThreadPoolExecutor(3) as pool:
+        futs = [pool.submit(_post_until_queued, url, route, body) for route, body in (
+            ("/v1/captions", caption), ("/v1/answers", answer), ("/v1/images/generations", image))]
+        rc, ra, ri = (f.result() for f in futs)
+    assert [x.status_code for x in (rc, ra, ri)] == [200, 200, 200], [x.text for x in (rc, ra, ri)]
+
+    spec = ModelSpec.from_dict(TASKS)
+    model, tok = spec.build()
+    want = xlx_fast.caption(model, cluster_ids=torch.tensor([ids]), length=7, seed=5)
+    (got,) = rc.json()["data"]
+    assert got["ids"] == want.ids[0].tolist() and got["text"] == tok.decode(got["ids"])
+    assert got["probs"] == pytest.approx(want.probs[0].tolist(), rel=1e-4, abs=1e-6)
+    q, m = tok([answer["question"]])
+    want = xlx_fast.answer(spec.build_answer_model(model.centroids), q, m,
+                           cluster_ids=torch.tensor([ids]), top_k=3)
+    assert [d["answer"] for d in ra.json()["data"]] == want.answers[0]
+    assert [d["score"] for d in ra.json()["data"]] == pytest.approx(want.top_scores[0].tolist(), rel=1e-4)
+    x, mask = tok([image["prompt"]])
+    assert ri.json()["data"][0]["ids"] == xlx_fast.generate(model, x, mask, steps=5, seed=8).ids[0].tolist()
+
+    m = metrics(url)
+    assert m["xlx_task_requests_total[outcome=ok][task=captions]"] >= 1
+    assert m["xlx_task_requests_total[outcome=ok][task=answers]"] >= 1
+    assert m["xlx_caption_steps_total"] >= 4 and m["xlx_answer_batch_rows_count"] >= 1
+
+
+def test_caption_and_answer_errors_over_http(server):
+    url, ids = server["a"], list(range(64))
+    for route, body in (("/v1/captions", {"cluster_ids": ids}),
+                        ("/v1/answers", {"question": "q", "cluster_ids": ids})):
+        assert requests.post(f"{url}{route}", json=body, timeout=60).status_code == 401
+    r = _post_until_queued(url, "/v1/captions", {"cluster_ids": ids, "length": 19})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "length", r.text
+    r = _post_until_queued(url, "/v1/answers", {"question": "q", "cluster_ids": ids, "top_k": 0})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "top_k", r.text
+    paths = requests.get(f"{url}/openapi.json", headers=AUTH, timeout=10).json()["paths"]
+    assert {"/v1/captions", "/v1/answers"} <= set(paths)
+    # /b paints only: the other routes say which option turns them on
+    r = requests.post(f"{server['b']}/v1/captions", json={"cluster_ids": ids}, timeout=60)
+    assert r.status_code == 404 and "--captions" in r.json()["error"]["message"]
+    r = requests.post(f"{server['b']}/v1/answers", json={"question": "q", "cluster_ids": ids}, timeout=60)
+    assert r.status_code == 404 and "--answer-task" in r.json()["error"]["message"]
 
 
 # -- errors -------------------------------------------------------------------------------------
