@@ -454,6 +454,13 @@ def test_bench_serve_in_process_without_ray(tmp_path):
     assert s["step_saturation_vs_static_generate"] == pytest.approx(
         bound * s["step_saturation_vs_static_generate_paint"])
     assert "saturation probe" in r.stdout and "loads are fractions of" in r.stdout
+    # one row per other route (captions, answers), on the step scheduler, same bounds
+    tasks = res["tasks"]["inproc"]
+    assert set(tasks) == {"captions", "answers"} and res["meta"]["model"]["captions"]
+    for task, row in tasks.items():
+        assert 1 <= row["sent"] <= 6 and row["ok"] + sum(row["rejected"].values()) == row["sent"]
+        assert row["offered_rps"] == pytest.approx(0.7 * res["static_tasks"][task]["per_s"])
+        assert f"step: {task}" in r.stdout
     assert "inproc step saturation probe at" in r.stderr  # progress, one line per load level
     assert (tmp_path / "b.png").stat().st_size > 1000
 

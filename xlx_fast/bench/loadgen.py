@@ -7,7 +7,8 @@ sender only targets loopback addresses unless told otherwise (``allow_remote``).
 
 A *sender* is ``async send(body: dict) -> Outcome``: :func:`http_sender` (any server speaking the
 API) or :func:`inprocess_sender` (a :class:`~xlx_fast.serving.scheduler.Scheduler` driven
-directly: no Ray, no HTTP).
+directly: no Ray, no HTTP), for one task: ``images`` (the default), ``captions`` or ``answers``
+(bodies from :func:`make_trace` and :func:`make_task_trace`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ STRATEGY_MIX = ("mask_predict", "mask_predict", "mask_predict", "confidence", "t
 PROMPTS = ("a red bus on a city street", "two dogs playing in the snow", "a plate of food on a table",
            "a man riding a wave on a surfboard", "a kitchen with a window and a stove",
            "a giraffe standing next to a tree", "people flying kites in a park", "a train at a station")
+
+
+QUESTIONS = ("what color is the bus?", "how many dogs are there?", "is there a window?",
+             "what is on the table?", "where is the giraffe standing?", "is it snowing?")
+ROUTES = {"images": "/v1/images/generations", "captions": "/v1/captions", "answers": "/v1/answers"}
 
 
 @dataclass
@@ -44,6 +50,30 @@ def make_trace(n: int, seed: int = 0, steps: tuple = (2, 4, 6, 8), mixed: bool =
         if mixed:
             body["strategy"] = rng.choice(STRATEGY_MIX)
         out.append(body)
+    return out
+
+
+def make_task_trace(task: str, n: int, seed: int = 0, *, n_clusters: int = 10_000, images: int = 1,
+                    steps: tuple = (2, 4, 6, 8)) -> list[dict]:
+    """``n`` request bodies for ``POST /v1/captions`` (``task="captions"``: random grids of
+    cluster ids, caption lengths 8..14, seeds, Mask-Predict ``steps``) or ``POST /v1/answers``
+    (``"answers"``: questions about random grids, ``images`` per question), reproducible from
+    ``seed``."""
+    rng = random.Random(seed)
+
+    def grid():
+        return [rng.randrange(n_clusters) for _ in range(64)]
+
+    out = []
+    for _ in range(n):
+        if task == "captions":
+            out.append({"cluster_ids": grid(), "length": rng.choice((8, 10, 12, 14)),
+                        "seed": rng.randrange(2**31), "steps": rng.choice(steps)})
+        elif task == "answers":
+            out.append({"question": rng.choice(QUESTIONS),
+                        "cluster_ids": grid() if images == 1 else [grid() for _ in range(images)]})
+        else:
+            raise ValueError(f"task must be captions or answers, got {task!r}")
     return out
 
 
@@ -136,11 +166,13 @@ def check_target(url: str, allow_remote: bool = False) -> str:
     return url.rstrip("/")
 
 
-def http_sender(session, url: str, headers: dict | None = None, timeout_s: float = 120.0):
-    """A sender POSTing to ``url``/v1/images/generations with an ``aiohttp`` session."""
+def http_sender(session, url: str, headers: dict | None = None, timeout_s: float = 120.0,
+                task: str = "images"):
+    """A sender POSTing to ``url`` + the ``task``'s route (``ROUTES``) with an ``aiohttp``
+    session."""
     import aiohttp
 
-    endpoint = f"{url}/v1/images/generations"
+    endpoint = f"{url}{ROUTES[task]}"
     timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def send(body: dict) -> Outcome:
@@ -158,13 +190,17 @@ def http_sender(session, url: str, headers: dict | None = None, timeout_s: float
     return send
 
 
-def inprocess_sender(scheduler, tokenizer):
+def inprocess_sender(scheduler, tokenizer, task: str = "images"):
     """A sender that drives a :class:`~xlx_fast.serving.scheduler.Scheduler` directly: tokenizer,
-    engine, painting and PNG encoding, as a replica does, without HTTP, Ray or the pydantic
-    schema (machines without them run this)."""
+    engine, painting and PNG encoding (captions: the words decoded; answers: the batched
+    forward), as a replica does, without HTTP, Ray or the pydantic schema (machines without them
+    run this)."""
     from ..engine import Request
     from ..serving.painter import png_bytes
     from ..serving.scheduler import QueueFull
+
+    if task != "images":
+        return _task_sender(scheduler, tokenizer, task)
 
     async def send(body: dict) -> Outcome:
         t = time.perf_counter()
@@ -182,6 +218,41 @@ def inprocess_sender(scheduler, tokenizer):
             return Outcome(500, 0.0, time.perf_counter() - t)
         await asyncio.to_thread(lambda: [png_bytes(r.image) for r in rows])
         return Outcome(200, 0.0, time.perf_counter() - t, job.queue_wait, body.get("steps", 0))
+
+    return send
+
+
+def _task_sender(scheduler, tokenizer, task: str):
+    import torch
+
+    from ..caption_engine import CaptionRequest
+    from ..serving.answerer import AnswerRequest
+    from ..serving.scheduler import QueueFull
+
+    if task not in ("captions", "answers"):
+        raise ValueError(f"task must be images, captions or answers, got {task!r}")
+
+    async def send(body: dict) -> Outcome:
+        t = time.perf_counter()
+        image = torch.tensor(body["cluster_ids"], dtype=torch.int64)
+        if task == "captions":
+            row = CaptionRequest(cluster_ids=image, length=body.get("length", 12), seed=body.get("seed", 0),
+                                 steps=body.get("steps"), strategy=body.get("strategy", "mask_predict"),
+                                 temperature=body.get("temperature", 0.0))
+        else:
+            ids, mask = tokenizer([body["question"]])
+            row = AnswerRequest(ids[0], mask[0], image, top_k=body.get("top_k", 5))
+        try:
+            job = scheduler.submit([row], kind=task)
+        except QueueFull:
+            return Outcome(429, 0.0, time.perf_counter() - t)
+        try:
+            (result,) = await scheduler.result(job)
+        except Exception:
+            return Outcome(500, 0.0, time.perf_counter() - t)
+        if task == "captions":
+            tokenizer.decode([i for i in result.ids.tolist() if i >= 0])
+        return Outcome(200, 0.0, time.perf_counter() - t, job.queue_wait, body.get("steps") or 0)
 
     return send
 

@@ -26,6 +26,12 @@ Per scheduler and rate: p50/p95/p99/max end-to-end latency, queue wait, throughp
 the SLO, rejections, mean batch occupancy (from the server's own metrics), and in process where
 the time went: engine steps run, mean step and painting wall time, and the share of the run the
 engine was stepping (a low share at saturation means the loop, not the model, is the limit).
+
+The other two routes get one row each (``tasks``, on the step scheduler; the model is then built
+with captions and a seeded VQA answer model, which leaves the painting weights as they are):
+``POST /v1/captions`` and ``POST /v1/answers`` offered ``TASK_FRACTION`` of their static-batch
+rate (``xlx_fast.caption`` / ``xlx_fast.answer`` on a full batch, measured in the same run),
+bounded by the same request count and sending time as every other row.
 """
 from __future__ import annotations
 
@@ -38,13 +44,17 @@ import time
 
 import torch
 
-from .loadgen import http_sender, inprocess_sender, make_trace, run_open_loop, summarize
+from .loadgen import (QUESTIONS, http_sender, inprocess_sender, make_task_trace, make_trace,
+                      run_open_loop, summarize)
 from ..serving.model_spec import ModelSpec
 from ..serving.policies import POLICIES
 from ..serving.scheduler import Scheduler
 
 DEFAULT_FRACTIONS = (0.3, 0.5, 0.7, 0.9, 1.5)
 PROBE_FACTOR = 2.0  # the step scheduler's saturation is measured at this × the static estimate
+TASKS = ("captions", "answers")
+TASK_FRACTION = 0.7  # a task's row is offered this fraction of its static-batch rate
+CAPTION_WORDS = 12   # the caption length of the static caption batch
 
 
 @torch.no_grad()
@@ -70,6 +80,45 @@ def static_generate(model, tokenizer, slots: int, steps: int, repeats: int = 3) 
     g, p = statistics.median(gen_t), statistics.median(paint_t)
     return {"batch": slots, "steps": steps, "generate_s": g, "paint_s": p,
             "generate_images_per_s": slots / g, "generate_paint_images_per_s": slots / (g + p)}
+
+
+@torch.no_grad()
+def static_tasks(model, answer_model, tokenizer, slots: int, steps: int, tasks=TASKS,
+                 repeats: int = 3) -> dict:
+    """Captions/s of ``xlx_fast.caption`` (``CAPTION_WORDS`` words, Mask-Predict ``steps``) and
+    answers/s of ``xlx_fast.answer`` on a full static batch of ``slots``; the median of
+    ``repeats`` timed runs after one warm-up."""
+    import xlx_fast
+
+    g = torch.Generator().manual_seed(0)
+    device = model.centroids.device
+    out = {}
+    runs = {}
+    if "captions" in tasks:
+        grids = torch.randint(0, model.centroids.shape[0], (slots, 64), generator=g).to(device)
+        runs["captions"] = lambda: xlx_fast.caption(model, cluster_ids=grids, length=CAPTION_WORDS,
+                                                    steps=steps)
+    if "answers" in tasks:
+        images = answer_model.task.images
+        ids, mask = tokenizer([QUESTIONS[i % len(QUESTIONS)] for i in range(slots)])
+        shape = (slots, images, 64) if images > 1 else (slots, 64)
+        grids_a = torch.randint(0, answer_model.n_clusters, shape, generator=g).to(device)
+        runs["answers"] = lambda: xlx_fast.answer(answer_model, ids.to(device), mask.to(device),
+                                                  cluster_ids=grids_a)
+    for task, fn in runs.items():
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+        out[task] = {"batch": slots, "seconds": statistics.median(times),
+                     "per_s": slots / statistics.median(times)}
+    if "captions" in out:
+        out["captions"].update(words=CAPTION_WORDS, steps=steps)
+    return out
 
 
 def _occupancy(metrics_text_or_obj) -> tuple[float, float]:
@@ -173,8 +222,34 @@ def server_options(spec: dict, slots: int, policy: str, batch_wait_ms: float, ma
             "max_queue": max_queue, "api_key": ""}
 
 
+def _task_rate(task_plan: dict, task: str) -> float:
+    return TASK_FRACTION * task_plan["static"][task]["per_s"]
+
+
+async def _task_rows(send_for, task_plan: dict, *, requests, max_seconds, slo_s, seed, label) -> dict:
+    """One row per task: its trace at ``TASK_FRACTION`` of its static rate."""
+    rows = {}
+    for k, (task, trace) in enumerate(task_plan["traces"].items()):
+        rate = _task_rate(task_plan, task)
+        t0 = time.perf_counter()
+        run = await run_open_loop(send_for(task), trace, rate, max_requests=requests,
+                                  max_seconds=max_seconds, drain_seconds=max(60.0, 4 * max_seconds),
+                                  seed=seed + 100 + k)
+        row = summarize(run, rate, slo_s)
+        row.update(task=task, fraction_of_static=TASK_FRACTION, mean_occupancy=None)
+        rows[task] = row
+        p99 = row["e2e_p99_s"]
+        _say(f"  {label} {task} at {rate:.3g} rps: {row['ok']}/{row['sent']} ok, "
+             f"{row['throughput_rps']:.3g} {task}/s, p99 {'-' if p99 is None else f'{p99:.3g} s'} "
+             f"({time.perf_counter() - t0:.0f} s)")
+    return rows
+
+
 async def run_inproc(spec: dict, model, tokenizer, *, slots, policies, plan, trace, requests,
-                     max_seconds, slo_s, batch_wait_ms, max_queue, seed) -> dict:
+                     max_seconds, slo_s, batch_wait_ms, max_queue, seed, task_plan=None) -> dict:
+    """The schedulers' rows; with ``task_plan``, also the task rows (``"tasks"``), on a step
+    scheduler that runs the caption engine and the answer model beside the paint engine."""
+    from ..caption_engine import CaptionEngine
     from ..engine import Engine
 
     out = {}
@@ -193,6 +268,20 @@ async def run_inproc(spec: dict, model, tokenizer, *, slots, policies, plan, tra
             max_seconds=max_seconds, slo_s=slo_s, seed=seed, label=f"inproc {policy}",
             read_split=lambda sched=sched: _time_split(sched.metrics))
         await sched.stop()
+    if task_plan:
+        engine = Engine(model, slots=slots)
+        engine.warmup()
+        captioner = None
+        if "captions" in task_plan["traces"]:
+            captioner = CaptionEngine(model, slots=slots)
+            captioner.warmup()
+        sched = Scheduler(engine, model, max_queue=max_queue, captioner=captioner,
+                          answer_model=task_plan["answer_model"])
+        sched.start()
+        out["tasks"] = await _task_rows(lambda task: inprocess_sender(sched, tokenizer, task), task_plan,
+                                        requests=requests, max_seconds=max_seconds, slo_s=slo_s,
+                                        seed=seed, label="inproc step")
+        await sched.stop()
     return out
 
 
@@ -203,10 +292,13 @@ def _free_port() -> int:
 
 
 def run_http(spec: dict, *, slots, policies, plan, trace, requests, max_seconds, slo_s,
-             batch_wait_ms, max_queue, seed, cpus_per_replica: float | None = None) -> dict:
+             batch_wait_ms, max_queue, seed, cpus_per_replica: float | None = None,
+             task_plan=None) -> dict:
     """Deploys one application per scheduler on a local Ray (127.0.0.1) and loads each. The
     replica gets as many CPUs as the in-process run has torch threads (Ray hands its CPU count to
-    torch as the thread count), so the two modes differ by HTTP and Ray, not by threads."""
+    torch as the thread count), so the two modes differ by HTTP and Ray, not by threads. With
+    ``task_plan`` the step scheduler's application (``spec`` turns the tasks on) also gets the
+    task rows, after its own."""
     if cpus_per_replica is None:
         cpus_per_replica = torch.get_num_threads()
     import os
@@ -244,11 +336,20 @@ def run_http(spec: dict, *, slots, policies, plan, trace, requests, max_seconds,
                         async with session.get(f"{url}/metrics") as r:
                             return _occupancy(await r.text())
 
-                    return await _sweep_policy(
+                    rows = await _sweep_policy(
                         policy, plan, http_sender(session, url), occ, trace, requests=requests,
                         max_seconds=max_seconds, slo_s=slo_s, seed=seed, label=f"http {policy}")
+                    tasks = None
+                    if task_plan and policy == "step":
+                        tasks = await _task_rows(
+                            lambda task: http_sender(session, url, task=task), task_plan,
+                            requests=requests, max_seconds=max_seconds, slo_s=slo_s, seed=seed,
+                            label="http step")
+                    return rows, tasks
 
-            out[policy] = asyncio.run(go())
+            out[policy], tasks = asyncio.run(go())
+            if tasks is not None:
+                out["tasks"] = tasks
             serve.delete(policy)
     finally:
         serve.shutdown()
@@ -259,8 +360,17 @@ def run_http(spec: dict, *, slots, policies, plan, trace, requests, max_seconds,
 def run_benchmark(spec: dict, *, modes=("inproc",), slots: int = 8, policies=POLICIES,
                   fractions=DEFAULT_FRACTIONS, requests: int = 60, max_seconds: float = 30.0,
                   slo_s: float | None = None, batch_wait_ms: float = 50.0, max_queue: int = 256,
-                  steps=(2, 4, 6, 8), seed: int = 0) -> dict:
-    """The whole comparison; returns the JSON-able result (see the module docstring)."""
+                  steps=(2, 4, 6, 8), seed: int = 0, tasks=TASKS) -> dict:
+    """The whole comparison; returns the JSON-able result (see the module docstring). ``tasks``:
+    the other routes to load (a row each, with the step scheduler; () for none)."""
+    tasks = tuple(tasks) if "step" in policies else ()
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise ValueError(f"tasks: choose from {', '.join(TASKS)}, got {', '.join(bad)}")
+    if "captions" in tasks:
+        spec = {**spec, "captions": True}
+    if "answers" in tasks and spec.get("answer_task") is None:
+        spec = {**spec, "answer_task": "vqa"}
     mspec = ModelSpec.from_dict(spec)
     model, tokenizer = mspec.build()
     mean_steps = max(1, round(sum(steps) / len(steps)))
@@ -273,6 +383,17 @@ def run_benchmark(spec: dict, *, modes=("inproc",), slots: int = 8, policies=POL
     common = dict(slots=slots, policies=tuple(policies), trace=trace, requests=requests,
                   max_seconds=max_seconds, slo_s=slo, batch_wait_ms=batch_wait_ms,
                   max_queue=max_queue, seed=seed)
+    task_plan = None
+    if tasks:
+        answer_model = mspec.build_answer_model(model.centroids) if "answers" in tasks else None
+        static_t = static_tasks(model, answer_model, tokenizer, slots, mean_steps, tasks)
+        n = max(requests, 64)
+        traces = {t: make_task_trace(t, n, seed=seed, n_clusters=model.centroids.shape[0], steps=steps,
+                                     images=answer_model.task.images if answer_model else 1)
+                  for t in tasks}
+        task_plan = {"static": static_t, "traces": traces, "answer_model": answer_model}
+        common["task_plan"] = task_plan
+        _say("static batch: " + ", ".join(f"{t} {v['per_s']:.3g}/s" for t, v in static_t.items()))
     result = {
         "meta": {"device": mspec.device, "dtype": mspec.dtype, "model": mspec.to_dict(),
                  "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -282,6 +403,9 @@ def run_benchmark(spec: dict, *, modes=("inproc",), slots: int = 8, policies=POL
                  "slo_s": slo, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "static_generate": static, "capacity_rps": capacity, "modes": {}, "load_basis": {},
     }
+    if task_plan:
+        result["static_tasks"] = task_plan["static"]
+        result["tasks"] = {}
     for mode in modes:
         plan = LoadPlan(fractions, capacity)
         if mode == "inproc":
@@ -290,6 +414,8 @@ def run_benchmark(spec: dict, *, modes=("inproc",), slots: int = 8, policies=POL
             result["modes"][mode] = run_http(spec, plan=plan, **common)
         else:
             raise ValueError(f"modes: unknown mode {mode!r} (inproc, http)")
+        if task_plan:
+            result["tasks"][mode] = result["modes"][mode].pop("tasks")
         result["load_basis"][mode] = {
             "rps": plan.basis, "what": ("step-level saturation (measured)" if plan.step_capacity
                                         else "static-batch generate + paint (estimate)")}
@@ -394,4 +520,10 @@ def table(result: dict) -> str:
                              f"{f(r['queue_wait_p99_s'])} | {r['goodput_rps']:.2f} | "
                              f"{sum(r['rejected'].values())} | {f(r['mean_occupancy'])} | "
                              f"{ms(r.get('step_s_mean'))} | {pct(r.get('stepping_share'))} |")
+    for mode, per in result.get("tasks", {}).items():
+        for task, r in per.items():
+            lines.append(f"| {mode} | step: {task} | {r['offered_rps']:.2f} | {r['throughput_rps']:.2f} | "
+                         f"{f(r['e2e_p50_s'])} | {f(r['e2e_p99_s'])} | {f(r['e2e_max_s'])} | "
+                         f"{f(r['queue_wait_p99_s'])} | {r['goodput_rps']:.2f} | "
+                         f"{sum(r['rejected'].values())} | - | - | - |")
     return "\n".join(lines)
