@@ -212,6 +212,12 @@ def test_404_when_the_task_is_off():
         status, reply, _ = run(plain, post(plain, route, {"anything": 1}))
         assert status == 404 and option in reply["error"]["message"], reply
     assert plain.metrics.rejections.value("not_enabled") == 2
+    assert json.loads(run(plain, plain.health()).body)["tasks"] == ["images"]
+
+
+def test_health_names_the_tasks(svc, nlvr2):
+    assert json.loads(run(svc, svc.health()).body)["tasks"] == ["images", "captions", "answers (vqa)"]
+    assert json.loads(run(nlvr2, nlvr2.health()).body)["tasks"] == ["images", "answers (nlvr2)"]
 
 
 def test_504_past_timeout_ms(svc):

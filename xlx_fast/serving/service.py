@@ -18,8 +18,9 @@ Routes and their answers:
   option that turns the task on when this server does not run it (``captions`` /
   ``answer_task`` of the model spec; ``xlx-fast serve --captions`` / ``--answer-task``). The
   bodies are in :mod:`xlx_fast.serving.schema`.
-- ``GET /health``: 200 once the model is built and the engine warmed up (every CUDA graph bucket
-  captured), 503 before; never needs the key, so its error text names no file path.
+- ``GET /health``: 200 once the model is built and the engines warmed up (every CUDA graph bucket
+  captured), with the slots and the tasks served, 503 before; never needs the key, so its error
+  text names no file path.
 - ``GET /metrics``: this replica's Prometheus text; needs the key when one is set.
 
 Slow bodies: Ray Serve routes a request to a replica once its headers are in, and the request
@@ -233,6 +234,12 @@ class ImageService:
             raise RuntimeError(f"engine failed: {self.scheduler.broken!r}")
 
     @property
+    def tasks(self) -> list[str]:
+        """The routes this replica serves: images, and captions / answers when on."""
+        return (["images"] + (["captions"] if self.spec.captions else [])
+                + ([f"answers ({self.spec.answer_task})"] if self.spec.answers_enabled else []))
+
+    @property
     def image_size(self) -> int:
         return self.model.generator.config.target_size
 
@@ -261,6 +268,7 @@ class ImageService:
             body["error"] = public_error(self.load_error)
         if ready:
             body["slots"] = self.engine.slots
+            body["tasks"] = self.tasks
         return Reply.json(200 if ready else 503, body, {} if ready else {"Retry-After": "1"})
 
     async def metrics_text(self, headers) -> Reply:
