@@ -342,6 +342,26 @@ def test_non_finite_features_name_the_row(models):
         answer(model, ids, mask, features=feats)
 
 
+def test_the_head_takes_the_fused_op(models):
+    # HF's GeLU in the head is torch's erf GELU, what fused_linear computes: the fused path is
+    # taken (a changed head would run its own modules)
+    from xlx_fast.answering import _erf_gelu
+
+    assert _erf_gelu(models["vqa"][0].answer_head.logit_fc[1])
+    assert _erf_gelu(torch.nn.GELU()) and not _erf_gelu(torch.nn.GELU(approximate="tanh"))
+    assert not _erf_gelu(torch.nn.ReLU())
+
+
+def test_strided_features_are_read_as_given(models):
+    model, ref = models["vqa"]
+    ids, mask = questions(2)
+    feats = visual(model, 2, "features")["features"]
+    strided = feats.transpose(1, 2).contiguous().transpose(1, 2)  # same values, last dim strided
+    assert strided.stride(-1) != 1
+    assert rel(answer(model, ids, mask, features=strided).logits,
+               reference(ref, ids, mask, features=feats)) <= FP32_BOUND
+
+
 def test_lazy_export():
     assert xlx_fast.answer is answer
 

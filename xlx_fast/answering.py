@@ -184,7 +184,7 @@ def _check_visual(model, features, cluster_ids, b: int, device) -> torch.Tensor:
             raise ValueError(f"cluster_ids out of range: values must lie in [0, {k}) (the "
                              f"codebook's size), got [{lo.item()}, {hi.item()}]")
         feats = F.embedding(cluster_ids.long(), model.vis_emb.weight).to(dtype)
-    return feats.reshape(-1, N_CELLS, model.feat_dim)
+    return feats.reshape(-1, N_CELLS, model.feat_dim).contiguous()
 
 
 def _check_top_k(model, top_k) -> int:
