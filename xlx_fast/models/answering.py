@@ -136,7 +136,9 @@ class XLxmertForQuestionAnswering(nn.Module):
         if n_clusters:
             self.vis_emb = nn.Embedding(n_clusters, config.visual_feat_dim)
             self.vis_emb.weight.requires_grad_(False)
-        self.labels = list(labels) if labels is not None else [f"answer_{i}" for i in range(n)]
+        if labels is None:  # NLVR2's classes have names (the authors' label 1 is "True")
+            labels = ["false", "true"] if self.task.name == "nlvr2" else [f"answer_{i}" for i in range(n)]
+        self.labels = list(labels)
         self.eval()
 
     @property
