@@ -23,7 +23,7 @@ xlx::SamplerStepArgs make_args(uintptr_t pred_prob, uintptr_t pred_id, uintptr_t
                                uintptr_t mask_row, uintptr_t mask, uintptr_t visited,
                                uintptr_t ids, uintptr_t out, uintptr_t status, uintptr_t count,
                                uintptr_t cell, uintptr_t next_cell, uintptr_t strategies,
-                               int strategy, int64_t batch,
+                               int strategy, int64_t batch, int64_t cells,
                                int64_t n_table, int64_t row_bytes) {
   return xlx::SamplerStepArgs{ptr<const float>(pred_prob), ptr<const int64_t>(pred_id),
                               ptr<const uint8_t>(table),   ptr<const uint8_t>(mask_row),
@@ -31,7 +31,8 @@ xlx::SamplerStepArgs make_args(uintptr_t pred_prob, uintptr_t pred_id, uintptr_t
                               ptr<int64_t>(ids),           ptr<uint8_t>(out),
                               ptr<int32_t>(status),        ptr<const int32_t>(count),
                               ptr<const int32_t>(cell),    ptr<const int32_t>(next_cell),
-                              ptr<const int32_t>(strategies), strategy,                    batch,
+                              ptr<const int32_t>(strategies), strategy,
+                              batch,                       cells,
                               n_table,                     row_bytes};
 }
 
@@ -73,12 +74,10 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t pred_prob, uintptr_t pred_id, uintptr_t table, uintptr_t mask_row,
          uintptr_t mask, uintptr_t visited, uintptr_t ids, uintptr_t out, uintptr_t status,
          uintptr_t count, uintptr_t cell, uintptr_t next_cell, uintptr_t strategies, int strategy,
-         int64_t batch,
-         int64_t n_table, int64_t row_bytes) {
+         int64_t batch, int64_t cells, int64_t n_table, int64_t row_bytes) {
         const auto a = make_args(pred_prob, pred_id, table, mask_row, mask, visited, ids, out,
                                  status, count, cell, next_cell, strategies, strategy, batch,
-                                 n_table,
-                                 row_bytes);
+                                 cells, n_table, row_bytes);
         int code = 0;
         int64_t row;
         {
@@ -95,12 +94,10 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t pred_prob, uintptr_t pred_id, uintptr_t table, uintptr_t mask_row,
          uintptr_t mask, uintptr_t visited, uintptr_t ids, uintptr_t out, uintptr_t status,
          uintptr_t count, uintptr_t cell, uintptr_t next_cell, uintptr_t strategies, int strategy,
-         int64_t batch,
-         int64_t n_table, int64_t row_bytes, uintptr_t stream) {
+         int64_t batch, int64_t cells, int64_t n_table, int64_t row_bytes, uintptr_t stream) {
         const auto a = make_args(pred_prob, pred_id, table, mask_row, mask, visited, ids, out,
                                  status, count, cell, next_cell, strategies, strategy, batch,
-                                 n_table,
-                                 row_bytes);
+                                 cells, n_table, row_bytes);
         const std::string err = xlx::sampler_step_cuda(a, stream);
         if (!err.empty()) throw std::runtime_error("sampler_step CUDA launch failed: " + err);
       },

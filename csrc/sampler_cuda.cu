@@ -46,6 +46,8 @@ int cuda_device_count(std::string* reason) {
 
 std::string sampler_step_cuda(const SamplerStepArgs& a, uintptr_t stream) {
   if (a.batch == 0) return "";
+  if (a.cells < 1 || a.cells > kMaxCells)
+    return "cells = " + std::to_string(a.cells) + " is outside 1.." + std::to_string(kMaxCells);
   const dim3 grid(static_cast<unsigned>(a.batch));
   const dim3 block(kSamplerThreads);
   auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -55,7 +57,8 @@ std::string sampler_step_cuda(const SamplerStepArgs& a, uintptr_t stream) {
 #define XLX_LAUNCH(NAME)                                                                    \
   NAME<<<grid, block, 0, s>>>(a.pred_prob, pred_id, table, a.mask_row, a.mask, a.visited, \
                               ids, a.out, a.status, a.count, a.cell, a.next_cell,         \
-                              a.strategies, a.strategy, a.n_table, a.row_bytes)
+                              a.strategies, a.strategy, static_cast<int>(a.cells),        \
+                              a.n_table, a.row_bytes)
   switch (gather_width(a)) {
     case 16: XLX_LAUNCH(xlx_sampler_step_w16); break;
     case 8: XLX_LAUNCH(xlx_sampler_step_w8); break;

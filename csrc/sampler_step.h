@@ -11,8 +11,10 @@ namespace xlx {
 
 // Arguments of one step; count/cell/next_cell may be null when the strategy ignores them
 // (with per-row strategies, pass every array a row's strategy may read).
-// Row strides are fixed: pred_prob, pred_id, mask, visited, ids are [batch, 64] contiguous,
-// out is [batch, 64, row_bytes] contiguous, table is [n_table, row_bytes], mask_row [row_bytes].
+// A row has `cells` cells (1..kMaxCells = 1024, sampler_rules.h): pred_prob, pred_id, mask,
+// visited, ids are [batch, cells] contiguous, out is [batch, cells, row_bytes] contiguous, table
+// is [n_table, row_bytes], mask_row [row_bytes]; cells * row_bytes is at most 2^30 (the CUDA
+// kernel indexes a row's words with 32-bit ints).
 struct SamplerStepArgs {
   const float* pred_prob;
   const int64_t* pred_id;
@@ -30,6 +32,7 @@ struct SamplerStepArgs {
   const int32_t* strategies;
   int strategy;
   int64_t batch;
+  int64_t cells;
   int64_t n_table;
   int64_t row_bytes;
 };

@@ -3,12 +3,16 @@
 The oracle below restates the rules in NumPy, independently of the kernels and of
 xlx_fast.reference: stable argsort for Mask-Predict, first maximum over unvisited cells for
 AR-confidence, fixed cells for TLBR/random. The C++ twin must match it id for id and row for row
-(bitwise), in every table dtype, with odd row sizes, many ties, per-row counts and K > 64. GPU
-tests compare the CUDA kernel with the C++ twin and replay it from a CUDA graph.
+(bitwise), in every table dtype, with odd row sizes, many ties, per-row counts and K > 64, on
+rows of N = 1, 7, 64, 256 and 1,024 cells (the op reads N from the shapes). GPU tests compare
+the CUDA kernel with the C++ twin at the same cell counts and replay it from a CUDA graph.
 """
 from __future__ import annotations
 
 import random
+import re
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +23,8 @@ from xlx_fast.ops.sampler_args import SamplerStepArgs
 from xlx_fast.ops.sampler_backends import run
 
 CELLS = 64
+CELL_COUNTS = (1, 7, 64, 256, 1024)  # rows of grids 1x1 .. 32x32, and an odd one
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HAS_CUDA = torch.cuda.is_available()
 
@@ -28,13 +34,14 @@ HAS_CUDA = torch.cuda.is_available()
 
 def oracle_step(prob, pred_id, mask, visited, ids, table, mask_row, strategy,
                 count=None, cell=None, next_cell=None):
-    """Returns (mask, visited, ids, out) after one step; inputs are not modified."""
+    """Returns (mask, visited, ids, out) after one step; inputs are not modified. Rows have
+    N = prob.shape[1] cells."""
     prob, pred_id = prob.numpy(), pred_id.numpy()
     mask, visited, ids = mask.numpy().copy(), visited.numpy().copy(), ids.numpy().copy()
-    b_rows = prob.shape[0]
+    b_rows, n_cells = prob.shape
     new_mask = np.zeros_like(mask)
     for b in range(b_rows):
-        decided = np.zeros(CELLS, dtype=bool)
+        decided = np.zeros(n_cells, dtype=bool)
         if strategy == "mask_predict":
             decided = mask[b].copy()
         elif strategy in ("tlbr", "random"):
@@ -79,20 +86,25 @@ def make_mask_row(d, dtype):
     return torch.linspace(-1.5, 2.5, d).to(dtype) + 0.125
 
 
-def random_probs(rng, b, ties):
-    p = rng.random((b, CELLS), dtype=np.float32)
+def seed_of(*parts):
+    """A seed that is the same in every process (``hash`` of a str is not)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def random_probs(rng, b, ties, cells=CELLS):
+    p = rng.random((b, cells), dtype=np.float32)
     if ties:  # few distinct values: most comparisons are ties
         p = np.floor(p * 4).astype(np.float32) / 4
     return torch.from_numpy(p)
 
 
-def random_state(rng, b, n, d, dtype, *, poison=True):
+def random_state(rng, b, n, d, dtype, *, poison=True, cells=CELLS):
     """A consistent mid-run state: every id valid, random mask/visited, poisoned output."""
     st = S.SamplerState(
-        mask=torch.from_numpy(rng.random((b, CELLS)) < 0.5),
-        visited=torch.from_numpy(rng.random((b, CELLS)) < 0.5),
-        ids=torch.from_numpy(rng.integers(0, n, (b, CELLS))),
-        out=torch.full((b, CELLS, d), float("nan") if poison else 0.0).to(dtype),
+        mask=torch.from_numpy(rng.random((b, cells)) < 0.5),
+        visited=torch.from_numpy(rng.random((b, cells)) < 0.5),
+        ids=torch.from_numpy(rng.integers(0, n, (b, cells))),
+        out=torch.full((b, cells, d), float("nan") if poison else 0.0).to(dtype),
         status=torch.zeros(b, dtype=torch.int32),
     )
     return st
@@ -102,16 +114,18 @@ def i32(values):
     return torch.tensor(values, dtype=torch.int32)
 
 
-def strategy_args(rng, strategy, b):
-    """Per-row count/cell/next_cell, different in every row, edge values included."""
+def strategy_args(rng, strategy, b, n_cells=CELLS):
+    """Per-row count/cell/next_cell, different in every row, edge values (0, N, -1, N-1)
+    included."""
+    n = n_cells
     if strategy == "mask_predict":
-        counts = [0, 64, 1, 63] + list(rng.integers(0, 65, max(0, b - 4)))
+        counts = [0, n, 1, n - 1] + list(rng.integers(0, n + 1, max(0, b - 4)))
         return {"count": i32(counts[:b])}
     if strategy == "tlbr":
-        return {"cell": i32([-1, 0, 63] + list(rng.integers(0, 64, max(0, b - 3))))[:b]}
+        return {"cell": i32([-1, 0, n - 1] + list(rng.integers(0, n, max(0, b - 3))))[:b]}
     if strategy == "random":
-        cells = [-1, 5, 63] + list(rng.integers(0, 64, max(0, b - 3)))
-        nexts = [7, -1, 63] + list(rng.integers(-1, 64, max(0, b - 3)))
+        cells = [-1, min(5, n - 1), n - 1] + list(rng.integers(0, n, max(0, b - 3)))
+        nexts = [min(7, n - 1), -1, n - 1] + list(rng.integers(-1, n, max(0, b - 3)))
         return {"cell": i32(cells[:b]), "next_cell": i32(nexts[:b])}
     return {}
 
@@ -128,16 +142,16 @@ def assert_state_equal(st, ref, what=""):
     assert int(st.status.abs().sum()) == 0, f"status set {what}: {st.status.tolist()}"
 
 
-def run_and_compare(rng, strategy, n, d, dtype, b=6, ties=False):
+def run_and_compare(rng, strategy, n, d, dtype, b=6, ties=False, cells=CELLS):
     table, mask_row = make_table(n, d, dtype), make_mask_row(d, dtype)
-    st = random_state(rng, b, n, d, dtype)
-    prob = random_probs(rng, b, ties)
-    pred_id = torch.from_numpy(rng.integers(0, n, (b, CELLS)))
-    kw = strategy_args(rng, strategy, b)
+    st = random_state(rng, b, n, d, dtype, cells=cells)
+    prob = random_probs(rng, b, ties, cells)
+    pred_id = torch.from_numpy(rng.integers(0, n, (b, cells)))
+    kw = strategy_args(rng, strategy, b, cells)
     ref = oracle_step(prob, pred_id, st.mask, st.visited, st.ids, table, mask_row, strategy,
                       **{k: v.numpy() for k, v in kw.items()})
     S.sampler_step(prob, pred_id, st, table, mask_row, strategy, **kw)
-    assert_state_equal(st, ref, f"({strategy}, N={n}, D={d}, {dtype})")
+    assert_state_equal(st, ref, f"({strategy}, {cells} cells, table {n}x{d}, {dtype})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +199,73 @@ def test_confidence_when_every_cell_visited_decides_nothing():
     S.sampler_step(random_probs(rng, 2, False), torch.zeros(2, 64, dtype=torch.int64), st,
                    table, mask_row, "confidence")
     assert torch.equal(st.ids, ids_before) and torch.equal(st.mask, mask_before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any cell count N in 1..1024 (grids 8x8, 16x16, 32x32 and odd ones): N comes from the shapes.
+
+@pytest.mark.parametrize("strategy", list(S.STRATEGIES))
+@pytest.mark.parametrize("cells", CELL_COUNTS)
+def test_step_matches_oracle_any_cells(strategy, cells):
+    rng = np.random.default_rng(seed_of(strategy, cells))
+    for dtype, n, d in ((torch.float32, 37, 3), (torch.bfloat16, 1, 5), (torch.float16, 1000, 8)):
+        run_and_compare(rng, strategy, n, d, dtype, b=6, ties=False, cells=cells)
+        run_and_compare(rng, strategy, n, d, dtype, b=6, ties=True, cells=cells)
+
+
+@pytest.mark.parametrize("cells", CELL_COUNTS)
+def test_equal_probabilities_go_to_the_lowest_index(cells):
+    """Every probability equal: Mask-Predict masks the first `count` cells, AR-confidence
+    decides the lowest unvisited cell; rows with a few distinct values follow the stable sort."""
+    rng = np.random.default_rng(seed_of("ties", cells))
+    n, d = 13, 3
+    table, mask_row = make_table(n, d, torch.float32), make_mask_row(d, torch.float32)
+    counts = sorted({0, 1, cells // 2, cells - 1, cells})
+    b = len(counts)
+    prob = torch.full((b, cells), 0.5)
+    pred_id = torch.from_numpy(rng.integers(0, n, (b, cells)))
+    st = random_state(rng, b, n, d, torch.float32, cells=cells)
+    S.sampler_step(prob, pred_id, st, table, mask_row, "mask_predict", count=i32(counts))
+    want = torch.arange(cells).view(1, -1) < torch.tensor(counts).view(-1, 1)
+    assert torch.equal(st.mask, want)
+
+    st = random_state(rng, b, n, d, torch.float32, cells=cells)
+    st.visited[:, 0] = cells > 1  # so the lowest unvisited cell is never cell 0 (N = 1: none)
+    ids_before, free = st.ids.clone(), ~st.visited
+    rows = torch.nonzero(free.any(1)).flatten()  # rows with an unvisited cell decide one
+    changed = torch.zeros_like(st.mask)
+    changed[rows, free.int().argmax(1)[rows]] = True
+    S.sampler_step(prob, pred_id, st, table, mask_row, "confidence")
+    assert torch.equal(st.ids, torch.where(changed, pred_id, ids_before))
+
+    stepped = (torch.arange(cells) % 3).float().view(1, -1).expand(b, -1).contiguous() / 3
+    for strategy in ("mask_predict", "confidence"):
+        st = random_state(rng, b, n, d, torch.float32, cells=cells)
+        kw = {"count": i32(counts)} if strategy == "mask_predict" else {}
+        ref = oracle_step(stepped, pred_id, st.mask, st.visited, st.ids, table, mask_row, strategy,
+                          **{k: v.numpy() for k, v in kw.items()})
+        S.sampler_step(stepped, pred_id, st, table, mask_row, strategy, **kw)
+        assert_state_equal(st, ref, f"({strategy}, {cells} cells, three values)")
+
+
+@pytest.mark.parametrize("cells,counts", [(256, range(257)),
+                                          (1024, (0, 1, 2, 511, 512, 513, 1023, 1024))])
+def test_mask_predict_counts_any_cells(cells, counts):
+    """Every count 0..256 on 16x16 rows and the edges of 0..1024 on 32x32 rows, with ties:
+    exactly `count` cells masked, the stable-sort set."""
+    rng = np.random.default_rng(cells)
+    counts = list(counts)
+    b, n, d = len(counts), 9, 2
+    table, mask_row = make_table(n, d, torch.float32), make_mask_row(d, torch.float32)
+    st = random_state(rng, b, n, d, torch.float32, cells=cells)
+    prob = random_probs(rng, b, True, cells)
+    pred_id = torch.from_numpy(rng.integers(0, n, (b, cells)))
+    count = i32(counts)
+    ref = oracle_step(prob, pred_id, st.mask, st.visited, st.ids, table, mask_row,
+                      "mask_predict", count=count.numpy())
+    S.sampler_step(prob, pred_id, st, table, mask_row, "mask_predict", count=count)
+    assert st.mask.sum(1).tolist() == counts
+    assert_state_equal(st, ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,14 +343,54 @@ def test_full_runs_match_oracle(strategy, steps, dtype):
         assert not st.mask[done].any() and (st.ids[done] >= 0).all()
 
 
+@pytest.mark.parametrize("cells,strategy,steps", [
+    (256, "mask_predict", [4, 1, 10, 300]),
+    (256, "random", [256, 300, 3]),
+    (256, "tlbr", [256, 4, 1]),
+    (256, "confidence", [256, 5]),
+    (1024, "mask_predict", [4, 16]),
+    (1024, "random", [20, 3]),
+    (7, "confidence", [7, 2]),
+    (1, "mask_predict", [4, 1]),
+])
+def test_full_runs_any_cells(cells, strategy, steps):
+    """Whole runs on N-cell rows from init_state(cells=N) with schedule(n_cells=N)."""
+    rng = np.random.default_rng(seed_of(cells, strategy))
+    b, n, d, dtype = len(steps), 97, 3, torch.bfloat16
+    table, mask_row = make_table(n, d, dtype), make_mask_row(d, dtype)
+    scheds = [S.schedule(strategy, k, seed=r, n_cells=cells) for r, k in enumerate(steps)]
+    st = S.init_state(b, mask_row, cells=cells)
+    assert st.mask.shape == (b, cells) and st.out.shape == (b, cells, d)
+    for i in range(max(steps)):
+        def pick(name, default):
+            return i32([getattr(s, name)[i] if i < s.steps else default for s in scheds])
+        kw = {}
+        if strategy == "mask_predict":
+            kw["count"] = pick("count", 0)
+        if strategy in ("tlbr", "random"):
+            kw["cell"] = pick("cell", -1)
+        if strategy == "random":
+            kw["next_cell"] = pick("next_cell", -1)
+        prob = random_probs(rng, b, i % 2 == 1, cells)
+        pred_id = torch.from_numpy(rng.integers(0, n, (b, cells)))
+        ref = oracle_step(prob, pred_id, st.mask, st.visited, st.ids, table, mask_row, strategy,
+                          **{k: v.numpy() for k, v in kw.items()})
+        st.out.fill_(float("nan"))
+        S.sampler_step(prob, pred_id, st, table, mask_row, strategy, **kw)
+        assert_state_equal(st, ref, f"step {i}")
+    done = [r for r, k in enumerate(steps) if strategy == "mask_predict" or
+            (strategy in ("tlbr", "confidence") and k == cells)]
+    assert not st.mask[done].any() and (st.ids[done] >= 0).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library: fake tensors, meta, torch.compile.
 
-def small_case(b=3, n=11, d=4, dtype=torch.float32, device="cpu"):
+def small_case(b=3, n=11, d=4, dtype=torch.float32, device="cpu", cells=CELLS):
     rng = np.random.default_rng(0)
     table, mask_row = make_table(n, d, dtype).to(device), make_mask_row(d, dtype).to(device)
-    prob = random_probs(rng, b, False).to(device)
-    pred_id = torch.from_numpy(rng.integers(0, n, (b, CELLS))).to(device)
+    prob = random_probs(rng, b, False, cells).to(device)
+    pred_id = torch.from_numpy(rng.integers(0, n, (b, cells))).to(device)
     return table, mask_row, prob, pred_id
 
 
@@ -327,10 +448,10 @@ def test_torch_compile_fullgraph(backend):
 # ---------------------------------------------------------------------------------------------
 # Bad input.
 
-def bad_case(strategy="mask_predict", b=2, n=11, d=4):
-    table, mask_row, prob, pred_id = small_case(b=b, n=n, d=d)
-    st = S.init_state(b, mask_row)
-    kw = {"count": i32([16] * b)} if strategy == "mask_predict" else {}
+def bad_case(strategy="mask_predict", b=2, n=11, d=4, cells=CELLS):
+    table, mask_row, prob, pred_id = small_case(b=b, n=n, d=d, cells=cells)
+    st = S.init_state(b, mask_row, cells=cells)
+    kw = {"count": i32([min(16, cells)] * b)} if strategy == "mask_predict" else {}
     if strategy in ("tlbr", "random"):
         kw["cell"] = i32([0] * b)
     return dict(pred_prob=prob, pred_id=pred_id, state=st, table=table, mask_row=mask_row,
@@ -447,18 +568,194 @@ def test_bytes_moved():
     assert S.sampler_step_bytes(64, 2048, torch.float32) < 1.01 * 2 * 64 * 64 * 2048 * 4
 
 
+@pytest.mark.parametrize("cells", [1, 7, 256, 1024])
+@pytest.mark.parametrize("strategy,name,ok,bad,code,bound", [
+    ("mask_predict", "count", lambda n: n, lambda n: n + 1, S.STATUS_BAD_COUNT, "0..{n}"),
+    ("mask_predict", "count", lambda n: 0, lambda n: -1, S.STATUS_BAD_COUNT, "0..{n}"),
+    ("tlbr", "cell", lambda n: n - 1, lambda n: n, S.STATUS_BAD_CELL, "-1..{last}"),
+    ("random", "cell", lambda n: -1, lambda n: -2, S.STATUS_BAD_CELL, "-1..{last}"),
+    ("random", "next_cell", lambda n: n - 1, lambda n: n, S.STATUS_BAD_NEXT_CELL, "-1..{last}"),
+], ids=["count=N+1", "count=-1", "cell=N", "cell=-2", "next_cell=N"])
+def test_bounds_follow_the_cell_count(cells, strategy, name, ok, bad, code, bound):
+    """count in [0, N], cell and next_cell in [-1, N): the bound itself passes, one past it
+    flags the row with the bound in the message and writes nothing but status."""
+    case = bad_case(strategy, cells=cells)
+    if strategy == "random":
+        case["next_cell"] = i32([-1, -1])
+    call(case, **{name: i32([ok(cells), ok(cells)])})
+    assert case["state"].status.tolist() == [0, 0]
+    st = case["state"]
+    before = [t.clone() for t in (st.mask, st.visited, st.ids, st.out)]
+    text = bound.format(n=cells, last=cells - 1)
+    with pytest.raises(ValueError, match=rf"{name}\[1\] = {bad(cells)} is outside {re.escape(text)} \("):
+        call(case, **{name: i32([ok(cells), bad(cells)])})
+    for t, b in zip((st.mask, st.visited, st.ids, st.out), before):
+        assert torch.equal(t, b)
+    assert st.status.tolist() == [0, code]
+    assert S.describe_status(code, cells).endswith(text)
+    with pytest.raises(ValueError, match=rf"row 1: {name} outside {re.escape(text)}"):
+        S.check_status(st.status, cells)
+
+
+@pytest.mark.parametrize("cells,bad_cells", [(65, [64]), (256, [200, 64]), (256, [255]),
+                                             (1024, [1000, 700]), (1024, [1023])])
+@pytest.mark.parametrize("strategy", ["mask_predict", "random"])
+def test_bad_id_past_cell_64_is_named(cells, bad_cells, strategy):
+    """A bad id at a cell past 64 is encoded as STATUS_BAD_ID_BASE + cell and decoded to that
+    cell, the lowest bad one, in the error, describe_status and check_status."""
+    case = bad_case(strategy, cells=cells)
+    pred_id = case["pred_id"].clone()
+    pred_id[1, bad_cells] = 11  # the table has 11 rows
+    if strategy == "random":  # only `cell` is decided: a bad id there is used
+        pred_id[1, :] = 11
+        case["cell"] = i32([0, min(bad_cells)])
+        case["next_cell"] = i32([-1, -1])
+    lowest = min(bad_cells)
+    with pytest.raises(ValueError, match=rf"ids out of range: row 1, cell {lowest} .*pred_id 11"):
+        call(case, pred_id=pred_id)
+    code = int(case["state"].status[1])
+    assert case["state"].status.tolist() == [0, S.STATUS_BAD_ID_BASE + lowest]
+    assert S.bad_id_cell(code) == lowest
+    assert S.describe_status(code) == S.describe_status(code, cells) == f"id out of range at cell {lowest}"
+    with pytest.raises(ValueError, match=rf"row 1: id out of range at cell {lowest}$"):
+        S.check_status(case["state"].status)
+
+
+def test_status_codes_are_the_native_enum():
+    """The Python constants are csrc/sampler_rules.h's values, and the two kinds of code never
+    meet for any N up to MAX_CELLS."""
+    header = (CSRC / "sampler_rules.h").read_text()
+    body = re.search(r"enum Status : int \{(.*?)\};", header, re.S).group(1)
+    native = {k: eval(v) for k, v in re.findall(r"(k\w+) = ([^,]+),", body)}
+    assert native == {"kOk": 0, "kBadCount": S.STATUS_BAD_COUNT, "kBadCell": S.STATUS_BAD_CELL,
+                      "kBadNextCell": S.STATUS_BAD_NEXT_CELL, "kBadProb": S.STATUS_BAD_PROB,
+                      "kBadStrategy": S.STATUS_BAD_STRATEGY, "kBadIdBase": S.STATUS_BAD_ID_BASE}
+    assert int(re.search(r"constexpr int kMaxCells = (\d+);", header).group(1)) == S.MAX_CELLS
+    fixed = [S.STATUS_BAD_COUNT, S.STATUS_BAD_CELL, S.STATUS_BAD_NEXT_CELL, S.STATUS_BAD_PROB,
+             S.STATUS_BAD_STRATEGY]
+    assert max(fixed) < S.STATUS_BAD_ID_BASE and S.STATUS_BAD_ID_BASE + S.MAX_CELLS < 2**31
+    assert all(S.bad_id_cell(c) is None for c in [0, *fixed, S.STATUS_BAD_ID_BASE - 1,
+                                                  S.STATUS_BAD_ID_BASE + S.MAX_CELLS])
+    for c in (0, 63, 64, 65, 255, 256, 1023):
+        assert S.bad_id_cell(S.STATUS_BAD_ID_BASE + c) == c
+        assert S.describe_status(S.STATUS_BAD_ID_BASE + c) == f"id out of range at cell {c}"
+    assert S.describe_status(S.STATUS_BAD_COUNT) == "count outside 0..N"
+    assert S.describe_status(S.STATUS_BAD_COUNT, 64) == "count outside 0..64"
+    assert S.describe_status(S.STATUS_BAD_CELL, 1024) == "cell outside -1..1023"
+    assert S.describe_status(S.STATUS_BAD_NEXT_CELL, 256) == "next_cell outside -1..255"
+    assert S.describe_status(S.STATUS_BAD_PROB) == "NaN in pred_prob"
+    assert S.describe_status(S.STATUS_BAD_STRATEGY) == "unknown strategy"
+    assert S.describe_status(7) == "status 7"
+
+
+def test_nan_and_bad_id_at_1024_cells():
+    case = bad_case("confidence", cells=1024)
+    prob = case["pred_prob"].clone()
+    prob[1, 900] = float("nan")
+    with pytest.raises(ValueError, match="pred_prob has NaN in row 1"):
+        call(case, pred_prob=prob)
+    assert case["state"].status.tolist() == [0, S.STATUS_BAD_PROB]
+    case = bad_case("tlbr", cells=1024)
+    case["state"].ids[0, 999] = 10_000  # unmasked after the step -> gathered -> must fail
+    case["state"].mask[0, 999] = False
+    with pytest.raises(ValueError, match=r"row 0, cell 999.*ids 10000"):
+        call(case)
+    assert case["state"].status.tolist() == [S.STATUS_BAD_ID_BASE + 999, 0]
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(pred_prob=torch.rand(2, 0)), ValueError, r"pred_prob must have 1 to 1024 cells.*N = 0"),
+    (dict(pred_prob=torch.rand(2, 1025)), ValueError, r"pred_prob must have 1 to 1024 .*N = 1025"),
+    (dict(pred_prob=torch.rand(2, 255)), ValueError,
+     r"pred_id must have shape \[2, 255\], got \(2, 256\) \(B = 2 and N = 255 are pred_prob's shape\)"),
+    (dict(pred_id=torch.zeros(2, 64, dtype=torch.int64)), ValueError, r"pred_id must have shape \[2, 256\]"),
+])
+def test_shapes_must_agree_on_the_cell_count(change, exc, match):
+    with pytest.raises(exc, match=match):
+        call(bad_case(cells=256), **change)
+
+
+@pytest.mark.parametrize("field,shape", [("mask", (2, 255)), ("visited", (2, 1024)), ("ids", (2, 64)),
+                                         ("out", (2, 255, 4)), ("out", (2, 256, 5))])
+def test_state_must_have_the_cell_count(field, shape):
+    case = bad_case(cells=256)
+    dtype = getattr(case["state"], field).dtype
+    with pytest.raises(ValueError, match=rf"{field} must have shape .*N = 256 are pred_prob's shape"):
+        call(case, state=replace_state(case, **{field: torch.zeros(shape, dtype=dtype)}))
+
+
+def test_out_rows_over_2_to_the_30_bytes_are_refused():
+    """The kernel indexes a row of out with int32 words: N·D·itemsize <= 2^30 (meta tensors:
+    the check reads shapes only)."""
+    m = torch.device("meta")
+
+    def args(cells, d):
+        return SamplerStepArgs(
+            torch.empty(1, cells, device=m), torch.empty(1, cells, dtype=torch.int64, device=m),
+            torch.empty(3, d, device=m), torch.empty(d, device=m),
+            torch.empty(1, cells, dtype=torch.bool, device=m),
+            torch.empty(1, cells, dtype=torch.bool, device=m),
+            torch.empty(1, cells, dtype=torch.int64, device=m), torch.empty(1, cells, d, device=m),
+            torch.empty(1, dtype=torch.int32, device=m), None, None, None, S.STRATEGIES["confidence"])
+
+    args(1024, 1 << 18).check()  # exactly 2^30 bytes
+    with pytest.raises(ValueError, match=r"out rows .* at most 1073741824 bytes, got N = 1024"):
+        args(1024, (1 << 18) + 1).check()
+    args(64, (1 << 22) - 1).check()  # the default grid never meets it under MAX_ROW_BYTES
+
+
+@pytest.mark.parametrize("cells", [0, 1025, True, 64.0])
+def test_init_state_checks_cells(cells):
+    with pytest.raises(ValueError, match="cells must be an int in 1..1024"):
+        S.init_state(2, make_mask_row(3, torch.float32), cells=cells)
+
+
+def test_init_state_and_bytes_any_cells():
+    mask_row = make_mask_row(5, torch.bfloat16)
+    st = S.init_state(3, mask_row, cells=1024)
+    assert st.mask.shape == st.visited.shape == st.ids.shape == (3, 1024)
+    assert st.out.shape == (3, 1024, 5) and torch.equal(st.out, mask_row.expand(3, 1024, 5))
+    assert S.init_state(3, mask_row).mask.shape == (3, 64)  # the default grid
+    assert S.sampler_step_bytes(2, 768, torch.bfloat16, cells=1024) == (
+        2 * 2 * 1024 * 768 * 2 + 2 * 1024 * 32 + 2 * 16)
+    assert S.sampler_step_bytes(2, 768, torch.bfloat16) == S.sampler_step_bytes(2, 768, torch.bfloat16, 64)
+
+
+@pytest.mark.parametrize("cells", [7, 256, 1024])
+def test_opcheck_any_cells(cells):
+    table, mask_row, prob, pred_id = small_case(cells=cells)
+    st = S.init_state(3, mask_row, cells=cells)
+    args = (prob, pred_id, table, mask_row, st.mask, st.visited, st.ids, st.out, st.status,
+            i32([cells // 3, 0, cells]), None, None, 0)
+    torch.library.opcheck(torch.ops.xlx_fast.sampler_step.default, args)
+
+
+def test_fake_tensors_any_cells():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        st = S.SamplerState(torch.empty(2, 1024, dtype=torch.bool), torch.empty(2, 1024, dtype=torch.bool),
+                            torch.empty(2, 1024, dtype=torch.int64), torch.empty(2, 1024, 4),
+                            torch.empty(2, dtype=torch.int32))
+        S.sampler_step(torch.empty(2, 1024), torch.empty(2, 1024, dtype=torch.int64), st,
+                       torch.empty(11, 4), torch.empty(4), "confidence")
+        with pytest.raises(ValueError, match="N = 1025"):
+            S.sampler_step(torch.empty(2, 1025), torch.empty(2, 1025, dtype=torch.int64), st,
+                           torch.empty(11, 4), torch.empty(4), "confidence")
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the CUDA kernel vs the C++ twin, graph capture.
 
-def twin_and_cuda(rng, strategy, n, d, dtype, b, backend=None, table_offset=0):
+def twin_and_cuda(rng, strategy, n, d, dtype, b, backend=None, table_offset=0, cells=CELLS):
     """Run one step on CPU (twin) and CUDA from the same inputs; returns both states."""
     table_full = make_table(n + table_offset, d, dtype)
     table = table_full[table_offset:]  # an offset view: a misaligned base pointer
     mask_row = make_mask_row(d, dtype)
-    st = random_state(rng, b, n, d, dtype)
-    prob = random_probs(rng, b, ties=True)
-    pred_id = torch.from_numpy(rng.integers(0, n, (b, CELLS)))
-    kw = strategy_args(rng, strategy, b)
+    st = random_state(rng, b, n, d, dtype, cells=cells)
+    prob = random_probs(rng, b, True, cells)
+    pred_id = torch.from_numpy(rng.integers(0, n, (b, cells)))
+    kw = strategy_args(rng, strategy, b, cells)
     gpu = S.SamplerState(*(t.cuda() for t in (st.mask, st.visited, st.ids, st.out, st.status)))
     S.sampler_step(prob, pred_id, st, table, mask_row, strategy, **kw)
     args = (prob.cuda(), pred_id.cuda(), table_full.cuda()[table_offset:], mask_row.cuda(),
@@ -513,7 +810,7 @@ def test_cuda_bad_values_flag_status():
     out_before = st.out.clone()
     S.sampler_step(random_probs(rng, b, False).cuda(), pred_id, st, table, mask_row,
                    "mask_predict", count=count)
-    assert st.status.tolist() == [0, 1 + 7, S.STATUS_BAD_COUNT]
+    assert st.status.tolist() == [0, S.STATUS_BAD_ID_BASE + 7, S.STATUS_BAD_COUNT]
     assert torch.equal(st.out[1, 7], mask_row)          # never an out-of-bounds read
     assert torch.equal(st.out[2], out_before[2])        # a bad row is left alone
     assert torch.equal(st.out[0], table[pred_id[0]])
@@ -526,12 +823,26 @@ def test_cuda_bad_values_flag_status():
 def test_cuda_graph_capture_and_replay(strategy, steps):
     """A whole run (reset + K steps, per-step inputs in static buffers) captured once and
     replayed equals the eager CUDA run and the C++ twin."""
+    graph_capture_and_replay(strategy, steps, CELLS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy,steps,cells", [
+    ("mask_predict", 4, 1024), ("mask_predict", 16, 256), ("random", 300, 256),
+    ("confidence", 256, 256), ("tlbr", 40, 1024), ("confidence", 30, 1024),
+])
+def test_cuda_graph_capture_and_replay_any_cells(strategy, steps, cells):
+    """The same on 16x16 and 32x32 rows."""
+    graph_capture_and_replay(strategy, steps, cells)
+
+
+def graph_capture_and_replay(strategy, steps, cells):
     rng = np.random.default_rng(7)
     b, n, d, dtype = 5, 10_000, 768, torch.bfloat16
     table, mask_row = make_table(n, d, dtype).cuda(), make_mask_row(d, dtype).cuda()
-    sched = S.schedule(strategy, steps, seed=3).tensors(b, device="cuda")
-    probs = torch.stack([random_probs(rng, b, ties=True) for _ in range(steps)]).cuda()
-    pids = torch.from_numpy(rng.integers(0, n, (steps, b, CELLS))).cuda()
+    sched = S.schedule(strategy, steps, seed=3, n_cells=cells).tensors(b, device="cuda")
+    probs = torch.stack([random_probs(rng, b, True, cells) for _ in range(steps)]).cuda()
+    pids = torch.from_numpy(rng.integers(0, n, (steps, b, cells))).cuda()
 
     def run(state):
         S.reset_state(state, mask_row)
@@ -539,14 +850,14 @@ def test_cuda_graph_capture_and_replay(strategy, steps):
             kw = {k: v[i] for k, v in sched.items()}
             S.sampler_step(probs[i], pids[i], state, table, mask_row, strategy, **kw)
 
-    eager = S.init_state(b, mask_row)
+    eager = S.init_state(b, mask_row, cells)
     run(eager)
-    cpu = S.init_state(b, mask_row.cpu())
+    cpu = S.init_state(b, mask_row.cpu(), cells)
     for i in range(steps):
         kw = {k: v[i].cpu() for k, v in sched.items()}
         S.sampler_step(probs[i].cpu(), pids[i].cpu(), cpu, table.cpu(), mask_row.cpu(), strategy, **kw)
 
-    graphed = S.init_state(b, mask_row)
+    graphed = S.init_state(b, mask_row, cells)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -586,28 +897,98 @@ def test_cuda_torch_compile():
     assert torch.equal(eager.out, compiled.out)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("cells", [1, 7, 256, 513, 1024])
+@pytest.mark.parametrize("strategy", list(S.STRATEGIES))
+@pytest.mark.parametrize("dtype,n,d,offset,rows", [
+    (torch.float32, 37, 3, 1, (1, 7, 130)), (torch.float32, 50, 6, 1, (1, 7, 130)),
+    (torch.bfloat16, 10_000, 768, 0, (1, 7, 33)), (torch.float16, 10_000, 2048, 0, (1, 9)),
+], ids=["f32-d3", "f32-d6", "bf16-d768", "f16-d2048"])
+def test_cuda_matches_twin_any_cells(cells, strategy, dtype, n, d, offset, rows):
+    """Rows of 1 to 1,024 cells: 513 and 1,024 give some threads two cells, the selection
+    ranks across the whole block."""
+    rng = np.random.default_rng(seed_of(cells, strategy, d))
+    for b in rows:
+        st, gpu = twin_and_cuda(rng, strategy, n, d, dtype, b, table_offset=offset, cells=cells)
+        assert_same(st, gpu, f"({strategy}, {cells} cells, N={n}, D={d}, {dtype}, B={b})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cells", [256, 1024])
+def test_cuda_cupy_path_matches_twin_any_cells(cells):
+    pytest.importorskip("cupy")
+    rng = np.random.default_rng(cells)
+    for strategy in S.STRATEGIES:
+        for dtype, d in ((torch.float32, 3), (torch.bfloat16, 768)):
+            st, gpu = twin_and_cuda(rng, strategy, 10_000, d, dtype, 9, backend="cupy", cells=cells)
+            assert_same(st, gpu, f"cupy ({strategy}, {cells} cells, D={d}, {dtype})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cells", [256, 1024])
+def test_cuda_ties_go_to_the_lowest_index_any_cells(cells):
+    """All probabilities equal on the GPU: the first `count` cells are masked."""
+    n, d, b = 10, 8, 4
+    table, mask_row = make_table(n, d, torch.float32).cuda(), make_mask_row(d, torch.float32).cuda()
+    st = S.init_state(b, mask_row, cells)
+    counts = [0, 1, cells // 2, cells]
+    pred_id = torch.randint(0, n, (b, cells), device="cuda")
+    S.sampler_step(torch.full((b, cells), 0.25, device="cuda"), pred_id, st, table, mask_row,
+                   "mask_predict", count=torch.tensor(counts, dtype=torch.int32, device="cuda"))
+    want = torch.arange(cells).view(1, -1) < torch.tensor(counts).view(-1, 1)
+    assert torch.equal(st.mask.cpu(), want)
+    assert torch.equal(st.out, torch.where(want.cuda()[..., None], mask_row, table[pred_id]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cells", [256, 1024])
+def test_cuda_bad_values_flag_status_any_cells(cells):
+    """Bad ids past cell 64 come back as STATUS_BAD_ID_BASE + cell (the lowest), bounds follow N."""
+    rng = np.random.default_rng(cells + 6)
+    n, d, b = 10, 8, 5
+    table, mask_row = make_table(n, d, torch.float32).cuda(), make_mask_row(d, torch.float32).cuda()
+    st = S.init_state(b, mask_row, cells)
+    pred_id = torch.from_numpy(rng.integers(0, n, (b, cells))).cuda()
+    pred_id[1, [cells - 1, 200]] = n  # row 1: bad ids at cells 200 and N-1 -> 200 is named
+    pred_id[3, cells - 1] = -1        # row 3: bad id at the last cell
+    count = torch.tensor([0, 0, cells + 1, 0, cells], dtype=torch.int32, device="cuda")  # row 2
+    out_before = st.out.clone()
+    S.sampler_step(random_probs(rng, b, False, cells).cuda(), pred_id, st, table, mask_row,
+                   "mask_predict", count=count)
+    base = S.STATUS_BAD_ID_BASE
+    assert st.status.tolist() == [0, base + 200, S.STATUS_BAD_COUNT, base + cells - 1, 0]
+    assert torch.equal(st.out[1, 200], mask_row) and torch.equal(st.out[3, cells - 1], mask_row)
+    assert torch.equal(st.out[2], out_before[2])  # a bad row is left alone
+    assert torch.equal(st.out[0], table[pred_id[0]])
+    assert torch.equal(st.out[4], mask_row.expand(cells, d))  # count N: every cell masked
+    with pytest.raises(ValueError, match=rf"row 1: id out of range at cell 200, row 2: count "
+                                         rf"outside 0..{cells}, row 3: id out of range at cell {cells - 1}"):
+        S.check_status(st.status, cells)
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-row strategy codes: one call, each row under its own rule; INACTIVE rows untouched.
 
-def mixed_rows(rng, n, d, dtype, b):
+def mixed_rows(rng, n, d, dtype, b, cells=CELLS):
     """Inputs with a per-row strategy code (every strategy and INACTIVE present) and per-row
     count/cell/next_cell valid for whichever rule a row has."""
     codes = [0, 1, 2, 3, S.INACTIVE] + list(rng.integers(0, 5, max(0, b - 5)))
     codes = i32(codes[:b])
-    st = random_state(rng, b, n, d, dtype)
-    prob = random_probs(rng, b, ties=True)
-    pred_id = torch.from_numpy(rng.integers(0, n, (b, CELLS)))
-    kw = {"count": i32(rng.integers(0, 65, b)), "cell": i32(rng.integers(-1, 64, b)),
-          "next_cell": i32(rng.integers(-1, 64, b))}
+    st = random_state(rng, b, n, d, dtype, cells=cells)
+    prob = random_probs(rng, b, True, cells)
+    pred_id = torch.from_numpy(rng.integers(0, n, (b, cells)))
+    kw = {"count": i32(rng.integers(0, cells + 1, b)), "cell": i32(rng.integers(-1, cells, b)),
+          "next_cell": i32(rng.integers(-1, cells, b))}
     return codes, st, prob, pred_id, kw
 
 
+@pytest.mark.parametrize("cells", [64, 7, 1024])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_per_row_strategies_equal_one_strategy_per_row(dtype):
+def test_per_row_strategies_equal_one_strategy_per_row(dtype, cells):
     rng = np.random.default_rng(21)
     n, d, b = 50, 8, 13
     table, mask_row = make_table(n, d, dtype), make_mask_row(d, dtype)
-    codes, st, prob, pred_id, kw = mixed_rows(rng, n, d, dtype, b)
+    codes, st, prob, pred_id, kw = mixed_rows(rng, n, d, dtype, b, cells)
     before = [t.clone() for t in (st.mask, st.visited, st.ids, st.out, st.status)]
     names = {v: k for k, v in S.STRATEGIES.items()}
     S.sampler_step(prob, pred_id, st, table, mask_row, codes, **kw)
@@ -642,16 +1023,17 @@ def test_per_row_unknown_code_flags_its_row_only():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cells", [64, 256, 1024])
 @pytest.mark.parametrize("backend", ["compiled", "cupy"])
 @pytest.mark.parametrize("dtype,d", [(torch.float32, 3), (torch.bfloat16, 768), (torch.float16, 2048)])
-def test_cuda_per_row_strategies_match_twin(backend, dtype, d):
+def test_cuda_per_row_strategies_match_twin(backend, dtype, d, cells):
     if backend == "cupy":
         pytest.importorskip("cupy")
     rng = np.random.default_rng(22)
     n = 10_000
     table, mask_row = make_table(n, d, dtype), make_mask_row(d, dtype)
     for b in (5, 37, 130):
-        codes, st, prob, pred_id, kw = mixed_rows(rng, n, d, dtype, b)
+        codes, st, prob, pred_id, kw = mixed_rows(rng, n, d, dtype, b, cells)
         gpu = S.SamplerState(*(t.cuda() for t in (st.mask, st.visited, st.ids, st.out, st.status)))
         S.sampler_step(prob, pred_id, st, table, mask_row, codes, **kw)
         args = (prob.cuda(), pred_id.cuda(), table.cuda(), mask_row.cuda(), gpu.mask, gpu.visited,
@@ -661,16 +1043,13 @@ def test_cuda_per_row_strategies_match_twin(backend, dtype, d):
         a.check()
         run(a, backend=backend)
         torch.cuda.synchronize()
-        assert_same(st, gpu, f"per-row ({backend}, D={d}, {dtype}, B={b})")
+        assert_same(st, gpu, f"per-row ({backend}, {cells} cells, D={d}, {dtype}, B={b})")
 
 
 def test_argument_order_is_the_native_struct():
     """SamplerStepArgs.pointers() feeds the bindings positionally: its tensor order must be the
     pointer fields of struct SamplerStepArgs (csrc/sampler_step.h)."""
-    import re
-    from pathlib import Path
-
-    header = (Path(__file__).resolve().parent.parent / "csrc" / "sampler_step.h").read_text()
+    header = (CSRC / "sampler_step.h").read_text()
     body = re.search(r"struct SamplerStepArgs \{(.*?)\};", header, re.S).group(1)
     pointers = re.findall(r"^\s*(?:const )?\w+\* (\w+);", body, re.M)
     table, mask_row = make_table(5, 3, torch.float32), make_mask_row(3, torch.float32)

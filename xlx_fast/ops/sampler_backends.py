@@ -44,8 +44,8 @@ def run(a: SamplerStepArgs, backend: str | None = None) -> None:
 
 def _run_cpu(a: SamplerStepArgs) -> None:
     """The C++ twin: every row is decided first; a bad row writes only ``status`` and raises."""
-    row, code = native.load().sampler_step_cpu(*a.pointers(), a.strategy, a.batch, a.n_table,
-                                               a.row_bytes)
+    row, code = native.load().sampler_step_cpu(*a.pointers(), a.strategy, a.batch, a.cells,
+                                               a.n_table, a.row_bytes)
     if row >= 0:
         raise ValueError("sampler_step: " + a.status_message(code, row)
                          + " (nothing but status was written)")
@@ -205,7 +205,8 @@ def _launch_compiled(a: SamplerStepArgs) -> None:
     if mod is None or not native.has_cuda_kernels():
         raise RuntimeError("xlx_fast._C was built without CUDA kernels")
     with torch.cuda.device(a.pred_prob.device):
-        mod.sampler_step_cuda(*a.pointers(), a.strategy, a.batch, a.n_table, a.row_bytes, _stream(a))
+        mod.sampler_step_cuda(*a.pointers(), a.strategy, a.batch, a.cells, a.n_table, a.row_bytes,
+                              _stream(a))
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,8 +250,8 @@ def _launch_cupy(a: SamplerStepArgs) -> None:
 
     device_index = a.pred_prob.device.index
     width = _gather_width(a.row_bytes, a.table.data_ptr(), a.mask_row.data_ptr(), a.out.data_ptr())
-    args = tuple(np.uint64(p) for p in a.pointers()) + (np.int32(a.strategy), np.int64(a.n_table),
-                                                         np.int64(a.row_bytes))
+    args = tuple(np.uint64(p) for p in a.pointers()) + (np.int32(a.strategy), np.int32(a.cells),
+                                                         np.int64(a.n_table), np.int64(a.row_bytes))
     with torch.cuda.device(a.pred_prob.device):
         stream = _stream(a)
     # RawKernel launches on CuPy's current stream: make it torch's (the capture stream in a graph).
