@@ -225,18 +225,22 @@ def _gather_width(row_bytes, *addresses) -> int:
     return 1
 
 
+def kernel_source() -> str:
+    """The CUDA source the JIT path compiles: csrc/sampler_kernel.cuh with sampler_rules.h
+    pasted where it is included (NVRTC gets one self-contained source; "#pragma once" is
+    dropped: it warns in a main file). Tests compile the same text with nvcc."""
+    src_dir = native.kernel_source_dir()
+    rules = (src_dir / "sampler_rules.h").read_text()
+    kernel = (src_dir / "sampler_kernel.cuh").read_text()
+    return kernel.replace('#include "sampler_rules.h"', rules).replace("#pragma once", "")
+
+
 @functools.lru_cache(maxsize=None)
 def _cupy_module(device_index: int):
     import cupy
 
-    src_dir = native.kernel_source_dir()
-    rules = (src_dir / "sampler_rules.h").read_text()
-    kernel = (src_dir / "sampler_kernel.cuh").read_text()
-    # NVRTC gets one self-contained source: the rules header pasted where it is included
-    # (and "#pragma once" dropped: it warns in a main file).
-    source = kernel.replace('#include "sampler_rules.h"', rules).replace("#pragma once", "")
     with cupy.cuda.Device(device_index):
-        return cupy.RawModule(code=source, options=("--std=c++17",))
+        return cupy.RawModule(code=kernel_source(), options=("--std=c++17",))
 
 
 def _launch_cupy(a: SamplerStepArgs) -> None:
