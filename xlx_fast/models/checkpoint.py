@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from transformers import LxmertConfig
 
+from ..grid import GRID, check_grid
 from .sizes import SIZES
 
 # Filled from the centroids file, not the state dict.
@@ -140,16 +141,26 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str
 
 
 def load_xlxmert(cls, lxmert_path, centroids_path, generator_path=None, *, strict: bool = True,
-                 size: str = "base", pretraining_heads: bool = False):
+                 size: str = "base", pretraining_heads: bool = False, grid: int = GRID):
     """Build an ``XLxmertForImageGeneration`` from the authors' files (see module docstring).
 
     The architecture is ``SIZES[size]`` (``"base"``: HF ``LxmertConfig`` defaults, the authors'
     model); the cluster count and feature size come from the centroids file.
     ``pretraining_heads=True`` builds the model with its ``cls.*`` heads (to resume
     pre-training); otherwise those keys are reported as unused.
+
+    ``grid``: the model's N×N grid (no weight depends on it). The generator paints the grid it
+    was built for (the authors' ``G_60.pth``: 8×8): a generator file with a model of another
+    grid is refused (``CheckpointError`` naming both grids) before any file is read.
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    grid = check_grid(grid)
+    gen_grid = SIZES[size].generator.init_size
+    if generator_path and grid != gen_grid:
+        raise CheckpointError(f"the generator checkpoint paints {gen_grid}×{gen_grid} codes but the "
+                              f"model's grid is {grid}×{grid}: no generator serves {grid}×{grid} "
+                              f"codes yet (load without generator_path; nothing is resized)")
     state = read_state_dict(lxmert_path, "X-LXMERT checkpoint")
     centroids = read_centroids(centroids_path)
     gen_state = read_state_dict(generator_path, "generator checkpoint") if generator_path else None
@@ -158,7 +169,7 @@ def load_xlxmert(cls, lxmert_path, centroids_path, generator_path=None, *, stric
     config = LxmertConfig(**{**SIZES[size].lxmert, "visual_feat_dim": feat_dim})
     gen_config = (dataclasses.replace(SIZES[size].generator, emb_dim=feat_dim)
                   if gen_state is not None else None)
-    model = cls(config, n_clusters, gen_config)
+    model = cls(config, n_clusters, gen_config, grid=grid)
     if pretraining_heads:  # then cls.* keys are loaded (and required when strict)
         model.add_pretraining_heads()
 

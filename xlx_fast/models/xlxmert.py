@@ -11,7 +11,7 @@ from transformers import LxmertConfig, LxmertModel
 from transformers.models.lxmert.modeling_lxmert import (LxmertPredictionHeadTransform,
                                                         LxmertPreTrainingHeads)
 
-from ..grid import GRID, N_CELLS  # noqa: F401  (re-exported: the grid this model paints on)
+from ..grid import GRID, N_CELLS, check_grid  # noqa: F401  (re-exported: the default grid)
 from .generator import Generator, GeneratorConfig
 from .sizes import SIZES, Sizes  # noqa: F401  (re-exported: the sizes this model is built at)
 
@@ -42,20 +42,33 @@ class XLxmertForImageGeneration(nn.Module):
     - ``vis_emb``: frozen ``nn.Embedding`` whose table is the centroid matrix C [K, F]
     - ``mask_feat``: learned F-vector standing in for a masked grid cell
     - ``obj_predict_head``: :class:`ObjPredictHead`, ``out_cluster.weight`` tied to C
-    - ``generator``: optional :class:`~xlx_fast.models.generator.Generator`
+    - ``generator``: optional :class:`~xlx_fast.models.generator.Generator`; its
+      ``init_size`` must be the model's grid (it paints N×N codes; nothing is resized)
     - ``cls``: optional pre-training heads (HF ``LxmertPreTrainingHeads``: ``cls.predictions``,
       the masked-LM head whose decoder weight is tied to the word embeddings, and
       ``cls.seq_relationship``, the 2-way image-caption matching classifier), present after
       :meth:`add_pretraining_heads`; generation never uses them.
+
+    ``grid``: the model paints an N×N grid of ``n_cells`` = N² cells (8 in the paper; 16 and 32
+    are the finer grids the paper names as future work; at most ``grid.MAX_GRID``). No weight
+    depends on it (the visual stream has no position table: a cell's position is its box,
+    ``box_positions(grid)``), so it is configuration, fixed at construction: ``model.grid``.
     """
 
     def __init__(self, config: LxmertConfig, n_clusters: int,
-                 generator_config: GeneratorConfig | None = None):
+                 generator_config: GeneratorConfig | None = None, grid: int = GRID):
         super().__init__()
         if n_clusters < 1:
             raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+        grid = check_grid(grid)
+        if generator_config is not None and generator_config.init_size != grid:
+            g = generator_config.init_size
+            raise ValueError(f"generator_config paints {g}×{g} codes but the model's grid is "
+                             f"{grid}×{grid}: no generator serves {grid}×{grid} codes yet (build "
+                             f"the model without one; nothing is resized)")
         self.config = config
         self.n_clusters = n_clusters
+        self._grid = grid
         self.bert = LxmertModel(config)
         self.obj_predict_head = ObjPredictHead(config, n_clusters)
         self.mask_feat = nn.Parameter(torch.zeros(config.visual_feat_dim))
@@ -82,22 +95,29 @@ class XLxmertForImageGeneration(nn.Module):
 
     @classmethod
     def from_default(cls, seed: int = 0, size: str = "base", with_generator: bool = True,
-                     pretraining_heads: bool = False) -> "XLxmertForImageGeneration":
+                     pretraining_heads: bool = False, grid: int = GRID) -> "XLxmertForImageGeneration":
         """The embedded default: the real architecture with seeded random weights and centroids.
 
         Its pictures are garbage, but every shape and cost is the real one. ``size="tiny"`` is
         the same code at test size. ``pretraining_heads=True`` adds :meth:`add_pretraining_heads`'s
         heads (HF's initialisation, drawn after everything else so the rest is unchanged).
+
+        ``grid``: the model's N×N grid (see the class). The generator paints 8×8 codes, so a
+        model of another grid is built with no generator, whatever ``with_generator`` says, and
+        painting it raises a ValueError naming both grids. The weights do not depend on the
+        grid: the same seed gives the same transformer, codebook and head at every grid.
         """
         if size not in SIZES:
             raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+        grid = check_grid(grid)
         s = SIZES[size]
+        with_generator = with_generator and s.generator.init_size == grid
         gen = torch.Generator().manual_seed(seed)
         torch_state = torch.random.get_rng_state()
         torch.manual_seed(seed)  # HF's own init draws from the global generator
         try:
             model = cls(LxmertConfig(**s.lxmert), s.n_clusters,
-                        s.generator if with_generator else None)
+                        s.generator if with_generator else None, grid=grid)
         finally:
             torch.random.set_rng_state(torch_state)
         with torch.no_grad():
@@ -126,13 +146,15 @@ class XLxmertForImageGeneration(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, lxmert_path, centroids_path, generator_path=None, *,
-                        strict: bool = True, size: str = "base",
-                        pretraining_heads: bool = False) -> "XLxmertForImageGeneration":
-        """Load the authors' files; see :func:`xlx_fast.models.checkpoint.load_xlxmert`."""
+                        strict: bool = True, size: str = "base", pretraining_heads: bool = False,
+                        grid: int = GRID) -> "XLxmertForImageGeneration":
+        """Load the authors' files; see :func:`xlx_fast.models.checkpoint.load_xlxmert`.
+        ``grid``: the model's N×N grid; a generator file (8×8 codes) with another grid is a
+        ``CheckpointError`` naming both grids."""
         from .checkpoint import load_xlxmert
 
         return load_xlxmert(cls, lxmert_path, centroids_path, generator_path, strict=strict,
-                            size=size, pretraining_heads=pretraining_heads)
+                            size=size, pretraining_heads=pretraining_heads, grid=grid)
 
     def set_centroids(self, centroids) -> None:
         """Install the centroid table C (also the head's output weight, which is tied to it)."""
@@ -153,6 +175,16 @@ class XLxmertForImageGeneration(nn.Module):
     # -- the pieces the samplers share ----------------------------------------------------------
 
     @property
+    def grid(self) -> int:
+        """N of the model's N×N grid of cells."""
+        return self._grid
+
+    @property
+    def n_cells(self) -> int:
+        """The cells the model paints, N² (row-major: cell (i, j) is index i·N + j)."""
+        return self._grid * self._grid
+
+    @property
     def centroids(self) -> torch.Tensor:
         return self.vis_emb.weight
 
@@ -161,4 +193,4 @@ class XLxmertForImageGeneration(nn.Module):
         return self.config.visual_feat_dim
 
     def extra_repr(self) -> str:
-        return f"n_clusters={self.n_clusters}, grid={GRID}x{GRID}"
+        return f"n_clusters={self.n_clusters}, grid={self.grid}x{self.grid}"
