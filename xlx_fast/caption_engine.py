@@ -4,9 +4,11 @@
 steps, batch buckets, CUDA graphs, per-row schedules, strategies, temperatures and seeds: see
 there) with the hooks of captioning (:mod:`xlx_fast.reference.caption` is what it must equal):
 
-- a request is an image (64 cluster ids, or features [64, F]), a caption length L (words) and
-  the sampling parameters; its schedule runs over its L words, which are the sampler's cells
-  0..L-1 (word i sits at text position i + 1, after ``[CLS]``);
+- a request is an image on the model's grid (n = ``model.n_cells`` cluster ids, or features
+  [n, F]: 64 on the 8×8 grid), a caption length L (words) and the sampling parameters; its
+  schedule runs over its L words, which are the sampler's cells 0..L-1 (word i sits at text
+  position i + 1, after ``[CLS]``); a row has ``WORD_CELLS`` (64) such cells whatever the
+  image's grid;
 - joining runs the image stream (visual encoder and relational layers,
   ``caption_plan.image_stream``) for the joiners only: it never sees the caption;
 - a step embeds the caption, runs the language and cross layers (``caption_plan.language_step``)
@@ -22,8 +24,8 @@ Weights are read live (the word embeddings, the decoder's bias, the mask row is 
 ``[MASK]`` embedding): an edit of any weight is seen at the next step. Moving or replacing
 parameters needs a new engine, as for :class:`xlx_fast.engine.Engine`.
 
-Memory per slot: the image stream (64 x hidden), the caption layout (L_max + 2 tokens), besides
-the base's sampler state (64 x hidden) and mask history.
+Memory per slot: the image stream (n x hidden), the caption layout (L_max + 2 tokens), besides
+the base's sampler state (``WORD_CELLS`` x hidden) and mask history.
 """
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ import torch.nn.functional as F
 
 from .caption_io import CLS_ID, MASK_ID, MAX_WORDS, PAD_ID, SEP_ID
 from .caption_plan import image_stream, language_step, lm_transform, special_ids, text_embeddings, word_bias
-from .grid import N_CELLS
 from .ops.codebook_head import codebook_head
 from .patching import optimize
 from .step_engine import Row, StepEngine
@@ -44,12 +45,15 @@ from .step_plan import extended_mask
 __all__ = ["CaptionEngine", "CaptionRequest", "CaptionFinished"]
 
 _ABOVE_EVERY_PROB = 2.0  # what a cell past the caption's length reads as its probability
+# The sampler's cells of a caption row: its words use the first L (at most MAX_WORDS), the rest
+# are kept out of every rule. Word slots, not image cells: independent of the model's grid.
+WORD_CELLS = 64
 
 
 @dataclass
 class CaptionRequest:
-    """One image to caption: exactly one of ``cluster_ids`` [64] (int) or ``features``
-    [64, F]; ``length`` words."""
+    """One image to caption: exactly one of ``cluster_ids`` [n] (int) or ``features``
+    [n, F], n = the model's ``n_cells`` (its grid's cells); ``length`` words."""
 
     cluster_ids: torch.Tensor | None = None
     features: torch.Tensor | None = None
@@ -100,21 +104,23 @@ class CaptionEngine(StepEngine):
         self.dtype = model.centroids.dtype
         words = model.bert.embeddings.word_embeddings.weight
         super().__init__(slots, cuda_graph=cuda_graph, buckets=buckets, table=words,
-                         mask_row=words[MASK_ID])
+                         mask_row=words[MASK_ID], cells=WORD_CELLS)
+        self.image_cells = model.n_cells
         dev, rows, width = self.device, slots + 1, max_words + 2
         hidden = model.config.hidden_size
         self.special = special_ids(dev)
-        self.vis = torch.zeros(rows, N_CELLS, hidden, dtype=self.dtype, device=dev)
+        self.vis = torch.zeros(rows, self.image_cells, hidden, dtype=self.dtype, device=dev)
         self.key_mask = torch.zeros(rows, width, dtype=torch.bool, device=dev)
         self.ext = extended_mask(model, self.key_mask).contiguous()
         self.tokens = torch.zeros(rows, width, dtype=torch.int64, device=dev)   # [CLS] … [SEP] [PAD]
         self.is_word = torch.zeros(rows, width, dtype=torch.bool, device=dev)
-        self.word_cell = torch.zeros(rows, N_CELLS, dtype=torch.bool, device=dev)
-        self.join_feats = torch.zeros(slots, N_CELLS, model.feat_dim, dtype=self.dtype, device=dev)
+        self.word_cell = torch.zeros(rows, WORD_CELLS, dtype=torch.bool, device=dev)
+        self.join_feats = torch.zeros(slots, self.image_cells, model.feat_dim, dtype=self.dtype,
+                                      device=dev)
         self.join_key = torch.zeros(slots, width, dtype=torch.bool, device=dev)
         self.join_tokens = torch.zeros(slots, width, dtype=torch.int64, device=dev)
         self.join_word = torch.zeros(slots, width, dtype=torch.bool, device=dev)
-        self.join_cell = torch.zeros(slots, N_CELLS, dtype=torch.bool, device=dev)
+        self.join_cell = torch.zeros(slots, WORD_CELLS, dtype=torch.bool, device=dev)
 
     # ---------------------------------------------------------------- the hooks
     def _check_input(self, where: str, r: CaptionRequest):
@@ -128,8 +134,9 @@ class CaptionEngine(StepEngine):
             ids = r.cluster_ids
             if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
                 raise TypeError(f"{where}.cluster_ids must be an int64 (or int32) tensor")
-            if tuple(ids.shape) != (N_CELLS,):
-                raise ValueError(f"{where}.cluster_ids must be [{N_CELLS}], got {tuple(ids.shape)}")
+            if tuple(ids.shape) != (self.image_cells,):
+                raise ValueError(f"{where}.cluster_ids must be [{self.image_cells}] (the model's "
+                                 f"{self.model.grid}×{self.model.grid} grid), got {tuple(ids.shape)}")
             ids = ids.cpu()
             k = centroids.shape[0]
             if int(ids.min()) < 0 or int(ids.max()) >= k:
@@ -137,11 +144,12 @@ class CaptionEngine(StepEngine):
                                  f"[{int(ids.min())}, {int(ids.max())}]")
             return (ids, None, n), n
         f = r.features
-        shape = (N_CELLS, centroids.shape[1])
+        shape = (self.image_cells, centroids.shape[1])
         if not isinstance(f, torch.Tensor) or not f.is_floating_point():
             raise TypeError(f"{where}.features must be a floating-point tensor")
         if tuple(f.shape) != shape:
-            raise ValueError(f"{where}.features must be {list(shape)}, got {list(f.shape)}")
+            raise ValueError(f"{where}.features must be {list(shape)} (the model's "
+                             f"{self.model.grid}×{self.model.grid} grid), got {list(f.shape)}")
         if not bool(torch.isfinite(f).all()):
             raise ValueError(f"{where}.features contain NaN or inf")
         return (None, f, n), n
@@ -150,7 +158,7 @@ class CaptionEngine(StepEngine):
         j, width = len(rows), self.max_words + 2
         key = torch.zeros(j, width, dtype=torch.bool)
         tokens = torch.full((j, width), PAD_ID, dtype=torch.int64)
-        cell = torch.zeros(j, N_CELLS, dtype=torch.bool)
+        cell = torch.zeros(j, WORD_CELLS, dtype=torch.bool)
         feats = []
         for n, row in enumerate(rows):
             ids, f, length = row.data
@@ -160,7 +168,7 @@ class CaptionEngine(StepEngine):
             feats.append(self.model.centroids[ids.to(self.device)] if ids is not None
                          else f.to(self.device, self.dtype))
         word = torch.zeros(j, width, dtype=torch.bool)
-        word[:, 1:N_CELLS + 1] = cell[:, :width - 1]
+        word[:, 1:WORD_CELLS + 1] = cell[:, :width - 1]
         for buf, host in ((self.join_key, key), (self.join_tokens, tokens), (self.join_word, word),
                           (self.join_cell, cell)):
             buf.zero_()
@@ -197,9 +205,9 @@ class CaptionEngine(StepEngine):
                                           seeds=self.cell_seed[:b, :w], step=0, check_nan=False)
         else:
             prob, pred_id = codebook_head(h, words, bias, check_nan=False)
-        prob = F.pad(prob, (0, N_CELLS - w), value=_ABOVE_EVERY_PROB)
+        prob = F.pad(prob, (0, WORD_CELLS - w), value=_ABOVE_EVERY_PROB)
         prob = torch.where(self.word_cell[:b], prob, _ABOVE_EVERY_PROB)
-        return prob, F.pad(pred_id, (0, N_CELLS - w))
+        return prob, F.pad(pred_id, (0, WORD_CELLS - w))
 
     def _finished(self, row: Row, ids, probs, masks, extra, error):
         n = row.data[2]

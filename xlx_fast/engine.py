@@ -5,7 +5,8 @@ batch buckets, CUDA graphs, per-row schedules, strategies, temperatures and seed
 with the image sampler's hooks:
 
 - a request is a caption (``input_ids``, optional ``attention_mask``) and its sampling
-  parameters; its schedule runs over the 64 grid cells;
+  parameters; its schedule runs over the model's grid cells (``model.n_cells``: N² on its N×N
+  grid, 64 on the paper's 8×8), which are the engine's ``cells``;
 - joining runs the language layers for the joiners only, written into the slots' caption cache
   (``step_plan.language``): they never see the image;
 - a step is the relational and cross layers over the visual input (``step_plan.vision``), the
@@ -33,7 +34,6 @@ from typing import Sequence
 
 import torch
 
-from .grid import N_CELLS
 from .ops.codebook_head import codebook_head
 from .patching import optimize
 from .step_engine import MAX_STEPS, Row, StepEngine
@@ -58,8 +58,8 @@ class Finished:
     """A finished row. ``error`` is None for a good row; a row the sampler flagged (NaN in its
     probabilities, e.g. from bad weights) finishes with the reason instead, and its ids, codes and
     probs mean nothing: it fails alone, its neighbours' results are unaffected.
-    ``ids`` [64], ``probs`` [64] and ``masks`` [steps, 64] are on the host;
-    ``codes`` [64, feat_dim] stays on the engine's device: it is what the generator paints from
+    ``ids`` [n], ``probs`` [n] and ``masks`` [steps, n] are on the host (n = the model's
+    ``n_cells``); ``codes`` [n, feat_dim] stays on the engine's device: it is what the generator paints from
     there, and at feat_dim 2048 it is by far the largest part (512 KB a row in fp32), so a
     round trip through host memory would cost more than the step itself at batch 64."""
 
@@ -100,7 +100,7 @@ class Engine(StepEngine):
         self.box = t.box.clone()
         self.head_weight, self.head_bias = t.head_weight.clone(), t.head_bias.clone()
         super().__init__(slots, cuda_graph=cuda_graph, buckets=buckets, table=t.table.clone(),
-                         mask_row=t.mask_row.clone())
+                         mask_row=t.mask_row.clone(), cells=model.n_cells)
         dev, rows, hidden = self.device, slots + 1, model.config.hidden_size
         self.key_mask = torch.zeros(rows, max_length, dtype=torch.bool, device=dev)
         self.ext = extended_mask(model, self.key_mask).contiguous()
@@ -156,7 +156,7 @@ class Engine(StepEngine):
             mask = mask.bool()
         else:
             mask = ids != 0
-        return (ids, mask), N_CELLS
+        return (ids, mask), self.cells
 
     def _stage(self, rows: list[Row]) -> None:
         j = len(rows)

@@ -10,7 +10,7 @@ the answer:
   a 2048→768 GEMM per step; the tables hold halves so ``(x + y) / 2`` becomes ``x/2 + y/2``
   (halving is exact in binary floating point);
 - ``linear_feat`` then ``out_cluster`` is one affine map (folded once, ``fold_head``) and the head
-  returns (max probability, argmax) without materialising [B, 64, K] (``codebook_head``);
+  returns (max probability, argmax) without materialising [B, n, K] (``codebook_head``);
 - in the last cross layer only the visual stream feeds the head: its language half is skipped;
 - the attention runs through the fused op (``optimize`` is applied to the model, idempotently);
 - the loop runs on :class:`xlx_fast.engine.Engine` (one step = one forward over the rows,
@@ -37,7 +37,6 @@ from collections import OrderedDict
 import torch
 
 from .engine import Engine, Request
-from .models.xlxmert import N_CELLS
 from .patching import optimize
 from .sampler_io import SampleResult, check_inputs
 from .sampling_params import check_params
@@ -113,15 +112,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     row's result depends on that row's caption and parameters only.
 
     Args:
-        model: ``XLxmertForImageGeneration`` (any dtype: fp32, bf16, fp16; CPU or CUDA).
+        model: ``XLxmertForImageGeneration`` (any dtype: fp32, bf16, fp16; CPU or CUDA), which
+            paints its N×N grid of n = ``model.n_cells`` cells (64 on the 8×8 grid).
             ``optimize(model)`` is applied (idempotent) so its attentions run fused: the model
             is changed in place, and ``reference.sample`` refuses it afterwards (keep a
             ``copy.deepcopy`` for the reference, or ``xlx_fast.patching.unoptimize`` it).
         input_ids: [B, L] int64 token ids; ``attention_mask`` defaults to ``input_ids > 0``.
         steps, strategy, temperature, seed: a scalar for every row, or one value per row (a
             list, tuple or 1-D tensor of length B).
-        steps: sampling steps (default 4 for Mask-Predict, 64 for the AR orders; at most
-            ``strategies.MAX_STEPS``, and 64 for confidence and tlbr).
+        steps: sampling steps (default 4 for Mask-Predict, n for the AR orders; at most
+            ``strategies.MAX_STEPS``, and n for confidence and tlbr).
         strategy: ``mask_predict`` | ``confidence`` | ``tlbr`` | ``random``.
         temperature: 0 → the reference's greedy argmax; > 0 → each cell's id is a sample of
             softmax(logits / temperature) drawn from Philox keyed by a hash of (the row's seed,
@@ -134,8 +134,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     Returns:
         :class:`~xlx_fast.reference.SampleResult` (ids, codes, probs, masks), fresh tensors on
-        the model's device. ``masks`` is [max steps, B, 64]; a row with fewer steps than the
-        longest has all-False masks after its last step.
+        the model's device: ``ids``, ``probs`` [B, n], ``codes`` [B, n, F]. ``masks`` is
+        [max steps, B, n]; a row with fewer steps than the longest has all-False masks after
+        its last step.
 
     Weights: the derived tables are checked against the weights they came from on every call
     (an exact comparison, see :func:`prepare`), so no edit of a weight is ever missed.
@@ -151,7 +152,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         ("strategy", strategy, str), ("steps", steps, int), ("temperature", temperature, float),
         ("seed", seed, int))]
     params = [check_params(st, k.item() if isinstance(k, torch.Tensor) else k, t,
-                           0 if x is None else x, N_CELLS) for st, k, t, x in zip(*columns)]
+                           0 if x is None else x, model.n_cells) for st, k, t, x in zip(*columns)]
     steps_ = [p.steps for p in params]
     device = model.centroids.device
     if cuda_graph is None:
@@ -195,7 +196,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if f.error is not None:  # a flagged row has no result to return
             raise ValueError(f"row {r}: {f.error}")
     k = max(steps_)
-    masks = torch.zeros(k, b, N_CELLS, dtype=torch.bool)
+    masks = torch.zeros(k, b, model.n_cells, dtype=torch.bool)
     for r, f in enumerate(results):
         masks[:f.masks.shape[0], r] = f.masks
     return SampleResult(ids=torch.stack([f.ids for f in results]).to(device),

@@ -14,12 +14,13 @@ __all__ = ["SampleResult", "check_inputs", "default_pad_id"]
 
 @dataclass
 class SampleResult:
-    """What a sampler returns.
+    """What a sampler returns, over the model's n = ``model.n_cells`` cells (N² for its N×N
+    grid, row-major: 64 on the 8×8 grid).
 
-    ids:   [B, 64] int64 cluster id of each cell; -1 for a cell no step decided (AR with K < 64)
-    codes: [B, 64, F] the final visual codes (centroid rows, ``mask_feat`` where undecided)
-    probs: [B, 64] float32 the last step's ``pred_prob`` (max softmax probability per cell)
-    masks: [K, B, 64] bool, the mask each step's forward saw
+    ids:   [B, n] int64 cluster id of each cell; -1 for a cell no step decided (AR with K < n)
+    codes: [B, n, F] the final visual codes (centroid rows, ``mask_feat`` where undecided)
+    probs: [B, n] float32 the last step's ``pred_prob`` (max softmax probability per cell)
+    masks: [K, B, n] bool, the mask each step's forward saw
     """
 
     ids: torch.Tensor
@@ -37,7 +38,8 @@ def default_pad_id(model) -> int:
 
 def check_inputs(model, input_ids, attention_mask):
     """Validate caption inputs; returns ``attention_mask`` as given, or by default
-    ``input_ids != default_pad_id(model)``.
+    ``input_ids != default_pad_id(model)``. Captions do not depend on the model's grid: the
+    cell count (``model.n_cells``) is checked where cells are given or counted (steps, images).
 
     A given mask must be bool, or hold only 0 and 1: HF turns it into the additive bias
     ``(1 - mask) · finfo.min``, so any other value (7, 0.5) is not "attend" or "skip" but an

@@ -5,13 +5,14 @@ never on its batch position or neighbours, and any Python int must be a valid se
 seed times a constant overflows int64). So:
 
     key(seed)              = fold of SplitMix64 over the sign and the 64-bit limbs of |seed|
-    cell_seed(key, i, c)   = mix(mix(key ^ mix(i)) ^ (c + 1))          (i: step, c: cell < 64)
+    cell_seed(key, i, c)   = mix(mix(key ^ mix(i)) ^ (c + 1))          (i: step, c: cell < n)
 
 where mix is SplitMix64's finaliser (a bijection on 64-bit words with full avalanche). The
 result, read as int64, keys the codebook head's Philox stream (counter = class, step 0), so the
 Gumbel noise of (request, step, cell, class) is fixed by the request alone. The engine computes
-cell seeds on the host for the rows that sample (64 words per row and step: microseconds) and
-writes them as data, so nothing is captured or cached per seed.
+cell seeds on the host for the rows that sample (n words per row and step, n the row's cells:
+64 on the 8×8 grid, up to 1,024; microseconds) and writes them as data, so nothing is captured
+or cached per seed. A cell's seed does not depend on n: cell c has the same key on every grid.
 """
 from __future__ import annotations
 
@@ -53,10 +54,13 @@ def seed_key(seed: int) -> int:
             return h
 
 
-_CELLS = np.arange(1, 65, dtype=np.uint64)
+_CELLS = np.arange(1, 1025, dtype=np.uint64)  # c + 1 for every cell a row may have
 
 
-def cell_seeds(key: int, step: int) -> np.ndarray:
-    """int64 [64]: the Philox key of each cell of a row at ``step`` (see the module docstring)."""
+def cell_seeds(key: int, step: int, n_cells: int = 64) -> np.ndarray:
+    """int64 [n_cells]: the Philox key of each cell of a row at ``step`` (see the module
+    docstring); ``n_cells`` in 1..1024 (64: the 8×8 grid)."""
+    if isinstance(n_cells, bool) or not isinstance(n_cells, int) or not 1 <= n_cells <= len(_CELLS):
+        raise ValueError(f"n_cells must be an int in 1..{len(_CELLS)}, got {n_cells!r}")
     row = mix(key ^ mix(int(step) & _MASK))
-    return _mix_np(np.uint64(row) ^ _CELLS).view(np.int64)
+    return _mix_np(np.uint64(row) ^ _CELLS[:n_cells]).view(np.int64)

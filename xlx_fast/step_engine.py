@@ -4,10 +4,11 @@ A sampling step is one forward over every occupied row followed by one sampler s
 (``ops.sampler_step``), and nothing in a forward couples rows, so rows at different steps of
 different requests share it. :class:`StepEngine` owns everything about that which does not
 depend on what is being sampled; a task subclasses it with four hooks (after vllm-omni's
-split of a step scheduler from a model's hooks):
+split of a step scheduler from a model's hooks) and gives it ``cells``, the sampler's cells a
+row (the image model's ``n_cells``, N² on its N×N grid; a caption row's word slots):
 
 - ``_check_input(where, request)``: validate a request's task input, return it in host form
-  and the number of cells its schedule runs over;
+  and the number of cells its schedule runs over (at most ``cells``);
 - ``_stage(rows)`` / ``_join_rows(j, slot)``: copy the joiners' inputs into static buffers, then
   run the part of the forward no step changes for them (written into their slots);
 - ``_forward(b, sample)``: one step's forward over the first b slots, giving the per-cell
@@ -44,13 +45,14 @@ forward covers exactly the occupied rows: on a CPU a padded row costs as much as
 of 8 slots busy would run 8 rows, a third more work). On CUDA each bucket's step is a CUDA graph
 (two per bucket: all rows greedy, or some sampling), and each bucket's joiner pass too, all
 captured by ``warmup()`` and replayed with the per-row data as inputs; after ``warmup`` nothing
-is captured. The host uploads this step's per-row data (int32 [b, 5], and int64 [b, 64] seeds
+is captured. The host uploads this step's per-row data (int32 [b, 5], and int64 [b, cells] seeds
 when a row samples) through pinned staging buffers, and syncs only when rows finish or are
 cancelled (to copy their results out) -- finishing is known on the host from each row's step
 count.
 
-Memory: per slot the task's cache, the sampler state (64 x D), the mask history
-(``MAX_STEPS`` x 64 bools), plus the step's activations at the bucket size.
+Memory: per slot the task's cache, the sampler state (cells x D), the mask history
+(``MAX_STEPS`` x cells bools: 1 MB a slot at 1,024 cells), plus the step's activations at the
+bucket size.
 
 Synchronous and not thread-safe: one owner calls ``admit``/``step``/``cancel``.
 """
@@ -62,7 +64,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .grid import N_CELLS
 from .ops.sampler_args import describe_status
 from .ops.sampler_step import SamplerState, init_state, sampler_step
 from .sampling_params import check_params
@@ -105,14 +106,15 @@ def _default_buckets(slots: int, cuda_graph: bool) -> list[int]:
 
 
 class StepEngine:
-    """See the module docstring. Subclasses call ``__init__`` with the sampler's ``table`` [N, D]
-    and ``mask_row`` [D] (what a decided and a masked cell read next step), after setting
-    ``self.model`` and ``self.device``, and implement the hooks."""
+    """See the module docstring. Subclasses call ``__init__`` with the sampler's ``table`` [K, D]
+    and ``mask_row`` [D] (what a decided and a masked cell read next step) and ``cells``, the
+    cells of a row (1..1024), after setting ``self.model`` and ``self.device``, and implement
+    the hooks."""
 
     request_type: type = object
 
     def __init__(self, slots: int, *, cuda_graph, buckets, table: torch.Tensor,
-                 mask_row: torch.Tensor):
+                 mask_row: torch.Tensor, cells: int):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an int >= 1, got {slots!r}")
         if cuda_graph is None:
@@ -129,17 +131,18 @@ class StepEngine:
         self.table, self.mask_row = table, mask_row
         dev = self.device
         rows = slots + 1  # row `slots` is scratch: padded joiners write there, no step reads it
-        self.state = init_state(rows, mask_row)
-        self.hist = torch.zeros(rows, MAX_STEPS, N_CELLS, dtype=torch.bool, device=dev)
-        self.probs = torch.zeros(rows, N_CELLS, dtype=torch.float32, device=dev)
+        self.state = init_state(rows, mask_row, cells=cells)  # checks cells (1..1024)
+        self.cells = cells
+        self.hist = torch.zeros(rows, MAX_STEPS, cells, dtype=torch.bool, device=dev)
+        self.probs = torch.zeros(rows, cells, dtype=torch.float32, device=dev)
         self.ctl = torch.zeros(5, rows, dtype=torch.int32, device=dev)
         self.ctl[_STRAT] = INACTIVE
-        self.cell_seed = torch.zeros(rows, N_CELLS, dtype=torch.int64, device=dev)
-        self.temps = torch.zeros(rows, N_CELLS, dtype=torch.float32, device=dev)
+        self.cell_seed = torch.zeros(rows, cells, dtype=torch.int64, device=dev)
+        self.temps = torch.zeros(rows, cells, dtype=torch.float32, device=dev)
         self.row_index = torch.arange(rows, device=dev)
         # joiners' staging (the join pass runs on the first j of these)
         self.join_slot = torch.full((slots,), slots, dtype=torch.int64, device=dev)
-        self.join_temps = torch.zeros(slots, N_CELLS, dtype=torch.float32, device=dev)
+        self.join_temps = torch.zeros(slots, cells, dtype=torch.float32, device=dev)
         self._rows: list[Row | None] = [None] * slots
         self._by_handle: dict[int, int] = {}
         self._next_handle = 0
@@ -150,13 +153,14 @@ class StepEngine:
         self.captures = 0  # graphs captured so far (tests: nothing is captured after warmup)
         if dev.type == "cuda":
             self._staging = [(torch.zeros(5, rows, dtype=torch.int32).pin_memory(),
-                              torch.zeros(rows, N_CELLS, dtype=torch.int64).pin_memory(),
+                              torch.zeros(rows, cells, dtype=torch.int64).pin_memory(),
                               torch.cuda.Event()) for _ in range(4)]
             self._stage_i = 0
 
     # ---------------------------------------------------------------- hooks
     def _check_input(self, where: str, request) -> tuple[object, int]:
-        """(the request's checked task input, the number of cells its schedule runs over)."""
+        """(the request's checked task input, the number of cells its schedule runs over: at
+        most ``self.cells``)."""
         raise NotImplementedError
 
     def _stage(self, rows: list[Row]) -> None:
@@ -173,7 +177,7 @@ class StepEngine:
         raise NotImplementedError
 
     def _forward(self, b: int, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pred_prob f32 [b, 64], pred_id int64 [b, 64]) of one step over the first b slots."""
+        """(pred_prob f32 [b, cells], pred_id int64 [b, cells]) of one step over the first b slots."""
         raise NotImplementedError
 
     def _finished(self, row: Row, ids: torch.Tensor, probs: torch.Tensor, masks: torch.Tensor,
@@ -200,6 +204,9 @@ class StepEngine:
             raise TypeError(f"{where} must be an {self.request_type.__module__}."
                             f"{self.request_type.__name__}, got {type(r).__name__}")
         data, n_cells = self._check_input(where, r)
+        if not 1 <= n_cells <= self.cells:  # the task's own bug, not the request's
+            raise RuntimeError(f"{type(self).__name__}._check_input gave {n_cells} cells, outside "
+                               f"the engine's 1..{self.cells}")
         p = check_params(r.strategy, r.steps, r.temperature, r.seed, n_cells, where=f"{where}.")
         sched = schedule(p.strategy.name, p.steps, p.seed, n_cells)
         return Row(handle=-1, request=r, steps=p.steps, code=p.strategy.code, count=sched.count,
@@ -222,7 +229,7 @@ class StepEngine:
             return []
         free = [s for s, r in enumerate(self._rows) if r is None][:len(rows)]
         j = len(rows)
-        temps = torch.zeros(j, N_CELLS, dtype=torch.float32)
+        temps = torch.zeros(j, self.cells, dtype=torch.float32)
         for n, row in enumerate(rows):
             temps[n] = row.temperature
         jb = self._bucket(j) if self.cuda_graph else j
@@ -256,7 +263,7 @@ class StepEngine:
         st.visited.index_fill_(0, slot, False)
         st.ids.index_fill_(0, slot, -1)
         st.status.index_fill_(0, slot, 0)
-        st.out.index_copy_(0, slot, self.mask_row.view(1, 1, -1).expand(j, N_CELLS, -1))
+        st.out.index_copy_(0, slot, self.mask_row.view(1, 1, -1).expand(j, self.cells, -1))
         self._join_rows(j, slot)
 
     # ---------------------------------------------------------------- cancel
@@ -409,7 +416,7 @@ class StepEngine:
         ctl = np.zeros((5, b), dtype=np.int32)
         ctl[_STRAT] = INACTIVE
         sample = any(r is not None and r.temperature > 0 for r in self._rows[:b])
-        seeds = np.zeros((b, N_CELLS), dtype=np.int64) if sample else None
+        seeds = np.zeros((b, self.cells), dtype=np.int64) if sample else None
         for s, row in enumerate(self._rows[:b]):
             if row is None:
                 continue
@@ -417,7 +424,7 @@ class StepEngine:
             ctl[:, s] = (row.code, row.count[i] if row.count else 0, row.cell[i] if row.cell else -1,
                       row.next_cell[i] if row.next_cell else -1, i)
             if sample and row.temperature > 0:
-                seeds[s] = cell_seeds(row.key, i)
+                seeds[s] = cell_seeds(row.key, i, self.cells)
         self._upload(b, ctl, seeds)
         flagged = []
         if self.cuda_graph:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import GELUActivation
 
-from .grid import GRID, box_positions
+from .grid import box_positions
 from .ops.codebook_head import fold_head
 from .ops.fused_linear import feed_forward, linear_add_layernorm, linear_gelu_layernorm
 from . import patching
@@ -40,7 +40,8 @@ class FastTables:
 
     table:       [K, H]  LN(visn_fc(C)) / 2          the projected codebook
     mask_row:    [H]     LN(visn_fc(mask_feat)) / 2  the projected mask feature
-    box:         [64, H] LN(box_fc(visual_pos)) / 2  the constant box embedding
+    box:         [n, H]  LN(box_fc(visual_pos)) / 2  the constant box embedding of the model's
+                                                     n = N² cells (``box_positions(model.grid)``)
     head_weight: [K, H], head_bias [K]               linear_feat → out_cluster, folded
     """
 
@@ -132,7 +133,7 @@ def prepare(model) -> FastTables:
 
     table = project(model.centroids)
     mask_row = project(model.mask_feat.to(dtype).view(1, -1)).view(-1)
-    box = enc.box_layer_norm(enc.box_fc(box_positions(GRID, dtype, device))) / 2
+    box = enc.box_layer_norm(enc.box_fc(box_positions(model.grid, dtype, device))) / 2
     w, b = fold_head(model.obj_predict_head.linear_feat, model.obj_predict_head.out_cluster)
     tables = FastTables(table.contiguous(), mask_row.contiguous(), box.contiguous(),
                         w.contiguous(), b.float().contiguous(), key,

@@ -1,6 +1,8 @@
 """The sampling strategies: which cells each step decides, how many steps a run may take, and
 what each step passes to the sampler step, stated once for the reference, the fast op and every
-front end (SPEC §1). ``n`` below is the grid's cell count (64).
+front end (SPEC §1). ``n`` below is the grid's cell count: the image model's ``n_cells`` (N² on
+its N×N grid, 64 on the paper's 8×8), which every caller with a model passes; the ``n_cells``
+defaults (``grid.N_CELLS``) serve code that has no model (the CLI's checks).
 
 - ``mask_predict`` (Mask-Predict-K, "NAR", the paper's best): every masked cell takes its
   prediction; step i re-masks ``int((K - i) / K · n)`` cells (the authors' float formula; step 0

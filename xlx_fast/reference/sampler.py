@@ -1,6 +1,8 @@
 """The authors' samplers, step for step, in eager PyTorch (SPEC §1).
 
-One step, given the current codes ``code`` [B, 64, F] and ``vis_mask`` [B, 64] (1 = masked):
+The model paints an N×N grid of n = N² cells (``model.grid``, ``model.n_cells``: 64 on the
+paper's 8×8 grid). One step, given the current codes ``code`` [B, n, F] and ``vis_mask`` [B, n]
+(1 = masked):
 
 1. ``code = where(vis_mask, mask_feat, code)``
 2. ``visual_output = bert(input_ids, visual_feats=code, visual_pos, attention_mask).vision_output``
@@ -11,13 +13,15 @@ Strategies (which cells are masked before the forward and updated after it; defa
 limits: :mod:`xlx_fast.strategies`):
 
 - ``mask_predict`` (Mask-Predict-K, "NAR"): step 0 masks every cell (codes start at zero);
-  step i > 0 masks the ``int((K-i)/K·64)`` cells with the lowest ``pred_prob`` of the previous
-  step, over all 64 cells. Every masked cell takes its prediction. K may exceed 64.
+  step i > 0 masks the ``int((K-i)/K·n)`` cells with the lowest ``pred_prob`` of the previous
+  step, over all n cells. Every masked cell takes its prediction. K may exceed n.
 - ``confidence`` (AR): every cell starts masked; each step decides the not-yet-visited cell
-  with the highest ``pred_prob`` (unmasks it and writes its prediction). K <= 64.
-- ``tlbr`` (AR): step i decides cell i. K <= 64.
+  with the highest ``pred_prob`` (unmasks it and writes its prediction). K <= n.
+- ``tlbr`` (AR): step i decides cell i. K <= n.
 - ``random`` (AR): a seeded permutation decides the order; the decided cell is re-masked
-  before its forward (this matters when K > 64 revisits cells).
+  before its forward (this matters when K > n revisits cells).
+
+Cell (row i, col j) is index i·N + j, with the box ``(j/N, i/N, (j+1)/N, (i+1)/N)``.
 
 Ties: the lowest index wins (stable ascending sort for the lowest probabilities, first maximum
 for the highest), which is what the fast sampler guarantees too; the authors' ``topk`` leaves
@@ -30,7 +34,6 @@ import numbers
 import torch
 from transformers.models.lxmert.modeling_lxmert import LxmertAttention
 
-from ..models.xlxmert import GRID, N_CELLS
 from ..strategies import NAMES as STRATEGIES
 from ..strategies import (check_steps, check_strategy, default_steps, mask_counts, random_order,
                           tlbr_order)
@@ -60,12 +63,15 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     """Run the authors' sampler eagerly (see module docstring). ``seed`` fixes the random order
     (``None`` means 0): one int for every row, or a list of one int per row (each row then
     follows its own seeded order); the other strategies are deterministic. Runs in the model's
-    dtype. ``attention_mask`` defaults to ``input_ids != default_pad_id(model)``; the model must
-    be in eval mode (dropout off), as for ``xlx_fast.generate``."""
+    dtype, over the model's grid (``model.grid``: the AR strategies default to, and confidence
+    and tlbr allow at most, ``model.n_cells`` steps). ``attention_mask`` defaults to
+    ``input_ids != default_pad_id(model)``; the model must be in eval mode (dropout off), as for
+    ``xlx_fast.generate``."""
     check_strategy(strategy)
     check_eager(model)
     attention_mask = check_inputs(model, input_ids, attention_mask)
-    steps = check_steps(strategy, steps, N_CELLS)
+    grid, n_cells = model.grid, model.n_cells
+    steps = check_steps(strategy, steps, n_cells)
     if model.training:  # dropout would make every call different, and unlike generate()
         raise ValueError("sample() runs inference only: call model.eval() first")
     b = input_ids.shape[0]
@@ -80,22 +86,22 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
 
     centroids = model.centroids
     dtype, device = centroids.dtype, centroids.device
-    visual_pos = box_positions(GRID, dtype, device).expand(b, -1, -1)
+    visual_pos = box_positions(grid, dtype, device).expand(b, -1, -1)
     mask_feat = model.mask_feat.to(dtype).view(1, 1, -1)
     rows = torch.arange(b, device=device)
 
     # order[i] = the cell each row decides at step i: a [B] tensor (rows differ for ``random``)
     order = None
     if strategy == "tlbr":
-        order = torch.tensor(tlbr_order(steps, N_CELLS), device=device)[:, None].expand(-1, b)
+        order = torch.tensor(tlbr_order(steps, n_cells), device=device)[:, None].expand(-1, b)
     elif strategy == "random":
-        order = torch.tensor([random_order(steps, x, N_CELLS) for x in seeds], device=device).T
-    counts = mask_counts(steps, N_CELLS) if strategy == "mask_predict" else None
+        order = torch.tensor([random_order(steps, x, n_cells) for x in seeds], device=device).T
+    counts = mask_counts(steps, n_cells) if strategy == "mask_predict" else None
 
-    code = torch.zeros(b, N_CELLS, model.feat_dim, dtype=dtype, device=device)
-    ids = torch.full((b, N_CELLS), -1, dtype=torch.int64, device=device)
-    vis_mask = torch.ones(b, N_CELLS, dtype=torch.bool, device=device)
-    visited = torch.zeros(b, N_CELLS, dtype=torch.bool, device=device)
+    code = torch.zeros(b, n_cells, model.feat_dim, dtype=dtype, device=device)
+    ids = torch.full((b, n_cells), -1, dtype=torch.int64, device=device)
+    vis_mask = torch.ones(b, n_cells, dtype=torch.bool, device=device)
+    visited = torch.zeros(b, n_cells, dtype=torch.bool, device=device)
     masks = []
     pred_prob = None
 
