@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import N_CELLS
 
 __all__ = ["CLS_ID", "SEP_ID", "MASK_ID", "PAD_ID", "UNK_ID", "SPECIAL_IDS", "MAX_WORDS",
            "DEFAULT_WORDS", "CaptionResult", "check_image", "check_lengths", "layout"]
@@ -68,18 +67,21 @@ def check_lengths(length, batch: int) -> list[int]:
 
 
 def check_image(model, features=None, cluster_ids=None) -> torch.Tensor:
-    """The images as features [B, 64, F] in the model's dtype and on its device: ``features``
-    as given, or the codebook rows of ``cluster_ids`` [B, 64]. Exactly one must be given."""
+    """The images as features [B, n, F] in the model's dtype and on its device: ``features``
+    as given, or the codebook rows of ``cluster_ids`` [B, n], n = ``model.n_cells`` (the cells
+    of the model's N×N grid: an image is read on the grid the model paints). Exactly one must
+    be given."""
     if (features is None) == (cluster_ids is None):
         raise ValueError("give exactly one of features and cluster_ids")
-    centroids = model.centroids
+    centroids, n_cells, grid = model.centroids, model.n_cells, model.grid
+    on_grid = f" (the model's {grid}×{grid} grid)"
     if cluster_ids is not None:
         if not isinstance(cluster_ids, torch.Tensor):
             raise TypeError(f"cluster_ids must be a torch.Tensor, got {type(cluster_ids).__name__}")
         if cluster_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"cluster_ids must be int64 or int32, got {cluster_ids.dtype}")
-        if cluster_ids.dim() != 2 or cluster_ids.shape[1] != N_CELLS or cluster_ids.shape[0] < 1:
-            raise ValueError(f"cluster_ids must be [batch, {N_CELLS}], got shape "
+        if cluster_ids.dim() != 2 or cluster_ids.shape[1] != n_cells or cluster_ids.shape[0] < 1:
+            raise ValueError(f"cluster_ids must be [batch, {n_cells}]{on_grid}, got shape "
                              f"{tuple(cluster_ids.shape)}")
         k = centroids.shape[0]
         lo, hi = int(cluster_ids.min()), int(cluster_ids.max())
@@ -91,8 +93,9 @@ def check_image(model, features=None, cluster_ids=None) -> torch.Tensor:
     if not features.is_floating_point():
         raise TypeError(f"features must be floating point, got {features.dtype}")
     f = centroids.shape[1]
-    if features.dim() != 3 or features.shape[1:] != (N_CELLS, f) or features.shape[0] < 1:
-        raise ValueError(f"features must be [batch, {N_CELLS}, {f}], got shape {tuple(features.shape)}")
+    if features.dim() != 3 or features.shape[1:] != (n_cells, f) or features.shape[0] < 1:
+        raise ValueError(f"features must be [batch, {n_cells}, {f}]{on_grid}, got shape "
+                         f"{tuple(features.shape)}")
     if not bool(torch.isfinite(features).all()):
         raise ValueError("features contain NaN or inf")
     return features.to(centroids.device, centroids.dtype)

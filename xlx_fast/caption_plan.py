@@ -4,7 +4,8 @@ What a captioning step computes, on the image model's own parameters (the masked
 ``cls.predictions`` must be present), written once for the caption engine:
 
 - :func:`image_stream` -- the visual feature encoder and the relational layers: they never see
-  the caption, so they run once per image, not once per step (5 of the 19 layers over 64 rows);
+  the caption, so they run once per image, not once per step (5 of the 19 layers over the
+  image's cells: 64 rows on the 8×8 grid);
 - :func:`text_embeddings` -- BERT's embedding sum ``LN((words + position) + type)``, from the
   word embeddings the sampler gathered;
 - :func:`language_step` -- the language layers, the cross layers, and in the last cross layer
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from transformers.activations import GELUActivation
 
 from .caption_io import SPECIAL_IDS
-from .grid import GRID, box_positions
+from .grid import box_positions
 from .ops.fused_linear import linear_gelu_layernorm
 from .step_plan import language_half, layer, x_layer
 
@@ -32,9 +33,10 @@ __all__ = ["image_stream", "text_embeddings", "language_step", "lm_transform", "
 
 
 def image_stream(model, features: torch.Tensor) -> torch.Tensor:
-    """``LxmertVisualFeatureEncoder`` then the relational layers: [B, 64, F] -> [B, 64, H]."""
+    """``LxmertVisualFeatureEncoder`` then the relational layers: [B, n, F] -> [B, n, H], n the
+    cells of the model's grid (boxes ``box_positions(model.grid)``)."""
     enc = model.bert.encoder
-    pos = box_positions(GRID, features.dtype, features.device).expand(features.shape[0], -1, -1)
+    pos = box_positions(model.grid, features.dtype, features.device).expand(features.shape[0], -1, -1)
     visual = enc.visn_fc(features, pos)
     for r_layer in enc.r_layers:
         visual = layer(r_layer, visual, None)

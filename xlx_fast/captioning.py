@@ -52,8 +52,9 @@ def caption(model, features=None, cluster_ids=None, length=DEFAULT_WORDS, steps=
     Args:
         model: ``XLxmertForImageGeneration`` with its masked-LM head (built with
             ``pretraining_heads=True``), in eval mode; ``optimize`` is applied in place.
-        features: [B, 64, F] grid features, or ``cluster_ids`` [B, 64] (e.g. ``generate``'s
-            ``ids``: "paint, then read back"). Exactly one.
+        features: [B, n, F] grid features, or ``cluster_ids`` [B, n] (e.g. ``generate``'s
+            ``ids``: "paint, then read back"), n = ``model.n_cells``, the cells of the model's
+            grid. Exactly one.
         length: words per caption, 1..18: an int, or one per row.
         steps, strategy, temperature, seed: as for ``xlx_fast.generate``, over the caption's
             words (default steps: 4 for Mask-Predict, L for the AR orders); a scalar or one per

@@ -16,7 +16,7 @@ and the mask (True = the word reads ``[MASK]``):
 4. the strategy's rule decides which words take ``pred_id`` and which are masked next
 
 The rules are the image sampler's (:mod:`xlx_fast.reference.sampler`) over the row's L words
-instead of 64 cells: Mask-Predict-K re-masks the ``int((K-i)/K·L)`` words with the lowest
+instead of the grid's cells: Mask-Predict-K re-masks the ``int((K-i)/K·L)`` words with the lowest
 ``pred_prob``, stable (ties: the lowest position); ``confidence``, ``tlbr`` and ``random`` decide
 one word a step. Each row has its own length, and with it its own schedule and default steps.
 """
@@ -28,7 +28,6 @@ import torch
 
 from ..caption_io import (DEFAULT_WORDS, MASK_ID, SPECIAL_IDS, CaptionResult, check_image,
                           check_lengths, layout)
-from ..grid import GRID
 from ..strategies import check_steps, check_strategy, mask_counts, random_order, tlbr_order
 from .grid import box_positions
 from .sampler import check_eager
@@ -61,7 +60,8 @@ def row_seeds(seed, b: int) -> list[int]:
 def caption(model, features=None, cluster_ids=None, length=DEFAULT_WORDS, steps=None,
             strategy: str = "mask_predict", seed=None) -> CaptionResult:
     """Write a caption of ``length`` words (an int, or one per row) for each image, eagerly
-    (see the module docstring). ``features`` [B, 64, F] or ``cluster_ids`` [B, 64]; ``steps``
+    (see the module docstring). ``features`` [B, n, F] or ``cluster_ids`` [B, n], n the cells of
+    the model's grid (``model.n_cells``); ``steps``
     defaults per row to the strategy's default for the row's length; ``seed`` fixes the
     ``random`` order. Runs in the model's dtype."""
     check_strategy(strategy)
@@ -84,7 +84,7 @@ def caption(model, features=None, cluster_ids=None, length=DEFAULT_WORDS, steps=
     is_word = torch.zeros(b, width, dtype=torch.bool, device=device)
     for r, n in enumerate(lengths):
         is_word[r, :n] = True
-    visual_pos = box_positions(GRID, dtype, device).expand(b, -1, -1)
+    visual_pos = box_positions(model.grid, dtype, device).expand(b, -1, -1)
     special = torch.tensor(SPECIAL_IDS, device=device)
 
     words = torch.full((b, width), -1, dtype=torch.int64, device=device)
