@@ -225,6 +225,168 @@ def test_cpu_path_function_directly():
     check_ids(ids, scores, x, c)
 
 
+# --- K = 65,536 --------------------------------------------------------------------------------
+
+BIG_K = 65_536
+# (first, copy) codebook rows made equal; a row of x equal to them must get ``first``. The pairs
+# straddle the default slices (2048 entries), the two merge chunks of 32 slices when a slice is
+# 1024 entries (splits=100 below), share one 64-entry tile, and reach the very last entry.
+BIG_DUPLICATES = ((3, BIG_K - 1), (70, 40_000), (2048 * 5 + 1, 2048 * 5 + 9), (1024 * 31 + 5, 1024 * 32 + 5))
+
+
+@pytest.fixture(scope="module")
+def big_codebooks():
+    """Small-integer codebooks [65536, D] (every product, sum and norm exact in fp32, so the
+    kernels' scores ARE the float64 ones and ties are exact ties), the duplicated rows set;
+    built once per D (the D = 2048 one is 512 MB)."""
+    books = {}
+
+    def get(d):
+        if d not in books:
+            g = torch.Generator().manual_seed(d)
+            c = torch.randint(-3, 4, (BIG_K, d), generator=g, dtype=torch.int8).float()
+            for first, copy in BIG_DUPLICATES:
+                c[copy] = c[first]
+            books[d] = c
+        return books[d]
+    yield get
+    books.clear()
+
+
+def integer_queries(n, c, seed):
+    """n rows of small integers; the first ones are the duplicated codebook rows (an exact tie
+    at distance 0 between two entries far apart), the rest random (ties among entries too)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (n, c.shape[1]), generator=g, dtype=torch.int8).float()
+    for r, (_, copy) in enumerate(BIG_DUPLICATES[:n]):
+        x[r] = c[copy]
+    return x
+
+
+def brute_force(x, c, block=8192):
+    """float64 (first minimal index, minimum) of ||c_k||^2 - 2 x·c_k, in blocks of entries (no
+    [K, D] float64 copy); a later block replaces the best only when strictly smaller."""
+    xd = x.double()
+    best = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
+    best_id = torch.zeros(x.shape[0], dtype=torch.int64)
+    for k0 in range(0, c.shape[0], block):
+        s = exact_scores(xd, c[k0:k0 + block])
+        i = s.argmin(1)  # the first minimal index
+        v = s.gather(1, i[:, None])[:, 0]
+        better = v < best
+        best, best_id = torch.where(better, v, best), torch.where(better, i + k0, best_id)
+    return best_id, best
+
+
+def poisoned(n, device="cpu"):
+    return (torch.full((n,), -7, dtype=torch.int64, device=device),
+            torch.full((n,), float("nan"), device=device))
+
+
+def check_duplicates_resolved(ids, x, c):
+    """Rows equal to duplicated entries get the lowest entry equal to them (with few columns,
+    random entries may equal them too, below the planted pair): never the later copy."""
+    for r, (first, copy) in enumerate(BIG_DUPLICATES[:len(ids)]):
+        lowest = int((c == x[r]).all(1).nonzero()[0, 0])
+        assert lowest <= first and ids[r] == lowest, f"row {r}: entry {copy}'s copies resolved to {int(ids[r])}"
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most elements any tensor made inside the block had (views included)."""
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("d", [48, 2048])
+@pytest.mark.parametrize("n", [1, 3, 37])
+def test_cpu_65536_entries_equal_fp64_brute_force(n, d, big_codebooks):
+    c = big_codebooks(d)
+    x = integer_queries(n, c, seed=n + d)
+    ref_ids, ref_scores = brute_force(x, c)
+    ids, scores = poisoned(n)
+    nearest_torch(x, c, out=(ids, scores))
+    assert torch.equal(ids, ref_ids)  # every row, ties included
+    assert torch.equal(scores.double(), ref_scores)
+    check_duplicates_resolved(ids, x, c)
+    # the public entry point: the same ids, and exact distances
+    got, dist = nearest(x, c, return_distance=True)
+    assert torch.equal(got, ref_ids)
+    assert torch.equal(dist.double(), (x.double() ** 2).sum(1) + ref_scores)
+
+
+def test_cpu_65536_entries_half_inputs(big_codebooks):
+    c = big_codebooks(48)
+    x = integer_queries(37, c, seed=5)
+    ref_ids, _ = brute_force(x, c)
+    for dtype in (torch.bfloat16, torch.float16):  # small integers are exact in both
+        assert torch.equal(nearest(x.to(dtype), c.to(dtype)), ref_ids)
+
+
+def test_cpu_scratch_is_bounded_whatever_k(big_codebooks):
+    """600 rows against 65,536 entries: the 2048-row chunk would hold 600 × 65,536 scores; the
+    row budget cuts it to 512 rows (2^25 floats), and the two chunks give the brute force's ids."""
+    from xlx_fast.ops import split_scan
+    assert split_scan.cpu_rows(2048, 10_000) == 2048  # the measured K = 10,000 path is unchanged
+    assert split_scan.cpu_rows(2048, BIG_K) == 512 and split_scan.cpu_rows(2048, 2 ** 30) == 1
+    c = big_codebooks(48)[:, :4].contiguous()
+    x = integer_queries(600, c, seed=9)
+    with LargestTensor() as seen:
+        ids, _ = nearest_torch(x, c)
+    assert seen.largest <= split_scan.CPU_SCORES < 600 * BIG_K
+    assert torch.equal(ids, brute_force(x, c)[0])
+
+
+def test_error_bound_needs_no_n_by_k_table():
+    x, c = make_data(37, 3000, 9, torch.float32)
+    with LargestTensor() as seen:
+        e = error_bound(x, c)
+    assert seen.largest < 37 * 3000 and torch.allclose(e, bound(x, c, "tf32x3"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,splits", [(1, None), (37, 100)])  # 32 slices; 64 slices, 2 merge chunks
+def test_triton_65536_entries_equal_fp64_brute_force(n, splits, dtype, big_codebooks, kernel_device):
+    """Tiny D keeps the interpreter affordable; 512-entry tiles, 128 of them per row block."""
+    c = big_codebooks(48)[:, :5].contiguous()
+    x = integer_queries(n, c, seed=n)
+    ref_ids, ref_scores = brute_force(x, c)
+    ids, scores = poisoned(n, kernel_device)
+    nearest_triton(x.to(kernel_device, dtype), c.to(kernel_device, dtype), block_n=16 if n < 16 else 64,
+                   block_k=512, block_d=16, splits=splits, out=(ids, scores))
+    assert torch.equal(ids.cpu(), ref_ids)
+    assert torch.equal(scores.cpu().double(), ref_scores)
+    check_duplicates_resolved(ids.cpu(), x, c)
+
+
+def test_triton_65536_entries_with_the_launchers_own_tiles(big_codebooks, kernel_device):
+    """The block sizes and split count the launcher picks at K = 65,536 (32 slices of 2048)."""
+    c = big_codebooks(48)[:, :3].contiguous()
+    x = integer_queries(3, c, seed=11)
+    ids, scores = poisoned(3, kernel_device)
+    nearest_triton(x.to(kernel_device), c.to(kernel_device), precision="ieee", out=(ids, scores))
+    ref_ids, ref_scores = brute_force(x, c)
+    assert torch.equal(ids.cpu(), ref_ids) and torch.equal(scores.cpu().double(), ref_scores)
+    check_duplicates_resolved(ids.cpu(), x, c)
+
+
+def test_odd_widths_take_smaller_row_tiles():
+    """An odd D loses the vectorised loads: its row tile is 64, not 128 (128 spilled registers,
+    tests/test_triton_compile.py); the results do not depend on it."""
+    from xlx_fast.ops.nearest import _launches
+    for d, block_n in ((2048, 128), (1024, 128), (768, 128), (777, 64), (1000, 64)):
+        x, c = torch.empty(300, d), torch.empty(BIG_K, d)
+        kw = _launches(x, c, torch.empty(BIG_K), *poisoned(300), "tf32x3", cuda=True)[0][3]
+        assert kw["BLOCK_N"] == block_n, d
+    strided = torch.empty(300, 2056)[:, :2048]  # row stride 2056 = 8 mod 16: not vectorised
+    assert _launches(strided, torch.empty(10, 2048), torch.empty(10), *poisoned(300), "ieee")[0][3]["BLOCK_N"] == 64
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("x,c,err,match", [
@@ -288,6 +450,26 @@ def test_gpu_realistic(dtype, precision):
     # and the same ids as torch's own mm + argmin where the gap is clear
     t = torch.addmm((c.float() ** 2).sum(1), x.float(), c.float().T, alpha=-2).argmin(1)
     assert torch.equal(ids[ok], t[ok])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "tf32x3"), (torch.bfloat16, "ieee")])
+@pytest.mark.parametrize("d", [2048, 777])
+def test_gpu_65536_entries(dtype, precision, d):
+    """The launcher's own tiles at K = 65,536 (odd D: 64-row tiles) against float64."""
+    n, k = 4096 + 5, BIG_K
+    x, c = make_data(n, k, d, dtype, noise=0.2)
+    x, c = x.cuda(), c.cuda()
+    ids, scores = poisoned(n, "cuda")
+    nearest_triton(x, c, precision=precision, out=(ids, scores))
+    s = exact_scores(x, c)  # float64 on the GPU: 4101 × 65536
+    top2 = s.topk(2, dim=1, largest=False)
+    gap = top2.values[:, 1] - top2.values[:, 0]
+    ok = gap > 2 * bound(x, c, precision if dtype == torch.float32 else "ieee").cuda()
+    assert ok.double().mean() > 0.9
+    assert torch.equal(ids[ok], top2.indices[ok, 0])
+    err = (scores.double() - top2.values[:, 0]).abs()
+    assert torch.all(err <= bound(x, c, precision if dtype == torch.float32 else "ieee").cuda() + 1e-6)
 
 
 @pytest.mark.gpu

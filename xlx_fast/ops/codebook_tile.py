@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._common import HAS_TRITON, tl, triton
+from .derived import derived
 
 
 def interpreter_widen(x: torch.Tensor) -> bool:
@@ -18,6 +19,32 @@ def interpreter_widen(x: torch.Tensor) -> bool:
     (and only there) bf16 tiles are widened to fp32 before the dot: the same value, since a
     bf16×bf16 product is exact in fp32 and the accumulation is fp32 either way."""
     return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+def vector_loads(d: int, *rows: torch.Tensor) -> bool:
+    """Whether the compiled tile loads are vectorised: the width D and the row stride of every
+    operand divisible by 16 (what Triton specialises integer arguments on). Otherwise each
+    element is loaded alone, its address and mask held in registers, and the tiles tuned for
+    aligned widths spill (at D = 777 on sm_80 and sm_90, tests/test_triton_compile.py):
+    ``nearest`` then takes 64-row tiles, ``codebook_head`` pads its operands (:func:`padded`)."""
+    return d % 16 == 0 and all(t.stride(0) % 16 == 0 for t in rows)
+
+
+def _rows16(t: torch.Tensor) -> torch.Tensor:
+    out = t.new_zeros(t.shape[0], -(-t.shape[1] // 16) * 16)
+    out[:, :t.shape[1]] = t
+    return out
+
+
+def padded(a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, w), or both copied into zero-padded rows of a multiple of 16 elements when their loads
+    would not vectorise (:func:`vector_loads`): the kernels then compile exactly as at an
+    aligned width. The padding adds zeros to every dot product, as the masked loads of the
+    unpadded tile did, so results are unchanged bit for bit. ``w``'s copy (K × ceil16(D)) is
+    made once per unchanged tensor (:mod:`xlx_fast.ops.derived`), ``a``'s per call."""
+    if vector_loads(a.shape[1], a, w):
+        return a, w
+    return _rows16(a), derived(w, "rows16", _rows16)
 
 
 if HAS_TRITON:

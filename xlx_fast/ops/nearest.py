@@ -29,7 +29,17 @@ partials 2 × 57 MB, out 3 MB: about 3.8 GB, against 2·N·K·D = 10.7 TFLOP of 
 walking the whole codebook has 132 resident row tiles (67 MB) on an H100, more than its 50 MB L2,
 so x comes from HBM once per codebook tile: N·D·b·K/BLOCK_K = 85 GB. For a few hundred rows
 the splits keep the SMs busy. The CPU path does the same blocked: a GEMM (``torch.addmm``,
-threaded by torch) per chunk of rows, then ``min`` over the K scores, so memory stays O(chunk × K); half inputs are widened to fp32 first (exact).
+threaded by torch) per chunk of rows, then ``min`` over the K scores; half inputs are widened to
+fp32 first (exact).
+
+Scratch (besides the inputs, the cached K norms and the [N] outputs). GPU: the partials, 8·N·S
+bytes with S <= 32 splits (at most 256 bytes a row, whatever K; ``nearest`` runs at most 2^20
+rows a call, so <= 256 MB). CPU: one chunk of rows × K fp32 scores with rows =
+``split_scan.cpu_rows(chunk, K)`` (<= 2^25 floats = 128 MB: 2048 rows up to K = 16384, 512 at
+K = 65536, one row past 2^25 entries), plus the chunk widened to fp32. Nothing grows with N·K.
+Limits: K and D below 2^31 (entry numbers are int32; row and codebook offsets int64). Tiles do
+not depend on K or D, except that a D (or row stride) not divisible by 16 takes row tiles of 64,
+not 128: its loads are not vectorised, and 128 rows then spilled registers.
 
 Tie-breaking (as FAISS ``IndexFlatL2`` with k=1): among equal scores the lowest index wins. Within
 a tile the argmin takes the lowest column whose score equals the tile minimum; a later tile of
@@ -67,7 +77,7 @@ import torch
 from . import split_scan
 from ._common import (FLOAT_DTYPES, HAS_TRITON, check_choice, check_device, check_dtype, check_same_dtype,
                       check_tensor, tl, triton)
-from .codebook_tile import interpreter_widen
+from .codebook_tile import interpreter_widen, vector_loads
 from .derived import derived, widened
 from .dot_error import PRECISIONS, gamma
 from . import measured
@@ -159,15 +169,19 @@ def codebook_norms(codebook: torch.Tensor) -> torch.Tensor:
 
 
 def error_bound(x, codebook, *, precision: str = "tf32x3") -> torch.Tensor:
-    """Per-row bound max_k e_k on the score error (module docstring), float64, shape [N]."""
-    x = torch.as_tensor(x).double()
-    c = torch.as_tensor(codebook).double()
+    """Per-row bound max_k e_k on the score error (module docstring), float64, shape [N].
+
+    e_k grows with ||c_k|| (both coefficients are positive), so the maximum is e at the largest
+    centroid norm: O(N + K) work and memory, no [N, K] table."""
+    x = torch.as_tensor(x)
+    c = torch.as_tensor(codebook)
     d = x.shape[1]
     u = 2.0 ** -24
     g = gamma(d, precision)
-    cn = c.norm(dim=1)
-    e = 2 * (g + u) * x.norm(dim=1)[:, None] * cn[None, :] + (d + 1) * u * cn[None, :] ** 2
-    return e.max(1).values
+    c_max = torch.zeros((), dtype=torch.float64, device=c.device)
+    for k0 in range(0, c.shape[0], 65536):  # in blocks: no [K, D] float64 copy
+        c_max = torch.maximum(c_max, c[k0:k0 + 65536].double().norm(dim=1).max())
+    return 2 * (g + u) * x.double().norm(dim=1) * c_max + (d + 1) * u * c_max ** 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,8 +194,8 @@ def _launches(x, codebook, norms, ids, scores, precision, block_n=None, block_k=
     by the compile check (tests/test_triton_compile.py), so both see the same configs."""
     n, d = x.shape
     k = codebook.shape[0]
-    if block_n is None:
-        block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
+    if block_n is None:  # unvectorised loads (an odd D) need registers: 64-row tiles at most
+        block_n = min(128 if vector_loads(d, x, codebook) else 64, max(16, triton.next_power_of_2(n)))
     if block_k is None:  # fp32: 128 x 128 spills at 8 warps (sm_80), see test_triton_compile
         block_k = 128 if x.dtype != torch.float32 else 64
     if block_d is None:
@@ -243,19 +257,23 @@ def nearest_triton(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor 
 
 
 def nearest_torch(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor | None = None, *,
-                  chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk: int = 2048,
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU path: per chunk of rows one GEMM (addmm: ||c||^2 - 2 x Cᵀ) and a min over K.
 
     Half inputs are upcast chunk by chunk so that products are exact and accumulation is fp32
     (the same arithmetic as the kernel). torch.min returns the first minimal index: ties go to
-    the lowest index. Same return contract as :func:`nearest_triton`.
+    the lowest index. Same return contract as :func:`nearest_triton` (``out``: preallocated
+    (ids, scores) to write into). Scratch: one [rows, K] fp32 score block, rows =
+    ``split_scan.cpu_rows(chunk, K)`` (<= 128 MB; module docstring), plus the codebook widened
+    once (cached) for half inputs.
     """
     if norms is None:
         norms = codebook_norms(codebook)
     c = widened(codebook)
     n = x.shape[0]
-    ids = torch.empty(n, dtype=torch.int64, device=x.device)
-    scores = torch.empty(n, dtype=torch.float32, device=x.device)
+    chunk = split_scan.cpu_rows(chunk, c.shape[0])
+    ids, scores = split_scan.outputs(n, x.device, (torch.int64, torch.float32), out)
     for r0 in range(0, n, chunk):
         xs = x[r0:r0 + chunk].float()
         s = torch.addmm(norms, xs, c.T, beta=1.0, alpha=-2.0)
@@ -264,6 +282,7 @@ def nearest_torch(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor |
         i[torch.isnan(v)] = -1
         scores[r0:r0 + chunk] = v
         ids[r0:r0 + chunk] = i
+        del s  # before the next chunk's GEMM: one block alive at a time
     return ids, scores
 
 
@@ -338,9 +357,10 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "tf3
         norms: precomputed ||c_k||^2 (float32 [K]); by default computed once per codebook
             tensor and cached (see :func:`codebook_norms`).
         chunk: rows per step. Numpy rows are converted (and copied to CUDA) chunk by chunk; the
-            CPU path bounds its scratch to chunk × K floats, the CUDA path its per-split partials
-            to 8 · chunk · splits bytes (splits <= 32). Default 2048 on the CPU, 262144 for host
-            rows to CUDA, 2^20 for CUDA-resident x (partials <= 256 MB).
+            CPU path bounds its scratch to rows × K floats with rows = min(chunk, 2^25 / K) (at
+            least 1), the CUDA path its per-split partials to 8 · chunk · splits bytes (splits
+            <= 32). Default 2048 on the CPU, 262144 for host rows to CUDA, 2^20 for
+            CUDA-resident x (partials <= 256 MB).
         progress: show a tqdm bar over chunks.
         backend: None (the registry's choice: CUDA → "triton", CPU → "torch"; see
             ``xlx-fast info``) or a backend by name; one that cannot run here raises naming why.

@@ -11,7 +11,17 @@ one, i.e. the lowest entry index.
 
 Here: the backends both register, the slice geometry, the Triton helpers both kernel pairs call (a row block, a slice's
 bounds, a chunk of slices, the first index attaining a row's best value), the launch loop and
-the compile-check variants. The reductions themselves stay with their ops.
+the compile-check variants, and the row budget of the CPU paths. The reductions themselves stay
+with their ops.
+
+Index arithmetic. Row offsets into the inputs and the [M, S] partials are int64 (``row_block``),
+entry offsets into the [K, D] codebook too (``codebook_tile``); entry numbers, slice numbers and
+feature offsets stay int32, which holds for any K and D below 2^31. Nothing here depends on K
+beyond the slice count, which the tile count caps (S <= ceil(K / BLOCK_K)).
+
+Scratch. GPU: the partials, a few fp32/int32 words per row and slice, sized by M·S (each op
+bounds S), never by K. CPU: one chunk of [rows, K] fp32 scores, with rows cut down for large
+codebooks so that a chunk holds at most ``CPU_SCORES`` floats (:func:`cpu_rows`).
 """
 from __future__ import annotations
 
@@ -23,9 +33,12 @@ from ._common import FLOAT_DTYPES, HAS_TRITON, tl, triton
 from . import measured
 from .registry import Capability, register_op, triton_capability
 
-__all__ = ["slices", "merge_chunk", "run", "scan", "compile_variants", "register_backends"]
+__all__ = ["slices", "cpu_rows", "merge_chunk", "run", "outputs", "scan", "compile_variants", "register_backends"]
 
 MAX_MERGE_CHUNK = 32  # slices merged per step: the merge's register footprint
+# fp32 scores a CPU chunk may hold (128 MB): the row chunks of 2048 (nearest, up to K = 16,384)
+# and 1024 (codebook_head, up to K = 32,768) are kept, and cut beyond (512 rows at K = 65,536)
+CPU_SCORES = 1 << 25
 
 
 def slices(k: int, block_k: int, splits: int) -> tuple[int, int]:
@@ -34,6 +47,12 @@ def slices(k: int, block_k: int, splits: int) -> tuple[int, int]:
     k_tiles = triton.cdiv(k, block_k)
     k_per = triton.cdiv(k_tiles, max(1, min(splits, k_tiles))) * block_k
     return k_per, triton.cdiv(k, k_per)
+
+
+def cpu_rows(chunk: int, k: int) -> int:
+    """Rows per CPU step: ``chunk``, cut so that rows × K <= ``CPU_SCORES`` (at least one row, so
+    a chunk holds at most max(K, CPU_SCORES) floats whatever the codebook's size)."""
+    return max(1, min(chunk, CPU_SCORES // max(1, k)))
 
 
 def merge_chunk(nsplit: int) -> int:
