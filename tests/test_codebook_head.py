@@ -22,8 +22,11 @@ def make_head(m, hd, k, dtype, seed=0, sharp=4.0):
     return h.to(dtype), w.to(dtype), b
 
 
-def ref_logits(h, w, b):
-    return h.double() @ w.double().T + b.double()
+def ref_logits(h, w, b, block=8192):
+    """float64 logits, over the classes in blocks (no [K, H] float64 copy of a big weight)."""
+    hd = h.double()
+    return torch.cat([hd @ w[k0:k0 + block].double().T for k0 in range(0, w.shape[0], block)], 1) \
+        + b.double()
 
 
 def logit_bound(h, w, b, precision="ieee"):
@@ -31,8 +34,10 @@ def logit_bound(h, w, b, precision="ieee"):
     model (itself checked against a bit-level simulation in test_dot_error.py) times
     sum |h_d w_kd|, plus the bias addition."""
     g = gamma(h.shape[-1], precision)
-    e = g * (h.double().abs() @ w.double().abs().T) + 2 * U32 * b.double().abs()
-    return e.max(1).values
+    ha = h.double().abs()
+    return torch.stack([(g * (ha @ w[k0:k0 + 8192].double().abs().T)
+                         + 2 * U32 * b[k0:k0 + 8192].double().abs()).max(1).values
+                        for k0 in range(0, w.shape[0], 8192)], 1).max(1).values
 
 
 def prob_bound(h, w, b, precision="ieee"):
@@ -295,6 +300,237 @@ def test_sampling_reproducible_under_rebatching_triton(kernel_device):
     assert torch.equal(i_all.cpu(), i_cpu)
 
 
+# --- K = 65,536 -------------------------------------------------------------------------------
+
+BIG_K = 65_536
+# (first, copy) classes given the same weight row; a row aimed at them must get ``first``. The
+# pairs straddle slices and the two merge chunks of 32 slices when a slice is 1024 classes
+# (splits=100 below), share one 128-class tile, and reach the very last class.
+BIG_DUPLICATES = ((3, BIG_K - 1), (70, 40_000), (2048 * 5 + 1, 2048 * 5 + 9), (1024 * 31 + 5, 1024 * 32 + 5))
+
+
+@pytest.fixture(scope="module")
+def big_heads():
+    """make_head(., H, 65536) weights and biases, built once per H (512 MB at H = 2048)."""
+    heads = {}
+
+    def get(m, hd, dtype=torch.float32, seed=0):
+        if hd not in heads:
+            _, w, b = make_head(1, hd, BIG_K, torch.float32, seed=hd)
+            heads[hd] = w, b
+        w, b = heads[hd]
+        h = torch.randn(m, hd, generator=torch.Generator().manual_seed(seed))
+        return h.to(dtype), w.to(dtype), b
+    yield get
+    heads.clear()
+
+
+def tied_head(m, hd=16):
+    """Unit weight rows with BIG_DUPLICATES copied; row r of h points at pair r's first class."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.nn.functional.normalize(torch.randn(BIG_K, hd, generator=g), dim=1)
+    for first, copy in BIG_DUPLICATES:
+        w[copy] = w[first]
+    h = torch.stack([w[BIG_DUPLICATES[r % len(BIG_DUPLICATES)][0]] * 10 for r in range(m)])
+    return h, w, torch.zeros(BIG_K)
+
+
+def poisoned(m, device="cpu"):
+    return (torch.full((m,), float("nan"), device=device),
+            torch.full((m,), -7, dtype=torch.int64, device=device))
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most bytes any tensor made inside the block held (views included)."""
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def sample_reference(h, w, b, tau, seeds, step):
+    """float64 logits / tau (tau a float or one per row) plus the CPU twin's Gumbel noise:
+    (keys, decided rows, softmax)."""
+    tau = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)
+    z = ref_logits(h, w, b) / tau[:, None]
+    key = z + gumbel_noise(seeds, torch.arange(w.shape[0]), step).double()
+    top2 = key.topk(2, dim=1).values
+    # the sampled key errs by the logit error / tau (the noise is the same bits)
+    decided = top2[:, 0] - top2[:, 1] > 2 * logit_bound(h, w, b) / tau + 1e-6
+    return key, decided, torch.softmax(z, -1)
+
+
+@pytest.mark.parametrize("hd", [48, 2048])
+@pytest.mark.parametrize("m", [1, 3, 37])
+def test_cpu_65536_classes_equal_fp64(m, hd, big_heads):
+    h, w, b = big_heads(m, hd, seed=m)
+    prob, ids = poisoned(m)
+    codebook_head_torch(h, w, b, out=(prob, ids))
+    check(prob, ids, h, w, b, min_share=1.0 if m == 1 else 0.8)
+    p2, i2 = codebook_head(h.view(1, m, hd), w, b)  # the public entry point
+    assert torch.equal(i2.view(-1), ids) and torch.equal(p2.view(-1), prob)
+
+
+def test_cpu_65536_classes_half_inputs(big_heads):
+    for dtype in (torch.bfloat16, torch.float16):
+        h, w, b = big_heads(37, 48, dtype, seed=4)
+        check(*codebook_head(h, w, b), h, w, b, min_share=0.8)
+
+
+def test_cpu_65536_classes_ties_go_to_lowest_index():
+    h, w, b = tied_head(len(BIG_DUPLICATES))
+    prob, ids = poisoned(len(h))
+    codebook_head_torch(h, w, b, out=(prob, ids))
+    assert ids.tolist() == [first for first, _ in BIG_DUPLICATES]
+    assert torch.allclose(prob.double(), torch.softmax(ref_logits(h, w, b), -1).max(-1).values, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_cpu_65536_classes_sampling_equals_fp64(per_row, big_heads):
+    """Gumbel-max at K = 65,536: the id is the float64 argmax of logits/tau + the same noise on
+    every decided row, and prob is softmax(logits/tau) there."""
+    m, step = 37, 3
+    h, w, b = big_heads(m, 48, seed=7)
+    seeds = torch.arange(m, dtype=torch.int64) * 7919 - 50
+    taus = torch.linspace(0.3, 1.5, m) if per_row else torch.full((m,), 0.7)
+    prob, ids = codebook_head(h, w, b, temperature=taus if per_row else 0.7, seeds=seeds, step=step)
+    key, decided, soft = sample_reference(h, w, b, taus, seeds, step)
+    assert decided.double().mean() >= 0.8
+    assert torch.equal(ids[decided], key.argmax(1)[decided])
+    p_ref = soft.gather(1, ids[:, None])[:, 0]
+    assert ((prob.double() - p_ref).norm() / p_ref.norm()).item() <= tolerance("codebook_head", "torch", h.dtype)
+
+
+def test_cpu_scratch_is_bounded_whatever_k():
+    """At K = 65,536 the 1024-row chunk is cut to 512 rows (2^25 fp32 logits), and the sampling
+    noise is drawn in blocks: no tensor holds more than the logit block, where the whole
+    chunk's noise used to be int64 [rows, K] tensors, twice its size and many of them."""
+    from xlx_fast.ops import split_scan
+    assert split_scan.cpu_rows(1024, 10_000) == split_scan.cpu_rows(1024, 30_522) == 1024  # unchanged
+    assert split_scan.cpu_rows(1024, BIG_K) == 512
+    g = torch.Generator().manual_seed(2)
+    h, w, b = torch.randn(600, 4, generator=g), torch.randn(BIG_K, 4, generator=g), torch.zeros(BIG_K)
+    with LargestTensor() as seen:
+        codebook_head_torch(h, w, b)
+    assert seen.largest <= 4 * split_scan.CPU_SCORES < 4 * 600 * BIG_K
+    seeds = torch.arange(40, dtype=torch.int64)
+    with LargestTensor() as seen:
+        p, i = codebook_head_torch(h[:40], w, b, temperature=1.0, seeds=seeds, step=1)
+    assert seen.largest <= 4 * 40 * BIG_K  # the logits themselves
+    key = ref_logits(h[:40], w, b) + gumbel_noise(seeds, torch.arange(BIG_K), 1).double()
+    top2 = key.topk(2, dim=1).values
+    decided = top2[:, 0] - top2[:, 1] > 1e-4
+    assert decided.double().mean() > 0.9 and torch.equal(i[decided], key.argmax(1)[decided])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,splits", [(3, None), (37, 100)])  # 2 slices; 64 slices, 2 merge chunks
+def test_triton_65536_classes_equal_fp64(m, splits, dtype, kernel_device):
+    """Tiny H keeps the interpreter affordable; 512-class tiles, 128 of them per row block."""
+    h, w, b = make_head(m, 8, BIG_K, dtype, seed=m)
+    prob, ids = poisoned(m, kernel_device)
+    codebook_head_triton(h.to(kernel_device), w.to(kernel_device), b.to(kernel_device), precision="ieee",
+                         block_m=16 if m < 16 else 64, block_k=512, block_h=16, splits=splits, out=(prob, ids))
+    check(prob, ids, h, w, b, min_share=0.8, backend="triton")
+
+
+def test_triton_65536_classes_with_the_launchers_own_tiles(kernel_device):
+    """The block sizes and class split the launcher picks at K = 65,536 (greedy fp32)."""
+    h, w, b = make_head(3, 8, BIG_K, torch.float32, seed=5)
+    prob, ids = poisoned(3, kernel_device)
+    codebook_head_triton(h.to(kernel_device), w.to(kernel_device), b.to(kernel_device), precision="ieee",
+                         out=(prob, ids))
+    check(prob, ids, h, w, b, min_share=1.0, backend="triton")
+
+
+@pytest.mark.parametrize("splits", [None, 100])
+def test_triton_65536_classes_ties_go_to_lowest_index(splits, kernel_device):
+    h, w, b = tied_head(len(BIG_DUPLICATES))
+    dev = kernel_device
+    prob, ids = poisoned(len(h), dev)
+    codebook_head_triton(h.to(dev), w.to(dev), b.to(dev), precision="ieee", block_m=16, block_k=512,
+                         block_h=16, splits=splits, out=(prob, ids))
+    assert ids.cpu().tolist() == [first for first, _ in BIG_DUPLICATES]
+    assert torch.allclose(prob.cpu().double(), torch.softmax(ref_logits(h, w, b), -1).max(-1).values, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_triton_65536_classes_sampling_equals_cpu_twin(per_row, kernel_device):
+    m, step = 5, 9
+    h, w, b = make_head(m, 8, BIG_K, torch.float32, seed=11, sharp=1.0)
+    seeds = torch.tensor([0, -1, 2 ** 40 + 7, 12345, 99], dtype=torch.int64)
+    tau = torch.tensor([0.5, 0.0, 1.0, 2.0, 0.8]) if per_row else 0.9
+    dev = kernel_device
+    prob, ids = poisoned(m, dev)
+    codebook_head_triton(h.to(dev), w.to(dev), b.to(dev), temperature=tau.to(dev) if per_row else tau,
+                         seeds=seeds.to(dev), step=step, precision="ieee", block_m=16, block_k=1024,
+                         block_h=16, splits=100, out=(prob, ids))
+    p_cpu, i_cpu = codebook_head_torch(h, w, b, temperature=tau, seeds=seeds, step=step)
+    assert torch.equal(ids.cpu(), i_cpu)  # the same noise bits, far from any near-tie here
+    assert torch.allclose(prob.cpu(), p_cpu, rtol=1e-5)
+    # against float64: the sampling rows' keys, and the greedy row (tau 0) its plain argmax
+    taus = torch.where(tau > 0, tau, 1.0) if per_row else tau
+    key, decided, _ = sample_reference(h, w, b, taus, seeds, step)
+    sampled = tau > 0 if per_row else torch.ones(m, dtype=torch.bool)
+    assert torch.equal(i_cpu[decided & sampled], key.argmax(1)[decided & sampled])
+    if per_row:
+        assert i_cpu[1] == ref_logits(h[1:2], w, b).argmax()
+
+
+def test_odd_widths_are_padded_to_aligned_rows():
+    """An H (or row stride) not divisible by 16 would load element by element, and its tiles
+    spilled registers (tests/test_triton_compile.py): h and W are launched as zero-padded rows
+    of a multiple of 16 instead, W's copy made once per unchanged weight."""
+    from xlx_fast.ops.codebook_head import _launches
+    h, w = torch.randn(5, 777), torch.randn(300, 777)
+    prob, ids = poisoned(5)
+
+    def launch_args(h, w):
+        return _launches(h, w, torch.zeros(300), None, prob, ids, 0.0, 0, "ieee", cuda=True)[0][2]
+    args = launch_args(h, w)
+    hd, stride_h, stride_w = args[11], args[14], args[16]
+    assert hd == stride_h == stride_w == 784
+    assert torch.equal(args[0][:, :777], h) and not args[0][:, 777:].any()
+    assert torch.equal(args[1][:, :777], w) and not args[1][:, 777:].any()
+    assert launch_args(h, w)[1] is args[1]  # cached
+    w.mul_(2.0)
+    assert torch.equal(launch_args(h, w)[1][:, :777], w)  # an edited weight is padded again
+    aligned = torch.randn(5, 768)
+    assert launch_args(aligned, torch.randn(300, 768))[0] is aligned  # nothing to pad
+
+
+def test_masked_classes_across_whole_tiles_and_slices(kernel_device):
+    """-inf logits (a bias of -inf, as the captioner masks BERT's special tokens) over whole
+    tiles and slices (1024 classes each here, 64 slices merged in 2 chunks, both holding masked
+    slices): probability 0, never picked, and no NaN from exp(-inf + inf); the kernel and the
+    CPU path agree with float64. A row with every class masked has no softmax: NaN."""
+    h, w, b = make_head(7, 8, BIG_K, torch.float32, seed=3)
+    b[:4096] = float("-inf")
+    b[30_000:50_000] = float("-inf")
+    dev = kernel_device
+    p_ref, i_ref = torch.softmax(ref_logits(h, w, b), -1).max(-1)
+    for tau in (0.0, 1.0):
+        seeds = torch.arange(7, dtype=torch.int64)
+        prob, ids = poisoned(7, dev)
+        codebook_head_triton(h.to(dev), w.to(dev), b.to(dev), temperature=tau, seeds=seeds.to(dev),
+                             precision="ieee", block_m=16, block_k=1024, block_h=16, splits=100,
+                             out=(prob, ids))
+        p_cpu, i_cpu = codebook_head_torch(h, w, b, temperature=tau, seeds=seeds)
+        assert not torch.isnan(prob).any() and torch.equal(ids.cpu(), i_cpu)
+        assert torch.isfinite(b[i_cpu]).all()
+        assert torch.allclose(prob.cpu(), p_cpu, rtol=1e-5)
+        if tau == 0.0:
+            assert torch.equal(i_cpu, i_ref) and torch.allclose(p_cpu.double(), p_ref, rtol=1e-5)
+    all_masked = torch.full((BIG_K,), float("-inf"))
+    prob, _ = codebook_head_triton(h[:2].to(dev), w.to(dev), all_masked.to(dev), block_m=16,
+                                   block_k=1024, block_h=16, splits=100)
+    assert torch.isnan(prob).all() and torch.isnan(codebook_head_torch(h[:2], w, all_masked)[0]).all()
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 def _args(**kw):
@@ -354,6 +590,17 @@ def test_gpu_realistic(batch, dtype, precision):
     p_t, i_t = torch.softmax(z, -1).max(-1)
     agree = (ids.view(-1) == i_t).double().mean().item()
     assert agree > 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "tf32x3"), (torch.bfloat16, "ieee")])
+@pytest.mark.parametrize("batch,hd", [(1, 768), (64, 768), (64, 1024), (8, 777)])
+def test_gpu_65536_classes(batch, hd, dtype, precision):
+    """The launcher's own tiles at K = 65,536 and other widths (odd H: smaller tiles)."""
+    h, w, b = (t.cuda() for t in make_head(batch * 64, hd, BIG_K, dtype))
+    prob, ids = poisoned(batch * 64, "cuda")
+    codebook_head_triton(h, w, b, precision=precision, out=(prob, ids))
+    check(prob, ids, h, w, b, precision if dtype == torch.float32 else "ieee", backend="triton")
 
 
 @pytest.mark.gpu

@@ -20,7 +20,25 @@ registers. Traffic per call (b bytes per element, R = ceil(M/BLOCK_M) row blocks
 W is read R times (K·H·b each: 15 MB at K = 10000, H = 768 fp16, once per row block; a batch of
 64 rows is one block), h once per class tile of its slice (from L2: M·H·b·K/BLOCK_K in all), 20
 bytes of partials per row and slice written and read, 12 bytes per row out; the M×K logits never
-leave registers. Limits: H and K any size (tiles are masked); M·S partials in fp32.
+leave registers. Limits: H and K any size below 2^31 (tiles are masked; class numbers are int32,
+row and weight offsets int64). Tiles do not depend on K or H; an H (or row stride) not divisible
+by 16 would load element by element, and the tiles then spilled registers: h and W are copied
+into zero-padded rows of a multiple of 16 instead (W once per unchanged tensor, K·ceil16(H)
+elements; h per call), which compile as an aligned width and add only zeros to the dot products.
+
+Scratch (besides the inputs and the [M] outputs). GPU: the partials, 24 bytes per row and slice,
+with S = min(splits, ceil(K / BLOCK_K)) slices; the default splits = ceil(2·SMs / row blocks)
+bound M·S by M + 2·SMs·BLOCK_M (at most 24·M bytes + 405 KB on a 132-SM GPU, whatever K). CPU:
+one chunk of rows × K fp32 logits with rows = ``split_scan.cpu_rows(chunk, K)`` (<= 2^25 floats =
+128 MB: 1024 rows up to K = 32768, 512 at K = 65536), plus, when sampling, the Gumbel noise drawn
+``NOISE_BLOCK`` values at a time (a dozen int64 temporaries of that size, about 6 MB). An odd H
+adds the padded copies of h (per call) and W (cached). Nothing grows with M·K.
+
+Masked classes: a logit of -inf (a bias of -inf, as the captioner gives BERT's special tokens) has
+probability 0 and is never picked, even when a whole tile or slice is masked: the running max
+starts at the lowest finite float, not -inf, so a masked tile adds exp(-inf) = 0 where
+exp(-inf - -inf) would be NaN (finite logits give the same max either way). A row whose logits
+are all -inf has no softmax: prob NaN, as on the CPU.
 
 Precision (rounding model in :mod:`xlx_fast.ops.dot_error`): a logit errs by at most
 gamma(H)·sum_d |h_d w_kd| + 2^-23 |b_k|, with gamma(H, "ieee") = H·2^-23 for fp32 (FMA) and
@@ -61,7 +79,7 @@ import torch
 from . import split_scan
 from ._common import (FLOAT_DTYPES, HAS_TRITON, INDEX_DTYPES, check_choice, check_device, check_int,
                       check_same_dtype, check_tensor, tl, triton)
-from .codebook_tile import interpreter_widen
+from .codebook_tile import interpreter_widen, padded
 from .derived import widened
 from .dot_error import PRECISIONS
 from . import measured
@@ -72,6 +90,8 @@ if HAS_TRITON:
     from .codebook_tile import rows_dot_entries
     from .split_scan import (best_slice, first_index, keep_better, row_block, running_best, slice_bounds,
                              slice_chunk)
+
+    LOWEST_FLOAT = tl.constexpr(-3.4028234663852886e38)  # the most negative finite float32
 
     @triton.jit
     def _gumbel(seed, cols, step, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -105,7 +125,9 @@ if HAS_TRITON:
             tau = tl.load(TEMPS + rows, mask=row_ok, other=0.0)
             row_scale = tl.where(tau > 0, 1.0 / tl.where(tau > 0, tau, 1.0), 1.0)
             noisy = tau > 0
-        m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        # the running max starts at the lowest finite float, not -inf: a tile of masked (-inf)
+        # classes then adds exp(-inf) = 0, never exp(-inf + inf) = NaN
+        m_run = tl.full([BLOCK_M], LOWEST_FLOAT, tl.float32)
         s_run = tl.zeros([BLOCK_M], tl.float32)
         best_z = tl.full([BLOCK_M], float("-inf"), tl.float32)
         best, best_id = running_best(BLOCK_M, False)
@@ -155,7 +177,7 @@ if HAS_TRITON:
         # and rescaled sum as in the partial kernel, and the best key by a strict '>' over the
         # chunks in class order, so the first slice holding the best key wins.
         rows, row_ok = row_block(tl.program_id(0), M, BLOCK_M)
-        m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        m_all = tl.full([BLOCK_M], LOWEST_FLOAT, tl.float32)  # as in the partial kernel
         s_all = tl.zeros([BLOCK_M], tl.float32)
         key_best = tl.full([BLOCK_M], float("-inf"), tl.float32)
         z_best = tl.zeros([BLOCK_M], tl.float32)
@@ -177,7 +199,9 @@ if HAS_TRITON:
             key_best = tl.where(better, chunk_best, key_best)
             z_best = tl.where(better, z, z_best)
             id_best = tl.where(better, ids, id_best)
-        tl.store(OUT_P + rows, tl.exp(z_best - m_all) / s_all, mask=row_ok)
+        # a row of -inf logits only has no softmax (its sum is 0): NaN, as the CPU path gives
+        prob = tl.where(s_all == 0.0, float("nan"), tl.exp(z_best - m_all) / s_all)
+        tl.store(OUT_P + rows, prob, mask=row_ok)
         tl.store(OUT_ID + rows, id_best.to(tl.int64), mask=row_ok)
 
 
@@ -190,7 +214,8 @@ def _launches(h, weight, bias, seeds, prob, ids, temperature, step, precision,
     """The kernel launches of one call: [(kernel, grid, args, kwargs)], shared by the launcher and
     by the compile check (tests/test_triton_compile.py), so both see the same configs. ``sms``:
     multiprocessors of the device (sizes the default class split); ``cuda``: launch options for
-    a GPU (default: whether h is on one)."""
+    a GPU (default: whether h is on one). An odd width is padded to one divisible by 16."""
+    h, weight = padded(h, weight)
     m, hd = h.shape
     k = weight.shape[0]
     if block_m is None:
@@ -315,20 +340,49 @@ def gumbel_noise(seeds: torch.Tensor, cols: torch.Tensor, step: int) -> torch.Te
 
 
 _EXP_FLOOR = -80.0
+# Gumbel values drawn per step on the CPU: the Philox rounds then run on int64 blocks that stay
+# in cache (2.3x faster per value than over a whole 64 x 10000 chunk on one core), and the noise
+# of a 65,536-class chunk never exists at once
+NOISE_BLOCK = 1 << 16
+
+
+def _sampled_ids(z: torch.Tensor, seeds: torch.Tensor, step: int,
+                 noisy: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row the first class maximising z + Gumbel noise (rows where ``noisy`` is False: z),
+    the noise drawn for column slices of about NOISE_BLOCK values: within a slice torch.max
+    takes the first maximum, across slices a strict '>' keeps the earlier (lower) class."""
+    rows, k = z.shape
+    per = max(1, NOISE_BLOCK // max(1, rows))
+    cols = torch.arange(k, device=z.device)
+    best = torch.full((rows,), float("-inf"), dtype=z.dtype, device=z.device)
+    best_id = torch.zeros(rows, dtype=torch.int64, device=z.device)
+    for c0 in range(0, k, per):
+        zs = z[:, c0:c0 + per]
+        key = zs + gumbel_noise(seeds, cols[c0:c0 + per], step)
+        if noisy is not None:
+            key = torch.where(noisy[:, None], key, zs)
+        v, j = key.max(1)
+        better = v > best
+        best = torch.where(better, v, best)
+        best_id = torch.where(better, j + c0, best_id)
+    return best_id
 
 
 def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
                         temperature=0.0, seeds: torch.Tensor | None = None, step: int = 0,
-                        chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                        chunk: int = 1024,
+                        out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU path, blocked over rows: per chunk one GEMM (addmm, fp32 accumulation; half inputs are
-    widened, which is exact), then max / sum-exp / argmax over the classes. Scratch stays
-    chunk × K floats. Same contract and same Gumbel bits as :func:`codebook_head_triton`;
-    torch.max returns the first maximal index, so ties go to the lowest class.
+    widened, which is exact), then max / sum-exp / argmax over the classes. Scratch: one
+    [rows, K] fp32 logit block, rows = ``split_scan.cpu_rows(chunk, K)`` (<= 128 MB), and when
+    sampling Gumbel noise in blocks of NOISE_BLOCK values. Same contract and same Gumbel bits as
+    :func:`codebook_head_triton` (``out``: preallocated (prob, ids) to write into); torch.max
+    returns the first maximal index, so ties go to the lowest class.
     """
     m = h.shape[0]
     w = widened(weight)
-    prob = torch.empty(m, dtype=torch.float32, device=h.device)
-    ids = torch.empty(m, dtype=torch.int64, device=h.device)
+    chunk = split_scan.cpu_rows(chunk, w.shape[0])
+    prob, ids = split_scan.outputs(m, h.device, (torch.float32, torch.int64), out)
     per_row = isinstance(temperature, torch.Tensor)
     sample = per_row or temperature > 0
     if per_row:  # the kernel's rule: tau > 0 -> scale 1/tau (fp32) and noise; tau = 0 -> greedy
@@ -336,7 +390,6 @@ def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         scale = torch.where(noisy, 1.0 / torch.where(noisy, temperature, 1.0), 1.0)
     else:
         inv_temp = torch.tensor(1.0 / temperature if sample else 1.0, dtype=torch.float32).item()
-    cols = torch.arange(w.shape[0], device=h.device)
     for r0 in range(0, m, chunk):
         z = torch.addmm(bias, h[r0:r0 + chunk].float(), w.T)
         if per_row:
@@ -344,22 +397,19 @@ def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         elif sample:
             z.mul_(inv_temp)
         zmax, i = z.max(1)
-        if per_row:
-            g = gumbel_noise(seeds[r0:r0 + chunk], cols, step)
-            i = torch.where(noisy[r0:r0 + chunk, None], z + g, z).max(1).indices
-            zi = z.gather(1, i[:, None])[:, 0]
-        elif sample:
-            i = (z + gumbel_noise(seeds[r0:r0 + chunk], cols, step)).max(1).indices
+        if sample:
+            i = _sampled_ids(z, seeds[r0:r0 + chunk], step, noisy[r0:r0 + chunk] if per_row else None)
             zi = z.gather(1, i[:, None])[:, 0]
         else:
             zi = zmax
         # in place: z becomes exp(z - max), then its row sums. Terms below e^-80 are raised to
         # e^-80 so exp never produces subnormals (a 10-40x slowdown on x86 for sharp logits);
-        # 10^4 such terms add < 2e-31 to a sum >= 1, far below fp32's last bit: the result is
-        # unchanged.
+        # even 2^31 such terms add < 4e-26 to a sum >= 1, far below fp32's last bit: the result
+        # is unchanged.
         s = z.sub_(zmax[:, None]).clamp_(min=_EXP_FLOOR).exp_().sum(1)
         prob[r0:r0 + chunk] = torch.exp(zi - zmax) / s
         ids[r0:r0 + chunk] = i
+        del z  # before the next chunk's GEMM: one block alive at a time
     return prob, ids
 
 
