@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from xlx_fast.ops.fused_linear_cross_entropy import default_chunk_rows, fused_linear_cross_entropy
+from xlx_fast.ops.registry import tolerance
 
 
 def rel(a, b):
@@ -25,7 +26,7 @@ def reference(h, w, b, t):
     """F.cross_entropy of the float64 formula; gradients by autograd."""
     hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     bd = None if b is None else b.detach().double().requires_grad_()
-    loss = F.cross_entropy(F.linear(hd, wd, bd), t)
+    loss = F.cross_entropy(F.linear(hd, wd, bd), t.cpu().to(hd.device))
     loss.backward()
     return loss, hd.grad, wd.grad, None if bd is None else bd.grad
 
@@ -127,6 +128,49 @@ def test_cuda_full_size_heads(dtype):
         want = reference(h, w, b, t.cuda())
         for x, y in zip(got, want):
             assert rel(x, y) <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+# --- V = 65,536 ---------------------------------------------------------------------------------
+
+BIG_V = 65_536
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N,H,chunk", [(1, 48, None), (3, 33, None), (37, 48, None), (37, 33, 16)])
+def test_65536_classes_match_cross_entropy(N, H, chunk, dtype):
+    """Loss and every gradient against F.cross_entropy in float64 at V = 65,536, within the
+    tolerance the op declares; targets at both ends of the vocabulary, some rows ignored."""
+    h, w, b, t = make(N, H, BIG_V, dtype=dtype, ignored=(1, 30) if N > 30 else (), seed=N + H)
+    t[0] = BIG_V - 1
+    if N > 2:
+        t[2] = 0
+    got = run(h, w, b, t, chunk_rows=chunk)
+    want = reference(h, w, b, t)
+    tol = tolerance("fused_linear_cross_entropy", "torch", dtype)
+    for name, x, y in zip(("loss", "hidden", "weight", "bias"), got, want):
+        assert x.dtype == (torch.float32 if name == "loss" else dtype)
+        assert rel(x, y) <= tol, name
+
+
+def test_triton_kernel_at_65536_classes(kernel_device):
+    """The row sweep at V = 65,536: 16 blocks of 4096 classes a row, on a GPU and under the
+    interpreter alike."""
+    h, w, b, t = make(3, 8, BIG_V, ignored=(1,), seed=9)
+    t[0] = BIG_V - 1
+    h, w, b = (x.detach().to(kernel_device).requires_grad_() for x in (h, w, b))
+    got = run(h, w, b, t.to(kernel_device), backend="triton")
+    want = reference(h, w, b, t)
+    tol = tolerance("fused_linear_cross_entropy", "triton", torch.float32)
+    for name, x, y in zip(("loss", "hidden", "weight", "bias"), got, want):
+        assert rel(x.cpu(), y.cpu()) <= tol, name
+
+
+def test_default_chunk_logits_stay_bounded_at_65536_classes():
+    """rows × V <= max(256·V, N·H + V): the logits of a chunk never grow with N·V."""
+    for n in (1, 37, 256, 5120, 256 * 64):
+        for hidden in (33, 768, 2048):
+            rows = default_chunk_rows(n, BIG_V, hidden)
+            assert 1 <= rows <= n and rows * BIG_V <= max(256 * BIG_V, n * hidden + BIG_V)
 
 
 def test_bad_input_raises_naming_the_argument():

@@ -13,8 +13,12 @@ GEMM, then (per row, over the vocabulary) an online max/sum gives the log-sum-ex
 sweep overwrites the logits with ``g`` in place, then ``g`` feeds the three gradient GEMMs. The
 backward only scales the stored gradients by the incoming scalar (Liger-Kernel's scheme). Peak
 extra memory is one chunk of fp32 logits, ``chunk_rows × V × 4`` bytes (default chunk: about
-``N·H`` elements, i.e. the size of ``hidden``, but at least 256 rows), plus the gradients themselves; the eager formula
-holds ``N × V`` logits, their softmax and their gradient. The weight gradient is accumulated in
+``N·H`` elements, i.e. the size of ``hidden``, but at least 256 rows: rows × V <= max(256·V,
+N·H + V) floats, 64 MB at V = 65,536 and few rows; the CPU sweep's ``logsumexp`` takes one more
+chunk-sized temporary, half-precision inputs one more in their dtype), plus the gradients
+themselves; nothing grows with N·V. The eager formula holds ``N × V`` logits, their softmax and
+their gradient. The GPU sweep walks a row in blocks of at most 4096 classes (registers bounded
+for any V; row offsets int64, class numbers int32: V < 2^31). The weight gradient is accumulated in
 place (fp32 inputs; half-precision inputs add one half-precision ``V×H`` product per chunk) and
 handed to autograd without a copy when the upstream gradient is 1. Memory traffic per chunk: the weight
 is read three times (forward GEMM, ``∂h`` and ``∂W`` GEMMs) and the chunk logits twice.
@@ -89,12 +93,38 @@ if HAS_TRITON:
                 tl.store(z_row + cols, g, mask=inside)
 
 
+def _block(n_cols: int, cuda: bool) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the row sweep. A GPU takes the vocabulary 4096 classes at a time (8
+    warps from 2048 on); the CPU interpreter a sixteenth of it, at least 64, so that a small test
+    vocabulary still takes several blocks and a 65,536-class row 16 blocks, not 1024. The block
+    is a power of two <= 4096 whatever V: only the number of blocks grows with V."""
+    if cuda:
+        block = min(4096, triton.next_power_of_2(n_cols))
+    else:
+        block = min(4096, max(64, triton.next_power_of_2(n_cols) // 16))
+    return block, 8 if block >= 2048 else 4
+
+
+def _rows_launch(z, target, loss, ignore_index, scale, cuda):
+    block, warps = _block(z.shape[1], cuda)
+    return (_ce_rows_kernel, (z.shape[0],), (z, z.stride(0), target, loss, z.shape[1], ignore_index, scale),
+            dict(BLOCK=block, num_warps=warps))
+
+
 def _rows_triton(z: torch.Tensor, target: torch.Tensor, ignore_index: int, scale: float) -> torch.Tensor:
     loss = torch.empty(z.shape[0], device=z.device, dtype=torch.float32)
-    block = min(4096, triton.next_power_of_2(z.shape[1])) if z.is_cuda else min(64, triton.next_power_of_2(z.shape[1]))
-    _ce_rows_kernel[(z.shape[0],)](z, z.stride(0), target, loss, z.shape[1], ignore_index, scale,
-                                   BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    kernel, grid, args, kwargs = _rows_launch(z, target, loss, ignore_index, scale, z.is_cuda)
+    kernel[grid](*args, **kwargs)
     return loss
+
+
+def compile_variants(vocab: int) -> list[tuple]:
+    """[(label, kernel, args, kwargs)] a CUDA call over chunk logits [rows, vocab] compiles (any
+    device: only shapes, strides and dtypes matter), for the sm_80/sm_90 compile check."""
+    z = torch.empty(2, vocab)
+    target, loss = torch.zeros(2, dtype=torch.int64), torch.empty(2)
+    kernel, _grid, args, kwargs = _rows_launch(z, target, loss, -100, 0.5, cuda=True)
+    return [(f"{kernel.fn.__name__} {kwargs}", kernel, args, kwargs)]
 
 
 def _rows_torch(z: torch.Tensor, target: torch.Tensor, ignore_index: int, scale: float) -> torch.Tensor:
