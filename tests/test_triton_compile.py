@@ -10,7 +10,13 @@ that determines the binary, so a rerun compiles only the kernels that changed.
 
 The variants come from the modules themselves: the attention autotuner's configs as its own
 pruning function keeps them for the largest shapes (small shapes only remove configs) and for each
-dtype, and the fixed block sizes the launchers of ``nearest`` and ``codebook_head`` choose.
+dtype, and the fixed block sizes the launchers of ``nearest``, ``codebook_head`` and the fused
+cross-entropy's row sweep choose. The codebook kernels are compiled at K = 10,000 and 65,536 and
+at the feature widths they meet (D, H = 768, 1024, 2048 and an odd 777): the block sizes do not
+depend on K or D, but Triton specialises integer arguments divisible by 16 (the slice count S,
+D, the row strides), and those compile to different code (S = 32 at K = 65,536, 27 at 10,000;
+an odd width loses the vectorised loads, and its tiles spilled: ``nearest`` takes 64-row tiles
+there, ``codebook_head`` pads H to a multiple of 16 and so compiles as at an aligned width).
 Arguments are laid out as the launchers pass them (contiguous last dimension, so that stride is
 specialised to 1; 16-byte aligned pointers and row strides), since that is what the GPU compiles.
 """
@@ -35,6 +41,10 @@ ARCHS = (80, 90)
 # ptxas reports of earlier runs, keyed by everything that determines the binary: an unchanged
 # kernel is not compiled twice (Triton's own cache would skip ptxas and so lose the report)
 _REPORTS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xlx_fast" / "ptxas-reports"
+# (K, D) of nearest and (K, H) of codebook_head compiled: the paper's sizes, K = 65,536, and the
+# other feature widths (1024 and 768 compile like 2048: only divisibility by 16 is specialised)
+CODEBOOKS = ((10_000, 2048), (65_536, 2048), (65_536, 1024), (65_536, 768), (65_536, 777))
+HEADS = ((10_000, 768), (65_536, 768), (65_536, 1024), (65_536, 2048), (65_536, 777))
 _PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
                     r".*?Used (\d+) registers", re.S)
 
@@ -50,6 +60,7 @@ def _variants():
     from xlx_fast.ops import attention as attn
     from xlx_fast.ops import codebook_head as head
     from xlx_fast.ops import fused_linear as linear
+    from xlx_fast.ops import fused_linear_cross_entropy as flce
     from xlx_fast.ops import nearest as near
 
     out = []
@@ -85,21 +96,31 @@ def _variants():
                     out.append((label, attn._attn_fwd, args, kw))
 
     # -- nearest: the launcher's fixed configs ---------------------------------------------------
+    # (K, D): the X-LXMERT codebook, 65,536 entries, and the other widths (labels that compile to
+    # the same binary as another are compiled once: see _compile_all)
     for dtype, prec in modes:
         for n in (8, 200):  # block_n 16 (few rows) and 128
-            for label, kernel, args, kw in near.compile_variants(t(n, 2048, dtype=dtype),
-                                                                 t(10000, 2048, dtype=dtype), prec):
-                out.append((f"nearest {str(dtype)[6:]}/{prec} N={n} {label}", kernel, args, kw))
+            for k, d in CODEBOOKS:
+                for label, kernel, args, kw in near.compile_variants(t(n, d, dtype=dtype),
+                                                                     t(k, d, dtype=dtype), prec):
+                    out.append((f"nearest {str(dtype)[6:]}/{prec} N={n} K={k} D={d} {label}",
+                                kernel, args, kw))
 
     # -- codebook head: partial (greedy, sampling) and merge ---------------------------------------
     for dtype, prec in modes:
         for m in (1, 20, 64, 4096):  # block_m 16, 32, 64
             for sample in (False, True):
-                for label, kernel, args, kw in head.compile_variants(
-                        t(m, 768, dtype=dtype), t(10000, 768, dtype=dtype), sample=sample,
-                        precision=prec, sms=132):
-                    out.append((f"head {str(dtype)[6:]}/{prec} M={m} sample={sample} {label}",
-                                kernel, args, kw))
+                for k, hd in HEADS:
+                    for label, kernel, args, kw in head.compile_variants(
+                            t(m, hd, dtype=dtype), t(k, hd, dtype=dtype), sample=sample,
+                            precision=prec, sms=132):
+                        out.append((f"head {str(dtype)[6:]}/{prec} M={m} K={k} H={hd} sample={sample} "
+                                    f"{label}", kernel, args, kw))
+
+    # -- fused cross-entropy: the row sweep at the vocabularies it meets ---------------------------
+    for vocab in (97, 1000, 10_000, 30_522, 65_536):  # BLOCK 128 / 1024 (4 warps), 4096 (8 warps)
+        for label, kernel, args, kw in flce.compile_variants(vocab):
+            out.append((f"flce V={vocab} {label}", kernel, args, kw))
 
     # -- fused linear: a step's linears (QKV-sized, FFN up and down, head) at batch 1 and 64 ----
     for dtype in (torch.float32, torch.float16):  # fp32 (tf32x3) and 16-bit (bf16 compiles alike)
@@ -217,7 +238,7 @@ def test_ptxas_ships_with_triton():
 
 def test_every_variant_compiled(compiled):
     labels = {r["label"].split()[0] for r in compiled}
-    assert labels == {"attention", "nearest", "head", "fused_linear"}, labels
+    assert labels == {"attention", "nearest", "head", "fused_linear", "flce"}, labels
     assert {r["arch"] for r in compiled} == set(ARCHS)
 
 
