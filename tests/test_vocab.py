@@ -107,6 +107,37 @@ def test_cli_fit_and_assign(tmp_path, capsys):
     assert rc == 2 and "D = 3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("d", [48, 7])
+def test_assign_65536_centroids_equals_fp64_brute_force(tmp_path, capsys, d):
+    """A 65,536-entry vocabulary: every id is the float64 brute force's first minimal index, ties
+    included (small-integer data: exact in fp32, duplicated centroids far apart), through the
+    memory-mapped API in chunks and through ``xlx-fast vocab assign``."""
+    k = 65_536
+    rng = np.random.default_rng(d)
+    c = rng.integers(-3, 4, size=(k, d)).astype(np.float32)
+    pairs = ((3, k - 1), (70, 40_000), (2048 * 5 + 1, 2048 * 5 + 9))
+    for first, copy in pairs:
+        c[copy] = c[first]
+    x = rng.integers(-3, 4, size=(37, d)).astype(np.float32)
+    for r, (_, copy) in enumerate(pairs):
+        x[r] = c[copy]
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "c.npy", c)
+    cd, xd = c.astype(np.float64), x.astype(np.float64)
+    s = (cd * cd).sum(1)[None, :] - 2 * xd @ cd.T
+    ref = s.argmin(1)  # the first minimal index
+    ref_dist = (xd * xd).sum(1) + s.min(1)
+    ids, dist = assign(tmp_path / "x.npy", tmp_path / "c.npy", chunk=16, return_distance=True,
+                       progress=False)
+    assert np.array_equal(ids, ref) and np.array_equal(dist.astype(np.float64), ref_dist)
+    for r, (first, copy) in enumerate(pairs):
+        assert ids[r] == int(np.flatnonzero((c == c[copy]).all(1))[0]) <= first
+    rc = cli_main(["vocab", "assign", str(tmp_path / "x.npy"), str(tmp_path / "c.npy"), "-o",
+                   str(tmp_path / "ids.npy"), "--chunk", "5", "--quiet"])
+    assert rc == 0 and np.array_equal(np.load(tmp_path / "ids.npy"), ref)
+    assert "assigned 37 rows" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("features,kw,err,match", [
     (np.zeros((10, 3), np.float32), dict(k=11), ValueError, "fewer than k"),
     (np.zeros((10, 3), np.float32), dict(k=0), ValueError, "k must be"),

@@ -17,7 +17,15 @@ The random streams are numpy's (seeded from ``seed``), not FAISS's, so the same 
 different but equally distributed run; objectives agree to well under 1% on non-degenerate data.
 
 :func:`assign` maps a (possibly huge, memory-mapped) ``.npy`` of features to centroid ids chunk by
-chunk, so memory stays O(chunk × (D + K)).
+chunk.
+
+Memory at large k (the same at k = 65,536 as at 10,000, per entry): :func:`kmeans` holds the
+training sample (n × D fp32), the centroids (k × D fp32), one k × D float64 table of sums (divided
+in place into the new centroids) and ``nearest``'s bounded scratch (at most 2^25 fp32 scores on
+the CPU, at most 256 MB of per-split partials on a GPU); :func:`assign` one chunk of features, the
+centroids and ``nearest``'s scratch. Nothing holds points × k. The FAISS sampling cap makes the
+training sample k × 256 points: at k = 65,536 and D = 2048 that is 137 GB, so a vocabulary that
+large needs a smaller ``max_points_per_centroid``.
 """
 from __future__ import annotations
 
@@ -221,7 +229,7 @@ def kmeans(features, k: int = 10000, n_iter: int = 20, seed: int = 0,
         for r0 in range(0, n, chunk):
             sums.index_add_(0, ids[r0:r0 + chunk], xt[r0:r0 + chunk].double())
         counts = torch.bincount(ids, minlength=k)
-        new = sums / counts.clamp_min(1).double()[:, None]
+        new = sums.div_(counts.clamp_min(1).double()[:, None])  # in place: one k × D float64 table
         counts_np = counts.cpu().numpy().astype(np.int64)
         result.n_split.append(_split_clusters(new, counts_np, n, rng))
         centroids = new.float()
