@@ -1,4 +1,5 @@
-"""Codebook head: (max softmax probability, argmax) over 10,000 clusters for B×64 grid cells.
+"""Codebook head: (max softmax probability, argmax) over 10,000 clusters for B×64 grid cells, and
+in the full sweep over 65,536 (a larger vocabulary, as SPEC's next steps name).
 
 Reference (the timed baseline): ``F.linear(h, W, b).softmax(-1).max(-1)`` — step 3 of SPEC §1 on
 the folded head weight ``W`` [10000, 768], materialising the [B·64, 10000] logits and
@@ -21,11 +22,14 @@ from ..harness import (FAST, PEER, Agreement, Case, Prepared, Spec, TOLERANCE, f
                        id_share, not_implemented, rel_error)
 
 CLUSTERS, HIDDEN, CELLS = 10_000, 768, 64
-BATCHES = {
-    ("cpu", True): (1, 8),
-    ("cpu", False): (1, 8, 64, 256),
-    ("cuda", True): (1, 64),
-    ("cuda", False): (1, 8, 64, 256),
+BIG_CLUSTERS = 65_536
+BATCHES = {  # (batch, K)
+    ("cpu", True): ((1, CLUSTERS), (8, CLUSTERS)),
+    ("cpu", False): ((1, CLUSTERS), (8, CLUSTERS), (64, CLUSTERS), (256, CLUSTERS),
+                     (1, BIG_CLUSTERS), (8, BIG_CLUSTERS)),
+    ("cuda", True): ((1, CLUSTERS), (64, CLUSTERS)),
+    ("cuda", False): ((1, CLUSTERS), (8, CLUSTERS), (64, CLUSTERS), (256, CLUSTERS),
+                      (1, BIG_CLUSTERS), (64, BIG_CLUSTERS)),
 }
 LOGIT_STD = 3.0  # spread of the logits: a peaked but not one-hot softmax, as a trained head gives
 # Rounding of the reference's own logits (an output in the input dtype), per unit of |logit|.
@@ -64,9 +68,9 @@ def exact(h, w, b):
     return prob.cpu(), top.indices[:, 0].cpu(), (gap > bound).cpu()
 
 
-def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
+def make_case(spec: Spec, dtype: torch.dtype, batch: int, k: int = CLUSTERS) -> Case:
     device = spec.device
-    k, hidden = (97, 64) if spec.size == "tiny" else (CLUSTERS, HIDDEN)
+    hidden = 64 if spec.size == "tiny" else HIDDEN
     m = batch * CELLS
 
     def build() -> Prepared:
@@ -95,7 +99,7 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
 
 
 def cases(spec: Spec):
-    batches = (1, 2) if spec.size == "tiny" else BATCHES[(spec.device.type, spec.quick)]
+    batches = ((1, 97), (2, 97)) if spec.size == "tiny" else BATCHES[(spec.device.type, spec.quick)]
     for dtype in spec.dtypes:
-        for batch in batches:
-            yield make_case(spec, dtype, batch)
+        for batch, k in batches:
+            yield make_case(spec, dtype, batch, k)
