@@ -167,6 +167,7 @@ def test_truncated_png_is_redone(copy, caps, base, capsys):
     (["--strategy", "random"], "--strategy random (there: mask_predict)"),
     (["--temperature", "0.5"], "--temperature 0.5 (there: 0.0)"),
     (["--size", "base"], "--size base (there: tiny)"),
+    (["--grid", "16"], "--grid 16 (there: 8)"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_resume_with_other_settings_is_refused(copy, caps, extra, match):
     before = {n: (copy / n).read_bytes() for n in os.listdir(copy)}
@@ -175,6 +176,19 @@ def test_resume_with_other_settings_is_refused(copy, caps, extra, match):
     assert "--overwrite" in result[2]
     assert {n: (copy / n).read_bytes() for n in os.listdir(copy) if n != ".xlx-fast.lock"} == \
         {n: b for n, b in before.items() if n != ".xlx-fast.lock"}
+
+
+def test_settings_without_a_grid_mean_8x8(copy, caps, capsys):
+    """A settings.json written before the grid was recorded resumes at 8×8 and gains the grid;
+    another grid is refused."""
+    path = copy / "settings.json"
+    old = json.loads(path.read_text())
+    assert old.pop("grid") == 8
+    path.write_text(json.dumps(old))
+    assert_user_error(run_cli(bulk_args(caps, copy, "--grid", "32"), copy.parent), "--grid 32 (there: 8)")
+    assert main(bulk_args(caps, copy)) == 0
+    assert "all 3 images are already in" in capsys.readouterr().err
+    assert json.loads(path.read_text())["grid"] == 8
 
 
 def test_overwrite_starts_over(copy, caps):

@@ -8,9 +8,10 @@ for each other. Output, in ``DIR``:
   written to a temporary file, synced and renamed, so a PNG is whole or absent;
 - ``manifest.jsonl``: one JSON object per image, sorted by line: ``line``, ``caption``,
   ``seed``, ``steps``, ``strategy``, ``temperature``, ``file``, ``sha256`` (of the PNG), ``ids``
-  (the 64 cluster ids), and ``given_seed`` when the seed asked for was hashed (see below);
+  (the N² cluster ids of the ``--grid``: 64 on 8×8), and ``given_seed`` when the seed asked for was hashed (see below);
 - ``settings.json``: the run's settings (``--seed``, ``--steps``, ``--strategy``,
-  ``--temperature``, ``--size``, ``--dtype``, the device type and the sha256 of each model file);
+  ``--temperature``, ``--size``, ``--grid``, ``--dtype``, the device type and the sha256 of each
+  model file; a settings file written before grids were recorded holds none and means 8×8);
 - ``.xlx-fast.lock``: the lock a run holds while it works in ``DIR``.
 
 Lines end at ``\\n`` only, as ``wc -l`` counts them (a ``\\r`` before the ``\\n`` of a CRLF line
@@ -52,12 +53,13 @@ import re
 import sys
 import time
 
-from ..grid import N_CELLS
+from ..grid import GRID, N_CELLS
 from ..sampling_params import check_temperature
 from ..strategies import NAMES, check_steps
 from . import UserError
 from .generation_options import (blank, check_model, check_sampling, engine_seed,
                                  long_caption_note, model_description, noise_note)
+from .model_args import n_cells
 from .paths import check_input, check_output_dir
 
 MANIFEST = "manifest.jsonl"
@@ -90,9 +92,10 @@ def add_arguments(p) -> None:
 
 
 def read_lines(path: str, base_seed: int, *, strategy: str = "mask_predict", steps: int | None = None,
-               temperature: float = 0.0) -> tuple[list[dict], list[int]]:
+               temperature: float = 0.0, cells: int = N_CELLS) -> tuple[list[dict], list[int]]:
     """Parse the captions file into (items, blank line numbers); the options are the defaults of
-    a line that does not set its own. Raises BulkError naming the line."""
+    a line that does not set its own, ``cells`` the grid's (the step limit of confidence/tlbr).
+    Raises BulkError naming the line."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -144,7 +147,7 @@ def read_lines(path: str, base_seed: int, *, strategy: str = "mask_predict", ste
             raise BulkError(f"{where}: 'steps' must be an integer")
         source = "'steps'" if "steps" in obj else "--steps"
         try:
-            k = check_steps(strat, k, N_CELLS, what=f"{where}: {source} {k} with strategy {strat}:")
+            k = check_steps(strat, k, cells, what=f"{where}: {source} {k} with strategy {strat}:")
         except ValueError as e:
             raise BulkError(str(e)) from None
         try:
@@ -197,7 +200,7 @@ def settings(args) -> dict:
     """What the images depend on besides their lines: not the batch size, the sharding or the
     device index, but the device type (kernels, and so rounding, differ between cpu and cuda)."""
     out = dict(seed=args.seed, steps=args.steps, strategy=args.strategy, temperature=args.temperature,
-               size=args.size, dtype=args.dtype, device=args.device.split(":")[0])
+               size=args.size, grid=args.grid, dtype=args.dtype, device=args.device.split(":")[0])
     for option in _MODEL_FILES:
         path = getattr(args, option)
         out[option] = None if path is None else _file_sha256(path)
@@ -332,6 +335,8 @@ def _prepare(args, items: list[dict]) -> tuple[int, dict[int, dict], list[str]]:
         entries = _entries(out_dir, notes)
         if entries:
             there = _read_settings(out_dir)
+            if there is not None:
+                there.setdefault("grid", GRID)  # written before the grid was recorded: 8×8
             if there is None:
                 raise BulkError(f"--out-dir {out_dir} holds a manifest without its {SETTINGS} (the "
                                 "settings that made the images); pass --overwrite to delete them and "
@@ -409,7 +414,7 @@ def check(args) -> tuple[list[dict], list[int], object]:
     check_output_dir(args.out_dir, "--out-dir")
     tokenizer = check_model(args)
     items, skipped = read_lines(args.captions_file, args.seed, strategy=args.strategy, steps=args.steps,
-                                temperature=args.temperature)
+                                temperature=args.temperature, cells=n_cells(args))
     return items, skipped, tokenizer
 
 
@@ -551,7 +556,10 @@ def _generate(args, load_model, tokenizer, mine: list[dict], rank: int, world: i
                     continue
                 codes = f.codes[None].to(device)
                 # painted alone, noise seeded by the line's seed: independent of batching
-                image = paint(model, codes, seed=it["seed"])[0].float().cpu()
+                try:
+                    image = paint(model, codes, seed=it["seed"])[0].float().cpu()
+                except ValueError as e:  # e.g. a grid no generator paints yet (nothing is resized)
+                    raise BulkError(f"--grid {args.grid}: {e}") from None
                 pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
                 name = f"{it['line']:06d}.png"
                 sha = _save_png(args.out_dir, name, pixels)

@@ -4,6 +4,9 @@ words with the masked-LM head (:func:`xlx_fast.caption`).
     xlx-fast generate "a red bus" -o bus.png --save-ids bus_ids.npy  # or any [64] / [B, 64] ids
     xlx-fast caption --cluster-ids bus_ids.npy --length 8
 
+An image is read on the model's grid (``--grid N``: N² ids a picture, 64 on the default 8×8), so
+ids saved by ``generate --grid 16`` are read with ``caption --grid 16``.
+
 Prints one caption per image (``--json``: ids, text and probabilities). The model is the one
 ``generate`` paints with, read with its pre-training heads (``cls.*``, present in the authors'
 ``Epoch20_LXRT.pth``); no generator is needed. Every argument and file is checked before the
@@ -21,7 +24,7 @@ from ..strategies import BY_NAME
 from . import UserError
 from .generation_options import check_sampling, device_for, engine_seed, model_description, tokenizer_for
 from .image_files import codebook_shape, read_cluster_ids, read_features
-from .model_args import DTYPES, SIZES, choices_help
+from .model_args import DTYPES, SIZES, add_grid_argument, choices_help
 from .paths import check_input
 
 STRATEGIES = {name: s.describe(N_CELLS).replace("cells", "words").replace("cell", "word")
@@ -31,9 +34,9 @@ IMPLS = {"fast": "xlx_fast.caption, on the step-level engine", "reference": "the
 
 def add_parser(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--cluster-ids", help="cluster ids .npy: [64], [8, 8] or [images, 64] "
-                     "(e.g. what generate painted)")
-    src.add_argument("--features", help="grid features .npy: [64, F] or [images, 64, F]")
+    src.add_argument("--cluster-ids", help="cluster ids .npy: [n], [N, N] or [images, n], n = N² "
+                     "on --grid N (64 on 8×8; e.g. what generate painted)")
+    src.add_argument("--features", help="grid features .npy: [n, F] or [images, n, F]")
     p.add_argument("--length", type=int, default=DEFAULT_WORDS,
                    help=f"words per caption, 1..{MAX_WORDS} (default {DEFAULT_WORDS})")
     p.add_argument("--steps", type=int, default=None,
@@ -52,6 +55,7 @@ def add_parser(p) -> None:
     p.add_argument("--vocab", help="BERT-base-uncased vocab.txt (or a directory holding it)")
     p.add_argument("--size", default="base", choices=list(SIZES),
                    help=choices_help("model architecture", SIZES, "base"))
+    add_grid_argument(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                    help=choices_help("compute precision", DTYPES, "fp32"))
@@ -79,8 +83,9 @@ def check_args(args):
     tokenizer = tokenizer_for(args)
     n_clusters, feat_dim = codebook_shape(args, MODEL_SIZES)
     if args.cluster_ids is not None:
-        return read_cluster_ids(args.cluster_ids, "--cluster-ids", n_clusters), "cluster_ids", tokenizer
-    return read_features(args.features, "--features", feat_dim), "features", tokenizer
+        return (read_cluster_ids(args.cluster_ids, "--cluster-ids", n_clusters, args.grid),
+                "cluster_ids", tokenizer)
+    return read_features(args.features, "--features", feat_dim, args.grid), "features", tokenizer
 
 
 def check_sampling_for_words(args) -> None:
@@ -102,10 +107,11 @@ def load_model(args):
     if args.checkpoint is None:
         # with its generator, though it paints nothing: the default's heads are drawn after the
         # generator's weights, so this is the very model `generate --caption-back` reads with
-        return XLxmertForImageGeneration.from_default(seed=0, size=args.size, pretraining_heads=True)
+        return XLxmertForImageGeneration.from_default(seed=0, size=args.size, pretraining_heads=True,
+                                                      grid=args.grid)
     try:
         return XLxmertForImageGeneration.from_checkpoint(args.checkpoint, args.centroids, size=args.size,
-                                                         pretraining_heads=True)
+                                                         pretraining_heads=True, grid=args.grid)
     except (CheckpointError, OSError) as e:
         raise UserError(str(e)) from None
 

@@ -31,8 +31,8 @@ def add_parser(p) -> None:
                         "with several captions NAME_0.EXT, NAME_1.EXT, ...")
     p.add_argument("--steps", type=int, default=None,
                    help=f"sampling steps, 1 to {MAX_STEPS} (default: {MASK_PREDICT_STEPS} for "
-                        f"mask_predict, {N_CELLS} for the one-cell-per-step orders; confidence and "
-                        f"tlbr allow at most {N_CELLS})")
+                        f"mask_predict, one per cell (N² on --grid N, {N_CELLS} on 8×8) for the "
+                        f"one-cell-per-step orders; confidence and tlbr allow at most N²)")
     p.add_argument("--strategy", default="mask_predict", choices=list(STRATEGIES),
                    help=choices_help("which cells each step decides", STRATEGIES, "mask_predict"))
     p.add_argument("--temperature", type=float, default=0.0,
@@ -45,8 +45,9 @@ def add_parser(p) -> None:
     p.add_argument("--impl", default="fast", choices=list(IMPLS),
                    help=choices_help("which sampler runs", IMPLS, "fast"))
     p.add_argument("--save-ids", metavar="PATH",
-                   help="also save the cluster ids as .npy [images, 64] (what `xlx-fast caption "
-                        "--cluster-ids` reads)")
+                   help="also save the cluster ids as .npy [images, N²] on --grid N ([images, 64] "
+                        "on 8×8; what `xlx-fast caption --cluster-ids` reads); written before "
+                        "painting")
     p.add_argument("--caption-back", action="store_true",
                    help="also print the caption the model reads back from each picture it painted "
                         "(Mask-Predict over words with its masked-LM head; the checkpoint must "
@@ -142,10 +143,12 @@ def load_model(args):
 
     heads = getattr(args, "caption_back", False)  # the masked-LM head reads the picture back
     if args.checkpoint is None:
-        return XLxmertForImageGeneration.from_default(seed=0, size=args.size, pretraining_heads=heads)
+        return XLxmertForImageGeneration.from_default(seed=0, size=args.size, pretraining_heads=heads,
+                                                      grid=args.grid)
     try:
         return XLxmertForImageGeneration.from_checkpoint(args.checkpoint, args.centroids, args.generator,
-                                                         size=args.size, pretraining_heads=heads)
+                                                         size=args.size, pretraining_heads=heads,
+                                                         grid=args.grid)
     except (CheckpointError, OSError) as e:
         raise UserError(str(e)) from None
 
@@ -197,8 +200,17 @@ def run(args) -> int:
         result = reference.sample(model, input_ids, attention_mask, steps=args.steps,
                                   strategy=args.strategy, seed=seed, progress=bar)
     t_sampled = time.perf_counter()
+    if args.save_ids is not None:  # before painting: the ids stand whether or not it succeeds
+        import numpy as np
+
+        makedirs_for(args.save_ids)
+        np.save(args.save_ids, result.ids.cpu().numpy())
+        print(f"wrote {args.save_ids}")
     print("painting ...", file=sys.stderr, flush=True)
-    images = reference.paint(model, result.codes, seed=seed).float().cpu()
+    try:
+        images = reference.paint(model, result.codes, seed=seed).float().cpu()
+    except ValueError as e:  # e.g. a grid no generator paints yet (nothing is resized)
+        raise UserError(f"--grid {args.grid}: {e}") from None
 
     for path, img in zip(output_paths(args.out, len(args.captions)), images):
         pixels = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
@@ -208,12 +220,6 @@ def run(args) -> int:
         except OSError as e:
             raise UserError(f"-o {args.out}: could not write {path} ({e})") from None
         print(f"wrote {path}")
-    if args.save_ids is not None:
-        import numpy as np
-
-        makedirs_for(args.save_ids)
-        np.save(args.save_ids, result.ids.cpu().numpy())
-        print(f"wrote {args.save_ids}")
     if args.caption_back:
         # from the codes, not the ids: a cell no step decided (AR with fewer steps than cells)
         # reads mask_feat, as the picture's generator saw it

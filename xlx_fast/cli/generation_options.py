@@ -10,10 +10,10 @@ import os
 import re
 import sys
 
-from ..grid import N_CELLS
 from ..sampling_params import check_temperature
 from ..strategies import check_steps
 from . import UserError
+from .model_args import n_cells
 from .paths import check_input
 
 SEED_RANGE = 2 ** 31
@@ -32,9 +32,11 @@ def blank(caption: str) -> bool:
     return not caption.strip()
 def check_sampling(args) -> None:
     """The sampling options (``--steps``, ``--strategy``, ``--temperature``, ``--impl``,
-    ``--device``), checked the same way in both modes; raises :class:`UserError`."""
+    ``--device``), checked the same way in both modes; raises :class:`UserError`. Step limits
+    are the ``--grid``'s: confidence and tlbr decide each of its N² cells at most once."""
+    cells = n_cells(args)
     try:
-        check_steps(args.strategy, args.steps, N_CELLS, what=f"--steps {args.steps}:")
+        check_steps(args.strategy, args.steps, cells, what=f"--steps {args.steps}:")
     except ValueError as e:
         raise UserError(str(e)) from None
     try:
@@ -113,4 +115,4 @@ def noise_note(tokenizer) -> None:
               file=sys.stderr)
 def model_description(args) -> str:
     what = "embedded default" if args.checkpoint is None else os.path.basename(args.checkpoint)
-    return f"{what}, {args.size}, {args.dtype}, {args.device}"
+    return f"{what}, {args.size}, {args.grid}×{args.grid} grid, {args.dtype}, {args.device}"

@@ -1,12 +1,13 @@
 """Reading the images a command describes by their grid: ``--cluster-ids ids.npy`` (int
-[64], [8, 8] or [B, 64]) or ``--features feats.npy`` (float [64, F] or [B, 64, F]).
+[n], [N, N], [B, n] or [B, N, N]) or ``--features feats.npy`` (float [n, F] or [B, n, F]), n = N²
+the cells of the model's N×N grid (``--grid N``; 64 on the default 8×8).
 
 Each file is checked (a ``.npy``, its dtype, its shape, ids inside the codebook, features of the
 model's width and finite) before any model is built: a mistake is one ``error:`` line.
 """
 from __future__ import annotations
 
-from ..grid import N_CELLS
+from ..grid import GRID
 from . import UserError
 from .paths import check_input
 
@@ -28,20 +29,26 @@ def read_npy(path: str, option: str):
     return arr
 
 
-def read_cluster_ids(path: str, option: str, n_clusters: int):
-    """int64 [B, 64] cluster ids from ``path``: [64], [8, 8], [B, 64] or [B, 8, 8]."""
+def _on_grid(grid: int) -> str:
+    return f"the model's {grid}×{grid} grid, --grid {grid}"
+
+
+def read_cluster_ids(path: str, option: str, n_clusters: int, grid: int = GRID):
+    """int64 [B, n] cluster ids from ``path``, n = grid²: [n], [grid, grid], [B, n] or
+    [B, grid, grid]."""
     import numpy as np
 
+    cells = grid * grid
     arr = read_npy(path, option)
     if not np.issubdtype(arr.dtype, np.integer):
         raise UserError(f"{option} {path}: cluster ids must be integers, got dtype {arr.dtype}")
-    if arr.shape[-2:] == (8, 8):
-        arr = arr.reshape(*arr.shape[:-2], N_CELLS)
+    if arr.ndim >= 2 and arr.shape[-2:] == (grid, grid):
+        arr = arr.reshape(*arr.shape[:-2], cells)
     if arr.ndim == 1:
         arr = arr[None]
-    if arr.ndim != 2 or arr.shape[1] != N_CELLS or arr.shape[0] < 1:
-        raise UserError(f"{option} {path}: cluster ids must be [{N_CELLS}] or [images, {N_CELLS}], "
-                        f"got shape {list(arr.shape)}")
+    if arr.ndim != 2 or arr.shape[1] != cells or arr.shape[0] < 1:
+        raise UserError(f"{option} {path}: cluster ids must be [{cells}] or [images, {cells}] "
+                        f"({_on_grid(grid)}), got shape {list(arr.shape)}")
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= n_clusters:
         raise UserError(f"{option} {path}: cluster ids must lie in [0, {n_clusters}) (the "
@@ -49,18 +56,20 @@ def read_cluster_ids(path: str, option: str, n_clusters: int):
     return np.array(arr, dtype=np.int64)  # a copy: the memory map is read-only
 
 
-def read_features(path: str, option: str, feat_dim: int):
-    """float32 [B, 64, F] grid features from ``path``: [64, F] or [B, 64, F]."""
+def read_features(path: str, option: str, feat_dim: int, grid: int = GRID):
+    """float32 [B, n, F] grid features from ``path``, n = grid²: [n, F] or [B, n, F]."""
     import numpy as np
 
+    cells = grid * grid
     arr = read_npy(path, option)
     if not np.issubdtype(arr.dtype, np.floating):
         raise UserError(f"{option} {path}: features must be floating point, got dtype {arr.dtype}")
     if arr.ndim == 2:
         arr = arr[None]
-    if arr.ndim != 3 or arr.shape[1] != N_CELLS or arr.shape[0] < 1:
-        raise UserError(f"{option} {path}: features must be [{N_CELLS}, {feat_dim}] or "
-                        f"[images, {N_CELLS}, {feat_dim}], got shape {list(arr.shape)}")
+    if arr.ndim != 3 or arr.shape[1] != cells or arr.shape[0] < 1:
+        raise UserError(f"{option} {path}: features must be [{cells}, {feat_dim}] or "
+                        f"[images, {cells}, {feat_dim}] ({_on_grid(grid)}), got shape "
+                        f"{list(arr.shape)}")
     if arr.shape[2] != feat_dim:
         raise UserError(f"{option} {path}: features are {arr.shape[2]} wide but the model reads "
                         f"{feat_dim}-wide grid features")

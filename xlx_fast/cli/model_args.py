@@ -1,10 +1,13 @@
 """The options that say which model to run and where, shared by the subcommands that build one
-(``generate``, ``serve``, ``bench-serve``): the checkpoint files, the embedded default's size,
-the device and the compute precision."""
+(``generate``, ``serve``, ``bench-serve``; ``caption`` adds ``--grid`` alone): the checkpoint
+files, the embedded default's size, the model's grid, the device and the compute precision."""
 from __future__ import annotations
+
+from ..grid import GRID
 
 DTYPES = {"fp32": "float32 (the reference's precision)", "bf16": "bfloat16 weights and activations",
           "fp16": "float16 weights and activations"}
+GRIDS = (8, 16, 32)  # the N×N grids the model and the tests cover (grid.MAX_GRID is the largest)
 SIZES = {"base": "the X-LXMERT architecture", "tiny": "the same code at test size (small layers, "
          "97 clusters, 32x32 images), for quick checks of a setup"}
 
@@ -12,6 +15,19 @@ SIZES = {"base": "the X-LXMERT architecture", "tiny": "the same code at test siz
 def choices_help(what: str, choices: dict, default: str) -> str:
     """Help text that says what each choice means."""
     return f"{what} (default {default}): " + "; ".join(f"{k}: {v}" for k, v in choices.items())
+
+
+def add_grid_argument(p) -> None:
+    """``--grid N``: the model's N×N grid of cells (a model property; no weight depends on it)."""
+    p.add_argument("--grid", type=int, default=GRID, choices=GRIDS,
+                   help=f"the model's N×N grid of visual cells (default {GRID}: the paper's 8×8, "
+                        "64 cells; 16 and 32 are the finer grids of 256 and 1,024 cells). Cluster "
+                        "ids are N² a picture, and confidence/tlbr take at most N² steps")
+
+
+def n_cells(args) -> int:
+    """The cells of the grid the options ask for (N²), for the checks made before any model."""
+    return args.grid * args.grid
 
 
 def add_model_arguments(p, *, device_help: str = "cpu or cuda[:N] (default cpu)") -> None:
@@ -22,6 +38,7 @@ def add_model_arguments(p, *, device_help: str = "cpu or cuda[:N] (default cpu)"
     p.add_argument("--vocab", help="BERT-base-uncased vocab.txt (or a directory holding it)")
     p.add_argument("--size", default="base", choices=list(SIZES),
                    help=choices_help("model architecture", SIZES, "base"))
+    add_grid_argument(p)
     p.add_argument("--device", default="cpu", help=device_help)
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                    help=choices_help("compute precision", DTYPES, "fp32"))
