@@ -96,7 +96,7 @@ def run(args) -> int:
             spec = {k: v for k, v in dict(checkpoint=args.checkpoint, centroids=args.centroids,
                                             generator=args.generator, vocab=args.vocab,
                                             device=args.device, dtype=args.dtype).items() if v is not None}
-            spec["size"] = args.size
+            spec["size"], spec["grid"] = args.size, args.grid
             if args.size == "tiny":
                 spec["image_size"] = 256  # the API's size; the tiny generator paints it cheaply
             ModelSpec.from_dict(spec)

@@ -100,7 +100,8 @@ def app_args(args) -> dict:
         raise ValueError(f"--answer-checkpoint needs --answers, the {args.answer_task} answer table "
                          "its head was trained with (label2ans or ans2label JSON)")
     model = {"checkpoint": args.checkpoint, "centroids": args.centroids, "generator": args.generator,
-             "vocab": args.vocab, "size": args.size, "device": args.device, "dtype": args.dtype,
+             "vocab": args.vocab, "size": args.size, "grid": args.grid, "device": args.device,
+             "dtype": args.dtype,
              "answer_task": args.answer_task, "answer_checkpoint": args.answer_checkpoint,
              "answers": args.answers}
     model = {k: v for k, v in model.items() if v is not None}

@@ -7,6 +7,12 @@ A Ray Serve replica starts in another process (often on another machine), so it 
 - the embedded default (no checkpoint): seeded random weights at ``size`` "base" (the real
   architecture; its pictures are noise) or "tiny" (the test size).
 
+``grid`` is the model's N×N grid of cells (8, the paper's, by default; 16 and 32 are the finer
+grids): a property of the served model, never of a request. Cluster ids a generation returns or a
+caption request sends are N² long. A model whose grid no generator paints yet is served without
+painting (``painter.can_paint``): the image route then answers with the reason, captions and
+answers work.
+
 ``image_size`` sets the generator's output side (default: the size's own, 256 for "base") so a
 tiny test model can still answer the API's only size, 256x256. ``head_scale`` multiplies the
 head's ``linear_feat`` (default 1 = the weights as given): tests raise it to push every cell's
@@ -36,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..grid import GRID, check_grid
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ANSWER_TASKS = ("vqa", "gqa", "nlvr2")  # models.answering.TASKS, named here without building one
 
@@ -47,6 +55,7 @@ class ModelSpec:
     generator: str | None = None
     vocab: str | None = None
     size: str = "base"
+    grid: int = GRID
     seed: int = 0
     image_size: int | None = None
     head_scale: float = 1.0
@@ -81,6 +90,10 @@ class ModelSpec:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             # checked here, not at build time: a replica that fails to build is restarted forever
             raise ValueError(f"model spec: device must be cpu, cuda or cuda:N, got {self.device!r}")
+        try:
+            check_grid(self.grid)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model spec: {e}") from None
         if self.dtype not in DTYPES:
             raise ValueError(f"model spec: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.image_size is not None and (self.image_size < 8 or self.image_size & (self.image_size - 1)):
@@ -112,22 +125,24 @@ class ModelSpec:
         """``(model, tokenizer)`` on the spec's device and dtype, in eval mode."""
         from ..models import XLxmertForImageGeneration
         from ..models.generator import Generator
-        from ..models.xlxmert import SIZES
         from ..text import load_tokenizer
 
         self.check()
         if self.checkpoint is None:
             model = XLxmertForImageGeneration.from_default(seed=self.seed, size=self.size,
-                                                           pretraining_heads=self.captions)
-            if self.image_size is not None and self.image_size != model.generator.config.target_size:
-                cfg = dataclasses.replace(SIZES[self.size].generator, target_size=self.image_size)
+                                                           pretraining_heads=self.captions,
+                                                           grid=self.grid)
+            # no generator (a grid none paints yet): nothing to resize, the server does not paint
+            if (self.image_size is not None and model.generator is not None
+                    and self.image_size != model.generator.config.target_size):
+                cfg = dataclasses.replace(model.generator.config, target_size=self.image_size)
                 model.generator = Generator(cfg)
                 model.generator.reset_parameters(torch.Generator().manual_seed(self.seed))
             real = False
         else:
             model = XLxmertForImageGeneration.from_checkpoint(
                 self.checkpoint, self.centroids, self.generator, size=self.size,
-                pretraining_heads=self.captions)
+                pretraining_heads=self.captions, grid=self.grid)
             if self.image_size is not None and self.image_size != model.generator.config.target_size:
                 raise ValueError("model spec: image_size cannot change a checkpoint's generator")
             real = True

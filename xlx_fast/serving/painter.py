@@ -14,15 +14,21 @@ Rows per generator call (:func:`rows_per_call`): one on a CPU, the whole batch o
 CPU the base generator's SPADE layers hold B · 128 · 256² floats (32 MB an image at 256×256):
 one image's activations stay near the cache, a batch's do not, and a batch costs more per image
 than one image alone (measured on a 2-core AMD EPYC, fp32: 0.096 s an image alone, 0.123 s in a
-batch of 4, 0.154 s in a batch of 8). A GPU is under-filled by one 8×8 grid, so it paints batches.
+batch of 4, 0.154 s in a batch of 8). A GPU is under-filled by one grid of codes, so it paints batches.
 
 Memory: one [B, 3, S, S] image batch plus the generator's activations (≈ C · 32 · S² values
 per live layer at base width 32, C the rows per call); the per-row noise maps are C · S² floats
 per injection.
+
+Grid: the codes are the model's N×N grid (``model.grid``; N² rows of F), painted by a generator
+built for that grid. A model whose grid no generator paints (none is built yet for 16×16 or
+32×32, and nothing is resized) is served without painting: :func:`cannot_paint` says why.
 """
 from __future__ import annotations
 
 import torch
+
+from ..grid import GRID
 
 
 def rows_per_call(device: torch.device) -> int | None:
@@ -31,18 +37,33 @@ def rows_per_call(device: torch.device) -> int | None:
     return 1 if torch.device(device).type == "cpu" else None
 
 
+def cannot_paint(model) -> str | None:
+    """Why ``model`` cannot paint (no generator, or one built for another grid), or None."""
+    grid = model.grid
+    if model.generator is None:
+        return (f"the model ({grid}×{grid} grid) has no generator: no generator paints "
+                f"{grid}×{grid} codes yet" if grid != GRID else "the model has no generator")
+    gen_grid = model.generator.config.init_size
+    if gen_grid != grid:
+        return (f"the generator paints {gen_grid}×{gen_grid} codes but the model's grid is "
+                f"{grid}×{grid} (nothing is resized)")
+    return None
+
+
 @torch.no_grad()
 def paint(model, codes: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    """``codes`` [B, 64, F] with one seed per row → uint8 images [B, S, S, 3] on the CPU, painted
-    :func:`rows_per_call` rows at a time."""
-    if model.generator is None:
-        raise ValueError("the model has no generator: the server needs one to paint")
-    if codes.dim() != 3 or codes.shape[0] != len(seeds):
-        raise ValueError(f"codes must be [B, 64, F] with one seed per row, got {tuple(codes.shape)} "
-                         f"and {len(seeds)} seeds")
+    """``codes`` [B, N², F] (N the model's grid) with one seed per row → uint8 images
+    [B, S, S, 3] on the CPU, painted :func:`rows_per_call` rows at a time."""
+    reason = cannot_paint(model)
+    if reason is not None:
+        raise ValueError(f"the server cannot paint: {reason}")
+    grid, n_cells = model.grid, model.n_cells
+    if codes.dim() != 3 or codes.shape[0] != len(seeds) or codes.shape[1] != n_cells:
+        raise ValueError(f"codes must be [B, {n_cells}, F] with one seed per row, got "
+                         f"{tuple(codes.shape)} and {len(seeds)} seeds")
     param = next(model.generator.parameters())
     gens = [torch.Generator(device=param.device).manual_seed(int(s)) for s in seeds]
-    grid = codes.to(device=param.device, dtype=param.dtype).reshape(codes.shape[0], 8, 8, -1)
+    grid = codes.to(device=param.device, dtype=param.dtype).reshape(codes.shape[0], grid, grid, -1)
     step = rows_per_call(param.device) or len(seeds)
     out = []
     for i in range(0, len(seeds), step):

@@ -16,7 +16,8 @@ Response: ``{"created": unix seconds, "data": [{"b64_json", "seed", "ids"?}]}``.
 
 ``POST /v1/captions`` (an image in, a caption out)::
 
-    {"cluster_ids": [64 ints] (required; e.g. the "ids" a generation returned),
+    {"cluster_ids": [N² ints] (required; the served model's N×N grid, 64 on 8×8; e.g. the "ids"
+                               a generation returned),
      "length": 1..18 words (default 12),
      "seed", "steps" (default per strategy, over the caption's words), "strategy",
      "temperature", "timeout_ms": as for images}
@@ -45,7 +46,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..caption_io import DEFAULT_WORDS, MAX_WORDS
-from ..models.xlxmert import N_CELLS
+from ..grid import MAX_GRID, N_CELLS
 from ..strategies import NAMES, check_steps, default_steps
 
 MAX_PROMPT_CHARS = 2000  # captions are cut to 20 tokens anyway; this bounds tokenizer work
@@ -89,7 +90,8 @@ class CaptionsRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    cluster_ids: list[int] = Field(min_length=N_CELLS, max_length=N_CELLS)
+    # exactly the served model's cells (its grid's N²): :func:`check_caption_against_server`
+    cluster_ids: list[int] = Field(min_length=1, max_length=MAX_GRID * MAX_GRID)
     length: int = Field(default=DEFAULT_WORDS, ge=1, le=MAX_WORDS)
     seed: int = Field(default=0, ge=0, lt=2**63)
     steps: int | None = Field(default=None, ge=1)
@@ -144,20 +146,23 @@ class RequestError(Exception):
                           "code": self.status}}
 
 
-def check_against_server(req: ImageRequest, *, image_size: int, max_steps: int) -> int:
-    """The limits that depend on the server; returns the request's step count.
+def check_against_server(req: ImageRequest, *, image_size: int, max_steps: int,
+                         n_cells: int = N_CELLS) -> int:
+    """The limits that depend on the server; returns the request's step count. ``n_cells``: the
+    served model's cells (N² of its N×N grid): the one-cell-per-step orders' default and the
+    most steps confidence/tlbr take.
 
     Raises :class:`RequestError` (422) naming ``size`` or ``steps``.
     """
     want = f"{image_size}x{image_size}"
     if req.size != want:
         raise RequestError(422, f"size: only {want!r} is supported, got {req.size!r}", param="size")
-    steps = req.steps if req.steps is not None else default_steps(req.strategy, N_CELLS)
+    steps = req.steps if req.steps is not None else default_steps(req.strategy, n_cells)
     if steps > max_steps:
         raise RequestError(422, f"steps: must be <= {max_steps} on this server, got {steps}",
                            param="steps")
     try:
-        return check_steps(req.strategy, steps, N_CELLS, what="steps:")
+        return check_steps(req.strategy, steps, n_cells, what="steps:")
     except ValueError as e:
         raise RequestError(422, str(e), param="steps") from None
 
@@ -173,10 +178,16 @@ def _check_ids(ids: list, n_clusters: int, field: str) -> None:
                                f"codebook), got {v} at index {i}", param=field)
 
 
-def check_caption_against_server(req: CaptionsRequest, *, n_clusters: int, max_steps: int) -> int:
+def check_caption_against_server(req: CaptionsRequest, *, n_clusters: int, max_steps: int,
+                                 n_cells: int = N_CELLS) -> int:
     """The limits that depend on the server; returns the request's step count (its schedule
-    runs over the caption's ``length`` words). Raises :class:`RequestError` (422) naming
-    ``cluster_ids`` or ``steps``."""
+    runs over the caption's ``length`` words). ``n_cells``: the served model's cells, the ids
+    of one image. Raises :class:`RequestError` (422) naming ``cluster_ids`` or ``steps``."""
+    if len(req.cluster_ids) != n_cells:
+        grid = round(n_cells ** 0.5)
+        raise RequestError(422, f"cluster_ids: one image is {n_cells} ids on this server (its "
+                           f"model's {grid}×{grid} grid), got {len(req.cluster_ids)}",
+                           param="cluster_ids")
     _check_ids(req.cluster_ids, n_clusters, "cluster_ids")
     steps = req.steps if req.steps is not None else default_steps(req.strategy, req.length)
     if steps > max_steps:
@@ -191,7 +202,8 @@ def check_caption_against_server(req: CaptionsRequest, *, n_clusters: int, max_s
 def check_answer_against_server(req: AnswersRequest, *, task: str, images: int, n_clusters: int,
                                 n_answers: int) -> tuple[list, int]:
     """``(cluster_ids, top_k)`` for the server's answer model: ``cluster_ids`` 64 ids, or
-    ``images`` lists of 64 ids (nlvr2: two images); ``top_k`` at most the head's answers.
+    ``images`` lists of 64 ids (nlvr2: two images): the answer model reads the default 8×8 grid,
+    whatever the painting model's; ``top_k`` at most the head's answers.
     Raises :class:`RequestError` (422) naming ``cluster_ids`` or ``top_k``."""
     ids = req.cluster_ids
     if images == 1:

@@ -11,8 +11,9 @@ Routes and their answers:
   already has ``max_slow_bodies`` slow bodies in progress (see below); 422 naming the field for
   a malformed or out-of-range body; 429 + Retry-After when the queue is full; 504
   past ``timeout_ms`` (its slot is freed at the next step boundary); 500 if the engine failed.
-- ``POST /v1/captions`` (a caption for 64 cluster ids: ``{created, data: [{ids, text, probs}]}``)
-  and ``POST /v1/answers`` (answers to a question about 64 cluster ids, two images' for nlvr2:
+  A model whose grid no generator paints yet (``model_spec.grid``) answers 404 saying so.
+- ``POST /v1/captions`` (a caption for the N² cluster ids of the model's N×N grid:
+  ``{created, data: [{ids, text, probs}]}``) and ``POST /v1/answers`` (answers to a question about 64 cluster ids, two images' for nlvr2:
   ``{created, data: [{answer, score}, ...]}``): the same answers as the generation route (401,
   503, 413, 408, 429, 422 naming the field, 429 queue full, 504, 500), and 404 naming the
   option that turns the task on when this server does not run it (``captions`` /
@@ -52,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pydantic import ValidationError
 
 from .metrics import ServerMetrics
+from ..grid import N_CELLS
 from .model_spec import ModelSpec
 from .schema import (AnswersRequest, CaptionsRequest, ImageRequest, RequestError,
                      check_against_server, check_answer_against_server,
@@ -193,8 +195,9 @@ class ImageService:
         from .answerer import AnswerRequest, answer_batch
 
         ids, mask = self.tokenizer(["warm up"])
-        images = torch.zeros((self.answer_model.task.images, 64) if self.answer_model.task.images > 1
-                             else (64,), dtype=torch.int64)
+        # the answer model reads the default grid's cells, whatever the painting model's grid
+        images = torch.zeros((self.answer_model.task.images, N_CELLS) if self.answer_model.task.images > 1
+                             else (N_CELLS,), dtype=torch.int64)
         answer_batch(self.answer_model, [AnswerRequest(ids[0], mask[0], images, top_k=1)])
 
     def wait_built(self, timeout: float | None = None) -> bool:
@@ -235,9 +238,18 @@ class ImageService:
 
     @property
     def tasks(self) -> list[str]:
-        """The routes this replica serves: images, and captions / answers when on."""
-        return (["images"] + (["captions"] if self.spec.captions else [])
+        """The routes this replica serves: images (when its model can paint), and captions /
+        answers when on."""
+        return ((["images"] if self.cannot_paint is None else [])
+                + (["captions"] if self.spec.captions else [])
                 + ([f"answers ({self.spec.answer_task})"] if self.spec.answers_enabled else []))
+
+    @property
+    def cannot_paint(self) -> str | None:
+        """Why the built model cannot paint (e.g. a grid no generator paints yet), or None."""
+        from .painter import cannot_paint
+
+        return cannot_paint(self.model)
 
     @property
     def image_size(self) -> int:
@@ -362,7 +374,8 @@ class ImageService:
         from ..caption_io import MASK_ID
 
         req, steps = self._parse(CaptionsRequest, raw, lambda r: check_caption_against_server(
-            r, n_clusters=self.model.centroids.shape[0], max_steps=self.options.max_steps))
+            r, n_clusters=self.model.centroids.shape[0], max_steps=self.options.max_steps,
+            n_cells=self.model.n_cells))
         row = CaptionRequest(cluster_ids=torch.tensor(req.cluster_ids, dtype=torch.int64),
                              length=req.length, seed=req.seed, steps=steps, strategy=req.strategy,
                              temperature=req.temperature)
@@ -437,8 +450,14 @@ class ImageService:
         return bytes(buf)
 
     async def _generate(self, headers, raw: bytes, is_disconnected) -> Reply:
+        reason = self.cannot_paint  # known once the model is built (a grid no generator paints)
+        if reason is not None:
+            self.metrics.rejections.inc("not_enabled")
+            raise RequestError(404, f"this server does not paint: {reason}; it serves "
+                               f"{', '.join(self.tasks) or 'nothing else'}", type_="not_found_error")
         req, steps = self._parse(ImageRequest, raw, lambda r: check_against_server(
-            r, image_size=self.image_size, max_steps=self.options.max_steps))
+            r, image_size=self.image_size, max_steps=self.options.max_steps,
+            n_cells=self.model.n_cells))
         ids, mask = self.tokenizer([req.prompt])
         from ..engine import Request
 
