@@ -233,6 +233,25 @@ def test_generation_case_at_tiny_size():
         bench_cases.release("generation")
 
 
+def test_generation_rows_on_finer_grids_in_the_full_sweep_only():
+    full = harness.Spec(device=CPU, dtypes=(torch.float32,), quick=False, size="tiny")
+    quick = harness.Spec(device=CPU, dtypes=(torch.float32,), quick=True, size="tiny")
+    try:
+        found = bench_cases.cases("generation", full)
+        shapes = [c.shape for c in found]
+        assert "B=1 MP-4 16x16" in shapes and "B=1 MP-4 32x32" in shapes
+        assert not [c for c in bench_cases.cases("generation", quick) if "x" in c.shape.split()[-1]]
+        case = found[shapes.index("B=1 MP-4 16x16")]
+        rows = harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE)
+        (row,) = [r for r in rows if r["backend"] == "xlx_fast.generate"]
+        assert row["shape"] == "B=1 MP-4 16x16" and row["agreement_ok"], row
+    finally:
+        bench_cases.release("generation")
+    from xlx_fast.bench.cases import generation
+
+    assert generation.FINE_BATCHES == {"cpu": (1, 8), "cuda": (1, 64)}
+
+
 @pytest.mark.parametrize("family", ["model_forward", "generation"])
 def test_the_compiled_reference_is_a_timed_peer_of_whole_model_rows(family):
     # the full sweep times the reference under torch.compile beside xlx_fast, and the fast row

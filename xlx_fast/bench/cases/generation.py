@@ -13,6 +13,12 @@ than fp32 also report the share of ids equal to the fp32 reference, as SPEC §6 
 
 The peer is the same reference loop with its transformer under ``torch.compile`` (see
 :mod:`.compiled`); the fast row reports its speed-up over it (``speedup_vs_best_peer``).
+
+Finer grids (the paper's future work): the full sweep adds rows on 16×16 and 32×32 grids (256
+and 1,024 visual tokens a step; the same weights, ``from_default(grid=N)``), B = 1 and 8 on a
+CPU, 1 and 64 on a GPU, each shape naming its grid (``B=1 MP-4 16x16``; the 8×8 rows keep their
+names). ``--quick`` leaves them out. Only one grid's models are held at a time (a base model is
+about 1 GB a copy, and a grid's rows need up to three), so the rows run grid by grid.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import copy
 
 import torch
 
+from ...grid import GRID
 from ..harness import FAST, PEER, Agreement, Case, Prepared, Spec, fast_module, id_share, not_implemented
 from . import compiled
 
@@ -47,6 +54,10 @@ BATCHES = {
     ("cuda", True): (1, 64),
     ("cuda", False): (1, 64),
 }
+# The finer grids' rows (full sweep only): grid -> batch sizes by device type (SPEC's CPU and GPU
+# batches, as issue 21 asks); at the tiny size one B=1 row each.
+FINE_GRIDS = (16, 32)
+FINE_BATCHES = {"cpu": (1, 8), "cuda": (1, 64)}
 
 _MODELS: dict = {}
 _FP32_IDS: dict = {}
@@ -57,16 +68,19 @@ def release() -> None:
     _FP32_IDS.clear()
 
 
-def model(size: str, dtype: torch.dtype, device: torch.device, role: str):
-    """The default model in ``dtype`` on ``device``; one copy per role ("reference", "fast")."""
+def model(size: str, dtype: torch.dtype, device: torch.device, role: str, grid: int = GRID):
+    """The default model on ``grid`` in ``dtype`` on ``device``; one copy per role ("reference",
+    "fast"). The models of other grids are dropped first (one grid's copies at a time)."""
     from xlx_fast.models import XLxmertForImageGeneration
 
-    key = (size, dtype, str(device), role)
+    key = (size, grid, dtype, str(device), role)
     if key not in _MODELS:
-        base_key = (size, torch.float32, "cpu", "base")
+        for other in [k for k in _MODELS if k[1] != grid]:
+            del _MODELS[other]
+        base_key = (size, grid, torch.float32, "cpu", "base")
         if base_key not in _MODELS:
             _MODELS[base_key] = XLxmertForImageGeneration.from_default(seed=0, size=size,
-                                                                       with_generator=False)
+                                                                       with_generator=False, grid=grid)
         _MODELS[key] = copy.deepcopy(_MODELS[base_key]).to(device=device, dtype=dtype).eval()
     return _MODELS[key]
 
@@ -79,19 +93,19 @@ def captions(batch: int, device: torch.device):
     return ids.to(device), mask.to(device)
 
 
-def fp32_reference_ids(size: str, device: torch.device, batch: int) -> torch.Tensor:
+def fp32_reference_ids(size: str, device: torch.device, batch: int, grid: int = GRID) -> torch.Tensor:
     """The fp32 reference's ids for this batch (run once, outside any timing)."""
     from xlx_fast import reference
 
-    key = (size, str(device), batch)
+    key = (size, grid, str(device), batch)
     if key not in _FP32_IDS:
         ids, mask = captions(batch, device)
-        _FP32_IDS[key] = reference.sample(model(size, torch.float32, device, "reference"), ids, mask,
-                                          steps=STEPS).ids
+        _FP32_IDS[key] = reference.sample(model(size, torch.float32, device, "reference", grid),
+                                          ids, mask, steps=STEPS).ids
     return _FP32_IDS[key]
 
 
-def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
+def make_case(spec: Spec, dtype: torch.dtype, batch: int, grid: int = GRID) -> Case:
     device = spec.device
 
     def build() -> Prepared:
@@ -99,18 +113,18 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
 
         generation = fast_module("xlx_fast.generation")
         ids, mask = captions(batch, device)
-        ref_model = model(spec.size, dtype, device, "reference")
+        ref_model = model(spec.size, dtype, device, "reference", grid)
 
         def run_reference():
             out = reference.sample(ref_model, ids, mask, steps=STEPS).ids
             if dtype == torch.float32:  # the fp32 reference of the other dtypes' rows, for free
-                _FP32_IDS.setdefault((spec.size, str(device), batch), out)
+                _FP32_IDS.setdefault((spec.size, grid, str(device), batch), out)
             return out
 
         if generation is None:
             fast = not_implemented("xlx_fast/generation.py")
         else:
-            fast_model = model(spec.size, dtype, device, "fast")
+            fast_model = model(spec.size, dtype, device, "fast", grid)
 
             def fast():
                 return generation.generate(fast_model, ids, mask, steps=STEPS).ids
@@ -121,7 +135,7 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
             ok = share >= limit
             extra = {}
             if dtype != torch.float32:
-                fp32_ids = fp32_reference_ids(spec.size, device, batch)
+                fp32_ids = fp32_reference_ids(spec.size, device, batch, grid)
                 extra["fp32-ref agree"] = id_share(out_ids, fp32_ids)
                 extra["ref-vs-fp32 agree"] = id_share(ref_ids, fp32_ids)  # the reference's own drift
                 # Also fine: no further from the fp32 answer than the same-dtype reference is.
@@ -141,7 +155,8 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
                         backends={"xlx_fast.generate": fast, compiled.NAME: peer},
                         compare=compare, notes=notes)
 
-    return Case(op="generate", shape=f"B={batch} MP-{STEPS}", dtype=dtype, device=device,
+    shape = f"B={batch} MP-{STEPS}" + ("" if grid == GRID else f" {grid}x{grid}")
+    return Case(op="generate", shape=shape, dtype=dtype, device=device,
                 backends={"xlx_fast.generate": FAST, compiled.NAME: PEER}, build=build)
 
 
@@ -150,3 +165,9 @@ def cases(spec: Spec):
     for batch in batches:
         for dtype in spec.dtypes:
             yield make_case(spec, dtype, batch)
+    if spec.quick:
+        return
+    for grid in FINE_GRIDS:
+        for batch in (1,) if spec.size == "tiny" else FINE_BATCHES[spec.device.type]:
+            for dtype in spec.dtypes:
+                yield make_case(spec, dtype, batch, grid)
