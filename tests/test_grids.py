@@ -85,8 +85,8 @@ def test_the_grid_is_a_model_property_and_no_weight_depends_on_it(grid):
     assert f"grid={grid}x{grid}" in repr(model)
     with pytest.raises(AttributeError):
         model.grid = 8
-    # the 8×8 generator paints only 8×8 codes: other grids get none
-    assert (model.generator is not None) == (grid == 8)
+    # the generator is built for the grid (tests/test_generator_grids.py)
+    assert model.generator.config.init_size == grid
     eight = XLxmertForImageGeneration.from_default(seed=2, size="tiny", with_generator=False)
     assert eight.grid == 8 and eight.n_cells == 64
     a, b = eight.state_dict(), {k: v for k, v in model.state_dict().items()
@@ -96,7 +96,8 @@ def test_the_grid_is_a_model_property_and_no_weight_depends_on_it(grid):
 
 def test_base_size_takes_a_grid():
     model = XLxmertForImageGeneration.from_default(seed=0, size="base", grid=16)
-    assert (model.grid, model.n_cells, model.generator) == (16, 256, None)
+    assert (model.grid, model.n_cells) == (16, 256)
+    assert (model.generator.config.init_size, model.generator.config.target_size) == (16, 256)
     assert model.config.hidden_size == 768 and model.n_clusters == 10_000
 
 
@@ -340,12 +341,16 @@ def test_a_16x16_model_captions_its_own_painting():
     assert words.ids.shape == (1, 5) and bool((words.ids >= 0).all())
 
 
-def test_painting_a_16x16_models_codes_is_refused():
+def test_a_16x16_model_paints_its_codes_and_refuses_another_grids():
     model = painter(16)[1]
     codes = xlx_fast.generate(model, captions(1, seed=1), steps=1).codes
     assert codes.shape == (1, 256, model.feat_dim)
+    assert reference.paint(model, codes).shape == (1, 3, 32, 32)
+    # a generator built for another grid is refused, never resized
+    other = copy.deepcopy(model)
+    other.generator = copy.deepcopy(painter(8)[1].generator)
     with pytest.raises(ValueError, match="cannot paint a 16×16 grid: the generator paints 8×8 codes"):
-        reference.paint(model, codes)
+        reference.paint(other, codes)
     # an 8×8 model still paints its 64 cells (and refuses 256)
     eight = painter(8)[1]
     image = reference.paint(eight, xlx_fast.generate(eight, captions(1, seed=1), steps=1).codes)
@@ -360,15 +365,14 @@ def test_a_generator_for_another_grid_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="generator_config paints 8×8 codes but the model's grid is 16×16"):
         XLxmertForImageGeneration(LxmertConfig(**s.lxmert), s.n_clusters, s.generator, grid=16)
-    # a generator built for the model's grid is accepted (the generator's own code takes any
-    # init size; nothing in this package builds one for 16×16 yet)
+    # a generator built for the model's grid is accepted
     gen16 = dataclasses.replace(s.generator, init_size=16)
     assert XLxmertForImageGeneration(LxmertConfig(**s.lxmert), s.n_clusters, gen16, grid=16).grid == 16
 
     model = XLxmertForImageGeneration.from_default(seed=4, size="tiny")
     paths = [tmp_path / "lxrt.pth", tmp_path / "centroids.npy", tmp_path / "G.pth"]
     save_authors_format(model, *paths)
-    with pytest.raises(CheckpointError, match="the generator checkpoint paints 8×8 codes but the "
+    with pytest.raises(CheckpointError, match="the generator checkpoint paints 8×8 codes .* but the "
                                               "model's grid is 16×16"):
         XLxmertForImageGeneration.from_checkpoint(*paths, size="tiny", grid=16)
     # the transformer's checkpoint has no grid: it loads on any

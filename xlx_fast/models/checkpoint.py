@@ -149,26 +149,25 @@ def load_xlxmert(cls, lxmert_path, centroids_path, generator_path=None, *, stric
     ``pretraining_heads=True`` builds the model with its ``cls.*`` heads (to resume
     pre-training); otherwise those keys are reported as unused.
 
-    ``grid``: the model's N×N grid (no weight depends on it). The generator paints the grid it
-    was built for (the authors' ``G_60.pth``: 8×8): a generator file with a model of another
-    grid is refused (``CheckpointError`` naming both grids) before any file is read.
+    ``grid``: the model's N×N grid (no transformer weight depends on it). The generator is
+    built for the grid (``GeneratorConfig.for_grid``: log2(S/N) upsampling blocks); a generator
+    file records its grid only as its count of blocks (the authors' ``G_60.pth``: five, 8×8
+    codes to 256×256), and a file whose count is not the grid's is refused
+    (``CheckpointError`` naming both grids) before the model is built. Nothing is resized.
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     grid = check_grid(grid)
-    gen_grid = SIZES[size].generator.init_size
-    if generator_path and grid != gen_grid:
-        raise CheckpointError(f"the generator checkpoint paints {gen_grid}×{gen_grid} codes but the "
-                              f"model's grid is {grid}×{grid}: no generator serves {grid}×{grid} "
-                              f"codes yet (load without generator_path; nothing is resized)")
     state = read_state_dict(lxmert_path, "X-LXMERT checkpoint")
     centroids = read_centroids(centroids_path)
     gen_state = read_state_dict(generator_path, "generator checkpoint") if generator_path else None
 
     n_clusters, feat_dim = centroids.shape
     config = LxmertConfig(**{**SIZES[size].lxmert, "visual_feat_dim": feat_dim})
-    gen_config = (dataclasses.replace(SIZES[size].generator, emb_dim=feat_dim)
-                  if gen_state is not None else None)
+    gen_config = None
+    if gen_state is not None:
+        gen_config = dataclasses.replace(SIZES[size].generator.for_grid(grid), emb_dim=feat_dim)
+        _check_generator_grid(gen_state, gen_config, SIZES[size].generator.target_size)
     model = cls(config, n_clusters, gen_config, grid=grid)
     if pretraining_heads:  # then cls.* keys are loaded (and required when strict)
         model.add_pretraining_heads()
@@ -193,6 +192,28 @@ def load_xlxmert(cls, lxmert_path, centroids_path, generator_path=None, *, stric
             warnings.warn(f"generator checkpoint: unused key(s): {', '.join(unused_g)}", stacklevel=2)
     model.load_report = {"unused": unused}
     return model.eval()
+
+
+def _check_generator_grid(gen_state: dict, gen_config, target_size: int) -> None:
+    """Refuse a generator state dict whose count of upsampling blocks (``resblocks.<i>.*``) is
+    not ``gen_config``'s, naming the grid the file was made for and the model's."""
+    blocks = {int(k.split(".")[1]) for k in gen_state
+              if k.startswith("resblocks.") and k.split(".")[1].isdigit()}
+    n_file = max(blocks) + 1 if blocks else 0
+    if n_file == gen_config.n_blocks:
+        return
+    grid = gen_config.init_size
+    made_for = target_size >> n_file if n_file and target_size >> n_file << n_file == target_size else None
+    what = (f"paints {made_for}×{made_for} codes" if made_for else "was made for another grid")
+    raise CheckpointError(f"the generator checkpoint {what} ({_blocks(n_file)}) but the "
+                          f"model's grid is {grid}×{grid} ({_blocks(gen_config.n_blocks)} to "
+                          f"{gen_config.target_size}×{gen_config.target_size}): load it with "
+                          f"grid={made_for if made_for else '<its grid>'} or without "
+                          f"generator_path (nothing is resized)")
+
+
+def _blocks(n: int) -> str:
+    return f"{n} upsampling block{'' if n == 1 else 's'}"
 
 
 def save_authors_format(model, lxmert_path, centroids_path, generator_path=None) -> None:

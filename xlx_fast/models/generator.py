@@ -1,18 +1,31 @@
-"""The "Paint" generator: a SPADE-ResBlock GAN that turns an 8×8 grid of 2048-d codes into an image.
+"""The "Paint" generator: a SPADE-ResBlock GAN that turns an N×N grid of 2048-d codes into an image.
 
 Architecture (the authors' ``image_generator`` at base width 32, 8×8 → 256×256, ≈1.77M
 parameters):
 
-    codes [B, 2048, 8, 8]
+    codes [B, 2048, N, N]
       → bottleneck: 1×1 conv 2048→256, tanh                      (the "codebook_dim" space)
       → h = learned_init_conv(·)   (3×3 conv 256→32, groups 4, spectral norm)
         y = style_init_conv(·)     (same shape, its own weights): the SPADE modulation map
-      → five residual blocks, each ×2 bilinear upsampling:
+      → log2(S/N) residual blocks (five for the paper's 8×8 → 256×256), each ×2 bilinear
+        upsampling:
             SPADE-IN(h | y) → noise → LeakyReLU(0.2) → up → conv3×3 →
             SPADE-IN(· | y) → noise → LeakyReLU(0.2) → conv3×3,  + (up → conv1×1)(h)
-        after block i a 3×3 to-RGB conv, bilinearly resized to 256×256 (except the last,
-        already 256×256), summed over the blocks
+        after block i a 3×3 to-RGB conv, bilinearly resized to S×S (except the last,
+        already S×S), summed over the blocks
       → tanh → (x + 1) / 2 clamped to [0, 1]
+
+Grids (``GeneratorConfig.init_size`` = N, the picture S = ``target_size``). Every layer is a
+convolution, so the authors' network generalises to an N×N grid by starting its upsampling
+ladder at N: the picture keeps its size S (256×256 at the base size) and the ladder is
+log2(S/N) blocks long, five at 8×8, four at 16×16, three at 32×32; each cell's code is the
+bottleneck's input at its own position, so it paints the (S/N)×(S/N) square it sits on and its
+neighbours' edges (the 3×3 convolutions' reach). Every block has the same shape (base width in
+and out), so no weight depends on N except through the number of blocks: a checkpoint records
+its grid only as its block count. ``GeneratorConfig.for_grid(N)`` is the config for another
+grid: ``init_size`` N and the same picture size, or 2N where that is larger (a generator runs at
+least one upsampling block; only the tiny test size, 32×32 pictures, reaches it, at 32×32
+grids). ``S/N`` must be a power of two of at least 2; nothing is resized to fit.
 
 SPADE-IN: ``instance_norm(x) * (1 + γ(y)) + β(y)`` with γ, β two 3×3 convs on a shared 3×3
 conv + ReLU (hidden 128) of ``y`` resized bilinearly to ``x``'s size.
@@ -28,7 +41,7 @@ iteration.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,9 +61,31 @@ class GeneratorConfig:
     target_size: int = 256
     spade_hidden: int = 128
 
+    def __post_init__(self):
+        for name in ("emb_dim", "codebook_dim", "base_dim", "init_size", "target_size",
+                     "spade_hidden"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"GeneratorConfig.{name} must be a positive int, got {v!r}")
+        ratio, rest = divmod(self.target_size, self.init_size)
+        if rest or ratio < 2 or ratio & (ratio - 1):
+            raise ValueError(f"GeneratorConfig: target_size / init_size must be a power of two of "
+                             f"at least 2 (one ×2 upsampling block or more), got {self.target_size}"
+                             f" / {self.init_size}")
+
     @property
     def n_blocks(self) -> int:
-        return int(round(math.log2(self.target_size // self.init_size)))
+        """The ×2 upsampling blocks from the N×N grid to the S×S picture: log2(S/N)."""
+        return (self.target_size // self.init_size).bit_length() - 1
+
+    def for_grid(self, grid: int) -> "GeneratorConfig":
+        """This generator for an N×N grid: ``init_size`` N, the same picture size, or 2N where
+        that is larger (at least one upsampling block). ``for_grid(self.init_size)`` is ``self``'s
+        equal."""
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+            raise ValueError(f"grid must be a positive int, got {grid!r}")
+        return dataclasses.replace(self, init_size=grid,
+                                   target_size=max(self.target_size, 2 * grid))
 
 
 class SPADE(nn.Module):
@@ -133,7 +168,8 @@ class ToRGB(nn.Module):
 
 
 class Generator(nn.Module):
-    """codes [B, 8, 8, emb] or [B, emb, 8, 8] → images [B, 3, 256, 256] in [0, 1]."""
+    """codes [B, N, N, emb] or [B, emb, N, N] → images [B, 3, S, S] in [0, 1] (N =
+    ``config.init_size``, S = ``config.target_size``: 8 and 256 for the authors' generator)."""
 
     def __init__(self, config: GeneratorConfig = GeneratorConfig()):
         super().__init__()

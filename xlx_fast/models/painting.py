@@ -7,30 +7,27 @@ import numbers
 
 import torch
 
-from .xlxmert import GRID
-
 __all__ = ["paint"]
 
 
 @torch.no_grad()
 def paint(model, codes: torch.Tensor, seed: int | None = 0) -> torch.Tensor:
-    """The generator on the final codes: [B, N², F] → [B, 3, 256, 256] in [0, 1], N the model's
-    grid.
+    """The generator on the final codes: [B, N², F] → [B, 3, S, S] in [0, 1], N the model's
+    grid, S the generator's picture size (256 at the base size, whatever the grid).
 
     Noise injection is on, as in the authors' sampler, drawn from a generator seeded with
     ``seed`` (``None`` turns the noise off). The generator paints the grid it was built for
-    (8×8): a model of another grid is refused with a ValueError naming both grids, never
-    resized.
+    (``generator.config.init_size``): a model whose generator was built for another grid is
+    refused with a ValueError naming both grids, never resized.
     """
-    grid, n_cells = model.grid, model.n_cells
-    gen_grid = GRID if model.generator is None else model.generator.config.init_size
-    if grid != gen_grid:
-        raise ValueError(f"cannot paint a {grid}×{grid} grid: the generator paints {gen_grid}×"
-                         f"{gen_grid} codes and none is built for {grid}×{grid} yet (nothing is "
-                         f"resized)")
     if model.generator is None:
         raise ValueError("the model has no generator: build it with a generator or load one "
                          "with from_checkpoint(..., generator_path=...)")
+    grid, n_cells = model.grid, model.n_cells
+    gen_grid = model.generator.config.init_size
+    if grid != gen_grid:
+        raise ValueError(f"cannot paint a {grid}×{grid} grid: the generator paints {gen_grid}×"
+                         f"{gen_grid} codes (nothing is resized)")
     b = codes.shape[0]
     if codes.dim() != 3 or codes.shape[1] != n_cells:
         raise ValueError(f"codes must be [B, {n_cells}, F], got {tuple(codes.shape)}")

@@ -64,8 +64,8 @@ class XLxmertForImageGeneration(nn.Module):
         if generator_config is not None and generator_config.init_size != grid:
             g = generator_config.init_size
             raise ValueError(f"generator_config paints {g}×{g} codes but the model's grid is "
-                             f"{grid}×{grid}: no generator serves {grid}×{grid} codes yet (build "
-                             f"the model without one; nothing is resized)")
+                             f"{grid}×{grid} (GeneratorConfig.for_grid({grid}) is the generator "
+                             f"for it; nothing is resized)")
         self.config = config
         self.n_clusters = n_clusters
         self._grid = grid
@@ -102,22 +102,22 @@ class XLxmertForImageGeneration(nn.Module):
         the same code at test size. ``pretraining_heads=True`` adds :meth:`add_pretraining_heads`'s
         heads (HF's initialisation, drawn after everything else so the rest is unchanged).
 
-        ``grid``: the model's N×N grid (see the class). The generator paints 8×8 codes, so a
-        model of another grid is built with no generator, whatever ``with_generator`` says, and
-        painting it raises a ValueError naming both grids. The weights do not depend on the
-        grid: the same seed gives the same transformer, codebook and head at every grid.
+        ``grid``: the model's N×N grid (see the class). The generator is the size's, built for
+        the grid (``GeneratorConfig.for_grid``: log2(256/N) upsampling blocks to the same 256×256
+        picture at the base size). The transformer's weights do not depend on the grid: the
+        same seed gives the same transformer, codebook and head at every grid (the generator's
+        weights are drawn after them); at 8×8 the generator is the paper's.
         """
         if size not in SIZES:
             raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
         grid = check_grid(grid)
         s = SIZES[size]
-        with_generator = with_generator and s.generator.init_size == grid
         gen = torch.Generator().manual_seed(seed)
         torch_state = torch.random.get_rng_state()
         torch.manual_seed(seed)  # HF's own init draws from the global generator
         try:
             model = cls(LxmertConfig(**s.lxmert), s.n_clusters,
-                        s.generator if with_generator else None, grid=grid)
+                        s.generator.for_grid(grid) if with_generator else None, grid=grid)
         finally:
             torch.random.set_rng_state(torch_state)
         with torch.no_grad():
@@ -149,8 +149,8 @@ class XLxmertForImageGeneration(nn.Module):
                         strict: bool = True, size: str = "base", pretraining_heads: bool = False,
                         grid: int = GRID) -> "XLxmertForImageGeneration":
         """Load the authors' files; see :func:`xlx_fast.models.checkpoint.load_xlxmert`.
-        ``grid``: the model's N×N grid; a generator file (8×8 codes) with another grid is a
-        ``CheckpointError`` naming both grids."""
+        ``grid``: the model's N×N grid; a generator file made for another grid (its count of
+        upsampling blocks is not this grid's) is a ``CheckpointError`` naming both grids."""
         from .checkpoint import load_xlxmert
 
         return load_xlxmert(cls, lxmert_path, centroids_path, generator_path, strict=strict,
