@@ -7,8 +7,8 @@ the authors' ``lxmert_pretrain.py`` run with ``--taskMaskLM --taskObjPredict --t
 Tasks. Step ``s`` trains one task, ``TASKS[s % 3]`` = vis_mask, word_mask, matched (the order
 of the authors' ``MASK_MODALITY`` list; each batch carries one task and one loss):
 
-- ``vis_mask`` (uniform masking, CCC): per example ``n = randint(1, 64)`` cells chosen uniformly
-  without replacement are masked: their input feature ``C[id]`` is replaced by ``mask_feat``;
+- ``vis_mask`` (uniform masking, CCC): per example ``n = randint(1, N²)`` cells chosen uniformly
+  without replacement are masked (N×N the model's grid: 64 cells at the paper's 8×8): their input feature ``C[id]`` is replaced by ``mask_feat``;
   ``loss = CE(obj_predict_head(visual_output), label)`` with ``label = id`` on masked cells and
   -100 elsewhere, averaged over the masked cells of the batch. The head is ``transform →
   linear_feat → out_cluster`` whose weight is the frozen centroid table C.
@@ -31,7 +31,7 @@ sees for them, and the fast path can draw the same numbers on the device; (4) th
 caption of ``matched`` is another example's (index ``!= i``), not "another image's", because a
 captions file need not name images.
 
-Inputs are what any user has: cluster ids ``[B, 64]`` (or grid features ``[B, 64, F]`` turned
+Inputs are what any user has: cluster ids ``[B, N²]`` (or grid features ``[B, N², F]`` turned
 into ids by :func:`nearest_ids`, a plain argmin) and tokenised captions ``[B, 20]`` (padding 0).
 
 Optimiser: BERT-style AdamW (no weight decay on biases and LayerNorm weights), linear warm-up
@@ -99,7 +99,8 @@ def task_for_step(step: int) -> str:
 def vis_mask_for(seed: int, step: int, index: int, n_cells: int = N_CELLS) -> list[bool]:
     """Uniform masking of one example: ``n = 1 + draw % n_cells`` cells, the ``n`` with the
     smallest keys ``draw(..., S_VIS_KEY, cell)`` (ties broken by cell index): a uniformly random
-    subset of size ``n``, i.e. ``randint(1, 64)`` cells without replacement."""
+    subset of size ``n``, i.e. ``randint(1, n_cells)`` cells without replacement (``n_cells``:
+    the model's N², 64 at 8×8)."""
     n = 1 + draw(seed, step, index, S_VIS_COUNT, 0) % n_cells
     keys = [draw(seed, step, index, S_VIS_KEY, c) for c in range(n_cells)]
     chosen = sorted(range(n_cells), key=lambda c: (keys[c], c))[:n]
@@ -140,8 +141,8 @@ def matched_for(seed: int, step: int, index: int, n_examples: int) -> int:
 class Batch:
     """One step's inputs, built by :func:`make_batch`.
 
-    ``input_ids`` [B, L] (after word masking or caption swapping), ``cluster_ids`` [B, 64],
-    ``vis_mask`` [B, 64] bool (all False unless task is vis_mask), ``labels``: [B, 64] cluster
+    ``input_ids`` [B, L] (after word masking or caption swapping), ``cluster_ids`` [B, N²],
+    ``vis_mask`` [B, N²] bool (all False unless task is vis_mask), ``labels``: [B, N²] cluster
     labels (vis_mask), [B, L] word labels (word_mask) or [B] matched labels (matched).
     """
 
@@ -156,8 +157,8 @@ def make_batch(captions: torch.Tensor, cluster_ids: torch.Tensor, indices, step:
                vocab_size: int) -> Batch:
     """The batch of examples ``indices`` (dataset positions) for ``step``, one example at a time.
 
-    ``captions`` [N, L] and ``cluster_ids`` [N, 64] are the whole dataset (the matched task may
-    show any example's caption).
+    ``captions`` [N, L] and ``cluster_ids`` [N, cells] are the whole dataset (the matched task
+    may show any example's caption); uniform masking is over its ``cells`` (the model's N²).
     """
     indices = [int(i) for i in indices]
     task = task_for_step(step)
@@ -195,7 +196,8 @@ def pretrain_loss(model, batch: Batch) -> torch.Tensor:
     """The authors' forward for ``batch.task``; returns that task's loss (a scalar).
 
     ``model`` is an ``XLxmertForImageGeneration`` with pre-training heads
-    (``add_pretraining_heads``) whose attentions are HF's eager modules.
+    (``add_pretraining_heads``) whose attentions are HF's eager modules. The cells are the
+    model's grid: ``cluster_ids`` [B, N²], boxes ``box_positions(model.grid)``.
     """
     if getattr(model, "cls", None) is None:
         raise ValueError("model has no pre-training heads: call model.add_pretraining_heads()")
@@ -203,11 +205,14 @@ def pretrain_loss(model, batch: Batch) -> torch.Tensor:
     ids = batch.cluster_ids.to(device)
     words = batch.input_ids.to(device)
     B, n = ids.shape
+    if n != model.n_cells:
+        raise ValueError(f"cluster_ids must be [B, {model.n_cells}] (the model's {model.grid}×"
+                         f"{model.grid} grid), got {tuple(ids.shape)}")
     feats = model.vis_emb(ids)
     if batch.task == "vis_mask":
         mask = batch.vis_mask.to(device).view(B, n, 1)
         feats = torch.where(mask, model.mask_feat.view(1, 1, -1).to(feats.dtype), feats)
-    boxes = box_positions().to(device=device, dtype=feats.dtype).expand(B, n, 4)
+    boxes = box_positions(model.grid).to(device=device, dtype=feats.dtype).expand(B, n, 4)
     out = model.bert(input_ids=words, visual_feats=feats, visual_pos=boxes,
                      attention_mask=words > 0, token_type_ids=torch.zeros_like(words))
     lang, visual, pooled = out[0], out[1], out[2]

@@ -3,10 +3,14 @@ with fused loss heads, masking on the device and SDPA attention with a backward.
 
 Per task (step ``s`` trains ``TASKS[s % 3]``):
 
-- ``vis_mask``: CCC loss. Only the masked cells' rows (on average 32.5 of 64) go through the
-  obj head (``transform → linear_feat``), then :func:`fused_linear_cross_entropy` against the
-  frozen centroid table with ``out_cluster.bias``: the ``[B, 64, 10000]`` logits are never
-  formed and no gradient is computed for the centroids.
+- ``vis_mask``: CCC loss. Only the masked cells' rows (on average (N²+1)/2 of the model's N²
+  cells: 32.5 of 64 at 8×8) go through the obj head (``transform → linear_feat``), then
+  :func:`fused_linear_cross_entropy` against the frozen centroid table with
+  ``out_cluster.bias``: the ``[B, N², 10000]`` logits are never formed and no gradient is
+  computed for the centroids.
+
+The grid is the model's (``model.grid``): uniform masking over 1..N² cells and the boxes
+``box_positions(model.grid)``, as in the reference.
 - ``word_mask``: MLM loss. Only the selected tokens (15 %) go through ``cls.predictions.transform``,
   then the fused cross-entropy against the word-embedding table (tied decoder, trainable) with
   ``cls.predictions.bias``: the ``[B, 20, 30522]`` logits are never formed.
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from xlx_fast.grid import box_positions
 from xlx_fast.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from xlx_fast.reference.pretrain import apply_update
 
@@ -34,7 +39,6 @@ __all__ = ["TASKS", "Batch", "PretrainingLoss", "task_for_step", "make_batch", "
            "target_count", "train_step"]
 
 TASKS = ("vis_mask", "word_mask", "matched")
-GRID = 8
 
 
 def task_for_step(step: int) -> str:
@@ -52,17 +56,12 @@ class Batch:
     labels: torch.Tensor
 
 
-def _boxes(device, dtype):
-    i = torch.arange(GRID, device=device, dtype=torch.float64)
-    y0, x0 = torch.meshgrid(i, i, indexing="ij")
-    b = torch.stack([x0, y0, x0 + 1, y0 + 1], -1).reshape(GRID * GRID, 4) / GRID
-    return b.to(dtype)
-
-
 def make_batch(captions: torch.Tensor, cluster_ids: torch.Tensor, indices: torch.Tensor, step: int,
                seed: int, vocab_size: int, device=None) -> Batch:
     """The batch of dataset examples ``indices`` for ``step``: captions and ids are gathered from the
     dataset tables (host or device), then masks are drawn on ``device`` in a few batched ops.
+    ``cluster_ids`` [N, cells]: uniform masking is over its ``cells`` (the model's N², checked
+    by :func:`pretrain_loss`).
 
     Raises ``ValueError`` for tables of mismatched sizes and indices outside the dataset (cluster
     ids and labels out of range are refused by :func:`pretrain_loss`).
@@ -113,7 +112,7 @@ def pretrain_loss(model, batch: Batch) -> torch.Tensor:
         feats = torch.where(batch.vis_mask.to(device)[..., None],
                             model.mask_feat.to(feats.dtype), feats)
     out = model.bert(input_ids=words, visual_feats=feats,
-                     visual_pos=_boxes(device, feats.dtype).expand(B, n, 4),
+                     visual_pos=box_positions(model.grid, feats.dtype, device).expand(B, n, 4),
                      attention_mask=words > 0, token_type_ids=torch.zeros_like(words))
     labels = batch.labels.to(device)
     if batch.task == "matched":
@@ -139,13 +138,16 @@ def _check_batch(model, batch: Batch) -> None:
     if batch.labels.shape[0] != B or batch.vis_mask.shape != batch.cluster_ids.shape:
         raise ValueError(f"mismatched batch sizes: labels {tuple(batch.labels.shape)}, vis_mask "
                          f"{tuple(batch.vis_mask.shape)}, cluster_ids {tuple(batch.cluster_ids.shape)}")
+    if batch.cluster_ids.dim() != 2 or batch.cluster_ids.shape[1] != model.n_cells:
+        raise ValueError(f"cluster_ids must be [B, {model.n_cells}] (the model's {model.grid}×"
+                         f"{model.grid} grid), got {tuple(batch.cluster_ids.shape)}")
     k = model.n_clusters
     if bool(((batch.cluster_ids < 0) | (batch.cluster_ids >= k)).any()):
         raise ValueError(f"cluster_ids must lie in [0, {k}), got {int(batch.cluster_ids.min())}.."
                          f"{int(batch.cluster_ids.max())}")
     if batch.task == "vis_mask" and not bool(batch.vis_mask.any(1).all()):
         b = int((~batch.vis_mask.any(1)).nonzero()[0, 0])
-        raise ValueError(f"vis_mask row {b} masks no cell (uniform masking masks 1..64 cells)")
+        raise ValueError(f"vis_mask row {b} masks no cell (uniform masking masks 1..{model.n_cells} cells)")
 
 
 def train_step(model, optimizer, scheduler, batch: Batch, *, step: int | None = None, clip: float = 1.0,
