@@ -150,5 +150,43 @@ def test_data_directories_hold_the_grids_cells(grid, tmp_path):
     np.save(tmp_path / "d" / "cluster_ids.npy", data.cluster_ids.numpy())
     assert torch.equal(load_data(tmp_path / "d", _Tokenizer(), model.centroids, grid=grid).cluster_ids,
                        data.cluster_ids)
-    with pytest.raises(ValueError, match=rf"must be an integer array \[N, {other * other}\] \(a {other}×{other} grid\)"):
+    with pytest.raises(ValueError, match=rf"must be an integer array \[N, {other * other}\] \({other}×{other} grid\)"):
         load_data(tmp_path / "d", _Tokenizer(), model.centroids, grid=other)
+
+
+# -- xlx-fast train --grid ----------------------------------------------------------------------
+
+def test_cli_trains_on_a_16x16_grid(tmp_path, capsys):
+    from xlx_fast.cli import main
+    from xlx_fast.training import checkpoint
+
+    data = tmp_path / "data"
+    assert main(["train", "--make-synthetic", str(data), "--size", "tiny", "--examples", "6",
+                 "--grid", "16"]) == 0
+    assert np.load(data / "features.npy").shape[:2] == (6, 256)
+    args = ["--size", "tiny", "--steps", "3", "--batch-size", "2", "--dropout", "0", "--no-progress",
+            "--save-every", "3"]
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--grid", "16", *args]) == 0
+    assert checkpoint.load_run_state(out / "last.pt")["hparams"]["grid"] == 16
+    # the 16×16 data does not train an 8×8 model (the default grid): one clear error
+    assert main(["train", str(data), "--out", str(tmp_path / "run8"), *args]) != 0
+    assert "must be [N, 64, F] or [N, 8, 8, F] (8×8 grid)" in capsys.readouterr().err
+    # --resume keeps the run's grid
+    assert main(["train", str(data), "--out", str(out), "--resume", "--grid", "8", *args]) != 0
+    assert "--grid 8 (the run has 16)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--grid", "0"], "--grid must be in 1..32"),
+    (["--grid", "33"], "--grid must be in 1..32"),
+    (["--grid", "16", "--task", "vqa"], "--grid is for --task pretrain"),
+])
+def test_cli_grid_errors(extra, match, tmp_path, capsys):
+    from xlx_fast.cli import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "captions.txt").write_text("a cat\n")
+    assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--size", "tiny",
+                 *extra]) != 0
+    assert match in capsys.readouterr().err

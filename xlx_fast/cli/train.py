@@ -49,7 +49,7 @@ from . import UserError
 # The run's hyper-parameters: stored in last.pt and kept by --resume. Their argparse default
 # is None, so that an option given on the command line can be told from one left out.
 DEFAULTS = {"task": "pretrain", "steps": 100, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.05,
-            "clip": 1.0, "dropout": None, "seed": 0, "size": "base", "dtype": "fp32",
+            "clip": 1.0, "dropout": None, "seed": 0, "size": "base", "grid": 8, "dtype": "fp32",
             "checkpoint": None, "centroids": None, "vocab": None}
 HPARAMS = tuple(DEFAULTS)
 PATH_HPARAMS = ("checkpoint", "centroids", "vocab")
@@ -68,6 +68,9 @@ DOMAINS = {
     "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     # masking draws from the seed modulo 2**32: larger seeds would repeat smaller ones' masks
     "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
+    # xlx_fast.grid.MAX_GRID (not imported: that module is torch-free, but this keeps the CLI's
+    # checks free of package imports); 8, 16 and 32 are the grids the tests cover
+    "grid": ("in 1..32 (an N×N grid of at most 1,024 cells)", lambda v: 1 <= v <= 32),
 }
 
 TASKS = ("pretrain", "vqa", "gqa", "nlvr2")
@@ -118,6 +121,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help=f"seeds the model init, data order and masking (default {d['seed']})")
     p.add_argument("--size", default=None, choices=["base", "tiny"], help=f"architecture (default {d['size']})")
+    p.add_argument("--grid", type=int, default=None,
+                   help=f"pretrain: the model's N×N grid of cells (default {d['grid']}; 16 and 32 are "
+                        f"finer grids; the data's cluster_ids.npy is [N, grid²])")
     p.add_argument("--checkpoint", help="start from an X-LXMERT state dict (pretrain: needs --centroids; "
                                         "vqa/gqa/nlvr2: its bert.* weights, with a fresh answer head)")
     p.add_argument("--centroids", help="cluster centroids .npy (pretrain only)")
@@ -167,6 +173,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.task not in (None, "pretrain") and args.centroids is not None:
         raise UserError(f"--centroids is for --task pretrain: {args.task} reads grid features from the "
                         f"data directory (features.npy)")
+    if args.task not in (None, "pretrain") and args.grid not in (None, DEFAULTS["grid"]):
+        raise UserError(f"--grid is for --task pretrain: {args.task} reads 8×8 grid features")
     if args.make_synthetic:
         _writable_dir("--make-synthetic", args.make_synthetic)
         every = DATA_FILES + tuple(f for f in TASK_DATA_FILES if f not in DATA_FILES)
@@ -239,11 +247,12 @@ def _build_model(args, torch):
         if args.centroids:
             raise ValueError("--centroids needs --checkpoint (the embedded default has its own)")
         return XLxmertForImageGeneration.from_default(seed=args.seed, size=args.size, with_generator=False,
-                                                      pretraining_heads=True), False
+                                                      pretraining_heads=True, grid=args.grid), False
     if args.centroids is None:
         raise ValueError("--checkpoint needs --centroids (the cluster centroids .npy)")
     return XLxmertForImageGeneration.from_checkpoint(args.checkpoint, args.centroids, size=args.size,
-                                                     strict=False, pretraining_heads=True), True
+                                                     strict=False, pretraining_heads=True,
+                                                     grid=args.grid), True
 
 
 class _Pretraining:
@@ -258,7 +267,8 @@ class _Pretraining:
 
         model, real = _build_model(args, torch)
         tokenizer = load_tokenizer(args.vocab, real_weights=real)
-        self.data = load_data(args.data, tokenizer, model.centroids, progress=rank == 0 and not args.no_progress)
+        self.data = load_data(args.data, tokenizer, model.centroids, progress=rank == 0 and not args.no_progress,
+                              grid=model.grid)
         self.vocab_size = model.config.vocab_size
         if int(self.data.captions.max()) >= self.vocab_size:
             raise ValueError(f"captions hold token ids >= the model's vocabulary ({self.vocab_size})")
@@ -361,7 +371,8 @@ def _run(args) -> int:
         from xlx_fast.training.data import write_synthetic
 
         model, _ = _build_model(args, torch)
-        write_synthetic(args.make_synthetic, model.centroids, n=args.examples, seed=args.seed)
+        write_synthetic(args.make_synthetic, model.centroids, n=args.examples, seed=args.seed,
+                        grid=model.grid)
         print(f"wrote {args.examples} synthetic examples to {args.make_synthetic}")
         return 0
 

@@ -69,7 +69,7 @@ def load_data(directory, tokenizer, centroids: torch.Tensor, progress: bool = Fa
     if os.path.isfile(ids_path):
         ids = np.load(ids_path, mmap_mode="r")
         if ids.ndim != 2 or ids.shape[1] != cells or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"{ids_path} must be an integer array [N, {cells}] (a {grid}×{grid} grid), "
+            raise ValueError(f"{ids_path} must be an integer array [N, {cells}] ({grid}×{grid} grid), "
                              f"got {ids.dtype} {ids.shape}")
         ids = torch.from_numpy(np.array(ids, dtype=np.int64))  # a writable copy
         if int(ids.min()) < 0 or int(ids.max()) >= k:
@@ -79,7 +79,7 @@ def load_data(directory, tokenizer, centroids: torch.Tensor, progress: bool = Fa
         if feats.ndim == 4 and feats.shape[1:3] == (grid, grid):
             feats = feats.reshape(feats.shape[0], cells, feats.shape[3])
         if feats.ndim != 3 or feats.shape[1] != cells:
-            raise ValueError(f"{feat_path} must be [N, {cells}, F] or [N, {grid}, {grid}, F] (a "
+            raise ValueError(f"{feat_path} must be [N, {cells}, F] or [N, {grid}, {grid}, F] ("
                              f"{grid}×{grid} grid), got {feats.shape}")
         if feats.shape[2] != width:
             raise ValueError(f"{feat_path}: features of width {feats.shape[2]} but the centroids are "
