@@ -4,6 +4,7 @@ Without a CUDA device, Triton kernels run through Triton's CPU interpreter: the 
 set before triton is first imported, which is why it is set here at import time. On a GPU machine
 the same tests run the compiled kernels on the GPU (see ``kernel_device``).
 """
+import fcntl
 import os
 
 import torch
@@ -32,3 +33,18 @@ def pytest_collection_modifyitems(config, items):
 def kernel_device():
     """Where Triton kernels run in tests: the GPU if present, else the CPU interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+RAY_LOCK = "/tmp/xlx-ray.lock"
+
+
+@pytest.fixture(scope="module")
+def ray_lock():
+    """Held while a test module's Ray runs: a Ray started by another test process on this
+    machine waits for it (two Ray instances at once break each other)."""
+    with open(RAY_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,9 +1,8 @@
 """``xlx-fast serve`` as a user runs it: a real process that starts Ray, prints its URL, serves
 on 127.0.0.1 and stops cleanly on Ctrl-C (SIGINT) or SIGTERM, printing only its own lines; one
 that joins a shared cluster and leaves the other applications there running; and the mistakes
-it refuses before Ray starts. Every test that starts Ray holds the file lock ``RAY_LOCK`` (two
+it refuses before Ray starts. Every test that starts Ray holds the file lock of the ``ray_lock`` fixture (tests/conftest.py) (two
 Ray instances on one machine break each other)."""
-import fcntl
 import os
 import signal
 import socket
@@ -18,18 +17,8 @@ requests = pytest.importorskip("requests")
 
 # generous: a loaded 2-core machine takes ~10 s to stop Ray (measured 6-10 s idle)
 STOP_S = 180
-RAY_LOCK = "/tmp/xlx-ray.lock"
 
 
-@pytest.fixture
-def ray_lock():
-    """Held while a test's Ray runs: another test process's Ray waits for it."""
-    with open(RAY_LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _free_port() -> int:

@@ -9,10 +9,9 @@ applications of a tiny sharpened model that paints 256×256:
 - ``/b``: two replicas with a warm-up delay: health only after warm-up, traffic sharing;
 - ``/c``: one replica, a short body timeout: slow clients (raw sockets) cannot starve it.
 
-Ray starts under the file lock ``RAY_LOCK`` (two Ray instances on one machine break each other).
+Ray starts under the file lock of the ``ray_lock`` fixture (tests/conftest.py) (two Ray instances on one machine break each other).
 """
 import base64
-import fcntl
 import io
 import json
 import os
@@ -34,7 +33,6 @@ KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TINY = {"size": "tiny", "seed": 1, "image_size": 256, "head_scale": 3.0}
 TASKS = {**TINY, "captions": True, "word_head_scale": 40.0, "answer_task": "vqa"}  # /a's model
-RAY_LOCK = "/tmp/xlx-ray.lock"
 MAX_STEPS = 400
 BODY_TIMEOUT_S, MAX_SLOW = 3.0, 4
 
@@ -45,15 +43,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_lock():
-    """Held while this module's Ray runs: another test process's Ray waits for it."""
-    with open(RAY_LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="module")

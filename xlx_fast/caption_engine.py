@@ -39,7 +39,7 @@ from .caption_io import CLS_ID, MASK_ID, MAX_WORDS, PAD_ID, SEP_ID
 from .caption_plan import image_stream, language_step, lm_transform, special_ids, text_embeddings, word_bias
 from .ops.codebook_head import codebook_head
 from .patching import optimize
-from .step_engine import Row, StepEngine
+from .step_engine import Row, StepEngine, check_model
 from .step_plan import extended_mask
 
 __all__ = ["CaptionEngine", "CaptionRequest", "CaptionFinished"]
@@ -87,18 +87,12 @@ class CaptionEngine(StepEngine):
 
     def __init__(self, model, slots: int = 8, *, max_words: int = MAX_WORDS,
                  cuda_graph: bool | None = None, buckets: Sequence[int] | None = None):
-        if not isinstance(model, torch.nn.Module) or not hasattr(model, "centroids"):
-            raise TypeError(f"model must be an XLxmertForImageGeneration, got {type(model).__name__}")
+        self.device = check_model(model)
         if getattr(model, "cls", None) is None:
             raise ValueError("captioning needs the masked-LM head (cls.predictions): build the "
                              "model with pretraining_heads=True")
-        if model.training:
-            raise ValueError("the engine runs inference only: call model.eval() first")
         if isinstance(max_words, bool) or not isinstance(max_words, int) or not 1 <= max_words <= MAX_WORDS:
             raise ValueError(f"max_words must be an int in [1, {MAX_WORDS}], got {max_words!r}")
-        self.device = model.centroids.device
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"the engine runs on cpu or cuda, the model is on {self.device}")
         self.model, self.max_words = model, max_words
         optimize(model)
         self.dtype = model.centroids.dtype

@@ -21,13 +21,10 @@ Each is exact algebra on the reference's modules (SPEC §2); the tests compare w
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from transformers.activations import GELUActivation
 
 from .caption_io import SPECIAL_IDS
 from .grid import box_positions
-from .ops.fused_linear import linear_gelu_layernorm
-from .step_plan import language_half, layer, x_layer
+from .step_plan import language_half, layer, prediction_transform, x_layer
 
 __all__ = ["image_stream", "text_embeddings", "language_step", "lm_transform", "word_bias"]
 
@@ -65,11 +62,7 @@ def language_step(model, lang: torch.Tensor, ext_mask: torch.Tensor, visual: tor
 
 def lm_transform(model, h: torch.Tensor) -> torch.Tensor:
     """``cls.predictions.transform`` (dense, GELU, LayerNorm): the features the word head scores."""
-    t = model.cls.predictions.transform
-    if not isinstance(t.transform_act_fn, GELUActivation) or t.transform_act_fn.act is not F.gelu:
-        return t(h)
-    return linear_gelu_layernorm(h, t.dense.weight, t.dense.bias, t.LayerNorm.weight,
-                                 t.LayerNorm.bias, t.LayerNorm.eps)
+    return prediction_transform(model.cls.predictions.transform, h)
 
 
 def word_bias(model, special: torch.Tensor) -> torch.Tensor:

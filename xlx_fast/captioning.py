@@ -21,6 +21,7 @@ from collections import OrderedDict
 import torch
 
 from .caption_engine import CaptionEngine, CaptionRequest
+from .step_engine import run_requests
 from .caption_io import DEFAULT_WORDS, CaptionResult, check_image, check_lengths
 from .generation import per_row, storage_key
 from .sampling_params import check_params
@@ -90,30 +91,8 @@ def caption(model, features=None, cluster_ids=None, length=DEFAULT_WORDS, steps=
     requests = [CaptionRequest(features=image[r], length=n, seed=p.seed, steps=p.steps,
                                strategy=p.strategy.name, temperature=p.temperature)
                 for r, (p, n) in enumerate(zip(params, lengths))]
-    handles = engine.admit(requests)
-    row_of = {id(q): r for r, q in enumerate(requests)}
-    results = [None] * b
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max(p.steps for p in params), desc="xlx_fast caption", unit="step")
-    try:
-        while engine.active():
-            for f in engine.step():
-                results[row_of[id(f.request)]] = f
-            if bar is not None:
-                bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
-        for h in handles:  # leave the cached engine empty even after an error
-            engine.cancel(h)
-        while engine.active():
-            engine.step()
-    for r, f in enumerate(results):
-        if f.error is not None:
-            raise ValueError(f"row {r}: {f.error}")
+    results = run_requests(engine, requests, max(p.steps for p in params) if progress else None,
+                           "xlx_fast caption")
     width, k = max(lengths), max(p.steps for p in params)
     ids = torch.zeros(b, width, dtype=torch.int64)
     probs = torch.zeros(b, width, dtype=torch.float32)

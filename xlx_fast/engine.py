@@ -36,7 +36,7 @@ import torch
 
 from .ops.codebook_head import codebook_head
 from .patching import optimize
-from .step_engine import MAX_STEPS, Row, StepEngine
+from .step_engine import MAX_STEPS, Row, StepEngine, check_model
 from .step_plan import extended_mask, head_transform, language, prepare, vision
 
 __all__ = ["Engine", "Request", "Finished", "MAX_STEPS"]
@@ -82,16 +82,10 @@ class Engine(StepEngine):
 
     def __init__(self, model, slots: int = 8, *, max_length: int = 20,
                  cuda_graph: bool | None = None, buckets: Sequence[int] | None = None):
-        if not isinstance(model, torch.nn.Module) or not hasattr(model, "centroids"):
-            raise TypeError(f"model must be an XLxmertForImageGeneration, got {type(model).__name__}")
-        if model.training:
-            raise ValueError("the engine runs inference only: call model.eval() first")
+        self.device = check_model(model)
         limit = model.config.max_position_embeddings
         if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= limit:
             raise ValueError(f"max_length must be an int in [1, {limit}], got {max_length!r}")
-        self.device = model.centroids.device
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"the engine runs on cpu or cuda, the model is on {self.device}")
         self.model, self.max_length = model, max_length
         optimize(model)
         self.dtype = model.centroids.dtype

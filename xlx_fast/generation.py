@@ -37,6 +37,7 @@ from collections import OrderedDict
 import torch
 
 from .engine import Engine, Request
+from .step_engine import run_requests
 from .patching import optimize
 from .sampler_io import SampleResult, check_inputs
 from .sampling_params import check_params
@@ -170,31 +171,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     requests = [Request(input_ids=input_ids[r], attention_mask=attention_mask[r], seed=p.seed,
                         steps=p.steps, strategy=p.strategy.name, temperature=p.temperature)
                 for r, p in enumerate(params)]
-    handles = engine.admit(requests)
-    row_of = {id(q): r for r, q in enumerate(requests)}
-    results = [None] * b
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        names = sorted({p.strategy.name for p in params})
-        bar = tqdm(total=max(steps_), desc="xlx_fast " + "/".join(names), unit="step")
-    try:
-        while engine.active():
-            for f in engine.step():
-                results[row_of[id(f.request)]] = f
-            if bar is not None:
-                bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
-        for h in handles:  # leave the cached engine empty even after an error
-            engine.cancel(h)
-        while engine.active():
-            engine.step()
-    for r, f in enumerate(results):
-        if f.error is not None:  # a flagged row has no result to return
-            raise ValueError(f"row {r}: {f.error}")
+    names = "/".join(sorted({p.strategy.name for p in params}))
+    results = run_requests(engine, requests, max(steps_) if progress else None, f"xlx_fast {names}")
     k = max(steps_)
     masks = torch.zeros(k, b, model.n_cells, dtype=torch.bool)
     for r, f in enumerate(results):

@@ -70,7 +70,7 @@ from .sampling_params import check_params
 from .seeds import cell_seeds, seed_key
 from .strategies import INACTIVE, MAX_STEPS, schedule
 
-__all__ = ["StepEngine", "Row", "MAX_STEPS"]
+__all__ = ["StepEngine", "Row", "MAX_STEPS", "check_model", "run_requests"]
 
 # rows of the per-row control array (int32 [5, rows]: each field contiguous over rows)
 _STRAT, _COUNT, _CELL, _NEXT, _STEP = range(5)
@@ -103,6 +103,52 @@ def _default_buckets(slots: int, cuda_graph: bool) -> list[int]:
         out.append(b)
         b *= 2
     return out + [slots]
+
+
+def check_model(model) -> torch.device:
+    """An image model in eval mode on a CPU or CUDA device (every engine's first check);
+    returns its device."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "centroids"):
+        raise TypeError(f"model must be an XLxmertForImageGeneration, got {type(model).__name__}")
+    if model.training:
+        raise ValueError("the engine runs inference only: call model.eval() first")
+    device = model.centroids.device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"the engine runs on cpu or cuda, the model is on {device}")
+    return device
+
+
+def run_requests(engine: "StepEngine", requests: list, progress_total: int | None = None,
+                 desc: str = "xlx_fast") -> list:
+    """Admit ``requests`` into an empty ``engine``, step until each finished, and return their
+    results in request order (what ``generate`` and ``caption`` do with ``slots = B``).
+    ``progress_total``: steps of a progress bar (None: no bar). The engine is left empty even
+    when a step raises. A row the sampler flagged raises ValueError naming its index."""
+    handles = engine.admit(requests)
+    row_of = {id(q): r for r, q in enumerate(requests)}
+    results = [None] * len(requests)
+    bar = None
+    if progress_total is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=progress_total, desc=desc, unit="step")
+    try:
+        while engine.active():
+            for f in engine.step():
+                results[row_of[id(f.request)]] = f
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+        for h in handles:  # leave the (cached) engine empty even after an error
+            engine.cancel(h)
+        while engine.active():
+            engine.step()
+    for r, f in enumerate(results):
+        if f.error is not None:  # a flagged row has no result to return
+            raise ValueError(f"row {r}: {f.error}")
+    return results
 
 
 class StepEngine:

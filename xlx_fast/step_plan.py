@@ -31,7 +31,7 @@ from . import patching
 from .patching import FusedLxmertAttention
 
 __all__ = ["FastTables", "prepare", "extended_mask", "language", "layer", "x_layer", "visual_half",
-           "language_half", "vision", "head_transform"]
+           "language_half", "vision", "head_transform", "prediction_transform"]
 
 
 @dataclass
@@ -274,11 +274,15 @@ def vision(model, lang, ext_mask, visual):
     return visual_half(enc.x_layers[-1], lang, ext_mask, visual)
 
 
-def head_transform(model, visual):
-    """``LxmertPredictionHeadTransform`` (dense, GELU, LayerNorm) of the object head: the
-    features the folded codebook head scores."""
-    t = model.obj_predict_head.transform
+def prediction_transform(t, x):
+    """An ``LxmertPredictionHeadTransform`` (dense, GELU, LayerNorm) as one fused op (HF's
+    module itself when its activation is not the erf GELU)."""
     if not isinstance(t.transform_act_fn, GELUActivation) or t.transform_act_fn.act is not F.gelu:
-        return t(visual)
-    return linear_gelu_layernorm(visual, t.dense.weight, t.dense.bias, t.LayerNorm.weight,
+        return t(x)
+    return linear_gelu_layernorm(x, t.dense.weight, t.dense.bias, t.LayerNorm.weight,
                                  t.LayerNorm.bias, t.LayerNorm.eps)
+
+
+def head_transform(model, visual):
+    """The object head's transform: the features the folded codebook head scores."""
+    return prediction_transform(model.obj_predict_head.transform, visual)

@@ -23,6 +23,7 @@ import sys
 from ..grid import GRID, N_CELLS
 from . import UserError
 from .model_args import SIZES, choices_help
+from .image_files import read_npy
 from .paths import check_input
 
 # images per example, read here without importing the models (torch and transformers take
@@ -69,20 +70,7 @@ def add_parser(p) -> None:
 
 def _read_npy(path: str, option: str):
     """The array in ``path`` (checked to be a readable .npy of numbers)."""
-    import numpy as np
-
-    check_input(path, option)
-    with open(path, "rb") as f:
-        head = f.read(6)
-    if head != b"\x93NUMPY":
-        raise UserError(f"{option} {path}: not a .npy file (it starts with {head!r}); save the "
-                        "array with numpy.save")
-    try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as e:  # object arrays need pickle: refused
-        raise UserError(f"{option} {path}: not an array of numbers ({e})") from None
-    except (OSError, EOFError) as e:
-        raise UserError(f"{option} {path}: damaged or truncated .npy ({e})") from None
+    return read_npy(path, option)
 
 
 def _grid(shape: tuple, per_cell: int) -> bool:

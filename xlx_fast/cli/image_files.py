@@ -13,7 +13,8 @@ from .paths import check_input
 
 
 def read_npy(path: str, option: str):
-    """The array in ``path`` (memory-mapped), or a UserError saying why it is not one."""
+    """The array in ``path`` (a readable .npy of numbers), or a UserError saying why it is not
+    one. Grid files are small (512 KB an image at 2048 features): read whole."""
     import numpy as np
 
     check_input(path, option)
@@ -23,10 +24,11 @@ def read_npy(path: str, option: str):
         raise UserError(f"{option} {path}: not a .npy file (it starts with {head!r}); save the "
                         "array with numpy.save")
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:  # numpy raises many kinds for damaged files
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:  # object arrays need pickle: refused
+        raise UserError(f"{option} {path}: not an array of numbers ({e})") from None
+    except (OSError, EOFError) as e:
         raise UserError(f"{option} {path}: damaged or truncated .npy ({e})") from None
-    return arr
 
 
 def _on_grid(grid: int) -> str:
@@ -53,7 +55,7 @@ def read_cluster_ids(path: str, option: str, n_clusters: int, grid: int = GRID):
     if lo < 0 or hi >= n_clusters:
         raise UserError(f"{option} {path}: cluster ids must lie in [0, {n_clusters}) (the "
                         f"codebook's size), got [{lo}, {hi}]")
-    return np.array(arr, dtype=np.int64)  # a copy: the memory map is read-only
+    return np.ascontiguousarray(arr, dtype=np.int64)
 
 
 def read_features(path: str, option: str, feat_dim: int, grid: int = GRID):
@@ -73,7 +75,7 @@ def read_features(path: str, option: str, feat_dim: int, grid: int = GRID):
     if arr.shape[2] != feat_dim:
         raise UserError(f"{option} {path}: features are {arr.shape[2]} wide but the model reads "
                         f"{feat_dim}-wide grid features")
-    arr = np.array(arr, dtype=np.float32)  # a copy: the memory map is read-only
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         raise UserError(f"{option} {path}: features contain NaN or inf")
     return arr
