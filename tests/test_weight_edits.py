@@ -131,15 +131,15 @@ def test_bitwise_comparison_both_ways(one_sync):
 def test_a_replaced_parameter_gets_a_new_engine():
     """CUDA graphs hold parameter addresses: a Parameter assigned in place of another (new
     storage) must key a new engine, and the cached slot list must see the new tensor."""
-    from xlx_fast.generation import _storage_key
+    from xlx_fast.generation import storage_key
 
     model = XLxmertForImageGeneration.from_default(seed=0, size="tiny", with_generator=False).eval()
     ids = captions(1, seed=3)
     xlx_fast.generate(model, ids, steps=2)
-    key, engines = _storage_key(model), dict(model._xlx_engines)
-    assert _storage_key(model) == key  # stable while nothing changes
+    key, engines = storage_key(model), dict(model._xlx_engines)
+    assert storage_key(model) == key  # stable while nothing changes
     dense = model.bert.encoder.x_layers[0].visn_output.dense
     dense.weight = torch.nn.Parameter(dense.weight.detach().clone() * 1.5)
-    assert _storage_key(model) != key
+    assert storage_key(model) != key
     xlx_fast.generate(model, ids, steps=2)
     assert set(model._xlx_engines) - set(engines)  # a new engine for the new storage
