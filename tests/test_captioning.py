@@ -197,3 +197,12 @@ def test_undecided_words_read_mask_in_tokens(tiny_fast):
     got = xlx_fast.caption(tiny_fast, cluster_ids=images(1), length=6, strategy="tlbr", steps=2)
     assert got.tokens(0)[2:] == [MASK_ID] * 4
     assert MASK_ID not in got.tokens(0)[:2]
+
+
+def test_the_text_is_as_wide_as_the_longest_caption(tiny_fast):
+    """A wider text would run every layer over padding the reference never sees: the engine
+    caption() drives holds the batch's longest caption, [CLS] and [SEP] included, no more."""
+    model = copy.deepcopy(tiny_fast)
+    xlx_fast.caption(model, cluster_ids=images(2), length=[5, 3])
+    (engine,) = model._xlx_caption_engines.values()
+    assert engine.max_words == 5 and engine.tokens.shape[1] == 7

@@ -31,12 +31,15 @@ __all__ = ["caption"]
 _ENGINE_CACHE = 4
 
 
-def _engine(model, b: int, cuda_graph: bool) -> CaptionEngine:
-    key = (b, bool(cuda_graph), model.centroids.dtype, str(model.centroids.device), storage_key(model))
+def _engine(model, b: int, words: int, cuda_graph: bool) -> CaptionEngine:
+    """An engine of b slots whose text holds ``words`` (the batch's longest caption: a wider
+    one would run every layer over padding, which the reference does not), cached like
+    ``generate``'s."""
+    key = (b, words, bool(cuda_graph), model.centroids.dtype, str(model.centroids.device), storage_key(model))
     cache = model.__dict__.setdefault("_xlx_caption_engines", OrderedDict())
     engine = cache.pop(key, None)
     if engine is None:
-        engine = CaptionEngine(model, slots=b, cuda_graph=cuda_graph, buckets=[b])
+        engine = CaptionEngine(model, slots=b, max_words=words, cuda_graph=cuda_graph, buckets=[b])
         engine.warmup()
     cache[key] = engine
     while len(cache) > _ENGINE_CACHE:
@@ -87,7 +90,7 @@ def caption(model, features=None, cluster_ids=None, length=DEFAULT_WORDS, steps=
     if cuda_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs a model on a CUDA device")
 
-    engine = _engine(model, b, cuda_graph)
+    engine = _engine(model, b, max(lengths), cuda_graph)
     requests = [CaptionRequest(features=image[r], length=n, seed=p.seed, steps=p.steps,
                                strategy=p.strategy.name, temperature=p.temperature)
                 for r, (p, n) in enumerate(zip(params, lengths))]
