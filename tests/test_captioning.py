@@ -203,6 +203,23 @@ def test_the_text_is_as_wide_as_the_longest_caption(tiny_fast):
     """A wider text would run every layer over padding the reference never sees: the engine
     caption() drives holds the batch's longest caption, [CLS] and [SEP] included, no more."""
     model = copy.deepcopy(tiny_fast)
-    xlx_fast.caption(model, cluster_ids=images(2), length=[5, 3])
+    model.__dict__.pop("_xlx_caption_engines", None)  # the copy's cache came with it
+    xlx_fast.caption(model, cluster_ids=images(4), length=[5, 3, 5, 4])  # 4 x 5 = 20 rows
     (engine,) = model._xlx_caption_engines.values()
     assert engine.max_words == 5 and engine.tokens.shape[1] == 7
+
+
+def test_at_batch_one_on_a_cpu_the_text_holds_sixteen_words(tiny, tiny_fast):
+    """A CPU GEMM of 5..15 rows is slower than one of 16 (ops._common.cpu_gemm_rows): a lone
+    short caption runs in a 16-word text, padded and masked, and writes the same words."""
+    from xlx_fast.ops._common import cpu_gemm_rows
+
+    assert cpu_gemm_rows(12, "cpu") == 16 and cpu_gemm_rows(3, "cpu") == 3
+    assert cpu_gemm_rows(96, "cpu") == 96 and cpu_gemm_rows(12, "cuda") == 12
+    model = copy.deepcopy(tiny_fast)
+    model.__dict__.pop("_xlx_caption_engines", None)  # the copy's cache came with it
+    got = xlx_fast.caption(model, cluster_ids=images(1, seed=7), length=6)
+    (engine,) = model._xlx_caption_engines.values()
+    assert engine.max_words == 16
+    ref = reference_caption(tiny, cluster_ids=images(1, seed=7), length=6)
+    assert_same(ref, got)

@@ -22,8 +22,9 @@ import torch
 
 from .caption_engine import CaptionEngine, CaptionRequest
 from .step_engine import run_requests
-from .caption_io import DEFAULT_WORDS, CaptionResult, check_image, check_lengths
+from .caption_io import DEFAULT_WORDS, MAX_WORDS, CaptionResult, check_image, check_lengths
 from .generation import per_row, storage_key
+from .ops._common import cpu_gemm_rows
 from .sampling_params import check_params
 
 __all__ = ["caption"]
@@ -32,9 +33,10 @@ _ENGINE_CACHE = 4
 
 
 def _engine(model, b: int, words: int, cuda_graph: bool) -> CaptionEngine:
-    """An engine of b slots whose text holds ``words`` (the batch's longest caption: a wider
-    one would run every layer over padding, which the reference does not), cached like
-    ``generate``'s."""
+    """An engine of b slots whose text holds ``words``: the batch's longest caption (a wider
+    text runs every layer over padding the reference never sees), or at batch 1 on a CPU at
+    least 16 words, where GEMMs of fewer rows are slower (``ops._common.cpu_gemm_rows``).
+    Cached like ``generate``'s."""
     key = (b, words, bool(cuda_graph), model.centroids.dtype, str(model.centroids.device), storage_key(model))
     cache = model.__dict__.setdefault("_xlx_caption_engines", OrderedDict())
     engine = cache.pop(key, None)
@@ -90,7 +92,9 @@ def caption(model, features=None, cluster_ids=None, length=DEFAULT_WORDS, steps=
     if cuda_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs a model on a CUDA device")
 
-    engine = _engine(model, b, max(lengths), cuda_graph)
+    # b rows of W words each: run W >= 16 on a CPU where a GEMM of fewer rows is slower
+    words = min(MAX_WORDS, cpu_gemm_rows(b * max(lengths), model.centroids.device) // b)
+    engine = _engine(model, b, max(words, max(lengths)), cuda_graph)
     requests = [CaptionRequest(features=image[r], length=n, seed=p.seed, steps=p.steps,
                                strategy=p.strategy.name, temperature=p.temperature)
                 for r, (p, n) in enumerate(zip(params, lengths))]
