@@ -16,37 +16,27 @@ require exact equality.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 
 import torch
 
 from .caption_engine import CaptionEngine, CaptionRequest
 from .step_engine import run_requests
 from .caption_io import DEFAULT_WORDS, MAX_WORDS, CaptionResult, check_image, check_lengths
-from .generation import per_row, storage_key
+from .generation import cached_engine, per_row
 from .ops._common import cpu_gemm_rows
 from .sampling_params import check_params
 
 __all__ = ["caption"]
-
-_ENGINE_CACHE = 4
 
 
 def _engine(model, b: int, words: int, cuda_graph: bool) -> CaptionEngine:
     """An engine of b slots whose text holds ``words``: the batch's longest caption (a wider
     text runs every layer over padding the reference never sees), or at batch 1 on a CPU at
     least 16 words, where GEMMs of fewer rows are slower (``ops._common.cpu_gemm_rows``).
-    Cached like ``generate``'s."""
-    key = (b, words, bool(cuda_graph), model.centroids.dtype, str(model.centroids.device), storage_key(model))
-    cache = model.__dict__.setdefault("_xlx_caption_engines", OrderedDict())
-    engine = cache.pop(key, None)
-    if engine is None:
-        engine = CaptionEngine(model, slots=b, max_words=words, cuda_graph=cuda_graph, buckets=[b])
-        engine.warmup()
-    cache[key] = engine
-    while len(cache) > _ENGINE_CACHE:
-        cache.popitem(last=False)
-    return engine
+    Cached like ``generate``'s (``generation.cached_engine``)."""
+    return cached_engine(model, "_xlx_caption_engines", (b, words), cuda_graph,
+                         lambda: CaptionEngine(model, slots=b, max_words=words,
+                                               cuda_graph=cuda_graph, buckets=[b]))
 
 
 @torch.no_grad()

@@ -87,20 +87,29 @@ def storage_key(model) -> tuple:
     return tuple(out)
 
 
-def _engine(model, b: int, length: int, cuda_graph: bool):
-    """An engine for this batch shape, cached on the model (bounded LRU of ``_ENGINE_CACHE``),
-    keyed by what fixes its buffers and graphs: never by a seed or a temperature (data)."""
-    params = storage_key(model)
-    key = (b, length, bool(cuda_graph), model.centroids.dtype, str(model.centroids.device), params)
-    cache = model.__dict__.setdefault("_xlx_engines", OrderedDict())
+def cached_engine(model, attr: str, shape: tuple, cuda_graph: bool, build):
+    """The warmed-up engine ``build()`` makes for ``shape``, cached on the model under ``attr``
+    (a bounded LRU of ``_ENGINE_CACHE``), keyed by what fixes its buffers and graphs (the
+    shape, graphs or not, dtype, device, parameter addresses): never by a seed or a
+    temperature (data)."""
+    key = (*shape, bool(cuda_graph), model.centroids.dtype, str(model.centroids.device),
+           storage_key(model))
+    cache = model.__dict__.setdefault(attr, OrderedDict())
     engine = cache.pop(key, None)
     if engine is None:
-        engine = Engine(model, slots=b, max_length=length, cuda_graph=cuda_graph, buckets=[b])
+        engine = build()
         engine.warmup()
     cache[key] = engine
     while len(cache) > _ENGINE_CACHE:
         cache.popitem(last=False)
     return engine
+
+
+def _engine(model, b: int, length: int, cuda_graph: bool):
+    """The paint engine for B captions of ``length`` tokens (``cached_engine``)."""
+    return cached_engine(model, "_xlx_engines", (b, length), cuda_graph,
+                         lambda: Engine(model, slots=b, max_length=length, cuda_graph=cuda_graph,
+                                        buckets=[b]))
 
 
 @torch.no_grad()
