@@ -16,7 +16,8 @@ import torch
 
 import xlx_fast
 from xlx_fast import step_plan
-from xlx_fast.answering import AnswerResult, _first_row, _kept_length, answer
+from xlx_fast.answering import AnswerResult, _kept_length, answer
+from xlx_fast.step_plan import language_first_row
 from xlx_fast.models import XLxmertForImageGeneration, XLxmertForQuestionAnswering
 from xlx_fast.patching import FusedLxmertAttention
 from xlx_fast.reference.answer import answer_logits
@@ -158,7 +159,7 @@ def test_first_row_is_the_cls_row_of_hf_cross_layer(models):
     ext = step_plan.extended_mask(model, mask)
     xlx_fast.optimize(fast)
     want = plain.bert.encoder.x_layers[-1](lang, ext, vis, None)[0][:, :1]
-    got = _first_row(fast.bert.encoder.x_layers[-1], lang, ext, vis)
+    got = language_first_row(fast.bert.encoder.x_layers[-1], lang, ext, vis)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # and the whole language output would differ at the other rows: only row 0 is claimed
     assert got.shape == (3, 1, h)

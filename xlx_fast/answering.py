@@ -232,21 +232,6 @@ def _visual_input(model, feats: torch.Tensor) -> torch.Tensor:
     return (x + box) / 2
 
 
-def _first_row(x_layer, lang, ext_mask, visual):
-    """``LxmertXLayer.forward``'s language output at position 0 only, [B, 1, H] (the last cross
-    layer, whose [CLS] row is all the pooler reads): the language cross-attention sublayer on
-    every position (each one is a key and value of the self-attention after it), then the
-    self-attention with the [CLS] query only, its output projection, LayerNorm and FFN on that
-    one row. The visual half is never computed."""
-    cross = x_layer.visual_attention
-    lang = step_plan._add_norm(cross.output, step_plan._cross_attention(cross.att, lang, visual, None),
-                               lang)
-    sa, first = x_layer.lang_self_att, lang[:, :1]
-    first = step_plan._add_norm(sa.output, step_plan._cross_attention(sa.self, first, lang, ext_mask),
-                                first)
-    return step_plan._ffn(x_layer.lang_inter, x_layer.lang_output, first)
-
-
 def _erf_gelu(module) -> bool:
     """Whether ``module`` is HF's GELU with torch's erf formula (what the fused op computes)."""
     if type(module) is modeling_lxmert.GeLU:
@@ -287,7 +272,7 @@ def _logits(model, input_ids, mask, feats) -> torch.Tensor:
         visual = step_plan.layer(layer, visual, None)
     for x_layer in enc.x_layers[:-1]:
         lang, visual = step_plan.x_layer(x_layer, lang, ext, visual)
-    first = _first_row(enc.x_layers[-1], lang, ext, visual)
+    first = step_plan.language_first_row(enc.x_layers[-1], lang, ext, visual)
     pooled = model.bert.pooler(first)
     return _head(model.answer_head, pooled.reshape(-1, images * model.config.hidden_size))
 

@@ -31,7 +31,7 @@ from . import patching
 from .patching import FusedLxmertAttention
 
 __all__ = ["FastTables", "prepare", "extended_mask", "language", "layer", "x_layer", "visual_half",
-           "language_half", "vision", "head_transform", "prediction_transform"]
+           "language_half", "language_first_row", "vision", "head_transform", "prediction_transform"]
 
 
 @dataclass
@@ -248,6 +248,19 @@ def language_half(x_layer, lang, ext_mask, visual):
     lang = _add_norm(cross.output, _cross_attention(cross.att, lang, visual, None), lang)
     lang = _self_layer(x_layer.lang_self_att, lang, ext_mask)
     return _ffn(x_layer.lang_inter, x_layer.lang_output, lang)
+
+
+def language_first_row(x_layer, lang, ext_mask, visual):
+    """``LxmertXLayer.forward``'s language output at position 0 only, [B, 1, H] (the last cross
+    layer, whose [CLS] row is all the pooler reads): the language cross-attention sublayer on
+    every position (each one is a key and value of the self-attention after it), then the
+    self-attention with the [CLS] query only, its output projection, LayerNorm and FFN on that
+    one row. The visual half is never computed."""
+    cross = x_layer.visual_attention
+    lang = _add_norm(cross.output, _cross_attention(cross.att, lang, visual, None), lang)
+    sa, first = x_layer.lang_self_att, lang[:, :1]
+    first = _add_norm(sa.output, _cross_attention(sa.self, first, lang, ext_mask), first)
+    return _ffn(x_layer.lang_inter, x_layer.lang_output, first)
 
 
 # the layer functions under public names, for the other tasks' plans (answer, caption)
