@@ -25,10 +25,10 @@ FLOORS = [
     # the op layer: kernels, their dispatch and their CPU twins
     ("xlx_fast.ops",),
     # what the ops are assembled into: the fused attention in HF's modules, one step's forward
-    ("xlx_fast.patching", "xlx_fast.step_plan", "xlx_fast.caption_plan",
+    ("xlx_fast.patching", "xlx_fast.step_plan", "xlx_fast.caption_plan", "xlx_fast.xuniter_plan",
      "xlx_fast.training.attention", "xlx_fast.training.masking"),
     # the engines drive the step plans
-    ("xlx_fast.step_engine", "xlx_fast.engine", "xlx_fast.caption_engine"),
+    ("xlx_fast.step_engine", "xlx_fast.engine", "xlx_fast.caption_engine", "xlx_fast.xuniter_engine"),
     # the front ends of the engines and the ops
     ("xlx_fast.generation", "xlx_fast.captioning", "xlx_fast.answering", "xlx_fast.evaluation",
      "xlx_fast.serving", "xlx_fast.training", "xlx_fast.vocab"),
@@ -141,7 +141,7 @@ def test_the_fast_path_is_not_built_on_the_reference(graph):
             "xlx_fast.step_engine",
             "xlx_fast.generation", "xlx_fast.serving", "xlx_fast.cli.bulk",
             "xlx_fast.caption_plan", "xlx_fast.caption_engine", "xlx_fast.captioning",
-            "xlx_fast.answering")
+            "xlx_fast.answering", "xlx_fast.xuniter_plan", "xlx_fast.xuniter_engine")
     built_on = [f"{a} imports {b}" for a, targets in sorted(graph.items())
                 if a.startswith(fast) for b in sorted(targets) if b.startswith("xlx_fast.reference")]
     assert not built_on, "\n".join(built_on)

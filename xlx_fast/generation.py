@@ -37,11 +37,14 @@ from collections import OrderedDict
 import torch
 
 from .engine import Engine, Request
+from .models.xuniter import XUniterForImageGeneration
 from .step_engine import run_requests
 from .patching import optimize
 from .sampler_io import SampleResult, check_inputs
 from .sampling_params import check_params
 from .step_plan import prepare
+from .xuniter_engine import XUniterEngine
+from . import xuniter_plan
 
 __all__ = ["generate"]
 
@@ -106,10 +109,19 @@ def cached_engine(model, attr: str, shape: tuple, cuda_graph: bool, build):
 
 
 def _engine(model, b: int, length: int, cuda_graph: bool):
-    """The paint engine for B captions of ``length`` tokens (``cached_engine``)."""
+    """The paint engine for B captions of ``length`` tokens (``cached_engine``): the
+    single-stream one (:class:`xlx_fast.xuniter_engine.XUniterEngine`) for an X-UNITER model."""
+    cls = XUniterEngine if isinstance(model, XUniterForImageGeneration) else Engine
     return cached_engine(model, "_xlx_engines", (b, length), cuda_graph,
-                         lambda: Engine(model, slots=b, max_length=length, cuda_graph=cuda_graph,
-                                        buckets=[b]))
+                         lambda: cls(model, slots=b, max_length=length, cuda_graph=cuda_graph,
+                                     buckets=[b]))
+
+
+def _tables(model):
+    """The per-model tables the model's engine derives from (cached on the model)."""
+    if isinstance(model, XUniterForImageGeneration):
+        return xuniter_plan.prepare(model)
+    return prepare(model)
 
 
 @torch.no_grad()
@@ -124,6 +136,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     Args:
         model: ``XLxmertForImageGeneration`` (any dtype: fp32, bf16, fp16; CPU or CUDA), which
             paints its N×N grid of n = ``model.n_cells`` cells (64 on the 8×8 grid).
+            An ``XUniterForImageGeneration`` (the single-stream model) runs on its own engine
+            and equals ``reference.xuniter.sample``.
             ``optimize(model)`` is applied (idempotent) so its attentions run fused: the model
             is changed in place, and ``reference.sample`` refuses it afterwards (keep a
             ``copy.deepcopy`` for the reference, or ``xlx_fast.patching.unoptimize`` it).
@@ -172,7 +186,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     optimize(model)
     engine = _engine(model, b, length, cuda_graph)
-    if engine._tables is not prepare(model):
+    if engine._tables is not _tables(model):
         engine.reload()
     # the captions go to the host once, as a batch (the engine reads them there: per-row copies
     # from a GPU would each wait for it)

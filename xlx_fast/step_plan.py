@@ -23,6 +23,7 @@ import torch
 
 import torch.nn.functional as F
 from transformers.activations import GELUActivation
+from transformers.models.lxmert.modeling_lxmert import LxmertAttention
 
 from .grid import box_positions
 from .ops.codebook_head import fold_head
@@ -173,9 +174,15 @@ def _fused(att) -> bool:
 
 
 def _attention(att, x, mask):
-    """``LxmertAttention`` over x attending to itself: one GEMM against [W_q; W_k; W_v]."""
+    """``LxmertAttention`` over x attending to itself: one GEMM against [W_q; W_k; W_v]. Any
+    other BERT-style self-attention (HF ``BertSelfAttention``, X-UNITER's layers: ``query``,
+    ``key``, ``value``, ``num_attention_heads``, scores scaled by head_dim^-1/2, additive key
+    mask) runs its three projections into the fused op."""
     if not _fused(att):
-        return att(x, x, mask)[0]
+        if isinstance(att, LxmertAttention):
+            return att(x, x, mask)[0]
+        q, k, v = (F.linear(x, p.weight, p.bias) for p in (att.query, att.key, att.value))
+        return patching.fused_attention(q, k, v, mask, att.num_attention_heads)
     w, b = att._fused_weights()
     q, k, v = F.linear(x, w, b).split(att.head_size, dim=-1)
     return patching.fused_attention(q, k, v, mask, att.num_attention_heads)
@@ -213,7 +220,8 @@ def _self_layer(sa, x, mask):
 
 
 def _layer(layer, x, mask):
-    """``LxmertLayer`` (a language or relational layer)."""
+    """``LxmertLayer`` (a language or relational layer), or HF's ``BertLayer`` (same module
+    names: ``attention.self``, ``attention.output``, ``intermediate``, ``output``)."""
     x = _self_layer(layer.attention, x, mask)
     return _ffn(layer.intermediate, layer.output, x)
 
