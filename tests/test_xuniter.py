@@ -190,3 +190,22 @@ def test_bad_inputs(tiny, tiny_fast):
     with pytest.raises(ValueError, match="eval"):
         train = copy.deepcopy(tiny).train()
         ref_xuniter.sample(train, captions(1), steps=1)
+
+
+def test_grid_16_generate_equals_reference():
+    model = sharpen(XUniterForImageGeneration.from_default(seed=2, size="tiny", grid=16), 4.0)
+    assert model.n_cells == 256 and model.generator.config.init_size == 16
+    fast_model = copy.deepcopy(model)
+    ids = captions(2, seed=33)
+    ref = ref_xuniter.sample(model, ids, steps=4, seed=3)
+    assert ref.ids.shape == (2, 256)
+    assert_same(ref, xlx_fast.generate(fast_model, ids, steps=4, seed=3))
+
+
+def test_bf16_runs_and_mostly_agrees_with_bf16_reference(tiny):
+    model = copy.deepcopy(tiny).to(torch.bfloat16)
+    ids = captions(2, seed=12)
+    ref = ref_xuniter.sample(model, ids, steps=4)
+    fast = xlx_fast.generate(copy.deepcopy(model), ids, steps=4)
+    assert fast.codes.dtype == torch.bfloat16 and (fast.ids >= 0).all()
+    assert (ref.ids == fast.ids).float().mean() > 0.7
