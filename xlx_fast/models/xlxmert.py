@@ -35,7 +35,52 @@ class ObjPredictHead(nn.Module):
         return self.out_cluster(self.linear_feat(self.transform(visual_output)))
 
 
-class XLxmertForImageGeneration(nn.Module):
+class CodebookGridModel(nn.Module):
+    """What every image-generation model here shares with the samplers: the frozen codebook
+    ``vis_emb`` (its centroid table C, which the head's output weight is tied to) and the N×N
+    grid of cells it paints (``self._grid``). X-LXMERT and X-UNITER both build on it."""
+
+    def set_centroids(self, centroids) -> None:
+        """Install the centroid table C (also the head's output weight, which is tied to it)."""
+        import numpy as np
+
+        if isinstance(centroids, np.ndarray):
+            centroids = torch.from_numpy(centroids)
+        if not isinstance(centroids, torch.Tensor):
+            raise TypeError(f"centroids must be a tensor or numpy array, got {type(centroids).__name__}")
+        want = tuple(self.vis_emb.weight.shape)
+        if tuple(centroids.shape) != want:
+            raise ValueError(f"centroids must have shape {want}, got {tuple(centroids.shape)}")
+        if not torch.isfinite(centroids).all():
+            raise ValueError("centroids contain NaN or Inf")
+        with torch.no_grad():
+            self.vis_emb.weight.copy_(centroids)
+
+    # -- the pieces the samplers share ----------------------------------------------------------
+
+    @property
+    def grid(self) -> int:
+        """N of the model's N×N grid of cells."""
+        return self._grid
+
+    @property
+    def n_cells(self) -> int:
+        """The cells the model paints, N² (row-major: cell (i, j) is index i·N + j)."""
+        return self._grid * self._grid
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        return self.vis_emb.weight
+
+    @property
+    def feat_dim(self) -> int:
+        return self.config.visual_feat_dim
+
+    def extra_repr(self) -> str:
+        return f"n_clusters={self.n_clusters}, grid={self.grid}x{self.grid}"
+
+
+class XLxmertForImageGeneration(CodebookGridModel):
     """The X-LXMERT image-generation model (SPEC §1).
 
     - ``bert``: ``transformers.LxmertModel``
@@ -155,42 +200,3 @@ class XLxmertForImageGeneration(nn.Module):
 
         return load_xlxmert(cls, lxmert_path, centroids_path, generator_path, strict=strict,
                             size=size, pretraining_heads=pretraining_heads, grid=grid)
-
-    def set_centroids(self, centroids) -> None:
-        """Install the centroid table C (also the head's output weight, which is tied to it)."""
-        import numpy as np
-
-        if isinstance(centroids, np.ndarray):
-            centroids = torch.from_numpy(centroids)
-        if not isinstance(centroids, torch.Tensor):
-            raise TypeError(f"centroids must be a tensor or numpy array, got {type(centroids).__name__}")
-        want = tuple(self.vis_emb.weight.shape)
-        if tuple(centroids.shape) != want:
-            raise ValueError(f"centroids must have shape {want}, got {tuple(centroids.shape)}")
-        if not torch.isfinite(centroids).all():
-            raise ValueError("centroids contain NaN or Inf")
-        with torch.no_grad():
-            self.vis_emb.weight.copy_(centroids)
-
-    # -- the pieces the samplers share ----------------------------------------------------------
-
-    @property
-    def grid(self) -> int:
-        """N of the model's N×N grid of cells."""
-        return self._grid
-
-    @property
-    def n_cells(self) -> int:
-        """The cells the model paints, N² (row-major: cell (i, j) is index i·N + j)."""
-        return self._grid * self._grid
-
-    @property
-    def centroids(self) -> torch.Tensor:
-        return self.vis_emb.weight
-
-    @property
-    def feat_dim(self) -> int:
-        return self.config.visual_feat_dim
-
-    def extra_repr(self) -> str:
-        return f"n_clusters={self.n_clusters}, grid={self.grid}x{self.grid}"

@@ -27,7 +27,7 @@ from transformers import BertConfig, BertModel
 from ..grid import GRID, box_positions, check_grid
 from .generator import Generator
 from .sizes import SIZES
-from .xlxmert import ObjPredictHead
+from .xlxmert import CodebookGridModel, ObjPredictHead
 
 __all__ = ["XUniterForImageGeneration", "UniterImageEmbeddings", "XUNITER_SIZES", "box7"]
 
@@ -69,7 +69,7 @@ class UniterImageEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeddings))
 
 
-class XUniterForImageGeneration(nn.Module):
+class XUniterForImageGeneration(CodebookGridModel):
     """See the module docstring. ``config``: a ``BertConfig`` carrying ``visual_feat_dim`` (F,
     the codebook's feature width); ``n_clusters``: K."""
 
@@ -130,24 +130,6 @@ class XUniterForImageGeneration(nn.Module):
             model.generator.reset_parameters(gen)
         return model.eval()
 
-    def set_centroids(self, centroids) -> None:
-        """Install the centroid table C (also the head's output weight, tied to it)."""
-        import numpy as np
-
-        if isinstance(centroids, np.ndarray):
-            centroids = torch.from_numpy(centroids)
-        if not isinstance(centroids, torch.Tensor):
-            raise TypeError(f"centroids must be a tensor or numpy array, got {type(centroids).__name__}")
-        want = tuple(self.vis_emb.weight.shape)
-        if tuple(centroids.shape) != want:
-            raise ValueError(f"centroids must have shape {want}, got {tuple(centroids.shape)}")
-        if not torch.isfinite(centroids).all():
-            raise ValueError("centroids contain NaN or Inf")
-        with torch.no_grad():
-            self.vis_emb.weight.copy_(centroids)
-
-    # -- the forward the reference sampler runs -------------------------------------------------
-
     def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """BERT's embedding of the caption (token type 0), [B, L, H]."""
         return self.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
@@ -168,24 +150,3 @@ class XUniterForImageGeneration(nn.Module):
         ext = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
         out = self.bert.encoder(x, attention_mask=ext, return_dict=True).last_hidden_state
         return out[:, input_ids.shape[1]:]
-
-    # -- the pieces the samplers share ----------------------------------------------------------
-
-    @property
-    def grid(self) -> int:
-        return self._grid
-
-    @property
-    def n_cells(self) -> int:
-        return self._grid * self._grid
-
-    @property
-    def centroids(self) -> torch.Tensor:
-        return self.vis_emb.weight
-
-    @property
-    def feat_dim(self) -> int:
-        return self.config.visual_feat_dim
-
-    def extra_repr(self) -> str:
-        return f"n_clusters={self.n_clusters}, grid={self.grid}x{self.grid}"
