@@ -17,12 +17,21 @@ the same pieces as :class:`~xlx_fast.models.xlxmert.XLxmertForImageGeneration`:
 
 The text part is BERT's own embedding (word + position + token type 0, LayerNorm) of the
 caption; the cells have no position embedding: their position is their box.
+
+Pre-training heads (:meth:`XUniterForImageGeneration.add_pretraining_heads`, absent unless
+asked for; generation never uses them), laid out as HF's ``BertForPreTraining``:
+
+- ``bert.pooler``: ``BertPooler``, ``tanh(W·h_[CLS] + b)`` on the first (the [CLS]) position;
+- ``cls.predictions``: the masked-LM head ``transform → decoder`` whose weight *is* the word
+  embedding table and whose bias *is* ``cls.predictions.bias`` (both tied, as HF ties them);
+- ``cls.seq_relationship``: the 2-way image-caption matching classifier on the pooled output.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 from transformers import BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertPooler, BertPreTrainingHeads
 
 from ..grid import GRID, box_positions, check_grid
 from .generator import Generator
@@ -96,15 +105,39 @@ class XUniterForImageGeneration(CodebookGridModel):
         self.vis_emb.weight.requires_grad_(False)
         self.obj_predict_head.out_cluster.weight = self.vis_emb.weight
         self.generator = Generator(generator_config) if generator_config is not None else None
+        self.cls = None
         self.eval()
+
+    def add_pretraining_heads(self) -> "XUniterForImageGeneration":
+        """Add the pre-training heads (``bert.pooler.*``, ``cls.predictions.*``,
+        ``cls.seq_relationship.*``; see the module docstring) if absent; returns ``self``.
+
+        The LM decoder's weight is the word-embedding table and its bias is
+        ``cls.predictions.bias`` (tied, not copied), so it adds ``2·H² + 4·H + vocab + 2·H + 2``
+        parameters (pooler H² + H, transform H² + 3·H, bias vocab, matching 2·H + 2), not another
+        vocab×H matrix. Weights are HF's initialisation from the global generator."""
+        if self.cls is None:
+            ref = self.bert.embeddings.word_embeddings.weight
+            pooler = BertPooler(self.config).to(device=ref.device, dtype=ref.dtype)
+            heads = BertPreTrainingHeads(self.config).to(device=ref.device, dtype=ref.dtype)
+            heads.predictions.decoder.weight = ref
+            heads.predictions.decoder.bias = heads.predictions.bias
+            pooler.train(self.training)
+            heads.train(self.training)
+            self.bert.pooler = pooler
+            self.cls = heads
+        return self
 
     @classmethod
     def from_default(cls, seed: int = 0, size: str = "base", with_generator: bool = True,
-                     grid: int = GRID) -> "XUniterForImageGeneration":
+                     grid: int = GRID, pretraining_heads: bool = False) -> "XUniterForImageGeneration":
         """Seeded random weights and centroids at the real shapes (``size="tiny"``: test size),
         drawn as for ``XLxmertForImageGeneration.from_default`` (HF's init from the global
         generator under ``seed``, then the codebook, mask feature, head bias and a small
-        ``linear_feat`` from a seeded generator)."""
+        ``linear_feat`` from a seeded generator). ``pretraining_heads=True`` adds
+        :meth:`add_pretraining_heads`'s heads, drawn last from the seeded generator (LayerNorm
+        weights 1, biases 0, other weights N(0, initializer_range²)) as X-LXMERT's are, so the
+        rest of the model is the same with or without them."""
         if size not in XUNITER_SIZES:
             raise ValueError(f"size must be one of {sorted(XUNITER_SIZES)}, got {size!r}")
         grid = check_grid(grid)
@@ -128,6 +161,22 @@ class XUniterForImageGeneration(CodebookGridModel):
             model.obj_predict_head.linear_feat.weight.normal_(0, 0.004, generator=gen)
         if model.generator is not None:
             model.generator.reset_parameters(gen)
+        if pretraining_heads:
+            torch_state = torch.random.get_rng_state()
+            try:  # HF's init of the new modules must not move the caller's global generator
+                model.add_pretraining_heads()
+            finally:
+                torch.random.set_rng_state(torch_state)
+            with torch.no_grad():
+                heads = [("pooler." + n, p) for n, p in model.bert.pooler.named_parameters()]
+                heads += list(model.cls.named_parameters())
+                for name, p in heads:
+                    if name.endswith("LayerNorm.weight"):
+                        p.fill_(1.0)
+                    elif name.endswith("bias"):
+                        p.zero_()
+                    elif name != "predictions.decoder.weight":  # tied: the word embeddings
+                        p.normal_(0, model.config.initializer_range, generator=gen)
         return model.eval()
 
     def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -140,13 +189,18 @@ class XUniterForImageGeneration(CodebookGridModel):
         ones = torch.ones(code.shape[:2], dtype=torch.int64, device=code.device)
         return self.img_embeddings(code, pos, self.bert.embeddings.token_type_embeddings(ones))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                code: torch.Tensor) -> torch.Tensor:
-        """The encoder's output at the image positions, [B, n, H] (what the head reads)."""
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               code: torch.Tensor) -> torch.Tensor:
+        """The encoder's output at every position, [B, L + n, H]: the caption's L, then the
+        cells' n (pre-training reads all three parts: words, cells and the [CLS] row)."""
         x = torch.cat((self.text_embeddings(input_ids), self.image_embeddings(code)), dim=1)
         mask = torch.cat((attention_mask.bool(), torch.ones(code.shape[:2], dtype=torch.bool,
                                                             device=code.device)), dim=1)
         dtype = x.dtype
         ext = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-        out = self.bert.encoder(x, attention_mask=ext, return_dict=True).last_hidden_state
-        return out[:, input_ids.shape[1]:]
+        return self.bert.encoder(x, attention_mask=ext, return_dict=True).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                code: torch.Tensor) -> torch.Tensor:
+        """The encoder's output at the image positions, [B, n, H] (what the head reads)."""
+        return self.encode(input_ids, attention_mask, code)[:, input_ids.shape[1]:]
