@@ -192,7 +192,12 @@ class XUniterForImageGeneration(CodebookGridModel):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                code: torch.Tensor) -> torch.Tensor:
         """The encoder's output at every position, [B, L + n, H]: the caption's L, then the
-        cells' n (pre-training reads all three parts: words, cells and the [CLS] row)."""
+        cells' n (pre-training reads all three parts: words, cells and the [CLS] row).
+        Raises ``ValueError`` for a caption longer than BERT's position table."""
+        limit = self.config.max_position_embeddings
+        if input_ids.shape[1] > limit:
+            raise ValueError(f"captions of {input_ids.shape[1]} tokens exceed the model's "
+                             f"{limit} text positions (max_position_embeddings)")
         x = torch.cat((self.text_embeddings(input_ids), self.image_embeddings(code)), dim=1)
         mask = torch.cat((attention_mask.bool(), torch.ones(code.shape[:2], dtype=torch.bool,
                                                             device=code.device)), dim=1)
