@@ -270,3 +270,64 @@ def test_bad_inputs_raise_clear_errors():
         fast.mask_feat.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="vis_mask loss nan at step 30"):
         xs.train_step(fast, opt, sched, fb, step=30)
+
+
+# ---- xlx-fast train --arch xuniter ---------------------------------------------------------------
+
+def test_cli_trains_xuniter_as_the_reference_does(tmp_path, capsys):
+    """Two steps of ``xlx-fast train --arch xuniter`` (dropout 0) give the parameters of two
+    reference steps on the same batches; the run keeps its arch on --resume."""
+    from xlx_fast.cli import main
+    from xlx_fast.text import load_tokenizer
+    from xlx_fast.training import checkpoint
+    from xlx_fast.training.data import global_batch_indices, load_data
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    assert main(["train", "--make-synthetic", str(data), "--size", "tiny", "--examples", "7",
+                 "--arch", "xuniter", "--seed", "2"]) == 0
+    args = ["--size", "tiny", "--batch-size", "3", "--dropout", "0", "--no-progress", "--seed", "2",
+            "--lr", "1e-3", "--device", "cpu"]
+    assert main(["train", str(data), "--out", str(out), "--arch", "xuniter", "--steps", "4",
+                 "--stop-at", "2", *args]) == 0
+    assert "step000002_XUNITER.pth" in capsys.readouterr().out
+    assert checkpoint.load_run_state(out / "last.pt")["hparams"]["arch"] == "xuniter"
+
+    ref = no_dropout(XUniterForImageGeneration.from_default(
+        seed=2, size="tiny", with_generator=False, pretraining_heads=True)).train()
+    d = load_data(data, load_tokenizer(None, real_weights=False), ref.centroids)
+    opt, sched = rx.make_optimizer(ref, lr=1e-3, total_steps=4)
+    for step in range(2):
+        sel = global_batch_indices(step, 3, len(d), 2).tolist()
+        rx.train_step(ref, opt, sched, rx.make_batch(d.captions, d.cluster_ids, sel, step, 2, VOCAB))
+    saved = torch.load(out / "step000002_XUNITER.pth")
+    got = XUniterForImageGeneration.from_default(size="tiny", with_generator=False, pretraining_heads=True)
+    got.load_state_dict({k[len("module."):]: v for k, v in saved.items()})
+    pr = torch.cat([p.detach().flatten() for p in ref.parameters()])
+    pg = torch.cat([p.detach().flatten() for p in got.parameters()])
+    assert rel(pg, pr) <= 1e-5
+
+    # --resume keeps the arch: another one is refused, none given continues the X-UNITER run
+    assert main(["train", str(data), "--out", str(out), "--resume", "--arch", "xlxmert", *args]) != 0
+    assert "--arch xlxmert (the run has xuniter)" in capsys.readouterr().err
+    assert main(["train", str(data), "--out", str(out), "--resume", *args]) == 0
+    assert (out / "step000004_XUNITER.pth").is_file()
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--arch", "xuniter", "--task", "vqa"], "--arch xuniter is for --task pretrain"),
+    (["--arch", "xuniter", "--checkpoint", "x.pth"], "there is no X-UNITER --checkpoint"),
+    (["--arch", "uniter"], "invalid choice: 'uniter'"),
+])
+def test_cli_arch_errors(extra, match, tmp_path, capsys):
+    from xlx_fast.cli import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "captions.txt").write_text("a cat\n")
+    (tmp_path / "data" / "questions.json").write_text("[]")
+    try:
+        rc = main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--size", "tiny",
+                   *extra])
+    except SystemExit as e:  # argparse's own refusal of an unknown choice
+        rc = e.code
+    assert rc != 0
+    assert match in capsys.readouterr().err

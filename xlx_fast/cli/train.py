@@ -9,6 +9,11 @@ step, on one process or under torchrun (DDP).
     xlx-fast train --task vqa vqa-data/ --out vqa-run/ --size tiny --steps 30
     xlx-fast train --task vqa vqa-data/ --out vqa-run/ --checkpoint Epoch20_LXRT.pth --vocab vocab.txt
 
+``--arch`` (default ``xlxmert``): the model pre-trained; ``xuniter`` is the single-stream
+X-UNITER (:class:`xlx_fast.models.xuniter.XUniterForImageGeneration`, step:
+:mod:`xlx_fast.training.xuniter_step`) on the same data, tasks and recipe, from its seeded
+default (there is no X-UNITER checkpoint to start from, and it is not fine-tuned here).
+
 ``--task`` (default ``pretrain``): the authors' pre-training step (data directory: see
 :mod:`xlx_fast.training.data`), or fine-tuning for ``vqa``, ``gqa`` or ``nlvr2`` (data
 directory: see :mod:`xlx_fast.training.task_data`; step: :mod:`xlx_fast.training.tasks`).
@@ -21,7 +26,8 @@ W-rank run makes the updates of a 1-rank run up to rounding (with ``--dropout 0`
 are drawn per process).
 
 The run directory gets ``stepNNNNNN_LXRT.pth`` (fine-tuning: ``stepNNNNNN_VQA.pth``, ...) every
-``--save-every`` steps and at the end (the authors' state-dict format, ``module.``-prefixed
+``--save-every`` steps and at the end (``--arch xuniter``: ``stepNNNNNN_XUNITER.pth``, its state
+dict with ``module.``-prefixed keys; otherwise the authors' state-dict format, ``module.``-prefixed
 keys, loadable by ``XLxmertForImageGeneration.from_checkpoint(path, centroids,
 pretraining_heads=...)``, or ``XLxmertForQuestionAnswering.from_checkpoint(path, answers,
 task=...)``), beside them ``centroids.npy`` (pre-training) or ``answers.json`` (fine-tuning:
@@ -48,7 +54,7 @@ from . import UserError
 
 # The run's hyper-parameters: stored in last.pt and kept by --resume. Their argparse default
 # is None, so that an option given on the command line can be told from one left out.
-DEFAULTS = {"task": "pretrain", "steps": 100, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.05,
+DEFAULTS = {"task": "pretrain", "arch": "xlxmert", "steps": 100, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.05,
             "clip": 1.0, "dropout": None, "seed": 0, "size": "base", "grid": 8, "dtype": "fp32",
             "checkpoint": None, "centroids": None, "vocab": None}
 HPARAMS = tuple(DEFAULTS)
@@ -74,8 +80,9 @@ DOMAINS = {
 }
 
 TASKS = ("pretrain", "vqa", "gqa", "nlvr2")
+ARCHS = ("xlxmert", "xuniter")
 # what a run writes into --out (and --overwrite removes); temporary files are atomic_write's
-RUN_FILE = re.compile(r"^(last\.pt|centroids\.npy|answers\.json|step\d{6}_(LXRT|VQA|GQA|NLVR2)\.pth"
+RUN_FILE = re.compile(r"^(last\.pt|centroids\.npy|answers\.json|step\d{6}_(LXRT|XUNITER|VQA|GQA|NLVR2)\.pth"
                       r"|\..+\.tmp\d+)$")
 # the files of a data directory: pre-training's (xlx_fast.training.data), the answer tasks'
 # (xlx_fast.training.task_data; named here so that they are checked before torch is imported)
@@ -96,6 +103,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                                            "img_ids.json, answers.json)")
     p.add_argument("--task", default=None, choices=TASKS,
                    help=f"pre-train, or fine-tune for an answer task (default {d['task']})")
+    p.add_argument("--arch", default=None, choices=ARCHS,
+                   help=f"pretrain: the model, X-LXMERT or the single-stream X-UNITER (default {d['arch']})")
     p.add_argument("--out", help="run directory (checkpoints, last.pt); must be empty or new, "
                                  "unless --resume or --overwrite")
     p.add_argument("--make-synthetic", metavar="DIR", help="write a synthetic data directory and exit")
@@ -175,6 +184,7 @@ def check_args(args: argparse.Namespace) -> None:
                         f"data directory (features.npy)")
     if args.task not in (None, "pretrain") and args.grid not in (None, DEFAULTS["grid"]):
         raise UserError(f"--grid is for --task pretrain: {args.task} reads 8×8 grid features")
+    _check_arch(args.arch, args.task, args.checkpoint)
     if args.make_synthetic:
         _writable_dir("--make-synthetic", args.make_synthetic)
         every = DATA_FILES + tuple(f for f in TASK_DATA_FILES if f not in DATA_FILES)
@@ -205,6 +215,17 @@ def check_args(args: argparse.Namespace) -> None:
         shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
         raise UserError(f"--out {args.out} is not empty ({shown}): pass --resume to continue the run "
                         f"in it, --overwrite to replace it, or choose another --out")
+
+
+def _check_arch(arch, task, checkpoint) -> None:
+    """X-UNITER is pre-trained only, from its seeded default; raises UserError otherwise."""
+    if arch != "xuniter":
+        return
+    if task not in (None, "pretrain"):
+        raise UserError(f"--arch xuniter is for --task pretrain: {task} fine-tunes X-LXMERT")
+    if checkpoint is not None:
+        raise UserError("--arch xuniter starts from its seeded default: there is no X-UNITER "
+                        "--checkpoint format to load")
 
 
 def _show(value) -> str:
@@ -243,6 +264,13 @@ def _resumed_hparams(args: argparse.Namespace, state: dict, last: str) -> tuple[
 def _build_model(args, torch):
     from xlx_fast.models import XLxmertForImageGeneration
 
+    if args.arch == "xuniter":
+        from xlx_fast.models.xuniter import XUniterForImageGeneration
+
+        if args.centroids:
+            raise ValueError("--centroids needs --checkpoint (the embedded default has its own)")
+        return XUniterForImageGeneration.from_default(seed=args.seed, size=args.size, with_generator=False,
+                                                      pretraining_heads=True, grid=args.grid), False
     if args.checkpoint is None:
         if args.centroids:
             raise ValueError("--centroids needs --checkpoint (the embedded default has its own)")
@@ -258,13 +286,12 @@ def _build_model(args, torch):
 class _Pretraining:
     """What a pre-training run trains on and how it saves (the loop in :func:`_run` is shared)."""
 
-    suffix = "LXRT"
-
     def __init__(self, args, torch, device, rank):
         from xlx_fast import training
         from xlx_fast.text import load_tokenizer
         from xlx_fast.training.data import load_data
 
+        self.suffix = "XUNITER" if args.arch == "xuniter" else "LXRT"
         model, real = _build_model(args, torch)
         tokenizer = load_tokenizer(args.vocab, real_weights=real)
         self.data = load_data(args.data, tokenizer, model.centroids, progress=rank == 0 and not args.no_progress,
@@ -278,7 +305,18 @@ class _Pretraining:
     def __len__(self):
         return len(self.data)
 
+    def prepare(self, model):
+        if self.args.arch == "xuniter":
+            from xlx_fast.training import xuniter_step
+
+            return xuniter_step.prepare_for_training(model)
+        return self.training.prepare_for_training(model)
+
     def loss_module(self):
+        if self.args.arch == "xuniter":
+            from xlx_fast.training import xuniter_step
+
+            return xuniter_step.XUniterPretrainingLoss(self.model)
         return self.training.PretrainingLoss(self.model)
 
     def train_step(self, module, opt, sched, step, indices, autocast, world):
@@ -300,6 +338,8 @@ class _Pretraining:
         return {k: v for k, v in self.model.state_dict().items() if not k.startswith("generator.")}
 
     def saved(self, name):
+        if self.args.arch == "xuniter":
+            return f"{name} (a state dict of XUniterForImageGeneration(..., pretraining_heads=True)"
         return f"{name} (the authors' format"
 
 
@@ -326,6 +366,11 @@ class _FineTuning:
 
     def __len__(self):
         return len(self.data)
+
+    def prepare(self, model):
+        from xlx_fast import training
+
+        return training.prepare_for_training(model)
 
     def loss_module(self):
         return self.tasks.TaskLoss(self.model)
@@ -390,6 +435,7 @@ def _run(args) -> int:
         setattr(args, name, value)
     if args.task != "pretrain" and args.centroids is not None:  # a resumed run's task, read just now
         raise ValueError(f"--centroids is for --task pretrain: {args.task} reads grid features")
+    _check_arch(args.arch, args.task, args.checkpoint)  # the same: a resumed run's arch
     stored_hp = {k: (os.path.abspath(v) if k in PATH_HPARAMS and v is not None else v) for k, v in hp.items()}
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not a multiple of the {world} ranks")
@@ -419,7 +465,7 @@ def _run(args) -> int:
             if isinstance(m, torch.nn.Dropout):
                 m.p = args.dropout
 
-    model = training.prepare_for_training(model.to(device)).train()
+    model = job.prepare(model.to(device)).train()
     opt, sched = training.make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
                                          total_steps=args.steps, warmup_ratio=args.warmup_ratio)
     if state is not None:
