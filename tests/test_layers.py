@@ -25,7 +25,7 @@ FLOORS = [
     # the op layer: kernels, their dispatch and their CPU twins
     ("xlx_fast.ops",),
     # what the ops are assembled into: the fused attention in HF's modules, one step's forward
-    ("xlx_fast.patching", "xlx_fast.step_plan", "xlx_fast.caption_plan", "xlx_fast.xuniter_plan",
+    ("xlx_fast.patching", "xlx_fast.freezing", "xlx_fast.step_plan", "xlx_fast.caption_plan", "xlx_fast.xuniter_plan",
      "xlx_fast.training.attention", "xlx_fast.training.masking"),
     # the engines drive the step plans
     ("xlx_fast.step_engine", "xlx_fast.engine", "xlx_fast.caption_engine", "xlx_fast.xuniter_engine"),

@@ -5,6 +5,7 @@ Public API::
     import xlx_fast
     model = xlx_fast.models.XLxmertForImageGeneration.from_default()   # or .from_checkpoint(...)
     xlx_fast.optimize(model)                                            # fused kernels, in place
+    xlx_fast.freeze(model)        # optional: weights constant from now on, packed CPU GEMMs
     out = xlx_fast.generate(model, input_ids, steps=4)                  # fast sampler
     ref = xlx_fast.reference.sample(model, input_ids, steps=4)          # eager reference
     words = xlx_fast.caption(model, cluster_ids=out.ids, length=12)     # read the picture back
@@ -24,6 +25,8 @@ _LAZY = {
     "ops": ("xlx_fast.ops", None),
     "text": ("xlx_fast.text", None),
     "optimize": ("xlx_fast.patching", "optimize"),
+    "freeze": ("xlx_fast.freezing", "freeze"),
+    "unfreeze": ("xlx_fast.freezing", "unfreeze"),
     "generate": ("xlx_fast.generation", "generate"),
     "answer": ("xlx_fast.answering", "answer"),
     "caption": ("xlx_fast.captioning", "caption"),

@@ -64,6 +64,7 @@ from .ops._common import cpu_gemm_rows
 from .grid import N_CELLS, box_positions
 from .models.answering import XLxmertForQuestionAnswering
 from .ops.fused_linear import MAX_LAYERNORM_WIDTH, fused_linear, linear_gelu, linear_gelu_layernorm
+from .ops.frozen_weights import linear
 from .patching import optimize
 from .sampler_io import default_pad_id
 
@@ -251,7 +252,7 @@ def _head(head, pooled: torch.Tensor) -> torch.Tensor:
     else:
         h = F.layer_norm(linear_gelu(pooled, lin.weight, lin.bias), norm.normalized_shape,
                          norm.weight, norm.bias, norm.eps)
-    return F.linear(h, out.weight, out.bias)
+    return linear(h, out.weight, out.bias)
 
 
 def _logits(model, input_ids, mask, feats) -> torch.Tensor:

@@ -51,12 +51,12 @@ import contextvars
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.lxmert.modeling_lxmert import LxmertAttention
 
 from xlx_fast.ops import attention as _attn
 from xlx_fast.ops import registry as _registry
+from xlx_fast.ops.frozen_weights import linear
 
 __all__ = ["optimize", "unoptimize", "FusedLxmertAttention", "force_backend", "fused_attention"]
 
@@ -167,10 +167,10 @@ class FusedLxmertAttention(LxmertAttention):
         w, b = self._fused_weights()
         width = self.head_size
         if context is hidden_states and w.shape[0] == 3 * width:
-            q, k, v = F.linear(hidden_states, w, b).split(width, dim=-1)
+            q, k, v = linear(hidden_states, w, b).split(width, dim=-1)
         else:
             q = self.query(hidden_states)
-            k, v = F.linear(context, w[-2 * width:], None if b is None else b[-2 * width:]).split(width, dim=-1)
+            k, v = linear(context, w[-2 * width:], None if b is None else b[-2 * width:]).split(width, dim=-1)
         return (fused_attention(q, k, v, attention_mask, self.num_attention_heads),)
 
 

@@ -28,6 +28,7 @@ from transformers.models.lxmert.modeling_lxmert import LxmertAttention
 from .grid import box_positions
 from .ops.codebook_head import fold_head
 from .ops.fused_linear import feed_forward, linear_add_layernorm, linear_gelu_layernorm
+from .ops.frozen_weights import linear
 from . import patching
 from .patching import FusedLxmertAttention
 
@@ -181,10 +182,10 @@ def _attention(att, x, mask):
     if not _fused(att):
         if isinstance(att, LxmertAttention):
             return att(x, x, mask)[0]
-        q, k, v = (F.linear(x, p.weight, p.bias) for p in (att.query, att.key, att.value))
+        q, k, v = (linear(x, p.weight, p.bias) for p in (att.query, att.key, att.value))
         return patching.fused_attention(q, k, v, mask, att.num_attention_heads)
     w, b = att._fused_weights()
-    q, k, v = F.linear(x, w, b).split(att.head_size, dim=-1)
+    q, k, v = linear(x, w, b).split(att.head_size, dim=-1)
     return patching.fused_attention(q, k, v, mask, att.num_attention_heads)
 
 
@@ -194,8 +195,8 @@ def _cross_attention(att, x, context, mask):
         return att(x, context, mask)[0]
     w, b = att._fused_weights()
     width = att.head_size
-    q = F.linear(x, w[:width], b[:width])
-    k, v = F.linear(context, w[width:], b[width:]).split(width, dim=-1)
+    q = linear(x, w[:width], b[:width])
+    k, v = linear(context, w[width:], b[width:]).split(width, dim=-1)
     return patching.fused_attention(q, k, v, mask, att.num_attention_heads)
 
 
@@ -234,7 +235,7 @@ def _x_layer(xl, lang, ext_mask, visual):
     att, out = xl.visual_attention.att, xl.visual_attention.output
     if _fused(att) and att.query.in_features == att.key.in_features:
         w, b = att._fused_weights()
-        qkv = F.linear(torch.cat((lang, visual), dim=1), w, b)
+        qkv = linear(torch.cat((lang, visual), dim=1), w, b)
         n_lang = lang.shape[1]
         lq, lk, lv = qkv[:, :n_lang].split(att.head_size, dim=-1)
         vq, vk, vv = qkv[:, n_lang:].split(att.head_size, dim=-1)

@@ -521,6 +521,9 @@ def _generate(args, load_model, tokenizer, mine: list[dict], rank: int, world: i
     who = f"rank {rank}: " if world > 1 else ""
     print(f"{who}building the model ({model_description(args)}) ...", file=sys.stderr, flush=True)
     model = load_model(args).to(device=device, dtype=dtype).eval()
+    import xlx_fast
+
+    xlx_fast.freeze(model)  # built here, never edited: packed CPU GEMMs for every step
     # output does not depend on the slots, and a smaller engine warms up faster
     engine = Engine(model, slots=min(args.batch_size, len(mine)), max_length=MAX_LENGTH)
     print(f"{who}warming up ...", file=sys.stderr, flush=True)

@@ -138,6 +138,7 @@ def run(args) -> int:
     if args.impl == "fast":
         import xlx_fast
 
+        xlx_fast.freeze(model)  # built here, never edited: packed CPU GEMMs for every step
         result = xlx_fast.caption(model, length=args.length, steps=args.steps, strategy=args.strategy,
                                   temperature=args.temperature, seed=seed,
                                   progress=sys.stderr.isatty(), **kwargs)

@@ -187,7 +187,7 @@ def run(args) -> int:
     if args.impl == "fast":
         import xlx_fast
 
-        xlx_fast.optimize(model)
+        xlx_fast.freeze(model)  # built here, never edited: packed CPU GEMMs for every step
     t_built = time.perf_counter()
     print(f"sampling ({args.strategy}, {args.impl}) ...", file=sys.stderr, flush=True)
     # a step bar on a terminal; in a log its carriage-return updates are noise

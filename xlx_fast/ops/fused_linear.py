@@ -25,7 +25,8 @@ Backends (``xlx_fast.ops.registry``):
   intermediate never leaves registers. Everything between the GEMM and the store is fp32, so
   in bf16/fp16 it rounds once where HF rounds after every step (closer to the fp32 result).
 - ``torch`` (CPU; CUDA when named or measured faster): HF's own ops in HF's order (``F.linear``,
-  ``F.gelu``, the add, ``F.layer_norm``), so it is bit for bit HF's result. On a GPU it is what the dispatcher picks where cuBLAS's GEMM
+  ``F.gelu``, the add, ``F.layer_norm``), so it is bit for bit HF's result. The GEMM of a frozen
+  model's weight on a CPU runs against its packed copy (``ops.frozen_weights``, same bits). On a GPU it is what the dispatcher picks where cuBLAS's GEMM
   beats the fused kernel.
 
 Both are behind the custom op ``torch.ops.xlx_fast.fused_linear`` (a fake implementation for
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from . import _common
 from ._common import FLOAT_DTYPES, check_choice, check_tensor, inference_op, tl, triton
 from .codebook_tile import interpreter_widen
-from . import measured
+from . import frozen_weights, measured
 from .registry import Capability, register_op, triton_capability
 
 __all__ = ["fused_linear", "linear_gelu", "linear_add_layernorm", "linear_gelu_layernorm", "feed_forward",
@@ -146,8 +147,9 @@ def compile_variants(m: int, k: int, n: int, dtype: torch.dtype):
 
 def fused_linear_torch(x, weight, bias, residual, ln_weight, ln_bias, activation, eps, out=None):
     # HF's own sequence of ops (F.linear ran ~2.5% faster than addmm on the transposed weight,
-    # and out-of-place GELU and add faster than in place, on a 2-core Xeon): the same bits
-    y = F.linear(x, weight, bias)
+    # and out-of-place GELU and add faster than in place, on a 2-core Xeon): the same bits.
+    # A frozen model's weight multiplies from its packed copy (ops.frozen_weights), same bits.
+    y = frozen_weights.linear(x, weight, bias)
     if activation == "gelu":
         y = F.gelu(y)
     if residual is not None:

@@ -123,6 +123,7 @@ class ModelSpec:
 
     def build(self):
         """``(model, tokenizer)`` on the spec's device and dtype, in eval mode."""
+        from ..freezing import freeze
         from ..models import XLxmertForImageGeneration
         from ..models.generator import Generator
         from ..text import load_tokenizer
@@ -153,7 +154,8 @@ class ModelSpec:
         if self.word_head_scale != 1.0:
             with torch.no_grad():
                 model.cls.predictions.transform.LayerNorm.weight.mul_(self.word_head_scale)
-        model = model.to(device=self._device(), dtype=DTYPES[self.dtype]).eval()
+        # the replica never edits its weights: frozen, its CPU GEMMs run on packed weights
+        model = freeze(model.to(device=self._device(), dtype=DTYPES[self.dtype]).eval())
         real_answers = self.answer_checkpoint is not None
         tokenizer = load_tokenizer(self.vocab, real_weights=real or real_answers)
         return model, tokenizer
@@ -167,6 +169,7 @@ class ModelSpec:
     def build_answer_model(self, codebook: torch.Tensor):
         """The answer model (None without ``answer_task``) on the spec's device and dtype, in eval
         mode, looking cluster ids up in ``codebook`` [K, F] (the painting model's centroids)."""
+        from ..freezing import freeze
         from ..models import XLxmertForQuestionAnswering
         from ..models.answering import read_answer_table
 
@@ -184,4 +187,4 @@ class ModelSpec:
             raise ValueError(f"model spec: the answer model reads {model.feat_dim}-d features but "
                              f"the codebook's are {codebook.shape[1]}-d")
         model.set_visual_embedding(codebook.detach().float().cpu())
-        return model.to(device=self._device(), dtype=DTYPES[self.dtype]).eval()
+        return freeze(model.to(device=self._device(), dtype=DTYPES[self.dtype]).eval())

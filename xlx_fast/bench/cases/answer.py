@@ -29,7 +29,7 @@ import copy
 import torch
 
 from ..harness import FAST, PEER, TOLERANCE, Agreement, Case, Prepared, Spec, rel_error
-from . import compiled
+from . import compiled, frozen
 from .model_forward import forward_flops
 
 TEXT_LENGTH, CELLS = 20, 64
@@ -114,7 +114,7 @@ def make_case(spec: Spec, task: str, dtype: torch.dtype, batch: int) -> Case:
         from xlx_fast.reference.answer import answer_logits
 
         ref_model = model(task, spec.size, dtype, device, "reference")
-        fast_model = model(task, spec.size, dtype, device, "fast")
+        fast_model, fast_note = frozen.freeze(model(task, spec.size, dtype, device, "fast"))
         inputs = make_inputs(task, ref_model.feat_dim, batch, dtype, device)
 
         fp32_key = (task, spec.size, str(device), batch)
@@ -149,7 +149,7 @@ def make_case(spec: Spec, task: str, dtype: torch.dtype, batch: int) -> Case:
                              detail="" if ok else "logits outside the bound", extra=extra)
 
         peer = compiled.unavailable(spec, "answer", dtype)
-        notes = {}
+        notes = {FAST_NAME: fast_note}
         if peer is None:
             compiled_model = compiled.compiled_copy(ref_model, "bert", spec)
 

@@ -20,7 +20,7 @@ import copy
 import torch
 
 from ..harness import FAST, PEER, Agreement, Case, Prepared, Spec, fast_module, id_share, not_implemented
-from . import compiled
+from . import compiled, frozen
 
 STEPS, WORDS = 4, 12
 MIN_SHARE = {torch.float32: 0.95, torch.bfloat16: 0.6, torch.float16: 0.6}
@@ -78,7 +78,7 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
         if captioning is None:
             fast = not_implemented("xlx_fast/captioning.py")
         else:
-            fast_model = model(spec.size, dtype, device, "fast")
+            fast_model, fast_note = frozen.freeze(model(spec.size, dtype, device, "fast"))
 
             def fast():
                 return captioning.caption(fast_model, cluster_ids=ids, length=WORDS, steps=STEPS).ids
@@ -97,7 +97,7 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
                              extra=extra)
 
         peer = compiled.unavailable(spec, "caption", dtype)
-        notes = {}
+        notes = {} if captioning is None else {"xlx_fast.caption": fast_note}
         if peer is None:
             compiled_model = compiled.compiled_copy(ref_model, "bert", spec)
             peer = compiled.FirstCallTimer(

@@ -28,7 +28,7 @@ import torch
 
 from ...grid import GRID
 from ..harness import FAST, PEER, Agreement, Case, Prepared, Spec, fast_module, id_share, not_implemented
-from . import compiled
+from . import compiled, frozen
 
 STEPS = 4
 CAPTIONS = (
@@ -124,7 +124,7 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int, grid: int = GRID) -> C
         if generation is None:
             fast = not_implemented("xlx_fast/generation.py")
         else:
-            fast_model = model(spec.size, dtype, device, "fast", grid)
+            fast_model, fast_note = frozen.freeze(model(spec.size, dtype, device, "fast", grid))
 
             def fast():
                 return generation.generate(fast_model, ids, mask, steps=STEPS).ids
@@ -144,7 +144,7 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int, grid: int = GRID) -> C
                              detail="" if ok else "ids differ from the same-dtype reference", extra=extra)
 
         peer = compiled.unavailable(spec, "generate", dtype)
-        notes = {}
+        notes = {} if generation is None else {"xlx_fast.generate": fast_note}
         if peer is None:
             # the authors' loop unchanged; only its transformer is compiled
             compiled_model = compiled.compiled_copy(ref_model, "bert", spec)
