@@ -227,6 +227,18 @@ def test_global_count_rescales_the_local_mean():
     assert rel(scaled, plain * (2 / 3)) <= 1e-6
 
 
+def test_bf16_autocast_loss_is_close_to_fp32():
+    _, fast = models(seed=10)
+    caps, ids = dataset(8, 8, seed=10)
+    for step in range(3):
+        b = xs.make_batch(caps, ids, torch.arange(8), step, 1, VOCAB)
+        with torch.no_grad():
+            l32 = xs.pretrain_loss(fast, b)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                l16 = xs.pretrain_loss(fast, b)
+        assert l16.dtype == torch.float32 and rel(l16, l32) <= 2e-2, b.task
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 def test_bad_inputs_raise_clear_errors():
