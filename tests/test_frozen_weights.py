@@ -36,7 +36,7 @@ def test_packed_gemms_run_on_this_machine():
     assert frozen_weights.available()
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 33, 17), (7, 64, 130), (64, 96, 255), (130, 48, 96)])
+@pytest.mark.parametrize("m,k,n", [(3, 33, 17), (7, 64, 130), (64, 96, 255), (130, 48, 96)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_equals_f_linear(m, k, n, bias):
     g = torch.Generator().manual_seed(m * 1000 + n)
@@ -67,6 +67,9 @@ def test_unfrozen_other_dtype_and_gradients_run_unpacked():
         frozen_weights.linear(x, layer.weight, layer.bias)
     assert frozen_weights.packed_count(layer) == 0 and not is_frozen(layer)
     frozen_weights.register(layer)
+    with torch.no_grad():  # up to 4 rows: MKL's matrix-vector path, as fast on the plain weight
+        frozen_weights.linear(x[:4], layer.weight, layer.bias)
+    assert frozen_weights.packed_count(layer) == 0
     y = frozen_weights.linear(x.requires_grad_(), layer.weight, layer.bias)  # autograd needs F.linear
     y.sum().backward()
     assert frozen_weights.packed_count(layer) == 0 and x.grad is not None
@@ -166,3 +169,24 @@ def test_server_models_are_frozen():
     model, _ = spec.build()
     assert is_frozen(model)
     assert is_frozen(spec.build_answer_model(model.centroids))
+
+
+def test_a_frozen_question_runs_at_its_own_length(monkeypatch):
+    """Unfrozen, a batch-1 question of 5..15 tokens is padded to 16 rows on a CPU (MKL's GEMM
+    of fewer rows is slower, ``ops._common.cpu_gemm_rows``); against packed weights fewer rows
+    cost less, so a frozen model runs the question as it is."""
+    from xlx_fast import answering
+
+    seen = []
+    language = answering.step_plan.language
+    monkeypatch.setattr(answering.step_plan, "language",
+                        lambda model, ids, ext: seen.append(ids.shape[1]) or language(model, ids, ext))
+    model = sharpen(XLxmertForQuestionAnswering.from_default("vqa", seed=9, size="tiny"))
+    ids, mask = questions(1, length=20, seed=3)
+    kw = visual(model, 1, "features", seed=3)
+    n = int(mask.sum())
+    assert 4 < n < 16
+    unfrozen = xlx_fast.answer(copy.deepcopy(model), ids, mask, **kw).logits
+    frozen = xlx_fast.answer(xlx_fast.freeze(model), ids, mask, **kw).logits
+    assert seen == [16, n]
+    assert rel(frozen, unfrozen) <= 1e-5

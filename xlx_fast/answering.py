@@ -18,7 +18,7 @@ differently, within the SPEC §4 bound):
   has no token at all, HF averages over every key, padded ones included: then nothing is cut.)
   A 9-token question in a 20-token batch of 8 runs its language stream on 9 rows, not 20 (at
   batch 1 on a CPU on 16: a GEMM of 5 to 15 rows is slower there than one of 16,
-  ``ops._common.cpu_gemm_rows``);
+  ``ops._common.cpu_gemm_rows``; not for a frozen model, whose packed GEMMs are faster on 9);
 - NLVR2: each sentence's language layers run once and their output is repeated for its two
   images (the reference runs the repeated sentence once per image: this is half its language
   work);
@@ -64,6 +64,7 @@ from .ops._common import cpu_gemm_rows
 from .grid import N_CELLS, box_positions
 from .models.answering import XLxmertForQuestionAnswering
 from .ops.fused_linear import MAX_LAYERNORM_WIDTH, fused_linear, linear_gelu, linear_gelu_layernorm
+from .ops import frozen_weights
 from .ops.frozen_weights import linear
 from .patching import optimize
 from .sampler_io import default_pad_id
@@ -261,7 +262,8 @@ def _logits(model, input_ids, mask, feats) -> torch.Tensor:
     # at batch 1 on a CPU keep 16 columns where there are: a GEMM of fewer rows is slower there
     # (ops._common.cpu_gemm_rows); the extra columns are padding, masked, changing nothing
     b = input_ids.shape[0]
-    length = min(mask.shape[1], max(length, cpu_gemm_rows(b * length, mask.device) // b))
+    packed = frozen_weights.is_frozen(model)
+    length = min(mask.shape[1], max(length, cpu_gemm_rows(b * length, mask.device, packed) // b))
     input_ids, mask = input_ids[:, :length], mask[:, :length]
     ext = step_plan.extended_mask(model, mask)
     lang = step_plan.language(model, input_ids, ext)

@@ -137,13 +137,17 @@ def inference_op(schema: str, kernel, fake) -> None:
 # 2-core Xeon of the committed CPU results, [M, 768] x [768, 3072] took 0.69 ms at M = 12,
 # 0.85 ms at 14 and 0.47 ms at 16, and x [768, 30522] 7.4, 9.2 and 4.7 ms. At batch 1 a
 # caption's or a question's text is such a GEMM in every layer; the front ends that may pad it
-# (with masked positions, which change no result) pad it to 16 rows on a CPU.
+# (with masked positions, which change no result) pad it to 16 rows on a CPU. Not against
+# packed weights (``ops.frozen_weights``): there fewer rows cost less (0.27 ms at 10 rows, 0.33
+# at 16), so a frozen model's question runs at its own length (captions keep 16 rows: their
+# 30,522-word head is a GEMM of its own, unpacked).
 CPU_GEMM_MIN_ROWS = 16
 
 
-def cpu_gemm_rows(rows: int, device) -> int:
+def cpu_gemm_rows(rows: int, device, packed: bool = False) -> int:
     """The rows worth running a CPU GEMM at for ``rows`` real ones (see above); ``rows`` on
-    other devices, and below 5 rows (a matrix-vector product, faster still)."""
-    if torch.device(device).type == "cpu" and 4 < rows < CPU_GEMM_MIN_ROWS:
+    other devices, against packed weights, and below 5 rows (a matrix-vector product, faster
+    still)."""
+    if not packed and torch.device(device).type == "cpu" and 4 < rows < CPU_GEMM_MIN_ROWS:
         return CPU_GEMM_MIN_ROWS
     return rows

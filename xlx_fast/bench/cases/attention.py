@@ -5,7 +5,10 @@ column slices of one fused QKV output (what ``optimize`` feeds the kernel), for 
 query and column slices of a fused KV output. Keys of length 20 are caption tokens and carry HF's
 additive ``[B, 1, 1, 20]`` padding mask (captions of different lengths); keys of length 64 are grid
 cells and have no mask, as in X-LXMERT. (Lq, Lk): (20, 20) language self-attention, (64, 64)
-visual self-attention, (20, 64) language→vision and (64, 20) vision→language cross-attention.
+visual self-attention, (20, 64) language→vision and (64, 20) vision→language cross-attention;
+the full sweep adds the finer grids' 256 and 1,024 cells (``GRID_LENGTHS``). On CUDA the op
+measures itself against SDPA per shape (``ops.measured``) and runs the faster: its row is then
+at least SDPA's default, and the rows of each SDPA backend show which one it met.
 
 Reference: the eager math of ``transformers``' ``LxmertAttention.forward`` after its projections
 (matmul, scale, mask, softmax, matmul, permute + contiguous). Peers: SDPA through each of torch's
@@ -24,6 +27,10 @@ from ..harness import FAST, PEER, Case, Prepared, Spec, close, fast_module, not_
 LENGTHS = ((20, 20), (64, 64), (20, 64), (64, 20))
 QUICK_LENGTHS = ((20, 20), (64, 64), (64, 20))
 BATCHES = {True: (1, 64), False: (1, 8, 64, 256)}
+# Finer grids (16x16, 32x32: 256 and 1,024 cells): the visual self-attention and both
+# cross-attentions stop being tiny there. Full sweep only, at the batches of the generate rows.
+GRID_LENGTHS = ((256, 256), (1024, 1024), (20, 1024), (1024, 20))
+GRID_BATCHES = {"cpu": (1, 8), "cuda": (1, 64)}
 TEXT_LENGTH = 20  # keys this long are caption tokens (masked); others are grid cells (no mask)
 
 _SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -130,4 +137,10 @@ def cases(spec: Spec):
     for dtype in spec.dtypes:
         for batch in batches:
             for lq, lk in lengths:
+                yield make_case(spec, dtype, batch, lq, lk)
+    if spec.size == "tiny" or spec.quick:
+        return
+    for dtype in spec.dtypes:
+        for batch in GRID_BATCHES[spec.device.type]:
+            for lq, lk in GRID_LENGTHS:
                 yield make_case(spec, dtype, batch, lq, lk)
