@@ -121,3 +121,23 @@ def test_info_says_which_stock_op_is_timed_against_ours():
     assert registry.explain("attention", "cuda")["measured_against"] == ["sdpa"]
     assert registry.explain("fused_linear", "cuda")["measured_against"] == ["torch"]
     assert registry.explain("fused_linear_cross_entropy", "cuda")["measured_against"] == []  # no chooser
+
+
+def test_the_attention_rows_say_what_ran_and_why():
+    """The bench's attention row names the backend the op ran at its shape: on CUDA the measured
+    choice with both times (here a decision planted as the chooser would record it), elsewhere
+    the device's backend; another shape's decision is not this row's."""
+    from xlx_fast.bench.cases.attention import dispatch_note, make_inputs
+
+    q, k, v, mask = make_inputs(2, 1024, 20, 2, 32, torch.float32, torch.device("cpu"))
+    measured.forget()
+    try:
+        assert dispatch_note(q, k, torch.device("cpu")) == "ran sdpa (this device's backend)"
+        key = measured.shape_key(q, k, v, mask, 2, None)
+        measured._DECIDED[("attention", "cpu", torch.float32, key)] = ("sdpa", {"triton": 0.25, "sdpa": 0.125})
+        other = measured.shape_key(q[:1], k[:1], v[:1], mask[:1], 2, None)
+        measured._DECIDED[("attention", "cpu", torch.float32, other)] = ("triton", {"triton": 0.1, "sdpa": 0.2})
+        assert dispatch_note(q, k, torch.device("cpu")) == \
+            "ran sdpa (measured per shape: sdpa 0.125 ms, triton 0.250 ms)"
+    finally:
+        measured.forget()

@@ -100,6 +100,21 @@ def make_inputs(batch, lq, lk, heads, d, dtype, device, seed=0):
     return q, k, v, mask
 
 
+def dispatch_note(q, k, device) -> str:
+    """Which backend the op ran at this shape and why: on CUDA the per-shape measurement
+    (``ops.measured``: the Triton kernel or SDPA, the faster on this call's inputs), elsewhere
+    the device's one backend."""
+    from xlx_fast.ops import measured, registry
+
+    for c in measured.choices():
+        key = c["key"]
+        if (c["op"] == "attention" and c["dtype"] == str(q.dtype).removeprefix("torch.")
+                and key[0][0] == tuple(q.shape) and key[1][0] == tuple(k.shape)):
+            times = ", ".join(f"{b} {ms:.3f} ms" for b, ms in sorted(c["ms"].items()))
+            return f"ran {c['chosen']} (measured per shape: {times})"
+    return f"ran {registry.select_impl('attention', device, q.dtype).backend} (this device's backend)"
+
+
 def make_case(spec: Spec, dtype: torch.dtype, batch: int, lq: int, lk: int) -> Case:
     heads, d = dims(spec)
     device = spec.device
@@ -117,8 +132,9 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int, lq: int, lk: int) -> C
             fns["xlx_fast"] = lambda: attention.attention(q, k, v, mask, num_heads=heads)
         for p in peers:
             fns[p] = (lambda: sdpa_attention(*args)) if p == "sdpa" else _sdpa_with(p[len("sdpa-"):], *args)
+        notes = {} if attention is None else {"xlx_fast": lambda: dispatch_note(q, k, device)}
         return Prepared(reference=lambda: eager_attention(*args), backends=fns,
-                        compare=lambda ref, out, _name: close(out, ref, dtype))
+                        compare=lambda ref, out, _name: close(out, ref, dtype), notes=notes)
 
     width = heads * d
     itemsize = torch.empty(0, dtype=dtype).element_size()
