@@ -190,3 +190,24 @@ def test_a_frozen_question_runs_at_its_own_length(monkeypatch):
     frozen = xlx_fast.answer(xlx_fast.freeze(model), ids, mask, **kw).logits
     assert seen == [16, n]
     assert rel(frozen, unfrozen) <= 1e-5
+
+
+def test_the_compile_peer_of_a_frozen_row_compiles_with_freezing():
+    """Where the fast row's weights are packed, its torch.compile peer gets the same promise
+    (inductor's freezing=True during its calls, said in its note); elsewhere it does not."""
+    import torch._inductor.config as inductor_config
+
+    from xlx_fast.bench.cases import compiled, frozen
+    from xlx_fast.bench.harness import Spec
+
+    spec = Spec(device=torch.device("cpu"), dtypes=(torch.float32,), quick=False, size="tiny")
+    assert frozen.peer_freezes(torch.device("cpu"), torch.float32)
+    assert not frozen.peer_freezes(torch.device("cpu"), torch.bfloat16)
+    seen = []
+    for freezing in (True, False):
+        timer = compiled.FirstCallTimer(lambda: seen.append(inductor_config.freezing), spec,
+                                        freezing=freezing)
+        timer()
+        timer()
+        assert ("freezing=True" in timer.note()) == freezing
+    assert seen == [True, True, False, False] and inductor_config.freezing is False

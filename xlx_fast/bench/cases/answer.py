@@ -157,7 +157,7 @@ def make_case(spec: Spec, task: str, dtype: torch.dtype, batch: int) -> Case:
                 with torch.no_grad():
                     return answer_logits(compiled_model, **inputs)
 
-            peer = compiled.FirstCallTimer(peer_call, spec)
+            peer = compiled.FirstCallTimer(peer_call, spec, freezing=frozen.peer_freezes(device, dtype))
             notes[compiled.NAME] = peer.note
         return Prepared(reference=reference, backends={FAST_NAME: fast, compiled.NAME: peer},
                         compare=compare, notes=notes)

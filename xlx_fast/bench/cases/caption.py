@@ -102,7 +102,7 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
             compiled_model = compiled.compiled_copy(ref_model, "bert", spec)
             peer = compiled.FirstCallTimer(
                 lambda: reference_caption(compiled_model, cluster_ids=ids, length=WORDS, steps=STEPS).ids,
-                spec)
+                spec, freezing=frozen.peer_freezes(device, dtype))
             notes[compiled.NAME] = peer.note
         return Prepared(reference=run_reference,
                         backends={"xlx_fast.caption": fast, compiled.NAME: peer},

@@ -58,12 +58,20 @@ def compiled_copy(module: torch.nn.Module, attribute: str | None, spec: Spec) ->
 
 class FirstCallTimer:
     """Wraps a callable; records how long its first call took (compilation + one run), for the
-    row's note."""
+    row's note.
 
-    def __init__(self, fn, spec: Spec):
-        self.fn, self.first_s, self.mode = fn, None, mode(spec)
+    ``freezing``: compile with inductor's ``freezing=True`` (the weights become constants of
+    the graph: folded, and on a CPU prepacked for MKL/oneDNN), the peer of a fast row whose
+    weights are frozen (``xlx_fast.freeze``); it applies to no-grad calls, as the rows' are."""
+
+    def __init__(self, fn, spec: Spec, freezing: bool = False):
+        self.fn, self.first_s, self.mode, self.freezing = fn, None, mode(spec), freezing
 
     def __call__(self):
+        with torch._inductor.config.patch(freezing=self.freezing):
+            return self._call()
+
+    def _call(self):
         if self.first_s is not None:
             return self.fn()
         t0 = time.perf_counter()
@@ -76,4 +84,5 @@ class FirstCallTimer:
     def note(self) -> str:
         if self.first_s is None:
             return ""
-        return f"mode={self.mode!r}; first call (compile + run) {self.first_s:.1f} s"
+        frozen = ", freezing=True (as the fast row's weights are frozen)" if self.freezing else ""
+        return f"mode={self.mode!r}{frozen}; first call (compile + run) {self.first_s:.1f} s"
