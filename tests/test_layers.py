@@ -17,8 +17,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "xlx_fast"
 # Floors, bottom first. A module's floor is that of the longest prefix listed here.
 FLOORS = [
     # models and neutral definitions: what every other floor reads
-    ("xlx_fast.models", "xlx_fast.grid", "xlx_fast.strategies", "xlx_fast.seeds", "xlx_fast.text",
-     "xlx_fast.caption_io",
+    ("xlx_fast.models", "xlx_fast.archs", "xlx_fast.grid", "xlx_fast.strategies", "xlx_fast.seeds",
+     "xlx_fast.text", "xlx_fast.caption_io",
      "xlx_fast.native", "xlx_fast.sampling_params", "xlx_fast.sampler_io"),
     # the reference: the authors' loops in eager PyTorch, importing nothing fast
     ("xlx_fast.reference",),

@@ -50,11 +50,13 @@ import re
 import sys
 import time
 
+from ..archs import ARCHS as ARCH_TABLE
+from ..archs import DEFAULT_ARCH
 from . import UserError
 
 # The run's hyper-parameters: stored in last.pt and kept by --resume. Their argparse default
 # is None, so that an option given on the command line can be told from one left out.
-DEFAULTS = {"task": "pretrain", "arch": "xlxmert", "steps": 100, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.05,
+DEFAULTS = {"task": "pretrain", "arch": DEFAULT_ARCH, "steps": 100, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.05,
             "clip": 1.0, "dropout": None, "seed": 0, "size": "base", "grid": 8, "dtype": "fp32",
             "checkpoint": None, "centroids": None, "vocab": None}
 HPARAMS = tuple(DEFAULTS)
@@ -80,7 +82,7 @@ DOMAINS = {
 }
 
 TASKS = ("pretrain", "vqa", "gqa", "nlvr2")
-ARCHS = ("xlxmert", "xuniter")
+ARCHS = tuple(ARCH_TABLE)  # xlx_fast.archs: the one table of architectures
 # what a run writes into --out (and --overwrite removes); temporary files are atomic_write's
 RUN_FILE = re.compile(r"^(last\.pt|centroids\.npy|answers\.json|step\d{6}_(LXRT|XUNITER|VQA|GQA|NLVR2)\.pth"
                       r"|\..+\.tmp\d+)$")
@@ -262,20 +264,13 @@ def _resumed_hparams(args: argparse.Namespace, state: dict, last: str) -> tuple[
 
 
 def _build_model(args, torch):
-    from xlx_fast.models import XLxmertForImageGeneration
+    from xlx_fast.models import XLxmertForImageGeneration, from_default
 
-    if args.arch == "xuniter":
-        from xlx_fast.models.xuniter import XUniterForImageGeneration
-
-        if args.centroids:
-            raise ValueError("--centroids needs --checkpoint (the embedded default has its own)")
-        return XUniterForImageGeneration.from_default(seed=args.seed, size=args.size, with_generator=False,
-                                                      pretraining_heads=True, grid=args.grid), False
     if args.checkpoint is None:
         if args.centroids:
             raise ValueError("--centroids needs --checkpoint (the embedded default has its own)")
-        return XLxmertForImageGeneration.from_default(seed=args.seed, size=args.size, with_generator=False,
-                                                      pretraining_heads=True, grid=args.grid), False
+        return from_default(args.arch, seed=args.seed, size=args.size, with_generator=False,
+                            pretraining_heads=True, grid=args.grid), False
     if args.centroids is None:
         raise ValueError("--checkpoint needs --centroids (the cluster centroids .npy)")
     return XLxmertForImageGeneration.from_checkpoint(args.checkpoint, args.centroids, size=args.size,
