@@ -36,14 +36,14 @@ from collections import OrderedDict
 
 import torch
 
-from .engine import Engine, Request
+from .engine import Request
 from .models.xuniter import XUniterForImageGeneration
 from .step_engine import run_requests
 from .patching import optimize
 from .sampler_io import SampleResult, check_inputs
 from .sampling_params import check_params
 from .step_plan import prepare
-from .xuniter_engine import XUniterEngine
+from .xuniter_engine import engine_class
 from . import xuniter_plan
 
 __all__ = ["generate"]
@@ -111,7 +111,7 @@ def cached_engine(model, attr: str, shape: tuple, cuda_graph: bool, build):
 def _engine(model, b: int, length: int, cuda_graph: bool):
     """The paint engine for B captions of ``length`` tokens (``cached_engine``): the
     single-stream one (:class:`xlx_fast.xuniter_engine.XUniterEngine`) for an X-UNITER model."""
-    cls = XUniterEngine if isinstance(model, XUniterForImageGeneration) else Engine
+    cls = engine_class(model)
     return cached_engine(model, "_xlx_engines", (b, length), cuda_graph,
                          lambda: cls(model, slots=b, max_length=length, cuda_graph=cuda_graph,
                                      buckets=[b]))

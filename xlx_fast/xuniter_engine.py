@@ -35,7 +35,14 @@ from .step_engine import StepEngine, check_model
 from .step_plan import extended_mask, head_transform
 from .xuniter_plan import encoder, image_embeddings, prepare, text_embeddings
 
-__all__ = ["XUniterEngine", "Request", "Finished"]
+__all__ = ["XUniterEngine", "Request", "Finished", "engine_class"]
+
+
+def engine_class(model) -> type:
+    """The paint engine class for ``model``: :class:`XUniterEngine` for an
+    :class:`~xlx_fast.models.XUniterForImageGeneration`, :class:`xlx_fast.engine.Engine` (the
+    two-stream X-LXMERT's) for any other. Both take the same arguments and requests."""
+    return XUniterEngine if isinstance(model, XUniterForImageGeneration) else Engine
 
 
 class XUniterEngine(Engine):

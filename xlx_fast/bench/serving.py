@@ -250,11 +250,11 @@ async def run_inproc(spec: dict, model, tokenizer, *, slots, policies, plan, tra
     """The schedulers' rows; with ``task_plan``, also the task rows (``"tasks"``), on a step
     scheduler that runs the caption engine and the answer model beside the paint engine."""
     from ..caption_engine import CaptionEngine
-    from ..engine import Engine
+    from ..xuniter_engine import engine_class
 
     out = {}
     for policy in _step_first(policies):
-        engine = Engine(model, slots=slots)
+        engine = engine_class(model)(model, slots=slots)
         engine.warmup()
         sched = Scheduler(engine, model, max_queue=max_queue, policy=policy,
                           batch_wait_ms=batch_wait_ms)
@@ -269,7 +269,7 @@ async def run_inproc(spec: dict, model, tokenizer, *, slots, policies, plan, tra
             read_split=lambda sched=sched: _time_split(sched.metrics))
         await sched.stop()
     if task_plan:
-        engine = Engine(model, slots=slots)
+        engine = engine_class(model)(model, slots=slots)
         engine.warmup()
         captioner = None
         if "captions" in task_plan["traces"]:

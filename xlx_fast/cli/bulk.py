@@ -1,8 +1,9 @@
 """Bulk generation: ``xlx-fast generate --captions-file FILE --out-dir DIR --batch-size N``.
 
-One image per caption line, through one :class:`xlx_fast.engine.Engine` kept full: a finished
-row's slot is refilled at once from the remaining lines, so short and long requests never wait
-for each other. Output, in ``DIR``:
+One image per caption line, through one paint engine kept full
+(:class:`xlx_fast.engine.Engine`; with ``--arch xuniter`` its single-stream twin,
+:class:`xlx_fast.xuniter_engine.XUniterEngine`): a finished row's slot is refilled at once from
+the remaining lines, so short and long requests never wait for each other. Output, in ``DIR``:
 
 - ``NNNNNN.png`` per line (``NNNNNN`` = the 1-based line number, zero-padded to 6 digits),
   written to a temporary file, synced and renamed, so a PNG is whole or absent;
@@ -10,8 +11,9 @@ for each other. Output, in ``DIR``:
   ``seed``, ``steps``, ``strategy``, ``temperature``, ``file``, ``sha256`` (of the PNG), ``ids``
   (the N² cluster ids of the ``--grid``: 64 on 8×8), and ``given_seed`` when the seed asked for was hashed (see below);
 - ``settings.json``: the run's settings (``--seed``, ``--steps``, ``--strategy``,
-  ``--temperature``, ``--size``, ``--grid``, ``--dtype``, the device type and the sha256 of each
-  model file; a settings file written before grids were recorded holds none and means 8×8);
+  ``--temperature``, ``--arch``, ``--size``, ``--grid``, ``--dtype``, the device type and the
+  sha256 of each model file; a settings file written before grids or architectures were recorded
+  holds none and means 8×8, X-LXMERT);
 - ``.xlx-fast.lock``: the lock a run holds while it works in ``DIR``.
 
 Lines end at ``\\n`` only, as ``wc -l`` counts them (a ``\\r`` before the ``\\n`` of a CRLF line
@@ -53,6 +55,7 @@ import re
 import sys
 import time
 
+from ..archs import DEFAULT_ARCH
 from ..grid import GRID, N_CELLS
 from ..sampling_params import check_temperature
 from ..strategies import NAMES, check_steps
@@ -200,7 +203,8 @@ def settings(args) -> dict:
     """What the images depend on besides their lines: not the batch size, the sharding or the
     device index, but the device type (kernels, and so rounding, differ between cpu and cuda)."""
     out = dict(seed=args.seed, steps=args.steps, strategy=args.strategy, temperature=args.temperature,
-               size=args.size, grid=args.grid, dtype=args.dtype, device=args.device.split(":")[0])
+               arch=getattr(args, "arch", DEFAULT_ARCH), size=args.size, grid=args.grid,
+               dtype=args.dtype, device=args.device.split(":")[0])
     for option in _MODEL_FILES:
         path = getattr(args, option)
         out[option] = None if path is None else _file_sha256(path)
@@ -337,6 +341,7 @@ def _prepare(args, items: list[dict]) -> tuple[int, dict[int, dict], list[str]]:
             there = _read_settings(out_dir)
             if there is not None:
                 there.setdefault("grid", GRID)  # written before the grid was recorded: 8×8
+                there.setdefault("arch", DEFAULT_ARCH)  # before the arch was: X-LXMERT
             if there is None:
                 raise BulkError(f"--out-dir {out_dir} holds a manifest without its {SETTINGS} (the "
                                 "settings that made the images); pass --overwrite to delete them and "
@@ -509,7 +514,8 @@ def _generate(args, load_model, tokenizer, mine: list[dict], rank: int, world: i
     Returns the lines that got no image (rows the sampler flagged: NaN in the model's output)."""
     import torch
 
-    from ..engine import Engine, Request
+    from ..engine import Request
+    from ..xuniter_engine import engine_class
     from ..models.painting import paint
     from ..text import MAX_LENGTH
     from .generation_options import device_for
@@ -525,7 +531,7 @@ def _generate(args, load_model, tokenizer, mine: list[dict], rank: int, world: i
 
     xlx_fast.freeze(model)  # built here, never edited: packed CPU GEMMs for every step
     # output does not depend on the slots, and a smaller engine warms up faster
-    engine = Engine(model, slots=min(args.batch_size, len(mine)), max_length=MAX_LENGTH)
+    engine = engine_class(model)(model, slots=min(args.batch_size, len(mine)), max_length=MAX_LENGTH)
     print(f"{who}warming up ...", file=sys.stderr, flush=True)
     engine.warmup()
 

@@ -14,13 +14,14 @@ from ..caption_io import DEFAULT_WORDS, MAX_WORDS
 from ..grid import N_CELLS
 from ..strategies import BY_NAME, MASK_PREDICT_STEPS, MAX_STEPS
 from . import UserError
-from .model_args import add_model_arguments, choices_help
+from .model_args import add_arch_argument, add_model_arguments, check_arch_options, choices_help
 from .generation_options import (blank, check_model, check_sampling, device_for, engine_seed,
                                  long_caption_note, model_description, noise_note)
 from .paths import check_output, makedirs_for
 
 STRATEGIES = {name: s.describe(N_CELLS) for name, s in BY_NAME.items()}
-IMPLS = {"fast": "xlx_fast.generate, the fused loop", "reference": "the authors' eager loop"}
+IMPLS = {"fast": "xlx_fast.generate, the fused loop", "reference": "the authors' eager loop "
+         "(--arch xuniter: xlx_fast.reference.xuniter's)"}
 
 
 def add_parser(p) -> None:
@@ -55,6 +56,7 @@ def add_parser(p) -> None:
     p.add_argument("--caption-length", type=int, default=DEFAULT_WORDS,
                    help=f"words of --caption-back's captions, 1..{MAX_WORDS} (default {DEFAULT_WORDS})")
     add_model_arguments(p)
+    add_arch_argument(p)
     from . import bulk
 
     bulk.add_arguments(p)
@@ -138,13 +140,14 @@ def _tokenize(args, tokenizer):
 
 
 def load_model(args):
-    from xlx_fast.models import XLxmertForImageGeneration
+    """The model the options name: the seeded default of ``--arch``, or the X-LXMERT
+    ``--checkpoint`` (an architecture without a loader was refused by ``check_arch_options``)."""
+    from xlx_fast.models import XLxmertForImageGeneration, from_default
     from xlx_fast.models.checkpoint import CheckpointError
 
     heads = getattr(args, "caption_back", False)  # the masked-LM head reads the picture back
     if args.checkpoint is None:
-        return XLxmertForImageGeneration.from_default(seed=0, size=args.size, pretraining_heads=heads,
-                                                      grid=args.grid)
+        return from_default(args.arch, seed=0, size=args.size, pretraining_heads=heads, grid=args.grid)
     try:
         return XLxmertForImageGeneration.from_checkpoint(args.checkpoint, args.centroids, args.generator,
                                                          size=args.size, pretraining_heads=heads,
@@ -154,6 +157,7 @@ def load_model(args):
 
 
 def run(args) -> int:
+    check_arch_options(args, captions="--caption-back" if args.caption_back else None)
     if args.captions_file:
         if args.caption_back or args.save_ids:
             raise UserError("--caption-back and --save-ids are for captions given on the command "
@@ -178,6 +182,7 @@ def run(args) -> int:
     from PIL import Image
 
     from xlx_fast import reference
+    from xlx_fast.reference import xuniter  # noqa: F401 (reference.xuniter, for --arch xuniter)
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     print(f"building the model ({model_description(args)}) ...", file=sys.stderr, flush=True)
@@ -197,8 +202,10 @@ def run(args) -> int:
                                    strategy=args.strategy, temperature=args.temperature, seed=seed,
                                    progress=bar)
     else:
-        result = reference.sample(model, input_ids, attention_mask, steps=args.steps,
-                                  strategy=args.strategy, seed=seed, progress=bar)
+        # each architecture's own eager loop (X-UNITER's is in reference.xuniter)
+        sampler = reference.xuniter.sample if args.arch == "xuniter" else reference.sample
+        result = sampler(model, input_ids, attention_mask, steps=args.steps, strategy=args.strategy,
+                         seed=seed, progress=bar)
     t_sampled = time.perf_counter()
     if args.save_ids is not None:  # before painting: the ids stand whether or not it succeeds
         import numpy as np

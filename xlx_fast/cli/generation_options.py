@@ -115,4 +115,7 @@ def noise_note(tokenizer) -> None:
               file=sys.stderr)
 def model_description(args) -> str:
     what = "embedded default" if args.checkpoint is None else os.path.basename(args.checkpoint)
+    arch = getattr(args, "arch", "xlxmert")
+    if arch != "xlxmert":
+        what += f" {arch}"
     return f"{what}, {args.size}, {args.grid}×{args.grid} grid, {args.dtype}, {args.device}"

@@ -1,9 +1,12 @@
 """The options that say which model to run and where, shared by the subcommands that build one
 (``generate``, ``serve``, ``bench-serve``; ``caption`` adds ``--grid`` alone): the checkpoint
-files, the embedded default's size, the model's grid, the device and the compute precision."""
+files, the embedded default's size, the model's grid, the device and the compute precision; and
+``--arch`` (``generate``, ``serve``), the architecture, from :data:`xlx_fast.archs.ARCHS`."""
 from __future__ import annotations
 
+from ..archs import ARCHS, DEFAULT_ARCH
 from ..grid import GRID
+from . import UserError
 
 DTYPES = {"fp32": "float32 (the reference's precision)", "bf16": "bfloat16 weights and activations",
           "fp16": "float16 weights and activations"}
@@ -15,6 +18,27 @@ SIZES = {"base": "the X-LXMERT architecture", "tiny": "the same code at test siz
 def choices_help(what: str, choices: dict, default: str) -> str:
     """Help text that says what each choice means."""
     return f"{what} (default {default}): " + "; ".join(f"{k}: {v}" for k, v in choices.items())
+
+
+def add_arch_argument(p) -> None:
+    """``--arch NAME``: the image-generation architecture (:data:`xlx_fast.archs.ARCHS`)."""
+    p.add_argument("--arch", default=DEFAULT_ARCH, choices=list(ARCHS),
+                   help=choices_help("the model's architecture",
+                                     {name: a.description for name, a in ARCHS.items()}, DEFAULT_ARCH))
+
+
+def check_arch_options(args, *, captions: str | None = None) -> None:
+    """``--arch`` against the other options, before torch is imported: an architecture without
+    a checkpoint loader builds its seeded default only, and one the caption engine does not run
+    on refuses ``captions`` (the name of the option that asks for captions, when it is set).
+    Raises :class:`UserError`."""
+    arch = ARCHS[args.arch]
+    if not arch.loads_checkpoints and args.checkpoint is not None:
+        raise UserError(f"--arch {arch.name} builds its seeded default: there is no {arch.name} "
+                        "checkpoint loader (--checkpoint is an X-LXMERT state dict)")
+    if captions is not None and not arch.captions:
+        raise UserError(f"{captions} reads pictures back with X-LXMERT's masked-LM head and caption "
+                        f"engine, which --arch {arch.name} does not have; leave {captions} out")
 
 
 def add_grid_argument(p) -> None:

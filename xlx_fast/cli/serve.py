@@ -1,8 +1,10 @@
 """``xlx-fast serve``: start (or join) Ray, deploy the image server, print its URL, serve until
 Ctrl-C or SIGTERM. It paints (``POST /v1/images/generations``); ``--captions`` adds
 ``POST /v1/captions`` and ``--answer-task`` (with ``--answer-checkpoint`` and ``--answers`` for
-the authors' fine-tuned model) adds ``POST /v1/answers``. The server binds 127.0.0.1 unless ``--host`` says otherwise; another address
-needs an API key (or ``--allow-no-key``).
+the authors' fine-tuned model) adds ``POST /v1/answers``. ``--arch xuniter`` serves the
+single-stream X-UNITER's seeded default (its own paint engine; no ``--checkpoint``, no
+``--captions``; answers work, on its codebook). The server binds 127.0.0.1 unless ``--host``
+says otherwise; another address needs an API key (or ``--allow-no-key``).
 
 Every argument and file is checked before Ray starts: a bad one is one ``error:`` line and exit
 2, not a replica that Ray restarts forever. On a cluster this process joined (``--address``),
@@ -20,7 +22,7 @@ import sys
 import time
 
 from . import UserError
-from .model_args import add_model_arguments
+from .model_args import add_arch_argument, add_model_arguments, check_arch_options
 from .paths import check_input
 
 ANSWER_TASKS = ("vqa", "gqa", "nlvr2")
@@ -28,6 +30,7 @@ ANSWER_TASKS = ("vqa", "gqa", "nlvr2")
 
 def add_parser(p) -> None:
     add_model_arguments(p, device_help="cpu or cuda (one GPU per replica; default cpu)")
+    add_arch_argument(p)
     p.add_argument("--captions", action="store_true",
                    help="also serve POST /v1/captions (image cluster ids in, a caption out): builds "
                         "the masked-LM head, so a --checkpoint must carry the authors' cls.* keys")
@@ -74,7 +77,9 @@ def add_parser(p) -> None:
 
 
 def app_args(args) -> dict:
-    """The application builder's arguments for these command-line options (ValueError if bad)."""
+    """The application builder's arguments for these command-line options (ValueError if bad;
+    UserError, before torch is imported, for an option ``--arch`` does not support)."""
+    check_arch_options(args, captions="--captions" if args.captions else None)
     from xlx_fast.serving.service import ServerOptions
 
     for name in ("max_batch", "max_queue", "max_steps", "replicas", "max_slow_bodies"):
@@ -100,7 +105,8 @@ def app_args(args) -> dict:
         raise ValueError(f"--answer-checkpoint needs --answers, the {args.answer_task} answer table "
                          "its head was trained with (label2ans or ans2label JSON)")
     model = {"checkpoint": args.checkpoint, "centroids": args.centroids, "generator": args.generator,
-             "vocab": args.vocab, "size": args.size, "grid": args.grid, "device": args.device,
+             "vocab": args.vocab, "size": args.size, "arch": args.arch, "grid": args.grid,
+             "device": args.device,
              "dtype": args.dtype,
              "answer_task": args.answer_task, "answer_checkpoint": args.answer_checkpoint,
              "answers": args.answers}

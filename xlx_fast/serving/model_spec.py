@@ -7,6 +7,12 @@ A Ray Serve replica starts in another process (often on another machine), so it 
 - the embedded default (no checkpoint): seeded random weights at ``size`` "base" (the real
   architecture; its pictures are noise) or "tiny" (the test size).
 
+``arch`` is the image-generation architecture (:data:`xlx_fast.archs.ARCHS`): ``xlxmert`` (the
+default) or ``xuniter``, the single-stream X-UNITER, which has no checkpoint loader (its seeded
+default only) and no caption engine (``captions`` is refused with it); the paint route runs its
+own engine (:func:`xlx_fast.xuniter_engine.engine_class`), and an answer model reads its
+codebook as it reads X-LXMERT's.
+
 ``grid`` is the model's N×N grid of cells (8, the paper's, by default; 16 and 32 are the finer
 grids): a property of the served model, never of a request. Cluster ids a generation returns or a
 caption request sends are N² long. A model whose grid no generator paints yet is served without
@@ -42,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..archs import DEFAULT_ARCH, check_arch
 from ..grid import GRID, check_grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,6 +62,7 @@ class ModelSpec:
     generator: str | None = None
     vocab: str | None = None
     size: str = "base"
+    arch: str = DEFAULT_ARCH
     grid: int = GRID
     seed: int = 0
     image_size: int | None = None
@@ -83,6 +91,16 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     def check(self) -> None:
+        try:
+            arch = check_arch(self.arch)
+        except ValueError as e:
+            raise ValueError(f"model spec: {e}") from None
+        if self.checkpoint is not None and not arch.loads_checkpoints:
+            raise ValueError(f"model spec: arch {arch.name} builds its seeded default: there is no "
+                             f"{arch.name} checkpoint loader (checkpoint is an X-LXMERT state dict)")
+        if self.captions and not arch.captions:
+            raise ValueError(f"model spec: captions read pictures back with X-LXMERT's masked-LM "
+                             f"head and caption engine, which arch {arch.name} does not have")
         if self.checkpoint is None and (self.centroids or self.generator):
             raise ValueError("model spec: centroids/generator need checkpoint")
         if self.checkpoint is not None and (self.centroids is None or self.generator is None):
@@ -124,15 +142,14 @@ class ModelSpec:
     def build(self):
         """``(model, tokenizer)`` on the spec's device and dtype, in eval mode."""
         from ..freezing import freeze
-        from ..models import XLxmertForImageGeneration
+        from ..models import XLxmertForImageGeneration, from_default
         from ..models.generator import Generator
         from ..text import load_tokenizer
 
         self.check()
         if self.checkpoint is None:
-            model = XLxmertForImageGeneration.from_default(seed=self.seed, size=self.size,
-                                                           pretraining_heads=self.captions,
-                                                           grid=self.grid)
+            model = from_default(self.arch, seed=self.seed, size=self.size,
+                                 pretraining_heads=self.captions, grid=self.grid)
             # no generator (a grid none paints yet): nothing to resize, the server does not paint
             if (self.image_size is not None and model.generator is not None
                     and self.image_size != model.generator.config.target_size):

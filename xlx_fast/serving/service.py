@@ -168,10 +168,11 @@ class ImageService:
 
     def _build(self) -> None:
         try:
-            from ..engine import Engine
+            from ..xuniter_engine import engine_class
 
             self.model, self.tokenizer = self.spec.build()
-            self.engine = Engine(self.model, slots=self.options.slots)
+            # the model's own paint engine (X-UNITER's single stream has its own), same interface
+            self.engine = engine_class(self.model)(self.model, slots=self.options.slots)
             self.engine.warmup()
             if self.spec.captions:
                 from ..caption_engine import CaptionEngine
