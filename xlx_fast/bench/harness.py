@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..archs import ARCHS
+
 # Norm-wise relative error bounds of SPEC §4 (‖out − ref‖ / ‖ref‖).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 TF32_TOLERANCE = 5e-4
@@ -126,17 +128,22 @@ class Case:
 @dataclass
 class Spec:
     """What to run: device, dtypes, and how big (``quick`` trims the sweep; ``size`` "tiny" shrinks
-    every dimension to the tiny model's, for tests of the harness itself)."""
+    every dimension to the tiny model's, for tests of the harness itself). ``arch``: which
+    architectures' ``generate`` rows run (a name in :data:`xlx_fast.archs.ARCHS`, or "all"); the
+    other families time X-LXMERT's ops whatever it says."""
 
     device: torch.device
     dtypes: tuple
     quick: bool = False
     size: str = "base"
+    arch: str = "all"
 
     def __post_init__(self):
         self.device = torch.device(self.device)
         if self.size not in ("base", "tiny"):
             raise ValueError(f"size must be 'base' or 'tiny', got {self.size!r}")
+        if self.arch != "all" and self.arch not in ARCHS:
+            raise ValueError(f"arch must be 'all' or one of {', '.join(ARCHS)}, got {self.arch!r}")
         for dt in self.dtypes:
             if dt not in DTYPE_NAMES:
                 raise ValueError(f"unsupported dtype {dt}; choose from {sorted(DTYPES)}")
