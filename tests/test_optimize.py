@@ -193,6 +193,22 @@ def test_idempotent():
         torch.testing.assert_close(out1[name], out2[name], rtol=0, atol=0)
 
 
+def test_the_front_ends_optimize_a_model_once(monkeypatch):
+    """``ensure_optimized`` (what ``answer``/``generate`` apply on every call) walks the model
+    only the first time; after ``unoptimize`` it patches again."""
+    model = build(LxmertModel, tiny_config())
+    walks = []
+    optimize = patching.optimize
+    monkeypatch.setattr(patching, "optimize", lambda m: walks.append(m) or optimize(m))
+    for _ in range(3):
+        assert patching.ensure_optimized(model) is model
+    assert len(walks) == 1 and patched_names(model)
+    unoptimize(model)
+    assert patched_names(model) == []
+    patching.ensure_optimized(model)
+    assert len(walks) == 2 and patched_names(model)
+
+
 def test_state_dict_unchanged_and_loads_into_plain_model():
     config = tiny_config()
     model = build(LxmertModel, config)

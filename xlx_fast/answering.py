@@ -66,7 +66,7 @@ from .models.answering import XLxmertForQuestionAnswering
 from .ops.fused_linear import MAX_LAYERNORM_WIDTH, fused_linear, linear_gelu, linear_gelu_layernorm
 from .ops import frozen_weights
 from .ops.frozen_weights import linear
-from .patching import optimize
+from .patching import ensure_optimized
 from .sampler_io import default_pad_id
 
 __all__ = ["AnswerResult", "answer", "DEFAULT_TOP_K"]
@@ -309,7 +309,7 @@ def answer(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     mask = _check_question(model, input_ids, attention_mask, device)
     feats = _check_visual(model, features, cluster_ids, input_ids.shape[0], device)
     k = _check_top_k(model, top_k)
-    optimize(model)
+    ensure_optimized(model)
     logits = _logits(model, input_ids, mask, feats).float()
     top_logits, top_ids = torch.topk(logits, k, dim=1)
     if model.task.loss == "ce":

@@ -39,7 +39,7 @@ import torch
 from .engine import Request
 from .models.xuniter import XUniterForImageGeneration
 from .step_engine import run_requests
-from .patching import optimize
+from .patching import ensure_optimized
 from .sampler_io import SampleResult, check_inputs
 from .sampling_params import check_params
 from .step_plan import prepare
@@ -184,7 +184,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if cuda_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs a model on a CUDA device")
 
-    optimize(model)
+    ensure_optimized(model)
     engine = _engine(model, b, length, cuda_graph)
     if engine._tables is not _tables(model):
         engine.reload()
