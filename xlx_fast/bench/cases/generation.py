@@ -183,7 +183,8 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int, grid: int = GRID,
             # the authors' loop unchanged; only its transformer is compiled
             compiled_model = compiled_reference(ref_model, arch, spec)
             peer = compiled.FirstCallTimer(
-                lambda: sample(compiled_model, ids, mask, steps=STEPS).ids, spec)
+                lambda: sample(compiled_model, ids, mask, steps=STEPS).ids, spec,
+                freezing=frozen.peer_freezes(device, dtype))
             notes[compiled.NAME] = peer.note
         return Prepared(reference=run_reference,
                         backends={"xlx_fast.generate": fast, compiled.NAME: peer},
