@@ -141,3 +141,19 @@ def test_the_attention_rows_say_what_ran_and_why():
             "ran sdpa (measured per shape: sdpa 0.125 ms, triton 0.250 ms)"
     finally:
         measured.forget()
+
+
+def test_a_registration_is_seen_by_the_next_selection(op, monkeypatch):
+    """What can run is remembered per (op, device, dtype): a backend registered later, and
+    triton going missing, are seen by the next selection."""
+    from xlx_fast.ops import _common
+
+    assert _common.HAS_TRITON  # a pinned dependency
+    assert registry.select_impl(OP, "cpu").backend == "kernel"
+    registry.register_op(OP, "better", impl=lambda: "better", preference_rank=-1,
+                         capability=Capability(devices=("cpu",), requires=(registry.TRITON,)))
+    assert registry.select_impl(OP, "cpu").backend == "better"
+    monkeypatch.setattr(_common, "HAS_TRITON", False)
+    assert registry.select_impl(OP, "cpu").backend == "kernel"
+    monkeypatch.setattr(_common, "HAS_TRITON", True)
+    assert registry.select_impl(OP, "cpu").backend == "better"

@@ -46,8 +46,10 @@ _DEVICE_WORDS = {"cuda": "CUDA", "cpu": "CPU"}
 @dataclass(frozen=True)
 class Requirement:
     """Something an implementation needs that is not a property of the inputs (a package, a
-    built extension, a working driver): ``available()`` is asked on every selection, ``missing``
-    is the reason given when it returns False."""
+    built extension, a working driver): ``available()`` is asked when an (op, device, dtype)
+    is first selected, and again after a registration or a change of triton's presence or of
+    the interpreter flag (see :func:`select_impl`); ``missing`` is the reason given when it
+    returns False."""
     available: Callable[[], bool]
     missing: str
 
@@ -129,6 +131,10 @@ class Impl:
 
 _OPS: dict[str, dict[str, Impl]] = {}
 _CHOOSERS: dict[str, Callable] = {}
+# (op, device, dtype, force, triton present, interpreting) -> the usable implementations,
+# preferred first (forced: the one): the selection runs on every op call, and building every
+# refused backend's reason cost ~10 us a call, ~1 ms a batch-1 forward on a CPU
+_USABLE: dict = {}
 
 
 def register_op(op: str, backend: str, *, impl: Callable, capability: Capability | Callable,
@@ -138,6 +144,7 @@ def register_op(op: str, backend: str, *, impl: Callable, capability: Capability
     ``preference_rank`` is preferred. ``tolerances``: dtype -> relative error bound."""
     entry = Impl(op, backend, impl, capability, int(preference_rank), dict(tolerances or {}))
     _OPS.setdefault(op, {})[backend] = entry
+    _USABLE.clear()
     return entry
 
 
@@ -172,6 +179,7 @@ def set_chooser(op: str, chooser: Callable | None):
         _CHOOSERS.pop(op, None)
     else:
         _CHOOSERS[op] = chooser
+    _USABLE.clear()
 
 
 def _device_list(impls: Sequence[Impl]) -> str:
@@ -193,8 +201,29 @@ def select_impl(op: str, device, dtype: torch.dtype | None = None, force: str | 
     the caller passes ``key`` and ``trial`` and the op has a chooser, the chooser's pick
     (:mod:`xlx_fast.ops.measured`: the fastest, timed once per key); ``ValueError`` for a device type no backend
     runs on, ``RuntimeError`` listing every backend's reason when none can run.
+
+    What can run is remembered per (op, device, dtype, force) until a backend is registered or
+    triton's presence or the interpreter flag changes; a refusal is worked out again each time.
     """
     device = torch.device(device)
+    if torch.compiler.is_compiling():  # traced once per graph; triton's flags do not trace
+        found = _usable(op, device, dtype, force)
+    else:
+        memo = (op, device, dtype, force, _common.HAS_TRITON, _common.interpreting())
+        found = _USABLE.get(memo)
+        if found is None:
+            found = _USABLE[memo] = _usable(op, device, dtype, force)
+    usable, candidates = found
+    chooser = _CHOOSERS.get(op)
+    if force is not None or chooser is None or trial is None:
+        return usable[0]
+    return chooser(op, candidates, device, dtype, key, trial)
+
+
+def _usable(op: str, device: torch.device, dtype, force) -> tuple[list[Impl], list[Impl]]:
+    """The implementations that can run (forced: the named one), preferred first, and the
+    candidates a chooser measures (those, then the stock ops that compete by measurement on
+    this device); or the error :func:`select_impl` raises."""
     impls = _impls(op)
     if force is not None:
         if force not in impls:
@@ -203,7 +232,7 @@ def select_impl(op: str, device, dtype: torch.dtype | None = None, force: str | 
         why = chosen.unusable(device, dtype, forced=True)
         if why is not None:
             raise RuntimeError(f"{op} backend {force!r} cannot run on {device}: {why}")
-        return chosen
+        return [chosen], [chosen]
     ordered = implementations(op)
     known = [d for i in ordered for d in i.devices()]
     if all(isinstance(i.capability, Capability) for i in ordered) and device.type not in known:
@@ -218,13 +247,10 @@ def select_impl(op: str, device, dtype: torch.dtype | None = None, force: str | 
     if not usable:
         raise RuntimeError(f"no {op} backend can run on {device}"
                            f"{'' if dtype is None else f' ({dtype})'}: {'; '.join(reasons)}")
-    chooser = _CHOOSERS.get(op)
-    if chooser is None or trial is None:
-        return usable[0]
     rivals = [i for i in ordered if i not in usable and isinstance(i.capability, Capability)
               and device.type in i.capability.measured_on
               and i.unusable(device, dtype, forced=True) is None]
-    return chooser(op, usable + rivals, device, dtype, key, trial)
+    return usable, usable + rivals
 
 
 def explain(op: str, device, dtype: torch.dtype | None = None) -> dict:
