@@ -89,12 +89,15 @@ def test_a_counted_edit_repacks_and_unfreeze_and_collection_drop_the_copies():
     assert rel(after - layer.bias, 2.0 * (before - layer.bias)) <= 1e-6
     xlx_fast.unfreeze(layer)
     assert not is_frozen(layer) and frozen_weights.packed_count(layer) == 0
-    n_tables = len(frozen_weights._TABLES)
+    n_tables, n_storages = len(frozen_weights._TABLES), len(frozen_weights._BY_STORAGE)
     xlx_fast.freeze(layer)
+    xlx_fast.freeze(layer)  # again: replaces its table
     assert len(frozen_weights._TABLES) == n_tables + 1
+    assert len(frozen_weights._BY_STORAGE) == n_storages + 2  # weight and bias
     del layer
     gc.collect()
     assert len(frozen_weights._TABLES) == n_tables  # weakly held: freed with the model
+    assert len(frozen_weights._BY_STORAGE) == n_storages
 
 
 @pytest.fixture(scope="module")

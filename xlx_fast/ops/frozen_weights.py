@@ -48,6 +48,10 @@ GEMV_ROWS = 4
 
 # frozen model -> its pack table; weak, so a model (and its copies) is freed with its last use
 _TABLES: "weakref.WeakKeyDictionary[nn.Module, _PackTable]" = weakref.WeakKeyDictionary()
+# storage address -> the table holding it: the lookup every GEMM makes (a dict, not a walk of
+# the weak dictionary); kept in step with _TABLES by register, unregister and each model's
+# finalizer
+_BY_STORAGE: dict[int, "_PackTable"] = {}
 
 
 def available() -> bool:
@@ -86,13 +90,26 @@ def register(model: nn.Module) -> None:
     """Declare ``model``'s parameters constant (see the module docstring); a second call
     replaces the table, so every weight is repacked from its current values. Where packed GEMMs
     do not run (:func:`available` is False) nothing is registered."""
-    if available():
-        _TABLES[model] = _PackTable(model.parameters())
+    if not available():
+        return
+    unregister(model)
+    table = _TABLES[model] = _PackTable(model.parameters())
+    for ptr in table.storages:
+        _BY_STORAGE[ptr] = table
+    weakref.finalize(model, _forget, table)
 
 
 def unregister(model: nn.Module) -> None:
     """Drop ``model``'s packed copies; its GEMMs take F.linear again."""
-    _TABLES.pop(model, None)
+    table = _TABLES.pop(model, None)
+    if table is not None:
+        _forget(table)
+
+
+def _forget(table: "_PackTable") -> None:
+    for ptr in table.storages:
+        if _BY_STORAGE.get(ptr) is table:
+            del _BY_STORAGE[ptr]
 
 
 def is_frozen(model: nn.Module) -> bool:
@@ -106,13 +123,9 @@ def packed_count(model: nn.Module) -> int:
 
 
 def _table_of(weight: torch.Tensor):
-    if not _TABLES or weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if not _BY_STORAGE or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
-    ptr = weight.untyped_storage().data_ptr()
-    for table in list(_TABLES.values()):
-        if ptr in table.storages:
-            return table
-    return None
+    return _BY_STORAGE.get(weight.untyped_storage().data_ptr())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
