@@ -265,10 +265,13 @@ def _logits(model, input_ids, mask, feats) -> torch.Tensor:
     packed = frozen_weights.is_frozen(model)
     length = min(mask.shape[1], max(length, cpu_gemm_rows(b * length, mask.device, packed) // b))
     input_ids, mask = input_ids[:, :length], mask[:, :length]
-    ext = step_plan.extended_mask(model, mask)
+    # no padded key left (a lone question, or a batch of one length): HF's mask adds 0.0 to
+    # every score, which changes none, so the attentions take none (no bias to build and add)
+    ext = None if bool(mask.all()) else step_plan.extended_mask(model, mask)
     lang = step_plan.language(model, input_ids, ext)
     if images > 1:  # one sentence per image, [s0, s0, s1, s1, ...]: its layers ran once
-        lang, ext = lang.repeat_interleave(images, dim=0), ext.repeat_interleave(images, dim=0)
+        lang = lang.repeat_interleave(images, dim=0)
+        ext = None if ext is None else ext.repeat_interleave(images, dim=0)
     visual = _visual_input(model, feats)
     enc = model.bert.encoder
     for layer in enc.r_layers:
