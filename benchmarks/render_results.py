@@ -78,9 +78,10 @@ def _newest_per(entries, key) -> list:
 
 
 def latest_per_family(results_dir: Path) -> list:
-    """[(path, document)]: the newest run of each (families, device), ordered by family."""
+    """[(path, document)]: the newest run of each (families, device), ordered by family (the
+    families as a set: ``--ops caption,answer`` and ``--ops answer,caption`` are one sweep)."""
     return _newest_per(_load_all(results_dir), lambda doc: (
-        tuple(doc["settings"].get("ops") or ()), doc["machine"].get("device", "")))
+        tuple(sorted(doc["settings"].get("ops") or ())), doc["machine"].get("device", "")))
 
 
 def render(path: Path | None, doc: dict | None, root: Path = ROOT) -> str:
