@@ -264,7 +264,10 @@ def test_the_compiled_reference_is_a_timed_peer_of_whole_model_rows(family):
             harness.run_case(case, CEILINGS, MACHINE, harness.SMOKE))}
         peer = rows["torch.compile(reference)"]
         assert peer["kind"] == harness.PEER and peer["fast_ms"] > 0
-        assert "mode='max-autotune'; first call (compile + run)" in peer["note"]
+        assert peer["note"].startswith("mode='max-autotune'") and "first call (compile + run)" in peer["note"]
+        # the generate rows' fast model is frozen (packed CPU GEMMs): its peer compiles with
+        # freezing=True, the same promise of constant weights; model_forward's is not frozen
+        assert ("freezing=True" in peer["note"]) == (family == "generation")
         assert peer["agreement_ok"] and "OUTSIDE" not in report.agreement_text(peer)  # a note, not a miss
         (fast,) = [r for r in rows.values() if r["kind"] == harness.FAST]
         assert fast["best_peer"] == "torch.compile(reference)" and fast["speedup_vs_best_peer"] > 0

@@ -18,6 +18,20 @@ from .sizes import SIZES, Sizes  # noqa: F401  (re-exported: the sizes this mode
 MAX_TEXT_LENGTH = 20
 
 
+@torch.no_grad()
+def init_heads(named_parameters, std: float, gen: torch.Generator) -> None:
+    """HF's initialisation of pre-training heads, drawn from ``gen``: LayerNorm weights 1,
+    biases 0, other weights N(0, std²); the word decoder is skipped (tied to the word
+    embeddings)."""
+    for name, p in named_parameters:
+        if name.endswith("LayerNorm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        elif name != "predictions.decoder.weight":
+            p.normal_(0, std, generator=gen)
+
+
 class ObjPredictHead(nn.Module):
     """``transform`` (Linear, GELU, LayerNorm) → ``linear_feat`` (H→F) → ``out_cluster`` (F→K).
 
@@ -179,14 +193,7 @@ class XLxmertForImageGeneration(CodebookGridModel):
             model.generator.reset_parameters(gen)
         if pretraining_heads:
             model.add_pretraining_heads()
-            with torch.no_grad():
-                for name, p in model.cls.named_parameters():
-                    if name.endswith("LayerNorm.weight"):
-                        p.fill_(1.0)
-                    elif name.endswith("bias"):
-                        p.zero_()
-                    elif name != "predictions.decoder.weight":  # tied: the word embeddings
-                        p.normal_(0, model.config.initializer_range, generator=gen)
+            init_heads(model.cls.named_parameters(), model.config.initializer_range, gen)
         return model.eval()
 
     @classmethod

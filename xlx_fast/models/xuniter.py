@@ -36,7 +36,7 @@ from transformers.models.bert.modeling_bert import BertPooler, BertPreTrainingHe
 from ..grid import GRID, box_positions, check_grid
 from .generator import Generator
 from .sizes import SIZES
-from .xlxmert import CodebookGridModel, ObjPredictHead
+from .xlxmert import CodebookGridModel, ObjPredictHead, init_heads
 
 __all__ = ["XUniterForImageGeneration", "UniterImageEmbeddings", "XUNITER_SIZES", "box7"]
 
@@ -167,16 +167,8 @@ class XUniterForImageGeneration(CodebookGridModel):
                 model.add_pretraining_heads()
             finally:
                 torch.random.set_rng_state(torch_state)
-            with torch.no_grad():
-                heads = [("pooler." + n, p) for n, p in model.bert.pooler.named_parameters()]
-                heads += list(model.cls.named_parameters())
-                for name, p in heads:
-                    if name.endswith("LayerNorm.weight"):
-                        p.fill_(1.0)
-                    elif name.endswith("bias"):
-                        p.zero_()
-                    elif name != "predictions.decoder.weight":  # tied: the word embeddings
-                        p.normal_(0, model.config.initializer_range, generator=gen)
+            heads = [("pooler." + n, p) for n, p in model.bert.pooler.named_parameters()]
+            init_heads(heads + list(model.cls.named_parameters()), model.config.initializer_range, gen)
         return model.eval()
 
     def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:

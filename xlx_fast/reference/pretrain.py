@@ -192,18 +192,15 @@ def nearest_ids(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor
     return d.argmin(-1)
 
 
-def pretrain_loss(model, batch: Batch) -> torch.Tensor:
-    """The authors' forward for ``batch.task``; returns that task's loss (a scalar).
-
-    ``model`` is an ``XLxmertForImageGeneration`` with pre-training heads
-    (``add_pretraining_heads``) whose attentions are HF's eager modules. The cells are the
-    model's grid: ``cluster_ids`` [B, N²], boxes ``box_positions(model.grid)``.
-    """
+def masked_inputs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The words [B, L] and cell features [B, N², F] a pre-training forward reads, on the
+    model's device: the codebook rows of ``batch.cluster_ids``, with the masked cells replaced
+    by the mask feature for ``vis_mask`` (any image model with pre-training heads, a codebook
+    ``vis_emb``, a ``mask_feat`` and a grid)."""
     if getattr(model, "cls", None) is None:
         raise ValueError("model has no pre-training heads: call model.add_pretraining_heads()")
     device = model.mask_feat.device
     ids = batch.cluster_ids.to(device)
-    words = batch.input_ids.to(device)
     B, n = ids.shape
     if n != model.n_cells:
         raise ValueError(f"cluster_ids must be [B, {model.n_cells}] (the model's {model.grid}×"
@@ -212,6 +209,18 @@ def pretrain_loss(model, batch: Batch) -> torch.Tensor:
     if batch.task == "vis_mask":
         mask = batch.vis_mask.to(device).view(B, n, 1)
         feats = torch.where(mask, model.mask_feat.view(1, 1, -1).to(feats.dtype), feats)
+    return batch.input_ids.to(device), feats
+
+
+def pretrain_loss(model, batch: Batch) -> torch.Tensor:
+    """The authors' forward for ``batch.task``; returns that task's loss (a scalar).
+
+    ``model`` is an ``XLxmertForImageGeneration`` with pre-training heads
+    (``add_pretraining_heads``) whose attentions are HF's eager modules. The cells are the
+    model's grid: ``cluster_ids`` [B, N²], boxes ``box_positions(model.grid)``.
+    """
+    words, feats = masked_inputs(model, batch)
+    device, (B, n) = feats.device, feats.shape[:2]
     boxes = box_positions(model.grid).to(device=device, dtype=feats.dtype).expand(B, n, 4)
     out = model.bert(input_ids=words, visual_feats=feats, visual_pos=boxes,
                      attention_mask=words > 0, token_type_ids=torch.zeros_like(words))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..models.xuniter import XUniterForImageGeneration
 from .pretrain import (IGNORE_INDEX, TASKS, Batch, apply_update, make_batch, make_optimizer,
-                       task_for_step)
+                       masked_inputs, task_for_step)
 
 __all__ = ["TASKS", "IGNORE_INDEX", "Batch", "make_batch", "make_optimizer", "task_for_step",
            "pretrain_loss", "train_step"]
@@ -45,21 +45,10 @@ def pretrain_loss(model, batch: Batch) -> torch.Tensor:
     """The loss of ``batch.task`` on an X-UNITER model with pre-training heads (a scalar)."""
     if not isinstance(model, XUniterForImageGeneration):
         raise TypeError(f"model must be an XUniterForImageGeneration, got {type(model).__name__}")
-    if model.cls is None:
-        raise ValueError("model has no pre-training heads: call model.add_pretraining_heads()")
     if batch.task not in TASKS:
         raise ValueError(f"batch.task must be one of {TASKS}, got {batch.task!r}")
-    device = model.mask_feat.device
-    ids = batch.cluster_ids.to(device)
-    words = batch.input_ids.to(device)
-    B, n = ids.shape
-    if n != model.n_cells:
-        raise ValueError(f"cluster_ids must be [B, {model.n_cells}] (the model's {model.grid}×"
-                         f"{model.grid} grid), got {tuple(ids.shape)}")
-    feats = model.vis_emb(ids)
-    if batch.task == "vis_mask":
-        mask = batch.vis_mask.to(device).view(B, n, 1)
-        feats = torch.where(mask, model.mask_feat.view(1, 1, -1).to(feats.dtype), feats)
+    words, feats = masked_inputs(model, batch)
+    device, (B, n) = feats.device, feats.shape[:2]
     seq = model.encode(words, words > 0, feats)
     L = words.shape[1]
     lang, visual, pooled = seq[:, :L], seq[:, L:], model.bert.pooler(seq)
