@@ -66,6 +66,10 @@ def test_info_prints_the_truth():
     for key in ("C++ CPU kernels", "CuPy JIT", "Triton", "interpreter", "torch devices",
                 "sampler_step on CUDA"):
         assert key in text
+    from xlx_fast.ops import frozen_weights
+
+    packed = "yes" if frozen_weights.available() else "no"
+    assert f"frozen weights on CPU  : {packed}" in text
 
 
 def test_info_cli(capsys):

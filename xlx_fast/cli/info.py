@@ -21,10 +21,12 @@ def report() -> dict:
     from xlx_fast.ops import backends_report
     from xlx_fast.ops.sampler_backends import cuda_choice_here
 
+    from xlx_fast.ops import frozen_weights
+
     r = native.report()
     backend, why = cuda_choice_here(native.driver_version(), r["cuda_device_reason"])
     return {**r, "sampler_step_cuda": backend, "sampler_step_cuda_reason": why,
-            "ops": backends_report()}
+            "packed_cpu_gemms": frozen_weights.available(), "ops": backends_report()}
 
 
 def info(file=None) -> None:
@@ -35,6 +37,9 @@ def info(file=None) -> None:
     r = report()
     lines = native.report_lines(r)
     lines.append(f"sampler_step on CUDA   : {r['sampler_step_cuda']} ({r['sampler_step_cuda_reason']})")
+    packed = ("yes (MKL packed sgemm)" if r["packed_cpu_gemms"]
+              else "no (torch without MKL): freezing changes nothing here")
+    lines.append(f"frozen weights on CPU  : {packed}  [xlx_fast.freeze]")
     lines += backends_lines(r["ops"])
     print("\n".join(lines), file=file or sys.stdout)
 
