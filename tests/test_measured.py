@@ -144,7 +144,7 @@ def test_the_attention_rows_say_what_ran_and_why():
 
 
 def test_a_registration_is_seen_by_the_next_selection(op, monkeypatch):
-    """What can run is remembered per (op, device, dtype): a backend registered later, and
+    """What can run on a CPU is remembered per (op, dtype): a backend registered later, and
     triton going missing, are seen by the next selection."""
     from xlx_fast.ops import _common
 

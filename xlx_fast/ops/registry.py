@@ -132,8 +132,8 @@ class Impl:
 _OPS: dict[str, dict[str, Impl]] = {}
 _CHOOSERS: dict[str, Callable] = {}
 # (op, device, dtype, force, triton present, interpreting) -> the usable implementations,
-# preferred first (forced: the one): the selection runs on every op call, and building every
-# refused backend's reason cost ~10 us a call, ~1 ms a batch-1 forward on a CPU
+# preferred first (forced: the one), CPU selections only: the selection runs on every op call,
+# and building every refused backend's reason cost ~10 us a call, ~1 ms a batch-1 forward there
 _USABLE: dict = {}
 
 
@@ -202,11 +202,14 @@ def select_impl(op: str, device, dtype: torch.dtype | None = None, force: str | 
     (:mod:`xlx_fast.ops.measured`: the fastest, timed once per key); ``ValueError`` for a device type no backend
     runs on, ``RuntimeError`` listing every backend's reason when none can run.
 
-    What can run is remembered per (op, device, dtype, force) until a backend is registered or
-    triton's presence or the interpreter flag changes; a refusal is worked out again each time.
+    On a CPU, what can run is remembered per (op, dtype, force) until a backend is registered
+    or triton's presence or the interpreter flag changes; a refusal is worked out again each
+    time.
     """
     device = torch.device(device)
-    if torch.compiler.is_compiling():  # traced once per graph; triton's flags do not trace
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        # a GPU's backends answer from their probes, which keep their own record (and tests
+        # replace it); a trace runs once per graph, and triton's flags do not trace
         found = _usable(op, device, dtype, force)
     else:
         memo = (op, device, dtype, force, _common.HAS_TRITON, _common.interpreting())
