@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .answer import answer_logits
-from .pretrain import apply_update, make_optimizer
+from .pretrain import make_optimizer, update_step
 
 __all__ = ["finetune_loss", "finetune_step", "make_optimizer"]
 
@@ -51,14 +51,5 @@ def finetune_step(model, optimizer, scheduler, batch, *, clip: float = 1.0,
 
     Returns the loss. Raises ``FloatingPointError`` on a non-finite loss (nothing is updated).
     """
-    optimizer.zero_grad(set_to_none=True)
-    device = next(model.parameters()).device
-    if autocast_dtype is not None:
-        with torch.autocast(device.type, dtype=autocast_dtype):
-            loss = finetune_loss(model, batch)
-    else:
-        loss = finetune_loss(model, batch)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite {model.task.name} loss {loss.item()}")
-    apply_update(loss, model, optimizer, scheduler, scaler, clip)
-    return loss.item()
+    return update_step(model, optimizer, scheduler, lambda: finetune_loss(model, batch),
+                       model.task.name, clip=clip, autocast_dtype=autocast_dtype, scaler=scaler)

@@ -263,15 +263,24 @@ def train_step(model, optimizer, scheduler, batch: Batch, *, clip: float = 1.0,
 
     Returns the loss. Raises ``FloatingPointError`` on a non-finite loss (nothing is updated).
     """
+    return update_step(model, optimizer, scheduler, lambda: pretrain_loss(model, batch), batch.task,
+                       clip=clip, autocast_dtype=autocast_dtype, scaler=scaler)
+
+
+def update_step(model, optimizer, scheduler, loss_fn, what: str, *, clip: float,
+                autocast_dtype: torch.dtype | None, scaler) -> float:
+    """One update around ``loss_fn()`` (each task's ``train_step``): zero the gradients, the loss
+    (under autocast when ``autocast_dtype`` is given), a non-finite one refused naming ``what``
+    (nothing updated), then :func:`apply_update`. Returns the loss."""
     optimizer.zero_grad(set_to_none=True)
-    device = model.mask_feat.device
+    device = next(model.parameters()).device
     if autocast_dtype is not None:
         with torch.autocast(device.type, dtype=autocast_dtype):
-            loss = pretrain_loss(model, batch)
+            loss = loss_fn()
     else:
-        loss = pretrain_loss(model, batch)
+        loss = loss_fn()
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite {batch.task} loss {loss.item()}")
+        raise FloatingPointError(f"non-finite {what} loss {loss.item()}")
     apply_update(loss, model, optimizer, scheduler, scaler, clip)
     return loss.item()
 

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models.xuniter import XUniterForImageGeneration
-from .pretrain import (IGNORE_INDEX, TASKS, Batch, apply_update, make_batch, make_optimizer,
-                       masked_inputs, task_for_step)
+from .pretrain import (IGNORE_INDEX, TASKS, Batch, make_batch, make_optimizer, masked_inputs,
+                       task_for_step, update_step)
 
 __all__ = ["TASKS", "IGNORE_INDEX", "Batch", "make_batch", "make_optimizer", "task_for_step",
            "pretrain_loss", "train_step"]
@@ -67,14 +67,5 @@ def train_step(model, optimizer, scheduler, batch: Batch, *, clip: float = 1.0,
     """One update, as :func:`.pretrain.train_step`: loss, backward, clip the global gradient norm
     to ``clip``, step, schedule. Returns the loss; raises ``FloatingPointError`` on a non-finite
     loss (nothing is updated)."""
-    optimizer.zero_grad(set_to_none=True)
-    device = model.mask_feat.device
-    if autocast_dtype is not None:
-        with torch.autocast(device.type, dtype=autocast_dtype):
-            loss = pretrain_loss(model, batch)
-    else:
-        loss = pretrain_loss(model, batch)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite {batch.task} loss {loss.item()}")
-    apply_update(loss, model, optimizer, scheduler, scaler, clip)
-    return loss.item()
+    return update_step(model, optimizer, scheduler, lambda: pretrain_loss(model, batch), batch.task,
+                       clip=clip, autocast_dtype=autocast_dtype, scaler=scaler)
