@@ -1,16 +1,20 @@
 """xlx_fast.optimize(model): what it swaps, that outputs keep HF's values, and what it leaves alone."""
+import copy
 import io
 
 import pytest
 import torch
 from torch import nn
 from transformers import LxmertConfig, LxmertForPreTraining, LxmertForQuestionAnswering, LxmertModel
-from transformers.models.lxmert.modeling_lxmert import LxmertAttention
+from transformers.models.lxmert.modeling_lxmert import (LxmertAttention, LxmertAttentionOutput,
+                                                        LxmertIntermediate, LxmertOutput)
 
 import xlx_fast
 from xlx_fast import patching
 from xlx_fast.ops import _common
-from xlx_fast.patching import FusedLxmertAttention, force_backend, unoptimize
+from xlx_fast.ops import frozen_weights
+from xlx_fast.patching import (FusedLxmertAddNorm, FusedLxmertAttention, FusedLxmertIntermediate,
+                               force_backend, unoptimize)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
@@ -449,3 +453,98 @@ def test_gpu_full_size_model_matches_plain(dtype):
         xlx_fast.optimize(model)
         out = model(**inputs)
     assert_outputs_close(out, ref, tol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The output and feed-forward blocks: one fused_linear each
+
+BLOCKS = (LxmertAttentionOutput, LxmertOutput, LxmertIntermediate)
+
+
+def fused_block_calls(config) -> int:
+    """fused_linear calls of one forward: a language or relational layer has an attention
+    output, an intermediate and an output block; a cross layer has the cross-attention's output
+    block for each stream, each stream's self-attention output block and each stream's FFN."""
+    return 3 * (config.l_layers + config.r_layers) + 8 * config.x_layers
+
+
+def count_block_ops(monkeypatch) -> list:
+    calls = []
+    for name in ("linear_add_layernorm", "linear_gelu"):
+        inner = getattr(patching, name)
+        monkeypatch.setattr(patching, name, lambda *a, _f=inner, **k: calls.append(1) or _f(*a, **k))
+    return calls
+
+
+needs_packing = pytest.mark.skipif(not frozen_weights.available(), reason="torch built without MKL's packed GEMMs")
+
+
+@needs_packing
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda c: c.__name__)
+def test_fused_blocks_equal_hf(block, monkeypatch):
+    """A block takes its fused op on a CPU only against a packed (frozen) weight: unfrozen it is
+    HF's forward, bit for bit; frozen it is the fused op, within fp32 rounding of float64; and
+    HF's forward, with its gradients, when a gradient is needed."""
+    config = tiny_config(hidden_size=40, intermediate_size=72, num_attention_heads=1)
+    torch.manual_seed(5)
+    plain = block(config).eval()
+    fused = xlx_fast.optimize(copy.deepcopy(plain))
+    assert type(fused) is {LxmertIntermediate: FusedLxmertIntermediate}.get(block, FusedLxmertAddNorm)
+    width = config.intermediate_size if block is LxmertOutput else config.hidden_size
+    x = torch.randn(3, 7, width)
+    args = (x,) if block is LxmertIntermediate else (x, torch.randn(3, 7, config.hidden_size))
+    calls = count_block_ops(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(fused(*args), plain(*args)) and not calls
+        xlx_fast.freeze(fused)
+        out = fused(*args)
+        ref = copy.deepcopy(plain).double()(*(a.double() for a in args))
+    assert len(calls) == 1 and rel_err(out, ref) <= 1e-6
+    x.requires_grad_(True)  # grad mode and an input needing it: HF's forward, gradients flow
+    fused(*args).sum().backward()
+    assert len(calls) == 1 and x.grad is not None and fused.dense.weight.grad is not None
+
+
+@needs_packing
+def test_optimized_model_runs_every_block_fused(monkeypatch):
+    """Every output and intermediate block of a frozen optimized model goes through
+    fused_linear, and the model's outputs stay HF's within fp32 rounding; unoptimize gives the
+    HF classes back."""
+    config = tiny_config()
+    model = xlx_fast.freeze(xlx_fast.optimize(build(LxmertModel, config)))
+    plain = build(LxmertModel, config)
+    calls = count_block_ops(monkeypatch)
+    inputs = make_inputs(config)
+    with torch.no_grad():
+        assert_outputs_close(model(**inputs), plain(**inputs))
+    assert len(calls) == fused_block_calls(config)
+    unoptimize(model)
+    assert sorted({type(m).__name__ for m in model.modules()}) == \
+        sorted({type(m).__name__ for m in plain.modules()})
+
+
+def test_an_intermediate_without_hf_gelu_is_left_as_it_is():
+    config = tiny_config(hidden_act="relu")
+    model = xlx_fast.optimize(build(LxmertModel, config))
+    kinds = {type(m) for m in model.modules()}
+    assert LxmertIntermediate in kinds and FusedLxmertIntermediate not in kinds
+    assert FusedLxmertAddNorm in kinds
+
+
+@needs_packing
+def test_frozen_optimized_model_multiplies_every_block_by_packed_weights():
+    """optimize + freeze: every block's dense weight (and the attention projections) runs
+    packed, and the outputs stay within fp32 rounding of the float64 HF model."""
+    config = tiny_config()
+    plain = build(LxmertModel, config)
+    model = xlx_fast.freeze(xlx_fast.optimize(copy.deepcopy(plain)))
+    inputs = make_inputs(config, B=3, L=11, V=13)
+    with torch.no_grad():
+        out = model(**inputs)
+        ref = plain.double()(**{k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+    assert_outputs_close(out, ref)
+    table = frozen_weights._TABLES[model]
+    packed = {key[:2] for key in table.packs}
+    denses = [m.dense.weight for m in model.modules() if isinstance(m, (FusedLxmertAddNorm, FusedLxmertIntermediate))]
+    assert len(denses) == fused_block_calls(config) - config.x_layers  # a cross layer's block serves both streams
+    assert all((w.untyped_storage().data_ptr(), w.storage_offset()) in packed for w in denses)

@@ -1,12 +1,27 @@
-"""``optimize(model)``: route every HF ``LxmertAttention`` of a model through ``xlx_fast.ops.attention``.
+"""``optimize(model)``: route every HF ``LxmertAttention`` of a model through ``xlx_fast.ops.attention``,
+and its output and feed-forward blocks through ``xlx_fast.ops.fused_linear``.
 
-What is swapped. Each module whose type is exactly
-``transformers.models.lxmert.modeling_lxmert.LxmertAttention`` gets its class switched to
-``FusedLxmertAttention``, a subclass that only overrides ``forward``. Nothing else changes: no
-module is replaced, no parameter is added, renamed or rewritten, so ``state_dict()`` keys and
-values are those of the plain model and load into it strictly. For the default ``LxmertConfig``
-that is 9 language + 5 relational + 3·5 cross-layer modules = 29 (each cross layer's
-``visual_attention`` serves both directions, so 34 attention calls per forward).
+What is swapped. Each module whose type is exactly one of ``transformers``' LXMERT classes below
+gets its class switched to a subclass that only overrides ``forward``:
+
+- ``LxmertAttention`` → ``FusedLxmertAttention`` (the attention, below);
+- ``LxmertAttentionOutput`` and ``LxmertOutput`` → ``FusedLxmertAddNorm``: LayerNorm(dense(x) +
+  input) as one ``fused_linear`` (dense + bias + residual + LayerNorm);
+- ``LxmertIntermediate`` with HF's exact GELU → ``FusedLxmertIntermediate``: GELU(dense(x)) as
+  one ``fused_linear``.
+
+Nothing else changes: no module is replaced, no parameter is added, renamed or rewritten, so
+``state_dict()`` keys and values are those of the plain model and load into it strictly. For the
+default ``LxmertConfig`` that is 9 language + 5 relational + 3·5 cross-layer attention modules =
+29 (each cross layer's ``visual_attention`` serves both directions, so 34 attention calls per
+forward). On a GPU a block's fused forward is one op (the Triton kernel or cuBLAS and its
+epilogue, whichever the op's per-shape measurement found faster). On a CPU the op's torch backend
+runs HF's ops in HF's order (same bits), which earns its ~25 µs of dispatch a call only where the
+GEMM multiplies by a packed weight (a model frozen by ``xlx_fast.freeze``): elsewhere a CPU block
+runs HF's forward itself (measured at the base size, B=1: 4 ms slower in all through the op,
+unfrozen). Blocks also take HF's forward under the attention's rules (training, gradients,
+float64) and when the LayerNorm is wider than the fused op holds
+(``fused_linear.MAX_LAYERNORM_WIDTH``).
 
 The fused forward:
 
@@ -52,14 +67,18 @@ import warnings
 
 import torch
 from torch import nn
-from transformers.models.lxmert.modeling_lxmert import LxmertAttention
+import torch.nn.functional as F
+from transformers.activations import GELUActivation
+from transformers.models.lxmert.modeling_lxmert import (LxmertAttention, LxmertAttentionOutput,
+                                                        LxmertIntermediate, LxmertOutput)
 
 from xlx_fast.ops import attention as _attn
 from xlx_fast.ops import registry as _registry
-from xlx_fast.ops.frozen_weights import linear
+from xlx_fast.ops.frozen_weights import is_packed, linear
+from xlx_fast.ops.fused_linear import MAX_LAYERNORM_WIDTH, linear_add_layernorm, linear_gelu
 
-__all__ = ["optimize", "ensure_optimized", "unoptimize", "FusedLxmertAttention", "force_backend",
-           "fused_attention"]
+__all__ = ["optimize", "ensure_optimized", "unoptimize", "FusedLxmertAttention", "FusedLxmertAddNorm",
+           "FusedLxmertIntermediate", "force_backend", "fused_attention"]
 
 _forced_backend: contextvars.ContextVar = contextvars.ContextVar("xlx_fast_attention_backend", default=None)
 
@@ -92,6 +111,19 @@ def _is_slice(p: torch.Tensor, fused: torch.Tensor, row: int, n: int) -> bool:
     return (p.data_ptr() == view.data_ptr() and p.shape == view.shape and p.dtype == view.dtype
             and p.stride() == view.stride() and p.device == view.device
             and p.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr())
+
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _inference(module: nn.Module, *tensors: torch.Tensor) -> bool:
+    """Whether a call may take a fused forward: eval mode (no dropout), a float dtype the fused ops
+    take, and no gradient needed (the fused ops have no backward), the rule of torch's
+    ``nn.MultiheadAttention`` fast path."""
+    if module.training or tensors[0].dtype not in _FUSED_DTYPES:
+        return False
+    return not (torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
+                                             or any(p.requires_grad for p in module.parameters())))
 
 
 class FusedLxmertAttention(LxmertAttention):
@@ -162,20 +194,11 @@ class FusedLxmertAttention(LxmertAttention):
         return super()._apply(*args, **kwargs)
 
     def _takes_fused_path(self, hidden_states, context, attention_mask, output_attentions):
-        if output_attentions or self.training:
-            return False
-        if hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return False
-        if hidden_states.dim() != 3 or context.dim() != 3:
+        if output_attentions or hidden_states.dim() != 3 or context.dim() != 3:
             return False
         if attention_mask is not None and tuple(attention_mask.shape) != (context.shape[0], 1, 1, context.shape[1]):
             return False
-        if torch.is_grad_enabled() and (
-            hidden_states.requires_grad or context.requires_grad
-            or any(p.requires_grad for p in self.parameters())
-        ):
-            return False
-        return True
+        return _inference(self, hidden_states, context)
 
     def forward(self, hidden_states, context, attention_mask=None, output_attentions=False):
         if not self._takes_fused_path(hidden_states, context, attention_mask, output_attentions):
@@ -185,9 +208,51 @@ class FusedLxmertAttention(LxmertAttention):
         if context is hidden_states and w.shape[0] == 3 * width:
             q, k, v = linear(hidden_states, w, b).split(width, dim=-1)
         else:
-            q = self.query(hidden_states)
+            q = (linear(hidden_states, w[:width], None if b is None else b[:width])
+                 if w.shape[0] == 3 * width else self.query(hidden_states))
             k, v = linear(context, w[-2 * width:], None if b is None else b[-2 * width:]).split(width, dim=-1)
         return (fused_attention(q, k, v, attention_mask, self.num_attention_heads),)
+
+
+def _block_fuses(module: nn.Module, x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether an output or intermediate block takes its fused op (the module docstring: on a
+    CPU only against a packed weight)."""
+    return ((x.device.type != "cpu" or is_packed(module.dense.weight))
+            and _inference(module, x, *others))
+
+
+class FusedLxmertAddNorm(LxmertAttentionOutput):
+    """``LxmertAttentionOutput`` / ``LxmertOutput`` (the same forward): LayerNorm(dense(x) +
+    input) as one ``fused_linear``. Made by ``optimize()`` by switching an instance's class."""
+
+    def forward(self, hidden_states, input_tensor):
+        if (not _block_fuses(self, hidden_states, input_tensor)
+                or self.dense.out_features > MAX_LAYERNORM_WIDTH
+                or input_tensor.shape[:-1] != hidden_states.shape[:-1]):
+            return super().forward(hidden_states, input_tensor)
+        ln = self.LayerNorm
+        return linear_add_layernorm(hidden_states, self.dense.weight, self.dense.bias,
+                                    input_tensor.contiguous(), ln.weight, ln.bias, ln.eps)
+
+
+class FusedLxmertIntermediate(LxmertIntermediate):
+    """``LxmertIntermediate`` with HF's exact (erf) GELU: GELU(dense(x)) as one ``fused_linear``.
+    Made by ``optimize()`` by switching an instance's class."""
+
+    def forward(self, hidden_states):
+        if not _block_fuses(self, hidden_states):
+            return super().forward(hidden_states)
+        return linear_gelu(hidden_states, self.dense.weight, self.dense.bias)
+
+
+def _exact_gelu(module: LxmertIntermediate) -> bool:
+    act = module.intermediate_act_fn
+    return isinstance(act, GELUActivation) and act.act is F.gelu
+
+
+# plain HF class -> its fused subclass (the output blocks: both HF classes share one forward)
+_BLOCKS = {LxmertAttentionOutput: FusedLxmertAddNorm, LxmertOutput: FusedLxmertAddNorm,
+           LxmertIntermediate: FusedLxmertIntermediate}
 
 
 def _check_backend_available(model: nn.Module):
@@ -198,7 +263,8 @@ def _check_backend_available(model: nn.Module):
 
 
 def optimize(model: nn.Module) -> nn.Module:
-    """Patch every HF ``LxmertAttention`` in ``model`` in place (see the module docstring); returns ``model``.
+    """Patch every HF ``LxmertAttention``, output and intermediate block in ``model`` in place (see
+    the module docstring); returns ``model``.
 
     Works on any module containing them: ``LxmertModel``, ``LxmertForPreTraining``,
     ``LxmertForQuestionAnswering``, ``XLxmertForImageGeneration``. Idempotent: modules already
@@ -208,6 +274,11 @@ def optimize(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_backend_available(model)
     for name, module in model.named_modules():
+        block = _BLOCKS.get(type(module))
+        if block is not None and (block is not FusedLxmertIntermediate or _exact_gelu(module)):
+            module._xlx_plain_class = type(module)
+            module.__class__ = block
+            continue
         if type(module) is FusedLxmertAttention or not isinstance(module, LxmertAttention):
             continue
         if type(module) is not LxmertAttention:
@@ -237,10 +308,12 @@ def ensure_optimized(model: nn.Module) -> nn.Module:
 
 
 def unoptimize(model: nn.Module) -> nn.Module:
-    """Undo ``optimize``: patched modules become plain ``LxmertAttention`` again; returns ``model``."""
+    """Undo ``optimize``: patched modules get their HF classes back; returns ``model``."""
     for module in model.modules():
         if type(module) is FusedLxmertAttention:
             module._drop_fused()
             module.__class__ = LxmertAttention
+        elif type(module) in (FusedLxmertAddNorm, FusedLxmertIntermediate):
+            module.__class__ = module.__dict__.pop("_xlx_plain_class")
         module.__dict__.pop("_xlx_fast_optimized", None)
     return model

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["available", "register", "unregister", "is_frozen", "linear", "packed_count"]
+__all__ = ["available", "register", "unregister", "is_frozen", "is_packed", "linear", "packed_count"]
 
 PACK_ROWS = 512
 # up to this many rows MKL's matrix-vector path reads the plain weight as fast as the packed one
@@ -126,6 +126,12 @@ def _table_of(weight: torch.Tensor):
     if not _BY_STORAGE or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
     return _BY_STORAGE.get(weight.untyped_storage().data_ptr())
+
+
+def is_packed(weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` multiplies by a packed copy of ``weight`` (for a float32 input of
+    more than ``GEMV_ROWS`` rows that needs no gradient): it belongs to a frozen model."""
+    return _table_of(weight) is not None and weight.is_contiguous()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

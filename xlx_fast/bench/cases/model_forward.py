@@ -8,9 +8,11 @@ additive key mask), and the 64 grid cells: random visual features and the 8×8 b
 ``xlx_fast.reference.box_positions``.
 
 Reference (the timed baseline): the plain HF model in the row's dtype ("same dtype", SPEC §6).
-Fast: a deep copy of it after ``xlx_fast.optimize`` (every ``LxmertAttention`` fused; on the CPU
-the attention itself runs through SDPA). Both run under ``torch.no_grad()``, which the fused path
-requires. Peer: a deep copy of the reference under ``torch.compile`` (see :mod:`.compiled`).
+Fast: a deep copy of it after ``xlx_fast.optimize`` (every ``LxmertAttention`` fused, on the CPU
+through SDPA; every output and intermediate block one ``fused_linear``), frozen as the other fast
+rows are (:mod:`.frozen`). Both run under ``torch.no_grad()``, which the fused path requires.
+Peer: a deep copy of the reference under ``torch.compile`` (see :mod:`.compiled`), with
+``freezing=True`` where the fast row's weights are packed.
 
 Agreement: the norm-wise relative error (SPEC §4 bound for the dtype) of each of the three
 outputs — vision output, language output, pooled output — against the reference's; the row shows
@@ -29,7 +31,7 @@ import copy
 import torch
 
 from ..harness import FAST, PEER, Agreement, Case, Prepared, Spec, TOLERANCE, rel_error
-from . import compiled
+from . import compiled, frozen
 
 TEXT_LENGTH, CELLS, GRID = 20, 64, 8
 MIN_TOKENS, MAX_TOKENS = 5, 16  # caption lengths: every caption has some padding
@@ -129,7 +131,7 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
     def build() -> Prepared:
         inputs = make_inputs(cfg, batch, dtype, device)
         ref_model = model(spec.size, dtype, device, "reference")
-        fast_model = model(spec.size, dtype, device, "fast")
+        fast_model, fast_note = frozen.freeze(model(spec.size, dtype, device, "fast"))
 
         def compare(ref, out, _name) -> Agreement:
             errors = {name: rel_error(o, r) for name, o, r in zip(OUTPUTS, out, ref)}
@@ -141,10 +143,11 @@ def make_case(spec: Spec, dtype: torch.dtype, batch: int) -> Case:
                              extra={f"{name.split('_')[0]} err": e for name, e in errors.items()})
 
         peer = compiled.unavailable(spec, "model_forward", dtype)
-        notes = {}
+        notes = {"xlx_fast.optimize": fast_note}
         if peer is None:
             compiled_model = compiled.compiled_copy(ref_model, None, spec)
-            peer = compiled.FirstCallTimer(lambda: forward(compiled_model, inputs), spec)
+            peer = compiled.FirstCallTimer(lambda: forward(compiled_model, inputs), spec,
+                                           freezing=frozen.peer_freezes(device, dtype))
             notes[compiled.NAME] = peer.note
         return Prepared(reference=lambda: forward(ref_model, inputs),
                         backends={"xlx_fast.optimize": lambda: forward(fast_model, inputs),
