@@ -465,6 +465,32 @@ def test_bench_serve_in_process_without_ray(tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("arch,grid,tasks", [("xlxmert", 16, {"captions", "answers"}),
+                                             ("xuniter", 8, {"answers"})])
+def test_bench_serve_loads_the_served_grid_and_architecture(tmp_path, arch, grid, tasks):
+    """The caption load is grids of the served model's cells (256 at 16x16; 64 were sent before,
+    and refused), and an architecture without the caption engine loads the answers route only."""
+    r = _cli(["bench-serve", "--size", "tiny", "--arch", arch, "--grid", str(grid), "--slots", "2",
+              "--schedulers", "step", "--requests", "3", "--max-seconds", "2", "--load", "1",
+              "--out-dir", str(tmp_path), "--name", "b", "--no-plot"], block=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["meta"]["model"]["arch"] == arch and res["meta"]["model"]["grid"] == grid
+    rows = res["tasks"]["inproc"]
+    assert set(rows) == tasks
+    # every request answered or shed for time (429/504); a malformed one would be a 422
+    assert all(row["ok"] >= 1 and set(row["rejected"]) <= {"429", "504"} for row in rows.values()), rows
+
+
+def test_caption_trace_has_the_served_cells():
+    from xlx_fast.bench.loadgen import make_task_trace
+
+    trace = make_task_trace("captions", 3, cells=256, n_clusters=50)
+    assert all(len(body["cluster_ids"]) == 256 and max(body["cluster_ids"]) < 50 for body in trace)
+    answers = make_task_trace("answers", 3, cells=256, images=2)
+    assert all(len(g) == 64 for body in answers for g in body["cluster_ids"])  # the 8x8 answer model
+
+
 @pytest.mark.parametrize("args,msg", [
     (["serve", "--checkpoint", "x.pth"], "centroids"),
     (["serve", "--port", "70000"], "--port"),
@@ -472,6 +498,7 @@ def test_bench_serve_in_process_without_ray(tmp_path):
     (["bench-serve", "--schedulers", "fifo"], "--schedulers"),
     (["bench-serve", "--url", "http://8.8.8.8:80", "--rps", "1"], "--allow-remote"),
     (["bench-serve", "--load", "0.5,-1"], "--load"),
+    (["bench-serve", "--arch", "xuniter", "--checkpoint", "x.pth"], "checkpoint loader"),
 ])
 def test_cli_user_errors(args, msg, capsys):
     from xlx_fast.cli import main

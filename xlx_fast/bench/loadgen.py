@@ -54,20 +54,20 @@ def make_trace(n: int, seed: int = 0, steps: tuple = (2, 4, 6, 8), mixed: bool =
 
 
 def make_task_trace(task: str, n: int, seed: int = 0, *, n_clusters: int = 10_000, images: int = 1,
-                    steps: tuple = (2, 4, 6, 8)) -> list[dict]:
+                    steps: tuple = (2, 4, 6, 8), cells: int = 64) -> list[dict]:
     """``n`` request bodies for ``POST /v1/captions`` (``task="captions"``: random grids of
-    cluster ids, caption lengths 8..14, seeds, Mask-Predict ``steps``) or ``POST /v1/answers``
-    (``"answers"``: questions about random grids, ``images`` per question), reproducible from
-    ``seed``."""
+    ``cells`` cluster ids, the served model's grid, caption lengths 8..14, seeds, Mask-Predict
+    ``steps``) or ``POST /v1/answers`` (``"answers"``: questions about random 8×8 grids, the
+    answer model's, ``images`` per question), reproducible from ``seed``."""
     rng = random.Random(seed)
 
-    def grid():
-        return [rng.randrange(n_clusters) for _ in range(64)]
+    def grid(size: int = 64):
+        return [rng.randrange(n_clusters) for _ in range(size)]
 
     out = []
     for _ in range(n):
         if task == "captions":
-            out.append({"cluster_ids": grid(), "length": rng.choice((8, 10, 12, 14)),
+            out.append({"cluster_ids": grid(cells), "length": rng.choice((8, 10, 12, 14)),
                         "seed": rng.randrange(2**31), "steps": rng.choice(steps)})
         elif task == "answers":
             out.append({"question": rng.choice(QUESTIONS),

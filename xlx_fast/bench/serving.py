@@ -95,7 +95,7 @@ def static_tasks(model, answer_model, tokenizer, slots: int, steps: int, tasks=T
     out = {}
     runs = {}
     if "captions" in tasks:
-        grids = torch.randint(0, model.centroids.shape[0], (slots, 64), generator=g).to(device)
+        grids = torch.randint(0, model.centroids.shape[0], (slots, model.n_cells), generator=g).to(device)
         runs["captions"] = lambda: xlx_fast.caption(model, cluster_ids=grids, length=CAPTION_WORDS,
                                                     steps=steps)
     if "answers" in tasks:
@@ -389,7 +389,8 @@ def run_benchmark(spec: dict, *, modes=("inproc",), slots: int = 8, policies=POL
         static_t = static_tasks(model, answer_model, tokenizer, slots, mean_steps, tasks)
         n = max(requests, 64)
         traces = {t: make_task_trace(t, n, seed=seed, n_clusters=model.centroids.shape[0], steps=steps,
-                                     images=answer_model.task.images if answer_model else 1)
+                                     images=answer_model.task.images if answer_model else 1,
+                                     cells=model.n_cells)
                   for t in tasks}
         task_plan = {"static": static_t, "traces": traces, "answer_model": answer_model}
         common["task_plan"] = task_plan

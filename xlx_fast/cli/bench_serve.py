@@ -8,7 +8,8 @@ import os
 import time
 
 from . import UserError
-from .model_args import add_model_arguments
+from ..archs import ARCHS
+from .model_args import add_arch_argument, add_model_arguments, check_arch_options
 
 
 def add_parser(p) -> None:
@@ -20,6 +21,7 @@ def add_parser(p) -> None:
                    help="let --url name a non-loopback host (default: 127.0.0.1/localhost only)")
     p.add_argument("--api-key", default=None, help="key for --url (default: $XLX_FAST_API_KEY)")
     add_model_arguments(p)
+    add_arch_argument(p)
     p.add_argument("--slots", type=int, default=8, help="engine batch capacity")
     p.add_argument("--schedulers", default="sequential,request,step")
     p.add_argument("--load", default="0.3,0.5,0.7,0.9,1.5",
@@ -77,9 +79,18 @@ def _run_url(args) -> dict:
             "modes": {"url": {"server": asyncio.run(go())}}}
 
 
+def _tasks(arch: str) -> tuple[str, ...]:
+    """The other routes loaded beside images: captions where the architecture has the caption
+    engine; answers always (the answer model is X-LXMERT's, reading the painter's codebook)."""
+    from xlx_fast.bench.serving import TASKS
+
+    return tuple(t for t in TASKS if t != "captions" or ARCHS[arch].captions)
+
+
 def run(args) -> int:
     from xlx_fast.serving.policies import POLICIES
 
+    check_arch_options(args)
     try:
         if args.slots < 1 or args.requests < 1 or not args.max_seconds > 0:
             raise ValueError("--slots and --requests must be >= 1, --max-seconds > 0")
@@ -96,7 +107,7 @@ def run(args) -> int:
             spec = {k: v for k, v in dict(checkpoint=args.checkpoint, centroids=args.centroids,
                                             generator=args.generator, vocab=args.vocab,
                                             device=args.device, dtype=args.dtype).items() if v is not None}
-            spec["size"], spec["grid"] = args.size, args.grid
+            spec["size"], spec["grid"], spec["arch"] = args.size, args.grid, args.arch
             if args.size == "tiny":
                 spec["image_size"] = 256  # the API's size; the tiny generator paints it cheaply
             ModelSpec.from_dict(spec)
@@ -112,7 +123,7 @@ def run(args) -> int:
                 fractions=_floats(args.load, "--load"), requests=args.requests,
                 max_seconds=args.max_seconds,
                 slo_s=None if args.slo_ms is None else args.slo_ms / 1000,
-                batch_wait_ms=args.batch_wait_ms, seed=args.seed)
+                batch_wait_ms=args.batch_wait_ms, seed=args.seed, tasks=_tasks(args.arch))
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e).removeprefix("model spec: ")) from None
 
