@@ -165,6 +165,43 @@ def test_frozen_generate_equals_reference(strategy, steps):
     assert frozen_weights.packed_count(fast_model) > 0
 
 
+@pytest.mark.parametrize("arch", ["xlxmert", "xuniter"])
+def test_a_frozen_model_tables_follow_counted_edits_only_and_its_engine_head_runs_packed(arch):
+    """A frozen model's derived tables (projected codebook, folded head) keep no bitwise copy:
+    a counted edit of a source rebuilds them, an uncounted one is not seen until freeze() again
+    (the promise), and the engine's head multiplies from a packed copy that dies with it."""
+    from xlx_fast.models import from_default
+
+    model = xlx_fast.freeze(sharpen_image_head(from_default(arch, seed=2, size="tiny"), 3.0))
+    plans = {"xlxmert": "_xlx_fast_tables", "xuniter": "_xlx_xuniter_tables"}
+    ids = captions(2)
+
+    def run():
+        return xlx_fast.generate(model, ids, steps=3, seed=5)
+
+    first = run()
+    tables = getattr(model, plans[arch])
+    assert tables.sources.snapshot is None and tables.sources.frozen == 1
+    (engine,) = model.__dict__["_xlx_engines"].values()
+    assert frozen_weights.is_packed(engine.head_weight)
+    codebook = model.vis_emb.weight
+    codebook.data.copy_(torch.roll(codebook.data, 1, dims=0))  # uncounted: not seen while frozen
+    assert torch.equal(run().ids, first.ids) and getattr(model, plans[arch]) is tables
+    xlx_fast.freeze(model)  # a new promise: the tables are rebuilt from the values
+    moved = run()
+    assert getattr(model, plans[arch]) is not tables and not torch.equal(moved.ids, first.ids)
+    tables = getattr(model, plans[arch])
+    with torch.no_grad():
+        codebook.copy_(torch.roll(codebook, -1, dims=0))  # counted: rebuilt at once
+    assert torch.equal(run().ids, first.ids) and getattr(model, plans[arch]) is not tables
+    ptr = engine.head_weight.untyped_storage().data_ptr()
+    assert frozen_weights._BY_STORAGE.get(ptr) is not None
+    del engine
+    model.__dict__.pop("_xlx_engines").clear()
+    gc.collect()
+    assert frozen_weights._BY_STORAGE.get(ptr) is None  # gone with the engine: the address is free
+
+
 def test_server_models_are_frozen():
     from xlx_fast.serving.model_spec import ModelSpec
 

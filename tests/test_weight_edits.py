@@ -115,7 +115,7 @@ def test_attention_projections_are_views_of_the_fused_matrix():
 def test_bitwise_comparison_both_ways(one_sync):
     """The staleness check's two forms (torch.equal per source on a CPU, one flag read back on a
     GPU) agree: equal bits pass, one flipped value, a -0 for a +0 fail, NaN equals itself."""
-    from xlx_fast.step_plan import _bits, _same_bits
+    from xlx_fast.model_tables import _bits, _same_bits
 
     g = torch.Generator().manual_seed(0)
     a = [torch.randn(37, 5, generator=g), torch.randn(11, generator=g).to(torch.bfloat16),

@@ -34,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from .ops import frozen_weights
 from .ops.codebook_head import codebook_head
 from .patching import optimize
 from .step_engine import MAX_STEPS, Row, StepEngine, check_model
@@ -93,6 +94,7 @@ class Engine(StepEngine):
         # Own copies: reload() rewrites them in place, so captured graphs stay valid.
         self.box = t.box.clone()
         self.head_weight, self.head_bias = t.head_weight.clone(), t.head_bias.clone()
+        frozen_weights.adopt(model, self.head_weight)  # a frozen model's head GEMM: packed on a CPU
         super().__init__(slots, cuda_graph=cuda_graph, buckets=buckets, table=t.table.clone(),
                          mask_row=t.mask_row.clone(), cells=model.n_cells)
         dev, rows, hidden = self.device, slots + 1, model.config.hidden_size

@@ -13,8 +13,12 @@ new tensors (``.to()``, a new ``Parameter``) are seen, repacked on next use; a w
 the server and the benchmarks freeze the models they build and never edit; a model you edit
 that way is left unfrozen (the default): then every weight is read as it is on every call.
 
-Costs one packed copy per weight (about the weights' size again), built on first use. Where
-packed GEMMs do not run (no MKL, a GPU, other dtypes) freezing changes nothing but the flag.
+The same promise lets the step plans' derived tables (projected codebook, folded head) skip
+their bitwise staleness check (``xlx_fast.model_tables``: no bitwise copy of the codebook, no
+~5 ms compare per ``generate`` call at the base size), and an engine's folded head joins the
+packed weights. Costs one packed copy per weight (about the weights' size again), built on first
+use. Where packed GEMMs do not run (no MKL, a GPU, other dtypes) freezing changes only the
+tables' check.
 """
 from __future__ import annotations
 

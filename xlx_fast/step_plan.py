@@ -28,6 +28,7 @@ from transformers.models.lxmert.modeling_lxmert import LxmertAttention
 from .grid import box_positions
 from .ops.codebook_head import fold_head
 from .ops.fused_linear import feed_forward, linear_add_layernorm, linear_gelu_layernorm
+from .model_tables import Sources, record, unchanged
 from .ops.frozen_weights import linear
 from . import patching
 from .patching import FusedLxmertAttention
@@ -52,8 +53,7 @@ class FastTables:
     box: torch.Tensor
     head_weight: torch.Tensor
     head_bias: torch.Tensor
-    key: tuple
-    snapshot: list
+    sources: Sources
 
 
 def _sources(model):
@@ -76,57 +76,20 @@ def _source_list(model, enc, head):
             head.linear_feat.bias, head.out_cluster.weight, head.out_cluster.bias]
 
 
-def _key(model) -> tuple:
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in _sources(model))
-
-
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as integers: an exact comparison (NaN equals itself, -0 != +0)."""
-    t = t.detach()
-    return t.view(_BITS[t.element_size()]) if t.is_floating_point() else t
-
-
-def _unchanged(tables: FastTables, model) -> bool:
-    """Whether every source holds exactly the values the tables were built from."""
-    if tables.key != _key(model):
-        return False  # a new tensor, a dtype/device/shape change or a version bump: rebuild
-    # same storage and version: compare contents, which routes that bypass the version counter
-    # (p.data.copy_, a detached view, a numpy view) do change
-    return _same_bits(list(zip(_sources(model), tables.snapshot)),
-                      one_sync=model.centroids.device.type == "cuda")
-
-
-def _same_bits(pairs, one_sync: bool) -> bool:
-    """Whether each (tensor, snapshot) pair holds the same bits (shapes already equal).
-    ``one_sync``: one "any difference" flag per pair, read back once -- on a GPU each
-    ``torch.equal`` would wait for it; on a CPU ``torch.equal`` is faster (4.8 ms against 8 ms
-    at the base size)."""
-    if not one_sync:
-        return all(torch.equal(_bits(p), snap) for p, snap in pairs)
-    return not bool(torch.stack([(_bits(p) != snap).any() for p, snap in pairs]).any())
-
-
 @torch.no_grad()
 def prepare(model) -> FastTables:
     """The model's :class:`FastTables`, built on first use and cached on the model.
 
-    Never stale: each call compares the sources (codebook, mask feature, visn_fc, box_fc and
-    their layer norms, linear_feat, out_cluster) with a bitwise snapshot taken when the tables
-    were built, and rebuilds on any difference. Version counters and data pointers alone miss
-    edits made through ``p.data.copy_``, a ``p.detach()`` view or a numpy view. Cost: the
-    snapshot doubles the sources' memory (94 MB fp32 at the base size, mostly the
-    10,000 x 2048 codebook) and a check reads both: measured 5 ms at the base size on an idle
-    2-core CPU, where the rebuild takes 0.5 s and one Mask-Predict-4 ``generate`` at batch 1
-    about 0.42 s. On a GPU
-    it is a bandwidth-bound compare (well under a ms) and one host sync.
+    Never stale: each call checks the sources (codebook, mask feature, visn_fc, box_fc and
+    their layer norms, linear_feat, out_cluster) against what the tables were built from, bit
+    for bit unless the model is frozen (:mod:`xlx_fast.model_tables`), and rebuilds on any
+    difference (0.5 s at the base size on a 2-core CPU).
     """
     cached = getattr(model, "_xlx_fast_tables", None)
-    if cached is not None and _unchanged(cached, model):
+    sources = _sources(model)
+    if cached is not None and unchanged(cached.sources, model, sources):
         return cached
-    key = _key(model)
+    rec = record(model, sources)
     enc = model.bert.encoder.visn_fc
     dtype, device = model.centroids.dtype, model.centroids.device
 
@@ -138,8 +101,7 @@ def prepare(model) -> FastTables:
     box = enc.box_layer_norm(enc.box_fc(box_positions(model.grid, dtype, device))) / 2
     w, b = fold_head(model.obj_predict_head.linear_feat, model.obj_predict_head.out_cluster)
     tables = FastTables(table.contiguous(), mask_row.contiguous(), box.contiguous(),
-                        w.contiguous(), b.float().contiguous(), key,
-                        [_bits(p).clone() for p in _sources(model)])
+                        w.contiguous(), b.float().contiguous(), rec)
     model._xlx_fast_tables = tables
     return tables
 

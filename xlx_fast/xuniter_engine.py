@@ -30,6 +30,7 @@ import torch
 
 from .engine import Engine, Finished, Request
 from .models.xuniter import XUniterForImageGeneration
+from .ops import frozen_weights
 from .ops.codebook_head import codebook_head
 from .step_engine import StepEngine, check_model
 from .step_plan import extended_mask, head_transform
@@ -63,6 +64,7 @@ class XUniterEngine(Engine):
         t = self._tables = prepare(model)
         self.pos, self.type_row = t.pos.clone(), t.type_row.clone()
         self.head_weight, self.head_bias = t.head_weight.clone(), t.head_bias.clone()
+        frozen_weights.adopt(model, self.head_weight)  # a frozen model's head GEMM: packed on a CPU
         # the base's constructor (the paint engine's builds the two-stream tables)
         StepEngine.__init__(self, slots, cuda_graph=cuda_graph, buckets=buckets,
                             table=t.table.clone(), mask_row=t.mask_row.clone(), cells=n_cells)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .model_tables import Sources, record, unchanged
 from .models.xuniter import box7
 from .ops.codebook_head import fold_head
 from .step_plan import layer
@@ -51,8 +52,7 @@ class XUniterTables:
     type_row: torch.Tensor
     head_weight: torch.Tensor
     head_bias: torch.Tensor
-    key: tuple
-    snapshot: list
+    sources: Sources
 
 
 def _sources(model) -> list:
@@ -69,37 +69,15 @@ def _sources(model) -> list:
     return out
 
 
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return t.view(_BITS[t.element_size()]) if t.is_floating_point() else t
-
-
-def _key(model) -> tuple:
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in _sources(model))
-
-
-def _unchanged(tables: XUniterTables, model) -> bool:
-    """Same tensors, versions and bits as when the tables were built (an exact comparison:
-    edits through ``p.data`` or a detached view bypass the version counter)."""
-    if tables.key != _key(model):
-        return False
-    pairs = list(zip(_sources(model), tables.snapshot))
-    if model.centroids.device.type != "cuda":
-        return all(torch.equal(_bits(p), snap) for p, snap in pairs)
-    return not bool(torch.stack([(_bits(p) != snap).any() for p, snap in pairs]).any())
-
-
 @torch.no_grad()
 def prepare(model) -> XUniterTables:
     """The model's :class:`XUniterTables`, cached on the model and rebuilt when any weight they
-    derive from changed (a bitwise snapshot, as ``step_plan.prepare``)."""
+    derive from changed (:mod:`xlx_fast.model_tables`, as ``step_plan.prepare``)."""
     cached = getattr(model, "_xlx_xuniter_tables", None)
-    if cached is not None and _unchanged(cached, model):
+    sources = _sources(model)
+    if cached is not None and unchanged(cached.sources, model, sources):
         return cached
-    key = _key(model)
+    rec = record(model, sources)
     emb = model.img_embeddings
     dtype, device = model.centroids.dtype, model.centroids.device
     table = emb.img_layer_norm(emb.img_linear(model.centroids))
@@ -108,8 +86,7 @@ def prepare(model) -> XUniterTables:
     type_row = model.bert.embeddings.token_type_embeddings.weight[1]
     w, b = fold_head(model.obj_predict_head.linear_feat, model.obj_predict_head.out_cluster)
     tables = XUniterTables(table.contiguous(), mask_row.contiguous(), pos.contiguous(),
-                           type_row.clone().contiguous(), w.contiguous(), b.float().contiguous(),
-                           key, [_bits(p).clone() for p in _sources(model)])
+                           type_row.clone().contiguous(), w.contiguous(), b.float().contiguous(), rec)
     model._xlx_xuniter_tables = tables
     return tables
 

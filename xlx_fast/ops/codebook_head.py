@@ -80,6 +80,7 @@ from . import split_scan
 from ._common import (FLOAT_DTYPES, HAS_TRITON, INDEX_DTYPES, check_choice, check_device, check_int,
                       check_same_dtype, check_tensor, tl, triton)
 from .codebook_tile import interpreter_widen, padded
+from . import frozen_weights
 from .derived import widened
 from .dot_error import PRECISIONS
 from . import measured
@@ -372,8 +373,9 @@ def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         temperature=0.0, seeds: torch.Tensor | None = None, step: int = 0,
                         chunk: int = 1024,
                         out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU path, blocked over rows: per chunk one GEMM (addmm, fp32 accumulation; half inputs are
-    widened, which is exact), then max / sum-exp / argmax over the classes. Scratch: one
+    """CPU path, blocked over rows: per chunk one GEMM (F.linear, fp32 accumulation; half inputs
+    are widened, which is exact; a frozen model's folded head multiplies from its packed copy,
+    ``frozen_weights``), then max / sum-exp / argmax over the classes. Scratch: one
     [rows, K] fp32 logit block, rows = ``split_scan.cpu_rows(chunk, K)`` (<= 128 MB), and when
     sampling Gumbel noise in blocks of NOISE_BLOCK values. Same contract and same Gumbel bits as
     :func:`codebook_head_triton` (``out``: preallocated (prob, ids) to write into); torch.max
@@ -391,7 +393,7 @@ def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     else:
         inv_temp = torch.tensor(1.0 / temperature if sample else 1.0, dtype=torch.float32).item()
     for r0 in range(0, m, chunk):
-        z = torch.addmm(bias, h[r0:r0 + chunk].float(), w.T)
+        z = frozen_weights.linear(h[r0:r0 + chunk].float(), w, bias)  # a frozen model's head: packed
         if per_row:
             z.mul_(scale[r0:r0 + chunk, None])
         elif sample:

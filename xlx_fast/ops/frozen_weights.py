@@ -30,6 +30,12 @@ tensor needing a gradient). Cost: one packed copy per weight view used, about th
 The packing is for 512 rows (``PACK_ROWS``): MKL blocks the panels for the row count it is
 given, and a weight packed for 512 served 16, 64, 96 and 512 rows as fast as one packed for each
 (measured there); one copy per weight serves every batch.
+
+Tables derived from the weights (an engine's folded head) join the frozen model's packing
+with :func:`adopt`, for as long as they live. The promise also
+lets those tables skip their bitwise staleness check (``xlx_fast.model_tables``):
+:func:`generation` tells them which ``freeze`` they were built under, also where packed GEMMs
+do not run (the promise is the same there).
 """
 from __future__ import annotations
 
@@ -39,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["available", "register", "unregister", "is_frozen", "is_packed", "linear", "packed_count"]
+__all__ = ["available", "register", "unregister", "is_frozen", "is_packed", "linear", "packed_count",
+           "generation", "adopt"]
 
 PACK_ROWS = 512
 # up to this many rows MKL's matrix-vector path reads the plain weight as fast as the packed one
@@ -52,6 +59,8 @@ _TABLES: "weakref.WeakKeyDictionary[nn.Module, _PackTable]" = weakref.WeakKeyDic
 # the weak dictionary); kept in step with _TABLES by register, unregister and each model's
 # finalizer
 _BY_STORAGE: dict[int, "_PackTable"] = {}
+# frozen model -> how many times it was frozen (its promise, where packing runs or not)
+_GENERATIONS: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
 def available() -> bool:
@@ -74,6 +83,8 @@ class _PackTable:
             if p.device.type == "cpu":
                 self.storages.setdefault(p.untyped_storage().data_ptr(), []).append(p)
         self.packs: dict = {}  # (storage, offset, shape) of a weight view -> (versions, packed)
+        # storage address -> a derived table packed with them (adopt), held weakly
+        self.adopted: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
     def packed(self, weight: torch.Tensor) -> torch.Tensor:
         ptr = weight.untyped_storage().data_ptr()
@@ -89,18 +100,25 @@ class _PackTable:
 def register(model: nn.Module) -> None:
     """Declare ``model``'s parameters constant (see the module docstring); a second call
     replaces the table, so every weight is repacked from its current values. Where packed GEMMs
-    do not run (:func:`available` is False) nothing is registered."""
+    do not run (:func:`available` is False) only the promise is recorded (:func:`generation`)."""
+    count = _GENERATIONS.get(model, 0) + 1
+    old = _TABLES.get(model)
+    adopted = [] if old is None else [t for t in old.adopted.values()]  # its live engines' tables
+    unregister(model)
+    _GENERATIONS[model] = count
     if not available():
         return
-    unregister(model)
     table = _TABLES[model] = _PackTable(model.parameters())
     for ptr in table.storages:
         _BY_STORAGE[ptr] = table
     weakref.finalize(model, _forget, table)
+    for t in adopted:
+        adopt(model, t)
 
 
 def unregister(model: nn.Module) -> None:
-    """Drop ``model``'s packed copies; its GEMMs take F.linear again."""
+    """Drop ``model``'s packed copies and its promise; its GEMMs take F.linear again."""
+    _GENERATIONS.pop(model, None)
     table = _TABLES.pop(model, None)
     if table is not None:
         _forget(table)
@@ -110,6 +128,35 @@ def _forget(table: "_PackTable") -> None:
     for ptr in table.storages:
         if _BY_STORAGE.get(ptr) is table:
             del _BY_STORAGE[ptr]
+
+
+def generation(model: nn.Module) -> int | None:
+    """Which ``freeze`` of ``model`` is in force (1, 2, ...), or None when it is not frozen."""
+    return _GENERATIONS.get(model)
+
+
+def adopt(model: nn.Module, table: torch.Tensor) -> None:
+    """Pack ``table``, a tensor derived from ``model``'s weights and multiplied as a weight
+    (``[N, K]``: an engine's folded head), with the model's weights, for as long as both live.
+    Its edits follow the weights' rules (an in-place copy moves its version: repacked). Nothing
+    happens for a model that is not packed."""
+    packs = _TABLES.get(model)
+    if packs is None or table.device.type != "cpu" or table.dtype != torch.float32:
+        return
+    ptr = table.untyped_storage().data_ptr()
+    packs.storages[ptr] = [weakref.proxy(table)]
+    packs.adopted[ptr] = table
+    _BY_STORAGE[ptr] = packs
+    # held weakly (an engine's table dies with the engine); when it dies, its address may serve
+    # another tensor: the mapping and the packed copy go first
+    weakref.finalize(table, _drop_storage, packs, ptr)
+
+
+def _drop_storage(packs: "_PackTable", ptr: int) -> None:
+    packs.storages.pop(ptr, None)
+    packs.packs = {k: v for k, v in packs.packs.items() if k[0] != ptr}
+    if _BY_STORAGE.get(ptr) is packs:
+        del _BY_STORAGE[ptr]
 
 
 def is_frozen(model: nn.Module) -> bool:
