@@ -241,8 +241,7 @@ def tuning() -> str:
 def _check_inputs(q, k, v, key_padding_mask, num_heads, out):
     """Validates arguments; returns (B, Lq, Lk, H, head_dim)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, dim=3, layout="(B, L, num_heads*head_dim)")
-        check_tensor(name, t, dtypes=FLOAT_DTYPES)
+        check_tensor(name, t, dim=3, layout="(B, L, num_heads*head_dim)", dtypes=FLOAT_DTYPES)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -370,7 +369,15 @@ def attention_sdpa(q, k, v, key_padding_mask=None, *, num_heads, out=None):
     computed in fp32 so that this bias stays representable. Without a mask the bias is zero
     (a broadcast view), so that NaN in q gives NaN as the formula does (see the code).
     """
-    B, Lq, Lk, H, head_dim = _check_inputs(q, k, v, key_padding_mask, num_heads, out)
+    _check_inputs(q, k, v, key_padding_mask, num_heads, out)
+    return _sdpa(q, k, v, key_padding_mask, num_heads=num_heads, out=out)
+
+
+def _sdpa(q, k, v, key_padding_mask=None, *, num_heads, out=None):
+    """:func:`attention_sdpa` on validated arguments: the registered backend (the op validated
+    them before dispatch; at batch 1 a second check was a tenth of the call)."""
+    B, Lq, width = q.shape
+    Lk, H, head_dim = k.shape[1], num_heads, width // num_heads
     compute = torch.float32 if q.dtype == torch.float16 else q.dtype
     # CPU SDPA takes an fp32 bias with any query dtype; elsewhere it must match the query.
     bias_dtype = torch.float32 if q.device.type == "cpu" else compute
@@ -392,8 +399,9 @@ def attention_sdpa(q, k, v, key_padding_mask=None, *, num_heads, out=None):
         # With a bias it takes the masked branch, whose maximum propagates NaN.
         bias = torch.zeros((), dtype=bias_dtype, device=q.device).expand(B, 1, 1, Lk)
 
-    def heads(t):  # (B, L, H·d) -> (B, H, L, d) view, no copy
-        return t.unflatten(-1, (H, head_dim)).transpose(1, 2).to(compute)
+    def heads(t):  # (B, L, H·d) -> (B, H, L, d) view, no copy (fp16: widened)
+        t = t.view(B, t.shape[1], H, head_dim).transpose(1, 2)  # a view of a column slice too
+        return t if t.dtype == compute else t.to(compute)
 
     o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias)
     o = o.transpose(1, 2).flatten(2)
@@ -408,7 +416,7 @@ TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 register_op("attention", "triton", impl=attention_triton, capability=triton_capability(dtypes=FLOAT_DTYPES),
             preference_rank=0, tolerances=TOLERANCES)
 # on CUDA only when named: there the Triton kernel is the op, and a missing triton is an error
-register_op("attention", "sdpa", impl=attention_sdpa,
+register_op("attention", "sdpa", impl=_sdpa,
             capability=Capability(devices=("cpu",), on_request=("cuda",), measured_on=("cuda",),
                                   dtypes=FLOAT_DTYPES),
             preference_rank=1, tolerances=TOLERANCES)
