@@ -192,11 +192,11 @@ def test_compile_sampler_step():
 @pytest.mark.parametrize("op", ["attention", "codebook_head", "nearest", "fused_linear_cross_entropy"])
 def test_every_op_explains_its_choice(op):
     load_all()
-    fast = registry.implementations(op)[0]
-    e = registry.explain(op, "cpu")
-    assert e["runs"] is not None and e["runs"] != fast.backend
+    e = registry.explain(op, "cpu", torch.float32)
+    assert e["runs"] is not None and e["runs"] != "triton"
     assert [b["backend"] for b in e["backends"]] == registry.backend_names(op)
-    assert e["backends"][0]["why_not"]  # the preferred (Triton) backend says why not here
+    triton = next(b for b in e["backends"] if b["backend"] == "triton")
+    assert triton["rank"] == 0 and triton["why_not"]  # the preferred kernel says why not here
     assert registry.select_impl(op, "cuda").backend == "triton"
 
 
@@ -258,3 +258,12 @@ def test_info_lists_every_op():
     assert {"attention", "codebook_head", "nearest", "fused_linear_cross_entropy"} <= ops
     text = "\n".join(backends_lines(rows))
     assert "attention on cpu" in text and "sdpa" in text and "needs CUDA" in text
+    # an op whose CPU choice depends on the dtype gets a line per dtype, each with its own answer
+    nearest_cpu = {r.get("dtype"): r["runs"] for r in rows if r["op"] == "nearest" and r["device"] == "cpu"}
+    from xlx_fast.ops.nearest_screen import BF16_DOT
+
+    if BF16_DOT.available():
+        assert nearest_cpu == {"float32": "torch", "float16": "torch", "bfloat16": "screened"}
+        assert "nearest on cpu (bfloat16)" in text
+    else:
+        assert nearest_cpu == {None: "torch"}

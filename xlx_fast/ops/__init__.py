@@ -28,13 +28,25 @@ def load_all() -> list[str]:
 
 def backends_report() -> list[dict]:
     """Per registered op and device here (the CPU, and CUDA when torch sees a GPU):
-    :func:`xlx_fast.ops.registry.explain`'s answer."""
+    :func:`xlx_fast.ops.registry.explain`'s answer; one per float dtype (``"dtype"`` added)
+    where the answer depends on it."""
     import torch
 
     from . import registry
 
+    from ._common import FLOAT_DTYPES
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [registry.explain(op, device) for op in load_all() for device in devices]
+    rows = []
+    for op in load_all():
+        for device in devices:
+            per_dtype = [registry.explain(op, device, dtype) for dtype in FLOAT_DTYPES]
+            if len({r["runs"] for r in per_dtype}) == 1:  # one answer whatever the dtype
+                rows.append(registry.explain(op, device))
+                continue
+            for dtype, r in zip(FLOAT_DTYPES, per_dtype):  # e.g. nearest's bfloat16 screen
+                rows.append({**r, "dtype": str(dtype).removeprefix("torch.")})
+    return rows
 
 
 def backends_lines(rows: list[dict]) -> list[str]:
@@ -46,7 +58,8 @@ def backends_lines(rows: list[dict]) -> list[str]:
             runs += f" or {', '.join(r['measured_against'])}, the faster per shape (measured)"
         skipped = [f"{b['backend']}: {b['why_not']}" for b in r["backends"]
                    if b["backend"] != r["runs"] and not b["usable"]]
-        lines.append(f"{r['op'] + ' on ' + r['device']:<38} : {runs}"
+        where = r["op"] + " on " + r["device"] + (f" ({r['dtype']})" if r.get("dtype") else "")
+        lines.append(f"{where:<38} : {runs}"
                      + (f" (not {'; '.join(skipped)})" if skipped else "")
                      + f"  [registered: {', '.join(b['backend'] for b in r['backends'])}]")
     return lines

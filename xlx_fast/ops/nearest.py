@@ -452,3 +452,7 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "tf3
     if was_numpy:
         dist = dist.cpu().numpy()
     return ids, dist
+
+
+# the CPU's bfloat16 backend (it builds on this module's fp32 path, so it registers after it)
+from . import nearest_screen  # noqa: E402,F401

@@ -70,9 +70,14 @@ def make_case(spec: Spec, dtype: torch.dtype, n: int, k: int = CLUSTERS, d: int 
                "torch mm+argmin": lambda: mm_argmin(x, c, c_norms)}
         if "faiss IndexFlatL2" in backends:
             fns["faiss IndexFlatL2"] = _faiss(x, c) if faiss_ok else _unsupported(dtype)
+        notes = {}
+        if nearest is not None:  # which backend ran: on a CPU, bfloat16 takes the screen
+            from xlx_fast.ops import registry
+
+            notes["xlx_fast"] = lambda: f"ran {registry.select_impl('nearest', device, dtype).backend}"
         return Prepared(reference=lambda: torch.cdist(x, c).argmin(1), backends=fns,
                         compare=lambda ref, out, _name: ids_agree(out, ref),
-                        same_gemm=lambda: torch.matmul(x, c.T))
+                        same_gemm=lambda: torch.matmul(x, c.T), notes=notes)
 
     return Case(op="nearest", shape=f"N={n} K={k} D={d}", dtype=dtype, device=device,
                 backends=backends, build=build, flops=2.0 * n * k * d, bound="compute")
