@@ -18,8 +18,9 @@
 #                                            nearest, attention, generation (B=1, 64, with the
 #                                            torch.compile(reference) peer of the bf16 rows,
 #                                            mode reduce-overhead: two compiles), model_forward,
-#                                            engine, training, in that order (the last ones are
-#                                            lost first when time runs out)
+#                                            engine, training, answer, caption, in that order (the
+#                                            last ones are lost first when time runs out: the two
+#                                            tasks run on what earlier stages left over)
 #   profile                 15      5        benchmarks/profile_generate.py at B=1 and B=64:
 #                                            kernels per step
 #   serving                 30      5        xlx-fast bench-serve in process, 16 slots, step and
@@ -56,7 +57,7 @@
 #   XLX_GPU_CHECK_SKIP_BUILD=1 use the installed package as it is (no pip install)
 #   XLX_GPU_CHECK_STAGES       run only these stages, e.g. "env smoke" (default: all)
 #   XLX_GPU_CHECK_SMOKE_IDS    replace SMOKE_IDS (checking this script's own failure path)
-#   XLX_GPU_CHECK_BENCH_OPS    the sweep's --ops (default: the eight families above); a rerun
+#   XLX_GPU_CHECK_BENCH_OPS    the sweep's --ops (default: the ten families above); a rerun
 #                              on a short lease measures only what changed
 #   XLX_GPU_CHECK_WORKERS      pytest-xdist workers (default 8)
 set -uo pipefail
@@ -84,7 +85,7 @@ SMOKE_IDS=(
 if [ -n "${XLX_GPU_CHECK_SMOKE_IDS:-}" ]; then
     read -r -a SMOKE_IDS <<<"$XLX_GPU_CHECK_SMOKE_IDS"
 fi
-BENCH_OPS=${XLX_GPU_CHECK_BENCH_OPS:-sampler,codebook_head,nearest,attention,generation,model_forward,engine,training}
+BENCH_OPS=${XLX_GPU_CHECK_BENCH_OPS:-sampler,codebook_head,nearest,attention,generation,model_forward,engine,training,answer,caption}
 WORKERS="${XLX_GPU_CHECK_WORKERS:-8}"
 STAGES="${XLX_GPU_CHECK_STAGES:-env build smoke gpu-tests gpu-tests-attention bench profile serving summary}"
 
