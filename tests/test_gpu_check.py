@@ -23,7 +23,8 @@ STAGES = ("env", "build", "smoke", "gpu-tests", "gpu-tests-attention", "bench", 
           "summary")
 FILES = {"build.log", "smoke.log", "gpu-tests.log", "bench.log", "profile.txt", "serving.json",
          "summary.txt"}
-BENCH_ORDER = "sampler, codebook_head, nearest, attention, generation, model_forward, engine, training"
+BENCH_ORDER = ("sampler, codebook_head, nearest, attention, generation, model_forward, engine, training, "
+               "answer, caption")
 
 
 def run_script(out: Path, **extra) -> subprocess.CompletedProcess:
