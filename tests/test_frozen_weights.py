@@ -232,26 +232,6 @@ def test_a_frozen_question_runs_at_its_own_length(monkeypatch):
     assert rel(frozen, unfrozen) <= 1e-5
 
 
-def test_a_frozen_caption_runs_at_its_own_length():
-    """The same for captions: unfrozen, a batch-1 caption of 7 words takes an engine of 16 word
-    slots on a CPU; frozen (the 30,522-word head is packed too) one of 7, with the same words."""
-    from xlx_fast.models import XLxmertForImageGeneration
-
-    model = XLxmertForImageGeneration.from_default(seed=6, size="tiny", with_generator=False,
-                                                   pretraining_heads=True).eval()
-    with torch.no_grad():  # a peaked head (as a trained one is): words robust to rounding
-        model.cls.predictions.transform.LayerNorm.weight.mul_(40.0)
-    cells = torch.randint(0, model.n_clusters, (1, model.n_cells), generator=torch.Generator().manual_seed(2))
-    frozen_model = xlx_fast.freeze(copy.deepcopy(model))
-    widths = {}
-    for name, m in (("unfrozen", model), ("frozen", frozen_model)):
-        out = xlx_fast.caption(m, cluster_ids=cells, length=7, steps=3, seed=4)
-        (engine,) = m.__dict__["_xlx_caption_engines"].values()
-        widths[name] = (engine.max_words, out.ids)
-    assert widths["unfrozen"][0] == 16 and widths["frozen"][0] == 7
-    assert torch.equal(widths["unfrozen"][1], widths["frozen"][1])
-
-
 def test_the_compile_peer_of_a_frozen_row_compiles_with_freezing():
     """Where the fast row's weights are packed, its torch.compile peer gets the same promise
     (inductor's freezing=True during its calls, said in its note); elsewhere it does not."""

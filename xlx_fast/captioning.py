@@ -23,7 +23,6 @@ from .caption_engine import CaptionEngine, CaptionRequest
 from .step_engine import run_requests
 from .caption_io import DEFAULT_WORDS, MAX_WORDS, CaptionResult, check_image, check_lengths
 from .generation import cached_engine, per_row
-from .ops import frozen_weights
 from .ops._common import cpu_gemm_rows
 from .sampling_params import check_params
 
@@ -83,10 +82,8 @@ def caption(model, features=None, cluster_ids=None, length=DEFAULT_WORDS, steps=
     if cuda_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs a model on a CUDA device")
 
-    # b rows of W words each: run W >= 16 on a CPU where a GEMM of fewer rows is slower (not
-    # against a frozen model's packed weights)
-    words = min(MAX_WORDS, cpu_gemm_rows(b * max(lengths), model.centroids.device,
-                                         frozen_weights.is_frozen(model)) // b)
+    # b rows of W words each: run W >= 16 on a CPU where a GEMM of fewer rows is slower
+    words = min(MAX_WORDS, cpu_gemm_rows(b * max(lengths), model.centroids.device) // b)
     engine = _engine(model, b, max(words, max(lengths)), cuda_graph)
     requests = [CaptionRequest(features=image[r], length=n, seed=p.seed, steps=p.steps,
                                strategy=p.strategy.name, temperature=p.temperature)

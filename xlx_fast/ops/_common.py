@@ -139,9 +139,10 @@ def inference_op(schema: str, kernel, fake) -> None:
 # caption's or a question's text is such a GEMM in every layer; the front ends that may pad it
 # (with masked positions, which change no result) pad it to 16 rows on a CPU. Not against
 # packed weights (``ops.frozen_weights``): there fewer rows cost less (0.27 ms at 10 rows, 0.33
-# at 16), so a frozen model's question or caption runs at its own length (its caption head's
-# 30,522 word embeddings are a packed weight too: a 12-word caption, Mask-Predict-4 at batch 1,
-# 338 -> 313 ms).
+# at 16), so a frozen model's question runs at its own length. Captions keep 16 rows even
+# frozen: a text of 16 or more rows gives the same bits as the server's 18-word caption engine
+# (measured: 16 and 18 agree, 12 does not: the attention over fewer padded keys rounds
+# otherwise), and the server's captions are held equal to the library's.
 CPU_GEMM_MIN_ROWS = 16
 
 
