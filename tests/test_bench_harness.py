@@ -265,12 +265,15 @@ def test_the_compiled_reference_is_a_timed_peer_of_whole_model_rows(family):
         peer = rows["torch.compile(reference)"]
         assert peer["kind"] == harness.PEER and peer["fast_ms"] > 0
         assert peer["note"].startswith("mode='max-autotune'") and "first call (compile + run)" in peer["note"]
-        # the generate rows' fast model is frozen (packed CPU GEMMs): its peer compiles with
-        # freezing=True, the same promise of constant weights; model_forward's is not frozen
-        assert ("freezing=True" in peer["note"]) == (family == "generation")
+        # both fast rows' models are frozen (packed CPU GEMMs): their peers compile with
+        # freezing=True, the same promise of constant weights, and the fast rows say so
+        from xlx_fast.ops import frozen_weights
+
+        assert ("freezing=True" in peer["note"]) == frozen_weights.available()
         assert peer["agreement_ok"] and "OUTSIDE" not in report.agreement_text(peer)  # a note, not a miss
         (fast,) = [r for r in rows.values() if r["kind"] == harness.FAST]
         assert fast["best_peer"] == "torch.compile(reference)" and fast["speedup_vs_best_peer"] > 0
+        assert "weights frozen (xlx_fast.freeze)" in fast["note"]
         quick_case = bench_cases.cases(family, quick)[0]
         assert "torch.compile(reference)" in quick_case.backends
         skipped = quick_case.prepare().backends["torch.compile(reference)"]

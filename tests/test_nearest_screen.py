@@ -5,12 +5,16 @@ import pytest
 import torch
 
 from xlx_fast.ops import nearest_screen, registry
-from xlx_fast.ops.nearest import nearest
-from xlx_fast.ops.nearest_screen import BF16_DOT, MAX_CANDIDATES, MIN_DIM, nearest_screened
+from xlx_fast.ops.nearest import codebook_norms, nearest, nearest_torch
+from xlx_fast.ops.nearest_screen import BF16_DOT, MAX_CANDIDATES, MIN_DIM
 
 from test_nearest import check_ids, exact_scores, make_data
 
 BF16 = torch.bfloat16
+
+
+def nearest_screened(x, c, fp32_path=nearest_torch, **kw):
+    return nearest_screen.nearest_screened(x, c, codebook_norms(c), fp32_path=fp32_path, **kw)
 
 
 def poisoned(n):
@@ -64,7 +68,7 @@ def test_a_best_entry_the_rounding_ranks_second_is_still_found():
     assert ids.tolist() == [3, 3] and torch.equal(scores.double(), s[:, 3])
 
 
-def test_rows_it_cannot_certify_take_the_fp32_path(monkeypatch):
+def test_rows_it_cannot_certify_take_the_fp32_path():
     """A row with more than MAX_CANDIDATES entries within its bound (near duplicates of the
     codebook), and a row holding NaN or inf, are handed whole to the fp32 path."""
     g = torch.Generator().manual_seed(3)
@@ -76,11 +80,9 @@ def test_rows_it_cannot_certify_take_the_fp32_path(monkeypatch):
     x[2] = base
     x[4, 7] = float("inf")
     handed = []
-    fp32 = nearest_screen.nearest_torch
-    monkeypatch.setattr(nearest_screen, "nearest_torch",
-                        lambda rows, *a, **kw: handed.append(rows.shape[0]) or fp32(rows, *a, **kw))
     xb, cb = x.to(BF16), c.to(BF16)
-    ids, scores = nearest_screened(xb, cb)
+    ids, scores = nearest_screened(
+        xb, cb, fp32_path=lambda rows, *a, **kw: handed.append(rows.shape[0]) or nearest_torch(rows, *a, **kw))
     assert handed == [2]  # rows 2 and 4, together
     keep = torch.tensor([0, 1, 2, 3, 5])
     check_ids(ids[keep], scores[keep], xb[keep], cb, backend="screened")

@@ -78,9 +78,11 @@ from . import split_scan
 from ._common import (FLOAT_DTYPES, HAS_TRITON, check_choice, check_device, check_dtype, check_same_dtype,
                       check_tensor, tl, triton)
 from .codebook_tile import interpreter_widen, vector_loads
+from .nearest_screen import BF16_DOT, nearest_screened
 from .derived import derived, widened
 from .dot_error import PRECISIONS, gamma
 from . import measured
+from .registry import Capability, register_op
 
 __all__ = ["nearest", "nearest_triton", "nearest_torch", "codebook_norms", "error_bound"]
 
@@ -306,6 +308,19 @@ split_scan.register_backends("nearest", triton_impl=_run_triton, torch_impl=_run
                              tolerances=TOLERANCES)
 
 
+def _run_screened(x, codebook, norms, *, precision, chunk):
+    norms = codebook_norms(codebook) if norms is None else norms
+    return nearest_screened(x, codebook, norms, fp32_path=nearest_torch, chunk=chunk)
+
+
+# on a CPU with a native bfloat16 dot product, bfloat16 takes the screen (ops/nearest_screen.py:
+# a bfloat16 GEMM, then fp32 rescoring of what its bound cannot rule out; the rest falls back to
+# nearest_torch), preferred there to the fp32 path (rank 1)
+register_op("nearest", "screened", impl=_run_screened,
+            capability=Capability(devices=("cpu",), dtypes=(torch.bfloat16,), requires=(BF16_DOT,)),
+            preference_rank=0, tolerances=TOLERANCES)
+
+
 @torch.library.custom_op("xlx_fast::nearest", mutates_args=())
 def _nearest_op(x: torch.Tensor, codebook: torch.Tensor, norms: Optional[torch.Tensor],
                 precision: str, chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,6 +468,3 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "tf3
         dist = dist.cpu().numpy()
     return ids, dist
 
-
-# the CPU's bfloat16 backend (it builds on this module's fp32 path, so it registers after it)
-from . import nearest_screen  # noqa: E402,F401

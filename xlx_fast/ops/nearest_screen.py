@@ -33,12 +33,12 @@ a selection of the candidates and D products for each. Scratch: the chunk's [row
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 from . import split_scan
-from .nearest import TOLERANCES, codebook_norms, nearest_torch
-from .registry import Capability, Requirement, register_op
+from .registry import Requirement
 
 __all__ = ["nearest_screened", "BF16_DOT", "MAX_CANDIDATES", "BLOCK_ROWS", "MIN_DIM"]
 
@@ -81,17 +81,17 @@ def _screen(x: torch.Tensor, c: torch.Tensor, norms: torch.Tensor, a: torch.Tens
     return winner, low, certified
 
 
-def nearest_screened(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor | None = None, *,
-                     chunk: int = 2048,
+def nearest_screened(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor, *,
+                     fp32_path: Callable, chunk: int = 2048,
                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU path for bfloat16 x [N, D] and codebook [K, D] (module docstring): (ids int64 [N],
-    scores fp32 [N]) with :func:`nearest_torch`'s contract and ``out``. Rows per GEMM:
-    ``split_scan.cpu_rows(chunk, K)``. Below ``MIN_DIM`` features, the fp32 path itself."""
-    if norms is None:
-        norms = codebook_norms(codebook)
+    """CPU path for bfloat16 x [N, D] and codebook [K, D] with their fp32 norms [K] (module
+    docstring): (ids int64 [N], scores fp32 [N]) with ``nearest_torch``'s contract and ``out``.
+    ``fp32_path``: that fp32 path (``nearest_torch``, same arguments), which takes the rows the
+    screen cannot certify, and every row below ``MIN_DIM`` features. Rows per GEMM:
+    ``split_scan.cpu_rows(chunk, K)``."""
     k = codebook.shape[0]
     if codebook.shape[1] < MIN_DIM:
-        return nearest_torch(x, codebook, norms, chunk=chunk, out=out)
+        return fp32_path(x, codebook, norms, chunk=chunk, out=out)
     n = x.shape[0]
     ids, scores = split_scan.outputs(n, x.device, (torch.int64, torch.float32), out)
     c_max = float(norms.max().sqrt()) * (1 + 2 ** -20)  # largest ||c_k||, rounded up
@@ -104,16 +104,6 @@ def nearest_screened(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tenso
             ids[lo:hi], scores[lo:hi] = i, s
             if not bool(ok.all()):
                 redo = torch.nonzero(~ok).flatten() + lo
-                ids[redo], scores[redo] = nearest_torch(x[redo], codebook, norms, chunk=chunk)
+                ids[redo], scores[redo] = fp32_path(x[redo], codebook, norms, chunk=chunk)
         del a_chunk
     return ids, scores
-
-
-def _run_screened(x, codebook, norms, *, precision, chunk):
-    return nearest_screened(x, codebook, norms, chunk=chunk)
-
-
-# preferred on a CPU for bfloat16 (rank 0; the fp32 path, rank 1, stays for what it cannot certify)
-register_op("nearest", "screened", impl=_run_screened,
-            capability=Capability(devices=("cpu",), dtypes=(torch.bfloat16,), requires=(BF16_DOT,)),
-            preference_rank=0, tolerances=TOLERANCES)
