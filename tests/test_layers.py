@@ -25,7 +25,8 @@ FLOORS = [
     # the op layer: kernels, their dispatch and their CPU twins
     ("xlx_fast.ops",),
     # what the ops are assembled into: the fused attention in HF's modules, one step's forward
-    ("xlx_fast.patching", "xlx_fast.freezing", "xlx_fast.model_tables", "xlx_fast.step_plan", "xlx_fast.caption_plan", "xlx_fast.xuniter_plan",
+    ("xlx_fast.patching", "xlx_fast.freezing", "xlx_fast.model_tables", "xlx_fast.step_plan",
+     "xlx_fast.caption_plan", "xlx_fast.xuniter_plan",
      "xlx_fast.training.attention", "xlx_fast.training.masking"),
     # the engines drive the step plans
     ("xlx_fast.step_engine", "xlx_fast.engine", "xlx_fast.caption_engine", "xlx_fast.xuniter_engine"),
@@ -137,7 +138,8 @@ def test_the_fast_path_is_not_built_on_the_reference(graph):
     # sampler's inputs and result) from neutral ground. (The training step does use the
     # reference's optimizer update, on purpose: it is not a rule the fast step is checked
     # against, and its tests compare whole updates.)
-    fast = ("xlx_fast.ops", "xlx_fast.patching", "xlx_fast.model_tables", "xlx_fast.step_plan", "xlx_fast.engine",
+    fast = ("xlx_fast.ops", "xlx_fast.patching", "xlx_fast.model_tables", "xlx_fast.step_plan",
+            "xlx_fast.engine",
             "xlx_fast.step_engine",
             "xlx_fast.generation", "xlx_fast.serving", "xlx_fast.cli.bulk",
             "xlx_fast.caption_plan", "xlx_fast.caption_engine", "xlx_fast.captioning",

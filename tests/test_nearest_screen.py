@@ -81,8 +81,11 @@ def test_rows_it_cannot_certify_take_the_fp32_path():
     x[4, 7] = float("inf")
     handed = []
     xb, cb = x.to(BF16), c.to(BF16)
-    ids, scores = nearest_screened(
-        xb, cb, fp32_path=lambda rows, *a, **kw: handed.append(rows.shape[0]) or nearest_torch(rows, *a, **kw))
+    def fp32_path(rows, *a, **kw):
+        handed.append(rows.shape[0])
+        return nearest_torch(rows, *a, **kw)
+
+    ids, scores = nearest_screened(xb, cb, fp32_path=fp32_path)
     assert handed == [2]  # rows 2 and 4, together
     keep = torch.tensor([0, 1, 2, 3, 5])
     check_ids(ids[keep], scores[keep], xb[keep], cb, backend="screened")

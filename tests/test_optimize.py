@@ -476,7 +476,8 @@ def count_block_ops(monkeypatch) -> list:
     return calls
 
 
-needs_packing = pytest.mark.skipif(not frozen_weights.available(), reason="torch built without MKL's packed GEMMs")
+needs_packing = pytest.mark.skipif(not frozen_weights.available(),
+                                   reason="torch built without MKL's packed GEMMs")
 
 
 @needs_packing

@@ -26,9 +26,9 @@ from transformers.activations import GELUActivation
 from transformers.models.lxmert.modeling_lxmert import LxmertAttention
 
 from .grid import box_positions
+from .model_tables import Sources, record, unchanged
 from .ops.codebook_head import fold_head
 from .ops.fused_linear import feed_forward, linear_add_layernorm, linear_gelu_layernorm
-from .model_tables import Sources, record, unchanged
 from .ops.frozen_weights import linear
 from . import patching
 from .patching import FusedLxmertAttention

@@ -43,10 +43,10 @@ __all__ = ["KMeansResult", "kmeans", "assign"]
 
 _SPLIT_EPS = 1.0 / 1024  # FAISS's relative perturbation when splitting a cluster
 # Points per float32 partial sum of the centroid update (kmeans's ``chunk``). A partial adds at
-# most this many points, so its relative error stays below SUM_BLOCK * 2^-24 = 2.4e-4 in the worst case (~1e-6
-# typically); the partials then add in float64. Summing every point in float64 instead needed a
-# float64 copy of the training sample per iteration: 40 of 258 ms an iteration at 50,000 x 512
-# points and k = 1024 on a 2-core Xeon, where the update now takes 8 ms.
+# most this many points, so its relative error stays below SUM_BLOCK * 2^-24 = 2.4e-4 in the
+# worst case (~1e-6 typically); the partials then add in float64. Summing every point in float64
+# instead needed a float64 copy of the training sample per iteration: 40 of 258 ms an iteration
+# at 50,000 x 512 points and k = 1024 on a 2-core Xeon, where the update now takes 8 ms.
 SUM_BLOCK = 4096
 
 

@@ -33,7 +33,6 @@ def backends_report() -> list[dict]:
     import torch
 
     from . import registry
-
     from ._common import FLOAT_DTYPES
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -79,8 +79,8 @@ import torch
 from . import split_scan
 from ._common import (FLOAT_DTYPES, HAS_TRITON, INDEX_DTYPES, check_choice, check_device, check_int,
                       check_same_dtype, check_tensor, tl, triton)
-from .codebook_tile import interpreter_widen, padded
 from . import frozen_weights
+from .codebook_tile import interpreter_widen, padded
 from .derived import widened
 from .dot_error import PRECISIONS
 from . import measured

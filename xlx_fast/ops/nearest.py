@@ -467,4 +467,3 @@ def nearest(x, codebook, *, return_distance: bool = False, precision: str = "tf3
     if was_numpy:
         dist = dist.cpu().numpy()
     return ids, dist
-
