@@ -61,7 +61,7 @@ def _screen(x: torch.Tensor, c: torch.Tensor, norms: torch.Tensor, a: torch.Tens
     [n, K] (module docstring); uncertified rows' ids and scores are left to the caller."""
     n, d = x.shape
     xf = x.float()
-    x_norm = xf.norm(dim=1)
+    x_norm = xf.norm(dim=1) * (1 + d * 2.0 ** -24)  # rounded up past its fp32 summation error
     s = a.float()
     a_max = s.abs().amax(1)
     s = s.mul_(-2.0).add_(norms)  # ŝ = ||c||^2 - 2a in fp32, in place
@@ -94,7 +94,8 @@ def nearest_screened(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tenso
         return fp32_path(x, codebook, norms, chunk=chunk, out=out)
     n = x.shape[0]
     ids, scores = split_scan.outputs(n, x.device, (torch.int64, torch.float32), out)
-    c_max = float(norms.max().sqrt()) * (1 + 2 ** -20)  # largest ||c_k||, rounded up
+    # largest ||c_k||, from the fp32 norms rounded up past their own summation error (D·2^-24)
+    c_max = float(norms.max().sqrt()) * (1 + codebook.shape[1] * 2.0 ** -24)
     rows = split_scan.cpu_rows(chunk, k)
     for r0 in range(0, n, rows):
         a_chunk = torch.mm(x[r0:r0 + rows], codebook.T)  # bfloat16, fp32 accumulation
