@@ -100,6 +100,57 @@ def test_a_counted_edit_repacks_and_unfreeze_and_collection_drop_the_copies():
     assert len(frozen_weights._BY_STORAGE) == n_storages
 
 
+def bf16_layer(k, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(k, n).bfloat16()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, k, generator=g))
+        layer.bias.copy_(torch.randn(n, generator=g))
+    return xlx_fast.freeze(layer), g
+
+
+def bf16_bound(out, x, layer):
+    """|out - x·Wᵀ - b| within the rounding of a bfloat16 result of an fp32 accumulation: half
+    a bf16 ulp of the value (2^-9 relative) plus the fp32 sum's error (k·2^-24 of Σ|x||w|)."""
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    scale = F.linear(x.double().abs(), layer.weight.double().abs(), layer.bias.double().abs())
+    return bool(((out.double() - exact).abs() <= 2.0 ** -8 * exact.abs()
+                 + x.shape[-1] * 2.0 ** -23 * scale + 1e-30).all())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20, 84, frozen_weights.BF16_MAX_ROWS])
+def test_bf16_weights_run_packed_where_this_cpu_multiplies_bf16(rows):
+    """bfloat16: packed (oneDNN) from 1 row up to BF16_MAX_ROWS where the CPU multiplies it
+    natively, F.linear elsewhere; the product is F.linear's within bfloat16 rounding either way,
+    and a counted edit is repacked."""
+    layer, g = bf16_layer(72, 130, rows)
+    x = torch.randn(rows, 72, generator=g).bfloat16()
+    with torch.no_grad():
+        out = frozen_weights.linear(x, layer.weight, layer.bias)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 130)
+        assert bf16_bound(out, x, layer)
+        assert frozen_weights.packed_count(layer) == int(frozen_weights.available(torch.bfloat16))
+        assert frozen_weights.is_packed(layer.weight, rows) == frozen_weights.available(torch.bfloat16)
+        layer.weight.mul_(-0.5)  # exact in bf16: a counted edit
+        assert bf16_bound(frozen_weights.linear(x, layer.weight, layer.bias), x, layer)
+
+
+def test_bf16_weights_beyond_the_packed_rows_or_without_native_bf16_run_f_linear(monkeypatch):
+    layer, g = bf16_layer(40, 24, 7)
+    x = torch.randn(frozen_weights.BF16_MAX_ROWS + 1, 40, generator=g).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(frozen_weights.linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+        assert frozen_weights.packed_count(layer) == 0
+        assert not frozen_weights.is_packed(layer.weight, x.shape[0])
+        monkeypatch.setitem(frozen_weights._USABLE, torch.bfloat16, False)  # a CPU without AMX/AVX512-BF16
+        assert torch.equal(frozen_weights.linear(x[:5], layer.weight, layer.bias),
+                           F.linear(x[:5], layer.weight, layer.bias))
+        assert frozen_weights.packed_count(layer) == 0 and not frozen_weights.is_packed(layer.weight)
+        # a float32 input against bf16 weights is F.linear's error, not a packed call's
+        with pytest.raises(RuntimeError):
+            frozen_weights.linear(x.float(), layer.weight, layer.bias)
+
+
 @pytest.fixture(scope="module")
 def answer_models():
     """task -> (frozen fast model, float64 unfrozen reference copy)."""
@@ -242,7 +293,10 @@ def test_the_compile_peer_of_a_frozen_row_compiles_with_freezing():
 
     spec = Spec(device=torch.device("cpu"), dtypes=(torch.float32,), quick=False, size="tiny")
     assert frozen.peer_freezes(torch.device("cpu"), torch.float32)
-    assert not frozen.peer_freezes(torch.device("cpu"), torch.bfloat16)
+    assert (frozen.peer_freezes(torch.device("cpu"), torch.bfloat16)
+            == frozen_weights.available(torch.bfloat16))
+    assert not frozen.peer_freezes(torch.device("cpu"), torch.float16)
+    assert not frozen.peer_freezes(torch.device("meta"), torch.float32)  # not a CPU
     seen = []
     for freezing in (True, False):
         timer = compiled.FirstCallTimer(lambda: seen.append(inductor_config.freezing), spec,

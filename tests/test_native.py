@@ -68,8 +68,10 @@ def test_info_prints_the_truth():
         assert key in text
     from xlx_fast.ops import frozen_weights
 
-    packed = "yes" if frozen_weights.available() else "no"
-    assert f"frozen weights on CPU  : {packed}" in text
+    line = next(t for t in text.splitlines() if t.startswith("frozen weights on CPU  : "))
+    for dtype, library in (("float32", "MKL"), ("bfloat16", "oneDNN")):
+        assert (f"{dtype} ({library})" in line) == frozen_weights.available(getattr(torch, dtype))
+    assert line.split(": ", 1)[1].startswith("yes" if frozen_weights.available() else "no")
 
 
 def test_info_cli(capsys):

@@ -549,3 +549,21 @@ def test_frozen_optimized_model_multiplies_every_block_by_packed_weights():
     denses = [m.dense.weight for m in model.modules() if isinstance(m, (FusedLxmertAddNorm, FusedLxmertIntermediate))]
     assert len(denses) == fused_block_calls(config) - config.x_layers  # a cross layer's block serves both streams
     assert all((w.untyped_storage().data_ptr(), w.storage_offset()) in packed for w in denses)
+
+
+def test_a_frozen_bf16_model_packs_its_blocks_where_this_cpu_multiplies_bf16(monkeypatch):
+    """bfloat16, frozen: where oneDNN multiplies bf16 natively every block takes its fused op
+    against packed weights; elsewhere the blocks stay HF's (nothing packed). Either way the
+    outputs stay within bf16 rounding of the float64 HF model."""
+    config = tiny_config()
+    plain = build(LxmertModel, config)
+    model = xlx_fast.freeze(xlx_fast.optimize(copy.deepcopy(plain).bfloat16()))
+    inputs = make_inputs(config, B=2, L=11, V=13)
+    calls = count_block_ops(monkeypatch)
+    with torch.no_grad():
+        out = model(**{k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()})
+        ref = plain.double()(**{k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+    assert_outputs_close(out, ref, tol=2e-2)
+    packs = frozen_weights.available(torch.bfloat16)
+    assert len(calls) == (fused_block_calls(config) if packs else 0)
+    assert (frozen_weights.packed_count(model) > 0) == packs

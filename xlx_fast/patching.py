@@ -217,7 +217,7 @@ class FusedLxmertAttention(LxmertAttention):
 def _block_fuses(module: nn.Module, x: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether an output or intermediate block takes its fused op (the module docstring: on a
     CPU only against a packed weight)."""
-    return ((x.device.type != "cpu" or is_packed(module.dense.weight))
+    return ((x.device.type != "cpu" or is_packed(module.dense.weight, x.numel() // x.shape[-1]))
             and _inference(module, x, *others))
 
 

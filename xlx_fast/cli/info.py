@@ -26,7 +26,9 @@ def report() -> dict:
     r = native.report()
     backend, why = cuda_choice_here(native.driver_version(), r["cuda_device_reason"])
     return {**r, "sampler_step_cuda": backend, "sampler_step_cuda_reason": why,
-            "packed_cpu_gemms": frozen_weights.available(), "ops": backends_report()}
+            "packed_cpu_gemms": {str(d).removeprefix("torch."): frozen_weights.available(d)
+                                 for d in frozen_weights.PACKERS},
+            "ops": backends_report()}
 
 
 def info(file=None) -> None:
@@ -37,9 +39,15 @@ def info(file=None) -> None:
     r = report()
     lines = native.report_lines(r)
     lines.append(f"sampler_step on CUDA   : {r['sampler_step_cuda']} ({r['sampler_step_cuda_reason']})")
-    packed = ("yes (MKL packed sgemm)" if r["packed_cpu_gemms"]
-              else "no (torch without MKL): freezing changes nothing here")
-    lines.append(f"frozen weights on CPU  : {packed}  [xlx_fast.freeze]")
+    from xlx_fast.ops.frozen_weights import PACKERS
+
+    packers = {str(d).removeprefix("torch."): p.library for d, p in PACKERS.items()}
+    packed = ", ".join(f"{name} ({packers[name]})" for name, ok in r["packed_cpu_gemms"].items() if ok)
+    missing = [name for name, ok in r["packed_cpu_gemms"].items() if not ok]
+    text = f"yes for {packed}" if packed else "no: freezing changes only the tables' check here"
+    if packed and missing:
+        text += f"; not {', '.join(missing)} (no MKL, or no native bfloat16 on this CPU)"
+    lines.append(f"frozen weights on CPU  : {text}  [xlx_fast.freeze]")
     lines += backends_lines(r["ops"])
     print("\n".join(lines), file=file or sys.stdout)
 

@@ -23,7 +23,7 @@ except ImportError:  # CPU-only installs: the torch paths work without it
     triton = None
     tl = None
 
-__all__ = ["inference_op", "triton", "tl", "HAS_TRITON", "interpreting", "FLOAT_DTYPES", "INDEX_DTYPES",
+__all__ = ["inference_op", "triton", "tl", "HAS_TRITON", "interpreting", "native_bf16_dot", "FLOAT_DTYPES", "INDEX_DTYPES",
            "DEVICE_TYPES", "dtype_names", "check_tensor", "check_dtype", "check_device", "check_same_dtype", "check_choice", "check_int"]
 
 HAS_TRITON = triton is not None
@@ -39,6 +39,12 @@ DEVICE_TYPES = ("cpu", "cuda")
 def interpreting() -> bool:
     """Whether Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return HAS_TRITON and bool(triton.knobs.runtime.interpret)
+
+
+def native_bf16_dot() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX tiles or AVX512-BF16), as the CPU
+    paths that run bfloat16 GEMMs for speed need."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 def dtype_names(dtypes: Iterable[torch.dtype]) -> str:

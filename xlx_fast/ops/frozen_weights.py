@@ -1,13 +1,15 @@
-"""Frozen weights: float32 GEMMs on a CPU against weights kept in MKL's packed layout.
+"""Frozen weights: GEMMs on a CPU against weights packed once (float32: MKL, bfloat16: oneDNN).
 
-Math. ``linear(x, W, b)`` is ``x·Wᵀ + b``, F.linear's result (the same MKL kernel on the same
-panels, bias added after the product as F.linear does; the tests compare it with F.linear).
+Math. ``linear(x, W, b)`` is ``x·Wᵀ + b``, F.linear's result: the library F.linear calls, on the
+same panels, bias added as F.linear adds it (the tests compare it with F.linear).
 
-Why. MKL's sgemm copies its B operand, the weight, into cache-blocked panels on every call. At
-the row counts of inference that copy is a large part of the call: on the 2-core Xeon of the
-committed CPU results, [64, 768] x [768, 3072] took 1.0 ms and 0.75 ms against a weight packed
-once (``cblas_sgemm_pack``), [16, 768] x [768, 3072] 0.42 and 0.27 ms, [512, 768] x [768, 3072]
-5.9 and 5.5 ms. A packed copy built once and reused skips it.
+Why. A CPU GEMM copies its B operand, the weight, into cache-blocked panels on every call. At
+the row counts of inference that copy is a large part of the call. float32 (MKL's sgemm), on
+the 2-core Xeon of the committed CPU results: [64, 768] x [768, 3072] took 1.0 ms and 0.75 ms
+against a weight packed once (``cblas_sgemm_pack``), [16, 768] x [768, 3072] 0.42 and 0.27 ms,
+[512, 768] x [768, 3072] 5.9 and 5.5 ms. bfloat16 (oneDNN's AMX kernels) gains more, since the
+products themselves are cheaper: [64, 768] x [768, 3072] 0.35 and 0.18 ms, [20, 768] x
+[768, 768] 0.065 and 0.034 ms. A packed copy built once and reused skips the copy.
 
 Contract. A packed copy is derived from the weight's values, so it is right only while the
 weight keeps them. Packing is therefore opt-in, per model: :func:`register` (through
@@ -22,14 +24,18 @@ weight keeps them. Packing is therefore opt-in, per model: :func:`register` (thr
   is what freezing promises not to do. ``xlx_fast.freeze(model)`` again repacks everything;
   ``xlx_fast.unfreeze(model)`` drops the copies.
 
-Unfrozen models, and every GEMM not of this shape, take ``F.linear`` (nothing cached, every edit
-seen). Where: CPU tensors, float32, torch built with MKL (the x86 wheels); inference only (no
-tensor needing a gradient). Cost: one packed copy per weight view used, about the weight's size
-(the base X-LXMERT: about 730 MB more), built on its first use.
+Unfrozen models, and every GEMM outside a packer's rows (:data:`PACKERS`), take ``F.linear``
+(nothing cached, every edit seen). Where: CPU tensors, inference only (no tensor needing a
+gradient); float32 with torch built with MKL (the x86 wheels); bfloat16 where oneDNN multiplies
+it natively (AMX or AVX512-BF16: :func:`available`). Cost: one packed copy per weight view
+used, about the weight's size (the base X-LXMERT in float32: about 730 MB more), built on its
+first use.
 
-The packing is for 512 rows (``PACK_ROWS``): MKL blocks the panels for the row count it is
+float32 packs for 512 rows (``PACK_ROWS``): MKL blocks the panels for the row count it is
 given, and a weight packed for 512 served 16, 64, 96 and 512 rows as fast as one packed for each
-(measured there); one copy per weight serves every batch.
+(measured there); one copy per weight serves every batch. bfloat16 packs for 64 rows and runs
+packed up to 384 (``BF16_MAX_ROWS``): above that F.linear's oneDNN call takes another kernel,
+faster than the packed one (448 rows of [768, 3072]: 0.6x packed) and with other bits.
 
 Tables derived from the weights (an engine's folded head) join the frozen model's packing
 with :func:`adopt`, for as long as they live. The promise also
@@ -40,18 +46,64 @@ do not run (the promise is the same there).
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._common import native_bf16_dot
+
 __all__ = ["available", "register", "unregister", "is_frozen", "is_packed", "linear", "packed_count",
-           "generation", "adopt"]
+           "generation", "adopt", "PACKERS"]
 
 PACK_ROWS = 512
 # up to this many rows MKL's matrix-vector path reads the plain weight as fast as the packed one
 # (1-2 rows: 0.18 ms either way at 768 x 3072), and packing it would only cost memory
 GEMV_ROWS = 4
+BF16_PACK_ROWS = 64  # oneDNN's blocking hint; 64 and 256 measured alike from 1 to 384 rows
+BF16_MAX_ROWS = 384
+
+
+@dataclass(frozen=True)
+class Packer:
+    """How one dtype's weights are packed (``pack(weight)``) and multiplied (``multiply(rows,
+    packed, weight, bias)``), and for how many rows of input it pays (``min_rows..max_rows``)."""
+    library: str
+    usable: Callable[[], bool]
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    multiply: Callable[..., torch.Tensor]
+    min_rows: int
+    max_rows: int | None = None
+
+
+def _mkl_usable() -> bool:
+    mkl = getattr(torch.ops, "mkl", None)
+    return (torch.backends.mkl.is_available() and mkl is not None
+            and hasattr(mkl, "_mkl_linear") and hasattr(mkl, "_mkl_reorder_linear_weight"))
+
+
+def _onednn_bf16_usable() -> bool:
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (torch.backends.mkldnn.is_available() and mkldnn is not None
+            and hasattr(mkldnn, "_linear_pointwise") and hasattr(mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported() and native_bf16_dot())
+
+
+PACKERS: dict[torch.dtype, Packer] = {
+    torch.float32: Packer(
+        "MKL", _mkl_usable,
+        pack=lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, PACK_ROWS),
+        multiply=lambda rows, packed, w, b: torch.ops.mkl._mkl_linear(rows, packed, w, b, rows.shape[0]),
+        min_rows=GEMV_ROWS + 1),
+    torch.bfloat16: Packer(
+        "oneDNN", _onednn_bf16_usable,
+        pack=lambda w: torch.ops.mkldnn._reorder_linear_weight(w, BF16_PACK_ROWS),
+        multiply=lambda rows, packed, w, b: torch.ops.mkldnn._linear_pointwise(rows, packed, b, "none", [], ""),
+        min_rows=1, max_rows=BF16_MAX_ROWS),
+}
+_USABLE: dict[torch.dtype, bool] = {}  # asked once per process: the CPU and torch do not change
 
 # frozen model -> its pack table; weak, so a model (and its copies) is freed with its last use
 _TABLES: "weakref.WeakKeyDictionary[nn.Module, _PackTable]" = weakref.WeakKeyDictionary()
@@ -63,11 +115,22 @@ _BY_STORAGE: dict[int, "_PackTable"] = {}
 _GENERATIONS: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
-def available() -> bool:
-    """Whether packed GEMMs run here (torch built with MKL and its packed-linear ops)."""
-    mkl = getattr(torch.ops, "mkl", None)
-    return (torch.backends.mkl.is_available() and mkl is not None
-            and hasattr(mkl, "_mkl_linear") and hasattr(mkl, "_mkl_reorder_linear_weight"))
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether packed GEMMs of ``dtype`` run here (float32: torch built with MKL and its
+    packed-linear ops; bfloat16: oneDNN's, on a CPU with a native bfloat16 dot product)."""
+    usable = _USABLE.get(dtype)
+    if usable is None:
+        packer = PACKERS.get(dtype)
+        usable = _USABLE[dtype] = packer is not None and packer.usable()
+    return usable
+
+
+def _packer(dtype: torch.dtype, rows: int) -> Packer | None:
+    """The packer that multiplies ``rows`` rows of ``dtype`` here, if any."""
+    packer = PACKERS.get(dtype)
+    if packer is None or not available(dtype) or rows < packer.min_rows:
+        return None
+    return None if packer.max_rows is not None and rows > packer.max_rows else packer
 
 
 class _PackTable:
@@ -92,8 +155,7 @@ class _PackTable:
         versions = (weight._version, *(p._version for p in self.storages[ptr]))
         entry = self.packs.get(key)
         if entry is None or entry[0] != versions:  # new, or a counted edit since: repack
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_ROWS)
-            entry = self.packs[key] = (versions, packed)
+            entry = self.packs[key] = (versions, PACKERS[weight.dtype].pack(weight.detach()))
         return entry[1]
 
 
@@ -106,7 +168,7 @@ def register(model: nn.Module) -> None:
     adopted = [] if old is None else [t for t in old.adopted.values()]  # its live engines' tables
     unregister(model)
     _GENERATIONS[model] = count
-    if not available():
+    if not any(available(dtype) for dtype in PACKERS):
         return
     table = _TABLES[model] = _PackTable(model.parameters())
     for ptr in table.storages:
@@ -141,7 +203,7 @@ def adopt(model: nn.Module, table: torch.Tensor) -> None:
     Its edits follow the weights' rules (an in-place copy moves its version: repacked). Nothing
     happens for a model that is not packed."""
     packs = _TABLES.get(model)
-    if packs is None or table.device.type != "cpu" or table.dtype != torch.float32:
+    if packs is None or table.device.type != "cpu" or not available(table.dtype):
         return
     ptr = table.untyped_storage().data_ptr()
     packs.storages[ptr] = [weakref.proxy(table)]
@@ -170,26 +232,33 @@ def packed_count(model: nn.Module) -> int:
 
 
 def _table_of(weight: torch.Tensor):
-    if not _BY_STORAGE or weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if not _BY_STORAGE or weight.device.type != "cpu" or not available(weight.dtype):
         return None
     return _BY_STORAGE.get(weight.untyped_storage().data_ptr())
 
 
-def is_packed(weight: torch.Tensor) -> bool:
-    """Whether :func:`linear` multiplies by a packed copy of ``weight`` (for a float32 input of
-    more than ``GEMV_ROWS`` rows that needs no gradient): it belongs to a frozen model."""
-    return _table_of(weight) is not None and weight.is_contiguous()
+def is_packed(weight: torch.Tensor, rows: int | None = None) -> bool:
+    """Whether :func:`linear` multiplies by a packed copy of ``weight`` (for an input of its
+    dtype that needs no gradient, of ``rows`` rows, or of some row count when None): it
+    belongs to a frozen model, and a packer runs its dtype here."""
+    if _table_of(weight) is None or not weight.is_contiguous():
+        return False
+    return rows is None or _packer(weight.dtype, rows) is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; against the packed copy when ``weight`` belongs to a frozen
-    model and the call qualifies (CPU, float32, row-contiguous weight, no gradient needed)."""
+    model and the call qualifies (CPU, a packed dtype here, x of the weight's dtype and of the
+    packer's rows, row-contiguous weight, no gradient needed)."""
     table = _table_of(weight)
-    if (table is None or x.dtype != torch.float32 or not weight.is_contiguous()
-            or x.numel() <= GEMV_ROWS * x.shape[-1]
+    if (table is None or x.dtype != weight.dtype or not weight.is_contiguous()
+            or (bias is not None and bias.dtype != weight.dtype)
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad)))):
         return F.linear(x, weight, bias)
+    packer = _packer(weight.dtype, x.numel() // max(x.shape[-1], 1))
+    if packer is None:
+        return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.mkl._mkl_linear(rows, table.packed(weight), weight, bias, rows.shape[0])
+    y = packer.multiply(rows, table.packed(weight), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 
 from . import split_scan
+from ._common import native_bf16_dot
 from .registry import Requirement
 
 __all__ = ["nearest_screened", "BF16_DOT", "MAX_CANDIDATES", "BLOCK_ROWS", "MIN_DIM"]
@@ -51,9 +52,7 @@ MIN_DIM = 256
 BLOCK_ROWS = 64  # rows post-processed at a time: their [rows, K] fp32 block stays in cache
 _U = 2.0 ** -24
 
-BF16_DOT = Requirement(
-    lambda: torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported(),
-    "this CPU has no native bfloat16 dot product (AMX or AVX512-BF16)")
+BF16_DOT = Requirement(native_bf16_dot, "this CPU has no native bfloat16 dot product (AMX or AVX512-BF16)")
 
 
 def _screen(x: torch.Tensor, c: torch.Tensor, norms: torch.Tensor, a: torch.Tensor, c_max: float):
