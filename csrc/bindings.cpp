@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "first_match.h"
 #include "sampler_step.h"
 
 namespace py = pybind11;
@@ -88,6 +89,17 @@ PYBIND11_MODULE(_C, m) {
       },
       "C++ twin of the sampler step on host pointers; returns (-1, 0), or (row, status code) of "
       "the first bad row (then nothing but status was written).");
+
+  m.def(
+      "first_match_cpu",
+      [](uintptr_t x, int64_t rows, int64_t cols, int64_t stride, uintptr_t values,
+         uintptr_t ids) {
+        py::gil_scoped_release release;
+        xlx::first_match_cpu(ptr<const float>(x), rows, cols, stride, ptr<const float>(values),
+                             ptr<int64_t>(ids));
+      },
+      "ids[r] = the first column of row r of the float32 matrix x equal to values[r] (-1: "
+      "none, or values[r] is NaN); host pointers, rows `stride` floats apart.");
 
   m.def(
       "sampler_step_cuda",

@@ -99,6 +99,8 @@ def _device(device) -> torch.device:
 
 def _nonfinite_rows(t: torch.Tensor, offset: int = 0) -> list[int]:
     """Indices (plus ``offset``) of the first rows of ``t`` holding NaN or inf; [] if none."""
+    if bool(torch.isfinite(t.sum())):  # one fast pass: NaN and inf carry (an overflow only costs the scan)
+        return []
     bad = ~torch.isfinite(t).all(dim=1)
     if not bool(bad.any()):
         return []

@@ -378,8 +378,8 @@ def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     ``frozen_weights``), then max / sum-exp / argmax over the classes. Scratch: one
     [rows, K] fp32 logit block, rows = ``split_scan.cpu_rows(chunk, K)`` (<= 128 MB), and when
     sampling Gumbel noise in blocks of NOISE_BLOCK values. Same contract and same Gumbel bits as
-    :func:`codebook_head_triton` (``out``: preallocated (prob, ids) to write into); torch.max
-    returns the first maximal index, so ties go to the lowest class.
+    :func:`codebook_head_triton` (``out``: preallocated (prob, ids) to write into);
+    ``split_scan.row_best`` returns the first maximal index, so ties go to the lowest class.
     """
     m = h.shape[0]
     w = widened(weight)
@@ -398,11 +398,12 @@ def codebook_head_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             z.mul_(scale[r0:r0 + chunk, None])
         elif sample:
             z.mul_(inv_temp)
-        zmax, i = z.max(1)
         if sample:
+            zmax = z.amax(1)
             i = _sampled_ids(z, seeds[r0:r0 + chunk], step, noisy[r0:r0 + chunk] if per_row else None)
             zi = z.gather(1, i[:, None])[:, 0]
         else:
+            zmax, i = split_scan.row_best(z, largest=True)
             zi = zmax
         # in place: z becomes exp(z - max), then its row sums. Terms below e^-80 are raised to
         # e^-80 so exp never produces subnormals (a 10-40x slowdown on x86 for sharp logits);

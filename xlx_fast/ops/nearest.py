@@ -264,8 +264,8 @@ def nearest_torch(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor |
     """CPU path: per chunk of rows one GEMM (addmm: ||c||^2 - 2 x Cᵀ) and a min over K.
 
     Half inputs are upcast chunk by chunk so that products are exact and accumulation is fp32
-    (the same arithmetic as the kernel). torch.min returns the first minimal index: ties go to
-    the lowest index. Same return contract as :func:`nearest_triton` (``out``: preallocated
+    (the same arithmetic as the kernel). ``split_scan.row_best`` returns the first minimal
+    index: ties go to the lowest index. Same return contract as :func:`nearest_triton` (``out``: preallocated
     (ids, scores) to write into). Scratch: one [rows, K] fp32 score block, rows =
     ``split_scan.cpu_rows(chunk, K)`` (<= 128 MB; module docstring), plus the codebook widened
     once (cached) for half inputs.
@@ -279,9 +279,7 @@ def nearest_torch(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor |
     for r0 in range(0, n, chunk):
         xs = x[r0:r0 + chunk].float()
         s = torch.addmm(norms, xs, c.T, beta=1.0, alpha=-2.0)
-        v, i = s.min(1)
-        # torch.min propagates NaN into the value: mark those rows like the kernel does
-        i[torch.isnan(v)] = -1
+        v, i = split_scan.row_best(s, largest=False)  # a NaN row: id -1, as the kernel marks it
         scores[r0:r0 + chunk] = v
         ids[r0:r0 + chunk] = i
         del s  # before the next chunk's GEMM: one block alive at a time
