@@ -154,8 +154,20 @@ def test_kmeans_bad_input(features, kw, err, match):
 def test_kmeans_nan_features():
     x = gaussian(n=100, d=4)
     x[7, 1] = np.nan
-    with pytest.raises(ValueError, match="features contain NaN"):
+    x[42, 3] = -np.inf
+    with pytest.raises(ValueError, match=r"features contain NaN or inf \(rows \[7, 42\]\)"):
         kmeans(x, k=4, progress=False)
+
+
+def test_the_nan_check_passes_finite_rows_whose_sum_overflows():
+    # the check sums the sample first and scans rows only when the sum is not finite: an
+    # overflowing sum of finite values must come out clean
+    from xlx_fast.vocab import _nonfinite_rows
+
+    x = torch.full((8, 2), 3e38)
+    assert _nonfinite_rows(x) == []
+    x[5, 0] = float("nan")
+    assert _nonfinite_rows(x, offset=10) == [15]
 
 
 def test_assign_bad_input():
