@@ -23,8 +23,9 @@ except ImportError:  # CPU-only installs: the torch paths work without it
     triton = None
     tl = None
 
-__all__ = ["inference_op", "triton", "tl", "HAS_TRITON", "interpreting", "native_bf16_dot", "FLOAT_DTYPES", "INDEX_DTYPES",
-           "DEVICE_TYPES", "dtype_names", "check_tensor", "check_dtype", "check_device", "check_same_dtype", "check_choice", "check_int"]
+__all__ = ["inference_op", "triton", "tl", "HAS_TRITON", "interpreting", "native_bf16_dot", "FLOAT_DTYPES",
+           "INDEX_DTYPES", "DEVICE_TYPES", "dtype_names", "check_tensor", "check_dtype", "check_device",
+           "check_same_dtype", "check_choice", "check_int"]
 
 HAS_TRITON = triton is not None
 

@@ -34,7 +34,8 @@ from ._common import FLOAT_DTYPES, HAS_TRITON, tl, triton
 from . import measured
 from .registry import Capability, register_op, triton_capability
 
-__all__ = ["slices", "cpu_rows", "row_best", "merge_chunk", "run", "outputs", "scan", "compile_variants", "register_backends"]
+__all__ = ["slices", "cpu_rows", "row_best", "merge_chunk", "run", "outputs", "scan", "compile_variants",
+           "register_backends"]
 
 MAX_MERGE_CHUNK = 32  # slices merged per step: the merge's register footprint
 # fp32 scores a CPU chunk may hold (128 MB): the row chunks of 2048 (nearest, up to K = 16,384)
