@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from xlx_fast.ops import nearest as nearest_module
 from xlx_fast.ops.dot_error import gamma
 from xlx_fast.ops.nearest import codebook_norms, error_bound, nearest, nearest_torch, nearest_triton
 from xlx_fast.ops.registry import tolerance
@@ -289,6 +290,31 @@ def check_duplicates_resolved(ids, x, c):
     for r, (first, copy) in enumerate(BIG_DUPLICATES[:len(ids)]):
         lowest = int((c == x[r]).all(1).nonzero()[0, 0])
         assert lowest <= first and ids[r] == lowest, f"row {r}: entry {copy}'s copies resolved to {int(ids[r])}"
+
+
+@pytest.mark.parametrize("k_block", [1, 7, 16, 64])
+def test_cpu_blocks_of_entries_merge_to_the_first_minimum(k_block, monkeypatch):
+    """The CPU path's blocks of K_BLOCK entries, made small: a tie across a block boundary goes
+    to the earlier entry, every row equals the float64 brute force, and a NaN score in a later
+    block only (a NaN norm there) marks its rows -1 / NaN, as a NaN in the first block does."""
+    monkeypatch.setattr(nearest_module, "K_BLOCK", k_block)
+    g = torch.Generator().manual_seed(k_block)
+    k, d = 101, 6
+    c = torch.randint(-2, 3, (k, d), generator=g).float()
+    c[k_block + 3] = c[2]  # the same entry in two blocks (one block apart at least)
+    c[k - 1] = c[k_block - 1]  # and at the first block's last and the codebook's last entry
+    x = torch.randint(-2, 3, (23, d), generator=g).float()
+    x[0], x[1] = c[2], c[k - 1]
+    ids, scores = poisoned(23)
+    nearest_torch(x, c, chunk=5, out=(ids, scores))
+    ref_ids, ref_scores = brute_force(x, c)
+    assert torch.equal(ids, ref_ids) and torch.equal(scores.double(), ref_scores)
+    assert ids[0] == 2 and ids[1] == k_block - 1
+    for entry in (0, k - 2):  # the first block, or a later one
+        norms = codebook_norms(c).clone()
+        norms[entry] = float("nan")
+        ids, scores = nearest_torch(x, c, norms, chunk=5)
+        assert (ids == -1).all() and scores.isnan().all()
 
 
 class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
