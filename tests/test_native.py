@@ -74,6 +74,18 @@ def test_info_prints_the_truth():
     assert line.split(": ", 1)[1].startswith("yes" if frozen_weights.available() else "no")
 
 
+def test_info_names_a_dtype_freezing_cannot_pack_here(monkeypatch):
+    from xlx_fast.ops import frozen_weights
+
+    monkeypatch.setitem(frozen_weights._USABLE, torch.bfloat16, False)  # a CPU without AMX/AVX512-BF16
+    buf = io.StringIO()
+    cli_info.info(file=buf)
+    line = next(t for t in buf.getvalue().splitlines() if t.startswith("frozen weights on CPU"))
+    assert "bfloat16 (oneDNN)" not in line
+    if frozen_weights.available():
+        assert "not bfloat16 (no native bfloat16 on this CPU)" in line
+
+
 def test_info_cli(capsys):
     from xlx_fast.cli import main
 

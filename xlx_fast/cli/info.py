@@ -45,8 +45,9 @@ def info(file=None) -> None:
     packed = ", ".join(f"{name} ({packers[name]})" for name, ok in r["packed_cpu_gemms"].items() if ok)
     missing = [name for name, ok in r["packed_cpu_gemms"].items() if not ok]
     text = f"yes for {packed}" if packed else "no: freezing changes only the tables' check here"
+    why = {"float32": "torch without MKL", "bfloat16": "no native bfloat16 on this CPU"}
     if packed and missing:
-        text += f"; not {', '.join(missing)} (no MKL, or no native bfloat16 on this CPU)"
+        text += "; not " + ", ".join(f"{name} ({why.get(name, 'no packer')})" for name in missing)
     lines.append(f"frozen weights on CPU  : {text}  [xlx_fast.freeze]")
     lines += backends_lines(r["ops"])
     print("\n".join(lines), file=file or sys.stdout)
