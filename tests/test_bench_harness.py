@@ -356,6 +356,9 @@ def test_cli_records_the_load_and_warns_when_the_machine_is_busy(tmp_path, capsy
     (["--dtype", ""], "error: unknown --dtype (none)"),
     (["--out", "FILE"], "is a file, not a directory"),
     (["--out", "FILE/sub"], "is a file, not a directory"),
+    # /proc takes no new entry even from root (for whom access() says writable): refused up
+    # front, not after the sweep
+    (["--out", "/proc/xlx-fast-out"], "cannot create anything in /proc"),
 ])
 def test_cli_rejects_bad_arguments_before_measuring(argv, message, tmp_path, capsys, monkeypatch):
     from xlx_fast.cli import main
@@ -370,12 +373,13 @@ def test_cli_rejects_bad_arguments_before_measuring(argv, message, tmp_path, cap
     assert not measured
 
 
-def test_cli_dry_run_lists_cases_in_the_order_of_ops(capsys, monkeypatch):
+def test_cli_dry_run_lists_cases_in_the_order_of_ops(capsys, monkeypatch, tmp_path):
     from xlx_fast.cli import main
 
     monkeypatch.setattr(ceilings, "measure", lambda *a, **k: pytest.fail("dry run measured"))
     assert main(["bench", "--quick", "--dry-run", "--device", "cpu", "--dtype", "fp32",
-                 "--ops", "sampler,nearest", "attention"]) == 0
+                 "--ops", "sampler,nearest", "attention", "--out", str(tmp_path / "new" / "out")]) == 0
+    assert list(tmp_path.iterdir()) == []  # --out was probed (a directory made and removed), not made
     lines = capsys.readouterr().out.strip().splitlines()
     assert "families in this order: sampler, nearest, attention" in lines[0]
     ops = [line.split("[")[0] for line in lines[1:]]

@@ -84,6 +84,14 @@ def _check_out(path: str) -> None:
         raise UsageError(f"--out {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"--out {path}: {parent} is not writable")
+    # access() says yes to root everywhere, and some file systems (/proc) refuse every new entry:
+    # make one there and remove it, so that the sweep's results never meet a refusal at its end
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".xlx-fast-out-", dir=parent))
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot create anything in {parent} ({e.strerror})") from None
 
 
 def parse_selection(args):
